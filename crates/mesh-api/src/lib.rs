@@ -1,0 +1,30 @@
+//! The `mesh.harness.dev/v1alpha1` API of harness-mesh.
+//!
+//! - [`MeshNode`] (cluster-scoped, short name `mn`): one WireGuard peer, a Kubernetes node or an
+//!   enrolled remote machine. Its agent publishes the public key; the controller allocates the
+//!   mesh IP and writes the peer entry every other agent applies.
+//! - [`MeshService`] (namespaced, short name `ms`): a named service with a mesh IP and a
+//!   `name.namespace.mesh.local` name, backed by pods (selector) or by a process on a node.
+//!
+//! Everything the API server can judge alone (field formats, ranges, exclusive fields) is
+//! enforced by the schema and by CEL `x-kubernetes-validations` generated from these types;
+//! what needs the whole cluster (a taken IP, an exhausted pool) is the controller's and shows
+//! up as a status condition. [`crds`] renders the CustomResourceDefinitions that `make crds`
+//! writes to `crds/`.
+
+pub mod conditions;
+mod crd;
+mod mesh_node;
+mod mesh_service;
+mod schema;
+
+pub use crd::{CRD_FILES, crds, render_crd_files};
+pub use mesh_node::{Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry};
+pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType};
+
+/// The API group of every harness-mesh resource.
+pub const GROUP: &str = "mesh.harness.dev";
+/// The API version served (and stored).
+pub const VERSION: &str = "v1alpha1";
+/// The default WireGuard UDP listen port.
+pub const DEFAULT_LISTEN_PORT: i32 = 51820;

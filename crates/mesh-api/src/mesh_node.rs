@@ -1,0 +1,162 @@
+//! `MeshNode`: one WireGuard peer of the mesh, a Kubernetes node or an enrolled remote machine.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{DEFAULT_LISTEN_PORT, schema};
+
+/// A member of the mesh: a Kubernetes node (mirrored by the controller) or a remote Linux
+/// machine (enrolled with `meshctl enroll`). It is reachable as `<name>.node.mesh.local` on its
+/// mesh IP. The node's agent owns its WireGuard key pair and publishes only the public key; the
+/// controller allocates the mesh IP and writes the peer entry that every other agent applies.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mesh.harness.dev",
+    version = "v1alpha1",
+    kind = "MeshNode",
+    plural = "meshnodes",
+    status = "MeshNodeStatus",
+    shortname = "mn",
+    category = "mesh",
+    doc = "A member of the harness-mesh WireGuard mesh: a Kubernetes node or an enrolled remote machine, reachable as <name>.node.mesh.local on its mesh IP.",
+    printcolumn(
+        name = "Mesh-IP",
+        type_ = "string",
+        json_path = ".status.meshIP",
+        description = "the allocated mesh IP"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "the effective WireGuard endpoint"
+    ),
+    printcolumn(
+        name = "Backend",
+        type_ = "string",
+        json_path = ".status.backend",
+        description = "kernel, userspace or none"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeSpec {
+    /// Overrides the detected underlay endpoint that other nodes send WireGuard packets to, as
+    /// `host:port` (IPv4, bracketed IPv6 or a DNS name). Set it for a node behind NAT or with
+    /// several addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::endpoint)]
+    pub endpoint: Option<String>,
+
+    /// UDP port the node's WireGuard interface listens on, 1..65535. Defaults to 51820.
+    #[serde(default = "default_listen_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub listen_port: i32,
+
+    /// A specific mesh IP to request, a plain IPv4 address inside the mesh subnet. Honoured when
+    /// free; otherwise the node reports an IPConflict condition. Leave it out to have one
+    /// allocated.
+    #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::mesh_ip)]
+    pub mesh_ip: Option<String>,
+
+    /// Seconds between keepalive packets that other peers send to this node, 0..65535; 0 or
+    /// unset turns keepalives off. Set it (25 is usual) for a node behind NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub persistent_keepalive: Option<i32>,
+}
+
+fn default_listen_port() -> i32 {
+    DEFAULT_LISTEN_PORT
+}
+
+impl Default for MeshNodeSpec {
+    fn default() -> Self {
+        Self { endpoint: None, listen_port: DEFAULT_LISTEN_PORT, mesh_ip: None, persistent_keepalive: None }
+    }
+}
+
+/// Which WireGuard implementation a node's agent runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The kernel's WireGuard module.
+    Kernel,
+    /// A userspace WireGuard on a tun device.
+    Userspace,
+    /// No tunnel (fallback): the node stays in the directory, its services at host addresses.
+    None,
+}
+
+/// The WireGuard peer entry of a node, written by the controller and applied by every other
+/// node's agent.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerEntry {
+    /// The node's WireGuard public key (base64).
+    #[schemars(transform = schema::wireguard_key)]
+    pub public_key: String,
+
+    /// Where other peers send this node's packets, `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// Addresses this peer may send from and receive for: its mesh IP and the mesh IPs of the
+    /// services it hosts, as /32 CIDRs.
+    #[serde(default, rename = "allowedIPs")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub allowed_ips: Vec<String>,
+
+    /// Keepalive interval in seconds other peers use towards this node; absent means off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub persistent_keepalive: Option<i32>,
+}
+
+/// What the controller and the node's agent report for a MeshNode.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeStatus {
+    /// The node's mesh IP, allocated by the controller.
+    #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    pub mesh_ip: Option<String>,
+
+    /// The node's WireGuard public key, published by its agent. The private key never leaves
+    /// the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::wireguard_key)]
+    pub public_key: Option<String>,
+
+    /// The effective underlay endpoint, `host:port`: `spec.endpoint`, or what the agent
+    /// detected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// The UDP port the agent's WireGuard interface actually listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub listen_port: Option<i32>,
+
+    /// The WireGuard implementation the agent runs: kernel, userspace, or none (fallback; the
+    /// Ready condition says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+
+    /// The peer entry other nodes apply for this node, written by the controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerEntry>,
+
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, Connected. One
+    /// entry per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,137 @@
+//! `MeshService`: a named service with a mesh IP and a `name.namespace.mesh.local` name.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::schema;
+
+/// Exposes a workload on the mesh under a stable mesh IP and the DNS name
+/// `<name>.<namespace>.mesh.local`. The service is backed either by the ready pods that
+/// `selector` picks in this namespace, or by a process on the MeshNode named in `node`
+/// (host network or a remote machine). The controller allocates the mesh IP and reports where
+/// the service is hosted in `status`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mesh.harness.dev",
+    version = "v1alpha1",
+    kind = "MeshService",
+    plural = "meshservices",
+    namespaced,
+    status = "MeshServiceStatus",
+    shortname = "ms",
+    category = "mesh",
+    doc = "A service on the harness-mesh WireGuard mesh: a stable mesh IP and the name <name>.<namespace>.mesh.local, backed by pods (spec.selector) or by a process on a MeshNode (spec.node).",
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.network.type", description = "mesh, host or dual"),
+    printcolumn(name = "Mesh-IP", type_ = "string", json_path = ".status.meshIP", description = "the allocated mesh IP"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.node", description = "the MeshNode hosting the service now"),
+    printcolumn(name = "Ports", type_ = "string", json_path = ".spec.network.ports", description = "ports reachable on the mesh IP"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(format!(
+        "size(self.metadata.name) <= 63 && self.metadata.name.matches({})",
+        schema::cel_string(schema::DNS1123_LABEL_REGEX)
+    ))
+    .message("metadata.name must be a DNS label (at most 63 lowercase letters, digits and '-'), because it becomes <name>.<namespace>.mesh.local")
+    .field_path(".metadata.name"),
+)]
+#[x_kube(
+    validation = Rule::new("has(self.selector) || has(self.node)")
+        .message("one of spec.selector (pods in this namespace) or spec.node (a process on that MeshNode) is required"),
+    validation = Rule::new("!(has(self.selector) && has(self.node))")
+        .message("spec.selector and spec.node are mutually exclusive: set exactly one")
+        .field_path(".node"),
+    validation = Rule::new("self.network.type != 'host' || !has(self.meshIP)")
+        .message("spec.meshIP must not be set when spec.network.type is host: a host service has no mesh IP")
+        .field_path(".meshIP"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshServiceSpec {
+    /// How the service is exposed on the mesh: its network type and the ports reachable on its
+    /// mesh IP.
+    pub network: NetworkSpec,
+
+    /// Labels of the pods in this namespace that back the service (matchLabels form, at least
+    /// one label). The service is hosted on the node of a ready matching pod. Exclusive with
+    /// `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::match_labels)]
+    pub selector: Option<BTreeMap<String, String>>,
+
+    /// Name of the MeshNode whose process backs the service (host network or a remote
+    /// machine). Exclusive with `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::object_name)]
+    pub node: Option<String>,
+
+    /// A specific mesh IP to request, a plain IPv4 address inside the mesh subnet. Honoured when
+    /// free; when another object holds it, the service reports an IPConflict condition. Leave
+    /// it out to have one allocated. Not allowed for type host.
+    #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::mesh_ip)]
+    pub mesh_ip: Option<String>,
+}
+
+/// The service's network block: `{type: mesh, ports: [8000, 8020]}`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("self.type == 'host' || (has(self.ports) && size(self.ports) > 0)")
+        .message("spec.network.ports must list at least one port for type mesh or dual: only listed ports are reachable on the mesh IP")
+        .field_path(".ports"),
+)]
+pub struct NetworkSpec {
+    /// How the service is reached. `mesh`: only on its mesh IP, only on the listed ports.
+    /// `host`: no mesh IP; the name resolves to the hosting node's underlay address. `dual`:
+    /// both. Defaults to `mesh`.
+    #[serde(default, rename = "type")]
+    pub type_: NetworkType,
+
+    /// TCP/UDP ports reachable on the mesh IP, each 1..65535 and listed once (at most 64).
+    /// Everything else sent to the mesh IP is dropped. Required for types mesh and dual.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1, max = 65535)), length(max = 64), extend("x-kubernetes-list-type" = "set"))]
+    pub ports: Vec<i32>,
+}
+
+/// How a MeshService is reached: `mesh`, `host` or `dual`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkType {
+    /// Reachable only on its mesh IP, only on the listed ports.
+    #[default]
+    Mesh,
+    /// No mesh IP; the name resolves to the hosting node's underlay address.
+    Host,
+    /// Both a mesh IP and the host address.
+    Dual,
+}
+
+/// What the controller observed and decided for a MeshService.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshServiceStatus {
+    /// The mesh IP allocated to the service (none for type host).
+    #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    pub mesh_ip: Option<String>,
+
+    /// The service's fully qualified name, `<name>.<namespace>.mesh.local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+
+    /// The MeshNode that hosts the service now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, NodeNotFound,
+    /// NoReadyPods. One entry per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
