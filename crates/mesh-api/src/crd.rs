@@ -13,26 +13,40 @@ pub const CRD_FILES: [&str; 2] = ["meshnodes.yaml", "meshservices.yaml"];
 
 /// Every CRD of the API, in the order of [`CRD_FILES`].
 pub fn crds() -> [CustomResourceDefinition; 2] {
-    [without_nullable(MeshNode::crd()), without_nullable(MeshService::crd())]
+    [tidy(MeshNode::crd()), tidy(MeshService::crd())]
 }
 
-/// Drops the `nullable: true` that schemars puts on every `Option` field. Our optional fields
-/// are simply absent when unset; without `nullable`, the API server prunes an explicit `null`
-/// instead of storing it, so `has(self.field)` in the CEL rules means "set to a value".
-fn without_nullable(crd: CustomResourceDefinition) -> CustomResourceDefinition {
-    fn strip(value: &mut Value) {
+/// Tidies the schema that schemars derives:
+/// - drops the `nullable: true` it puts on every `Option` field. Our optional fields are simply
+///   absent when unset; without `nullable`, the API server prunes an explicit `null` instead of
+///   storing it, so `has(self.field)` in the CEL rules means "set to a value";
+/// - unwraps the doc comments' hard line breaks in descriptions (paragraphs stay), so
+///   `kubectl explain` can wrap the text itself.
+fn tidy(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut Value) {
         match value {
             Value::Object(map) => {
                 map.remove("nullable");
-                map.values_mut().for_each(strip);
+                if let Some(Value::String(text)) = map.get_mut("description") {
+                    *text = unwrap_lines(text);
+                }
+                map.values_mut().for_each(walk);
             }
-            Value::Array(items) => items.iter_mut().for_each(strip),
+            Value::Array(items) => items.iter_mut().for_each(walk),
             _ => {}
         }
     }
     let mut value = serde_json::to_value(&crd).expect("a CRD serializes to JSON");
-    strip(&mut value);
-    serde_json::from_value(value).expect("removing nullable keeps a valid CRD")
+    walk(&mut value);
+    serde_json::from_value(value).expect("tidying keeps a valid CRD")
+}
+
+/// Joins the lines of each paragraph with spaces; blank lines separate paragraphs.
+fn unwrap_lines(text: &str) -> String {
+    text.split("\n\n")
+        .map(|para| para.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// The generated YAML of each CRD, paired with its file name under `crds/`.

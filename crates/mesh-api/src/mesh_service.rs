@@ -35,8 +35,7 @@ use crate::schema;
         "size(self.metadata.name) <= 63 && self.metadata.name.matches({})",
         schema::cel_string(schema::DNS1123_LABEL_REGEX)
     ))
-    .message("metadata.name must be a DNS label (at most 63 lowercase letters, digits and '-'), because it becomes <name>.<namespace>.mesh.local")
-    .field_path(".metadata.name"),
+    .message("metadata.name must be a DNS label (at most 63 lowercase letters, digits and '-'), because it becomes <name>.<namespace>.mesh.local"),
 )]
 #[x_kube(
     validation = Rule::new("has(self.selector) || has(self.node)")
