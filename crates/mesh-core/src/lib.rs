@@ -4,7 +4,10 @@
 //!
 //! - [`address`]: what counts as a mesh IP and as a WireGuard endpoint (`host:port`). The API's
 //!   CEL rules enforce the same grammar on the server; the e2e suite checks that both agree.
+//! - [`ipam`]: the mesh subnet's address pool: no address ever has two owners.
 
 pub mod address;
+pub mod ipam;
 
 pub use address::{Endpoint, EndpointHost, ParseEndpointError, parse_mesh_ip};
+pub use ipam::{IpamError, Owner, Pool, Subnet};
