@@ -450,7 +450,7 @@ mod tests {
     }
 
     fn owner(n: u8) -> Owner {
-        if n % 2 == 0 { Owner::node(format!("n{n}")) } else { Owner::service("ns", format!("s{n}")) }
+        if n.is_multiple_of(2) { Owner::node(format!("n{n}")) } else { Owner::service("ns", format!("s{n}")) }
     }
 
     proptest! {
