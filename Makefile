@@ -1,0 +1,58 @@
+# harness-mesh: the commands people and CI use. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+NODES ?= 0
+MODE ?= plain
+CARGO ?= cargo
+LAB := e2e/lab/lab.sh
+KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
+
+.PHONY: help deps build crds check-crds fmt lint unit test lab-up lab-down lab-status demo
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+deps: ## install what a fresh machine lacks (Debian packages, rustfmt, clippy)
+	e2e/lab/install-deps.sh
+
+build: ## build every crate
+	$(CARGO) build --workspace --all-targets
+
+crds: ## regenerate crds/ from the mesh-api types
+	$(CARGO) run -q -p mesh-api --bin crdgen -- crds
+
+check-crds: ## fail when crds/ differs from the mesh-api types
+	$(CARGO) run -q -p mesh-api --bin crdgen -- --check crds
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+lint: ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: ## the fast tests: pure crates only, no lab
+	$(CARGO) test -p mesh-core -p mesh-api
+
+test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests
+	@set -e; was_up=0; $(LAB) status >/dev/null 2>&1 && was_up=1; \
+	  trap '[ $$was_up = 1 ] || $(LAB) down' EXIT; \
+	  $(LAB) up; \
+	  $(CARGO) test --workspace --no-fail-fast
+
+lab-up: deps ## start the lab (idempotent): NODES=N, MODE=plain|kubelet
+	$(LAB) up --nodes $(NODES) --mode $(MODE)
+
+lab-down: ## stop the lab; leaves no process and no hm-* namespace
+	$(LAB) down
+
+lab-status: ## show what of the lab is running
+	$(LAB) status
+
+demo: lab-up ## the main job: lab up, CRDs installed, examples applied, status shown
+	$(KUBECTL) apply --server-side --field-manager=harness-mesh-demo -f crds/
+	$(KUBECTL) wait --for=condition=Established --timeout=60s crd/meshnodes.mesh.harness.dev crd/meshservices.mesh.harness.dev
+	$(KUBECTL) apply --server-side --field-manager=harness-mesh-demo -f examples/
+	@echo; echo '$$ kubectl get mesh -A'; $(KUBECTL) get mesh -A
+	@echo; echo 'The lab stays up: export KUBECONFIG=$(CURDIR)/.lab/kubeconfig, then `make lab-down` when done.'

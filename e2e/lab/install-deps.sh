@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the lab and the test suite need and a fresh Debian machine may lack: Debian
+# packages (with apt-get, only those missing) and the Rust components rustfmt and clippy.
+# Cheap when everything is there already; `make lab-up`, `make test` and .ci/run call it.
+set -euo pipefail
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+# package:command pairs; a package is installed when its command is missing.
+wanted=(iproute2:ip openssl:openssl curl:curl util-linux:flock procps:pgrep)
+missing=()
+for pair in "${wanted[@]}"; do
+  command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { log "missing ${missing[*]}; run as root or install them: apt-get install ${missing[*]}"; exit 1; }
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v go >/dev/null 2>&1 || { log "Go is required to build the lab's Kubernetes binaries (go 1.26+)"; exit 1; }
+command -v cargo >/dev/null 2>&1 || { log "Rust (cargo) is required"; exit 1; }
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    log "adding the Rust component $component"
+    rustup component add "$component" >&2
+  fi
+done

@@ -1,0 +1,143 @@
+//! The harness of harness-mesh's integration and end-to-end tests.
+//!
+//! Tests call [`Cluster::get`] to obtain a client for a real Kubernetes API server:
+//!
+//! - by default the local lab (`e2e/lab/lab.sh`): started on first use, or reused when it is
+//!   already running, so `cargo test` alone works as well as `make test`;
+//! - or any cluster, when `HARNESS_MESH_KUBECONFIG` names a kubeconfig (kind, for instance):
+//!   the suite is cluster-agnostic and then starts nothing.
+//!
+//! The harness never talks to anything but that API server.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config};
+use tokio::sync::OnceCell;
+
+/// Field manager the harness uses for its server-side applies.
+pub const FIELD_MANAGER: &str = "harness-mesh-e2e";
+
+/// The repository's top directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ has a parent").to_path_buf()
+}
+
+/// A Kubernetes cluster under test, with the CRDs of `crds/` installed and Established.
+#[derive(Clone)]
+pub struct Cluster {
+    /// A client with the kubeconfig's (admin) credentials.
+    pub client: Client,
+    /// The kubeconfig file the client was built from, for `kubectl`.
+    pub kubeconfig: PathBuf,
+}
+
+/// The kubeconfig of the prepared cluster (lab started, CRDs Established), set once per test
+/// binary. Only the path is shared: each test runs its own tokio runtime, and a client must
+/// not outlive the runtime it was made in.
+static PREPARED: OnceCell<PathBuf> = OnceCell::const_new();
+
+impl Cluster {
+    /// Returns a client for the cluster under test, starting the lab and installing the CRDs
+    /// on first use.
+    pub async fn get() -> anyhow::Result<Self> {
+        let kubeconfig = PREPARED
+            .get_or_try_init(|| async {
+                let kubeconfig = match std::env::var_os("HARNESS_MESH_KUBECONFIG") {
+                    Some(path) => PathBuf::from(path),
+                    None => tokio::task::spawn_blocking(start_lab).await??,
+                };
+                Self::connect(kubeconfig.clone()).await?.install_crds().await?;
+                anyhow::Ok(kubeconfig)
+            })
+            .await?;
+        Self::connect(kubeconfig.clone()).await
+    }
+
+    async fn connect(kubeconfig: PathBuf) -> anyhow::Result<Self> {
+        let config = Kubeconfig::read_from(&kubeconfig)
+            .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
+        let config = Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
+        Ok(Self { client: Client::try_from(config)?, kubeconfig })
+    }
+
+    /// Server-side applies every CRD under `crds/` (the files users install) and waits until
+    /// each is Established.
+    pub async fn install_crds(&self) -> anyhow::Result<()> {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let dir = repo_root().join("crds");
+        for file in mesh_api::CRD_FILES {
+            let path = dir.join(file);
+            let yaml = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let crd: CustomResourceDefinition = serde_saphyr::from_str(&yaml)?;
+            let name = crd.metadata.name.clone().context("CRD without a name")?;
+            crds.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+                .await
+                .with_context(|| format!("applying {}", path.display()))?;
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                await_condition(crds.clone(), &name, conditions::is_crd_established()),
+            )
+            .await
+            .with_context(|| format!("CRD {name} not Established within 30 s"))??;
+        }
+        Ok(())
+    }
+
+    /// Runs `kubectl` against this cluster and returns its output (whatever the exit status).
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(kubectl_binary())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .context("running kubectl")
+    }
+
+    /// Runs `kubectl` and returns its stdout, failing with its stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+/// The kubectl to use: `$KUBECTL`, else the lab's pinned one, else the one on `PATH`.
+fn kubectl_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECTL") {
+        return PathBuf::from(path);
+    }
+    let lab = repo_root().join(".lab/bin/kubectl");
+    if lab.exists() { lab } else { PathBuf::from("kubectl") }
+}
+
+/// Brings the lab up (idempotent) and returns its admin kubeconfig. Several test binaries may
+/// call this at once, so the start is serialized by a lock file.
+fn start_lab() -> anyhow::Result<PathBuf> {
+    let root = repo_root();
+    let lock = File::create(std::env::temp_dir().join("harness-mesh-lab.lock"))?;
+    lock.lock().context("locking the lab start")?;
+    let out = Command::new(root.join("e2e/lab/lab.sh"))
+        .arg("up")
+        .current_dir(&root)
+        .output()
+        .context("running e2e/lab/lab.sh up")?;
+    if !out.status.success() {
+        bail!(
+            "e2e/lab/lab.sh up failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(root.join(".lab/kubeconfig"))
+}
