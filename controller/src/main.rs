@@ -1,0 +1,279 @@
+//! `mesh-controller`: the one writer of harness-mesh's allocations and peer entries.
+//!
+//! It allocates mesh IPs to MeshNodes and MeshServices from the mesh subnet, resolves where
+//! each service is hosted, writes every MeshNode's WireGuard peer entry, mirrors Kubernetes
+//! Nodes into MeshNodes, and reports what it did in status conditions and events. With leader
+//! election, several replicas may run; only the leader writes.
+
+mod conditions;
+mod context;
+mod metrics;
+mod node;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use mesh_api::{MeshNode, MeshService};
+use mesh_core::{Owner, Pool, Subnet};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::context::Ctx;
+use crate::metrics::Metrics;
+
+/// Allocates mesh IPs and writes WireGuard peer entries for harness-mesh.
+///
+/// Every flag can also be set through the environment variable shown with it.
+#[derive(Parser, Debug)]
+#[command(name = "mesh-controller", version, about, long_about)]
+struct Args {
+    /// The mesh subnet that mesh IPs are allocated from. Its network and broadcast addresses
+    /// are never handed out.
+    #[arg(long, env = "MESH_SUBNET", default_value = "10.42.0.0/16")]
+    subnet: Subnet,
+
+    /// Seconds a released mesh IP is held back before it is handed to another object, so that
+    /// peers still holding the old entry never receive another service's traffic.
+    #[arg(long, env = "MESH_IP_HOLD_SECONDS", default_value_t = 300)]
+    ip_hold_seconds: u64,
+
+    /// Cluster CIDRs (pod and service ranges, comma-separated) to warn about when the mesh
+    /// subnet overlaps them; k3s, for one, uses 10.42.0.0/16 for pods.
+    #[arg(long, env = "MESH_CLUSTER_CIDRS", value_delimiter = ',')]
+    cluster_cidrs: Vec<Subnet>,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+
+    /// Elect a leader through a Lease so that several replicas can run; only the leader writes.
+    #[arg(long, env = "MESH_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+
+    /// Namespace of the leader-election Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "MESH_LEASE_NAME", default_value = "mesh-controller")]
+    lease_name: String,
+
+    /// This replica's identity in the election and in events (in a pod: its name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, env = "MESH_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+
+    /// Log format.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    for cidr in &args.cluster_cidrs {
+        if args.subnet.overlaps(cidr) {
+            tracing::warn!(subnet = %args.subnet, %cidr, "the mesh subnet overlaps a cluster CIDR: mesh routes will shadow cluster traffic; set --subnet to a free range");
+        }
+    }
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let metrics = Arc::new(Metrics::default());
+    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let client = Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+
+    let run = run(client.clone(), &args, identity.clone(), metrics);
+    if !args.leader_elect {
+        return tokio::select! {
+            result = run => result,
+            result = server => result?,
+        };
+    }
+    let manager = LeaseManagerBuilder::new(client, &args.lease_name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_seconds)
+        .with_grace(args.lease_seconds.div_ceil(3).max(1))
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut leading, lease_task) = manager.watch().await;
+    tracing::info!(%identity, lease = %args.lease_name, "waiting to become the leader");
+    while !*leading.borrow_and_update() {
+        leading.changed().await.context("leader election stopped")?;
+    }
+    tracing::info!(%identity, "became the leader");
+    let lost = async move {
+        while *leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        result = run => result,
+        result = server => result?,
+        () = lost => {
+            // Stop at once: another replica may already be writing. The Deployment restarts us
+            // as a candidate.
+            drop(lease_task);
+            anyhow::bail!("lost leadership of lease {}; exiting so another replica leads alone", args.lease_name)
+        }
+    }
+}
+
+/// Rebuilds the allocator from the API, then runs the controllers until one stops.
+async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let pool = restore_pool(&client, args).await?;
+    let watch = watcher::Config::default().any_semantic();
+    let mesh_nodes_api: Api<MeshNode> = Api::all(client.clone());
+    let mesh_services_api: Api<MeshService> = Api::all(client.clone());
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let pods_api: Api<Pod> = Api::all(client.clone());
+
+    let (pods, pods_writer) = reflector::store();
+    let pod_events =
+        reflector::reflector(pods_writer, watcher(pods_api, watch.clone())).default_backoff().touched_objects();
+
+    let node_controller = Controller::new(mesh_nodes_api.clone(), watch.clone());
+    let service_controller = Controller::new(mesh_services_api, watch.clone());
+    let mirror_controller = Controller::new(nodes_api.clone(), watch.clone());
+    let (node_trigger, node_triggers) = tokio::sync::mpsc::unbounded_channel();
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "mesh-controller".into(), instance: Some(identity) });
+    let ctx = Arc::new(Ctx::new(
+        client,
+        pool,
+        node_controller.store(),
+        service_controller.store(),
+        pods,
+        mirror_controller.store(),
+        node_trigger,
+        recorder,
+        metrics.clone(),
+    ));
+
+    let services_for_pods = service_controller.store();
+    let services_for_nodes = service_controller.store();
+    let services = service_controller
+        .watches_stream(pod_events, move |pod: Pod| {
+            let namespace = pod.namespace();
+            services_for_pods
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == namespace)
+                .filter(|s| {
+                    s.spec.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| pod.labels().get(k) == Some(v)))
+                })
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        .watches(mesh_nodes_api, watch.clone(), move |node: MeshNode| {
+            let name = node.name_any();
+            services_for_nodes
+                .state()
+                .into_iter()
+                .filter(|s| s.spec.node.as_deref() == Some(name.as_str()))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(service::reconcile, service::error_policy, ctx.clone())
+        .for_each(|_| future::ready(()));
+    let nodes = node_controller
+        .watches(nodes_api, watch.clone(), |node: Node| Some(ObjectRef::new(&node.name_any())))
+        .reconcile_on(UnboundedReceiverStream::new(node_triggers))
+        .shutdown_on_signal()
+        .run(node::reconcile, node::error_policy, ctx.clone())
+        .for_each(|_| future::ready(()));
+    let mirror = mirror_controller
+        .shutdown_on_signal()
+        .run(node::mirror, node::mirror_error_policy, ctx.clone())
+        .for_each(|_| future::ready(()));
+
+    let readiness = {
+        let ctx = ctx.clone();
+        async move {
+            let synced = future::join4(
+                ctx.mesh_nodes.wait_until_ready(),
+                ctx.mesh_services.wait_until_ready(),
+                ctx.pods.wait_until_ready(),
+                ctx.nodes.wait_until_ready(),
+            )
+            .await;
+            if matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()))) {
+                metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("first full sync done: ready");
+            }
+            future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = services => {},
+        () = nodes => {},
+        () = mirror => {},
+        () = readiness => {},
+    }
+    tracing::info!("controllers stopped");
+    Ok(())
+}
+
+/// Rebuilds the pool from the mesh IPs recorded in status, oldest object first, before
+/// anything is allocated. A duplicate (which only a bug or a hand edit can cause) keeps the
+/// older owner; the newer one is re-allocated by its reconcile.
+async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<Pool> {
+    let mut pool = Pool::new(args.subnet, args.ip_hold_seconds).context("the mesh subnet (--subnet)")?;
+    let nodes = Api::<MeshNode>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshNodes")?;
+    let services =
+        Api::<MeshService>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshServices")?;
+    let mut recorded: Vec<(Option<k8s_openapi::jiff::Timestamp>, Owner, String)> = Vec::new();
+    for node in &nodes {
+        if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
+            recorded.push((node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
+        }
+    }
+    for service in &services {
+        if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
+            let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
+            recorded.push((service.creation_timestamp().map(|t| t.0), owner, ip));
+        }
+    }
+    recorded.sort();
+    for (_, owner, ip) in recorded {
+        let restored = mesh_core::parse_mesh_ip(&ip)
+            .map_err(|e| e.to_string())
+            .and_then(|ip| pool.restore(owner.clone(), ip).map_err(|e| e.to_string()));
+        if let Err(why) = restored {
+            tracing::warn!(%owner, %ip, "not restoring a recorded mesh IP: {why}; it will be re-allocated");
+        }
+    }
+    tracing::info!(subnet = %args.subnet, used = pool.used(), capacity = pool.capacity(), "allocator rebuilt from the API");
+    Ok(pool)
+}

@@ -1,0 +1,215 @@
+//! The MeshNode reconciler (mesh IP, WireGuard peer entry, status) and the mirror that gives
+//! every Kubernetes Node a MeshNode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, READY};
+use mesh_api::{MeshNode, MeshNodeStatus, PeerEntry};
+use mesh_core::{IpamError, Owner};
+use serde_json::json;
+
+use crate::conditions::{Want, merge, same};
+use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER};
+use crate::metrics::KindLabel;
+use crate::service::RETRY_ALLOCATION_SECS;
+
+const KIND: &str = "MeshNode";
+/// The condition types this controller owns on a MeshNode (the agent owns the others).
+const OWNED: [&str; 4] = [READY, ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED];
+
+/// Reconciles one MeshNode.
+pub async fn reconcile(node: Arc<MeshNode>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.get_or_create(&KindLabel { kind: KIND }).inc();
+    let api: Api<MeshNode> = Api::all(ctx.client.clone());
+    if node.meta().deletion_timestamp.is_none() && mirrored_node_is_gone(&node, &ctx).await {
+        // What the garbage collector does through the owner reference, done here too so that a
+        // cluster without it (or a slow one) never keeps a peer for a node that is gone.
+        tracing::info!(node = %node.name_any(), "the Kubernetes Node is gone: deleting its MeshNode");
+        api.delete(&node.name_any(), &DeleteParams::background()).await?;
+        ctx.metrics.wrote(KIND);
+        return Ok(Action::await_change());
+    }
+    let adds_finalizer = !node.finalizers().iter().any(|f| f == FINALIZER);
+    let result = finalizer(&api, FINALIZER, node, |event| async {
+        match event {
+            Finalizer::Apply(node) => apply(&node, &ctx).await,
+            Finalizer::Cleanup(node) => {
+                let owner = Owner::node(node.name_any());
+                if let Some(ip) = ctx.pool().release(&owner, ctx.now()) {
+                    tracing::info!(node = %node.name_any(), %ip, "released mesh IP");
+                }
+                ctx.observe_pool();
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if adds_finalizer {
+        ctx.metrics.wrote(KIND);
+    }
+    result
+}
+
+/// Whether `node` mirrors a Kubernetes Node (owner reference) that no longer exists.
+async fn mirrored_node_is_gone(node: &MeshNode, ctx: &Ctx) -> bool {
+    let Some(owner) = node.owner_references().iter().find(|r| r.kind == "Node" && r.api_version == "v1") else {
+        return false;
+    };
+    if ctx.nodes.wait_until_ready().await.is_err() {
+        return false;
+    }
+    ctx.nodes.get(&ObjectRef::new(&owner.name)).is_none_or(|n| n.uid().as_deref() != Some(owner.uid.as_str()))
+}
+
+async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
+    let name = node.name_any();
+    let owner = Owner::node(&name);
+    let requested = node
+        .spec
+        .mesh_ip
+        .as_deref()
+        .map(mesh_core::parse_mesh_ip)
+        .transpose()
+        .map_err(|e| Error::Permanent(e.to_string()))?;
+    let mut wants = Vec::new();
+    let allocation = ctx.pool().allocate(&owner, requested, ctx.now());
+    let (ip, refused) = match allocation {
+        Ok(ip) => {
+            wants.push(Want::yes(ALLOCATED, "Allocated", format!("mesh IP {ip} is allocated")));
+            (Some(ip), None)
+        }
+        Err(err) => {
+            let (reason, type_) = match &err {
+                IpamError::Taken { .. } | IpamError::HeldBack { .. } => ("IPConflict", Some(IP_CONFLICT)),
+                IpamError::Exhausted { .. } => ("PoolExhausted", Some(POOL_EXHAUSTED)),
+                _ => ("InvalidMeshIP", None),
+            };
+            wants.push(Want::no(ALLOCATED, reason, err.to_string()));
+            if let Some(type_) = type_ {
+                wants.push(Want::yes(type_, reason, err.to_string()));
+            }
+            (ctx.pool().address_of(&owner), Some((reason, err.to_string())))
+        }
+    };
+    if ip.is_some() && node.status.as_ref().and_then(|s| s.mesh_ip.as_ref()).is_none() {
+        ctx.metrics.allocations.inc();
+    }
+    ctx.observe_pool();
+
+    let status = node.status.clone().unwrap_or_default();
+    let peer = match (ip, &status.public_key) {
+        (Some(ip), Some(key)) => {
+            let mut allowed = vec![format!("{ip}/32")];
+            allowed.extend(ctx.service_ips_on(&name).into_iter().map(|ip| format!("{ip}/32")));
+            Some(PeerEntry {
+                public_key: key.clone(),
+                endpoint: node.spec.endpoint.clone().or_else(|| status.endpoint.clone()),
+                allowed_ips: allowed,
+                persistent_keepalive: node.spec.persistent_keepalive.filter(|k| *k > 0),
+            })
+        }
+        _ => None,
+    };
+    wants.push(match (&refused, &peer) {
+        (Some((reason, message)), _) => Want::no(READY, reason, message.clone()),
+        (None, None) => Want::no(
+            READY,
+            "WaitingForAgent",
+            "no WireGuard public key published yet: is mesh-agent running on this node?",
+        ),
+        (None, Some(_)) => Want::yes(READY, "PeerPublished", "mesh IP allocated and peer entry published"),
+    });
+
+    let ours: Vec<_> = status.conditions.iter().filter(|c| OWNED.contains(&c.type_.as_str())).cloned().collect();
+    let conditions = merge(&ours, &wants, node.meta().generation);
+    let mesh_ip = ip.map(|ip| ip.to_string());
+    let next = match refused {
+        Some(_) => Action::requeue(Duration::from_secs(RETRY_ALLOCATION_SECS)),
+        None => Action::await_change(),
+    };
+    if status.mesh_ip == mesh_ip
+        && status.peer == peer
+        && status.observed_generation == node.meta().generation
+        && same(&ours, &conditions)
+    {
+        return Ok(next);
+    }
+    // Only the fields this controller owns; absent ones are dropped from its ownership, so a
+    // peer entry disappears when the key does.
+    let owned = MeshNodeStatus {
+        mesh_ip,
+        peer,
+        observed_generation: node.meta().generation,
+        conditions,
+        ..MeshNodeStatus::default()
+    };
+    let patch = json!({
+        "apiVersion": format!("{}/{}", mesh_api::GROUP, mesh_api::VERSION),
+        "kind": KIND,
+        "status": owned,
+    });
+    let api: Api<MeshNode> = Api::all(ctx.client.clone());
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.wrote(KIND);
+    if let Some((reason, message)) = refused
+        && !ours.iter().any(|c| c.reason == reason)
+    {
+        ctx.event(node, EventType::Warning, reason, "AllocateMeshIP", message).await;
+    }
+    Ok(next)
+}
+
+/// The MeshNode error policy.
+pub fn error_policy(node: Arc<MeshNode>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(node = %node.name_any(), "reconcile failed: {error}");
+    ctx.metrics.reconcile_errors.get_or_create(&KindLabel { kind: KIND }).inc();
+    error.action()
+}
+
+/// Gives a Kubernetes Node its MeshNode, owned by the Node so that deleting one deletes the
+/// other. Does nothing when the MeshNode already carries the owner reference.
+pub async fn mirror(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.get_or_create(&KindLabel { kind: "Node" }).inc();
+    let name = node.name_any();
+    let Some(uid) = node.uid() else { return Ok(Action::await_change()) };
+    if node.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let mirrored = ctx
+        .mesh_nodes
+        .get(&ObjectRef::new(&name))
+        .is_some_and(|mn| mn.owner_references().iter().any(|r| r.kind == "Node" && r.uid == uid));
+    if mirrored {
+        return Ok(Action::await_change());
+    }
+    let mesh_node = json!({
+        "apiVersion": format!("{}/{}", mesh_api::GROUP, mesh_api::VERSION),
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}],
+        },
+        "spec": {},
+    });
+    let api: Api<MeshNode> = Api::all(ctx.client.clone());
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&mesh_node)).await?;
+    ctx.metrics.wrote(KIND);
+    tracing::info!(node = %name, "mirrored Kubernetes Node into a MeshNode");
+    Ok(Action::await_change())
+}
+
+/// The mirror's error policy.
+pub fn mirror_error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(node = %node.name_any(), "mirroring failed: {error}");
+    ctx.metrics.reconcile_errors.get_or_create(&KindLabel { kind: "Node" }).inc();
+    error.action()
+}

@@ -1,0 +1,232 @@
+//! The MeshService reconciler: where a service is hosted, its mesh IP, and its status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY};
+use mesh_api::{MeshService, MeshServiceStatus, NetworkType};
+use mesh_core::{IpamError, Owner};
+use serde_json::json;
+
+use crate::conditions::{Want, merge, same};
+use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER, Hosted};
+
+const KIND: &str = "MeshService";
+/// How often a service whose address is refused (conflict, exhaustion) looks again.
+pub const RETRY_ALLOCATION_SECS: u64 = 10;
+
+/// Reconciles one MeshService (behind the IP-release finalizer).
+pub async fn reconcile(service: Arc<MeshService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabel { kind: KIND }).inc();
+    let namespace = service.namespace().unwrap_or_default();
+    let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), &namespace);
+    let adds_finalizer = !service.finalizers().iter().any(|f| f == FINALIZER);
+    let result = finalizer(&api, FINALIZER, service, |event| async {
+        match event {
+            Finalizer::Apply(service) => apply(&service, &ctx).await,
+            Finalizer::Cleanup(service) => cleanup(&service, &ctx),
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if adds_finalizer {
+        ctx.metrics.wrote(KIND);
+    }
+    result
+}
+
+fn owner_of(service: &MeshService) -> Owner {
+    Owner::service(service.namespace().unwrap_or_default(), service.name_any())
+}
+
+/// The object is going away: release its address (held back) and its hosting.
+fn cleanup(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
+    let owner = owner_of(service);
+    if let Some(ip) = ctx.pool().release(&owner, ctx.now()) {
+        tracing::info!(service = %owner, %ip, "released mesh IP");
+    }
+    ctx.set_hosting(&owner, None);
+    ctx.observe_pool();
+    Ok(Action::await_change())
+}
+
+/// Where the service runs now: `Ok(node)`, or the condition that says why it runs nowhere.
+fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<String, Want> {
+    if let Some(node) = &service.spec.node {
+        return if ctx.mesh_nodes.get(&kube::runtime::reflector::ObjectRef::new(node)).is_some() {
+            Ok(node.clone())
+        } else {
+            Err(Want::no(
+                NODE_NOT_FOUND,
+                "NodeNotFound",
+                format!("spec.node names the MeshNode {node:?}, which does not exist; create it or enroll the machine"),
+            ))
+        };
+    }
+    let selector = service.spec.selector.clone().unwrap_or_default();
+    let namespace = service.namespace().unwrap_or_default();
+    let mut ready: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|pod| pod.namespace().as_deref() == Some(namespace.as_str()) && selects(&selector, pod.labels()))
+        .filter(|pod| is_ready(pod) && pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        .collect();
+    // The oldest ready pod hosts the service, so hosting does not flap as pods come and go.
+    ready.sort_by_key(|pod| (pod.creation_timestamp().map(|t| t.0), pod.name_any()));
+    match ready.first().and_then(|pod| pod.spec.as_ref()?.node_name.clone()) {
+        Some(node) => Ok(node),
+        None => Err(Want::no(
+            NO_READY_PODS,
+            "NoReadyPods",
+            format!("no ready pod in namespace {namespace} matches spec.selector {selector:?}"),
+        )),
+    }
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    let deleting = pod.metadata.deletion_timestamp.is_some();
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    ready && !deleting
+}
+
+async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
+    let owner = owner_of(service);
+    let namespace = service.namespace().unwrap_or_default();
+    let name = service.name_any();
+    let mut wants = Vec::new();
+
+    // The address: none for host services; else the requested one or any free one.
+    let wants_ip = service.spec.network.type_ != NetworkType::Host;
+    let mut ip = None;
+    let mut warning = None;
+    if wants_ip {
+        let requested = match service.spec.mesh_ip.as_deref().map(mesh_core::parse_mesh_ip).transpose() {
+            Ok(requested) => requested,
+            Err(e) => return Err(Error::Permanent(e.to_string())),
+        };
+        let result = ctx.pool().allocate(&owner, requested, ctx.now());
+        match result {
+            Ok(addr) => {
+                if service.status.as_ref().and_then(|s| s.mesh_ip.as_deref()) != Some(addr.to_string().as_str()) {
+                    ctx.metrics.allocations.inc();
+                    tracing::info!(service = %owner, ip = %addr, "allocated mesh IP");
+                }
+                ip = Some(addr);
+                wants.push(Want::yes(ALLOCATED, "Allocated", format!("mesh IP {addr} is allocated")));
+            }
+            Err(err) => {
+                let (reason, type_) = match &err {
+                    IpamError::Taken { .. } | IpamError::HeldBack { .. } => ("IPConflict", IP_CONFLICT),
+                    IpamError::Exhausted { .. } => ("PoolExhausted", POOL_EXHAUSTED),
+                    _ => ("InvalidMeshIP", ALLOCATED),
+                };
+                // The previous address (if any) stays the owner's: a refused request loses nothing.
+                ip = ctx.pool().address_of(&owner);
+                wants.push(Want::no(ALLOCATED, reason, err.to_string()));
+                if type_ != ALLOCATED {
+                    wants.push(Want::yes(type_, reason, err.to_string()));
+                }
+                warning = Some((reason, err.to_string()));
+            }
+        }
+    } else if let Some(released) = ctx.pool().release(&owner, ctx.now()) {
+        tracing::info!(service = %owner, ip = %released, "released mesh IP: the service is now type host");
+    }
+    ctx.observe_pool();
+
+    // Where it runs.
+    let host = resolve_host(service, ctx);
+    ctx.set_hosting(
+        &owner,
+        match (&host, ip) {
+            (Ok(node), Some(ip)) => Some(Hosted { node: node.clone(), ip }),
+            _ => None,
+        },
+    );
+    let ready = match (&host, &warning) {
+        (Err(why), _) => {
+            let message = why.message.clone();
+            wants.push(why.clone());
+            Want::no(READY, why.reason, message)
+        }
+        (Ok(_), Some((reason, message))) => Want::no(READY, reason, message.clone()),
+        (Ok(node), None) => match ip {
+            Some(ip) => Want::yes(READY, "Hosted", format!("reachable at {ip} on MeshNode {node}")),
+            None => Want::yes(READY, "Hosted", format!("host service on MeshNode {node}")),
+        },
+    };
+    wants.push(ready);
+
+    let current = service.status.clone().unwrap_or_default();
+    let conditions = merge(&current.conditions, &wants, service.meta().generation);
+    let desired = MeshServiceStatus {
+        mesh_ip: ip.map(|ip| ip.to_string()),
+        dns_name: Some(format!("{name}.{namespace}.mesh.local")),
+        node: host.as_ref().ok().cloned(),
+        observed_generation: service.meta().generation,
+        conditions,
+    };
+    let unchanged = current.mesh_ip == desired.mesh_ip
+        && current.dns_name == desired.dns_name
+        && current.node == desired.node
+        && current.observed_generation == desired.observed_generation
+        && same(&current.conditions, &desired.conditions);
+    // Conflicts and exhaustion resolve when other objects go away: look again later, at a
+    // pace that cannot become a retry storm.
+    let next = match &warning {
+        Some(_) => Action::requeue(Duration::from_secs(RETRY_ALLOCATION_SECS)),
+        None => Action::await_change(),
+    };
+    if unchanged {
+        return Ok(next);
+    }
+    let newly_failing = |type_: &str| {
+        desired.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+            && !current.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    };
+    let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": format!("{}/{}", mesh_api::GROUP, mesh_api::VERSION),
+        "kind": KIND,
+        "status": desired,
+    });
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.wrote(KIND);
+
+    for type_ in [IP_CONFLICT, POOL_EXHAUSTED] {
+        if newly_failing(type_)
+            && let Some((reason, message)) = &warning
+        {
+            ctx.event(service, EventType::Warning, reason, "AllocateMeshIP", message.clone()).await;
+        }
+    }
+    if let Err(why) = &host
+        && current.conditions.iter().all(|c| c.type_ != why.type_)
+    {
+        ctx.event(service, EventType::Warning, why.reason, "ResolveHost", why.message.clone()).await;
+    }
+    Ok(next)
+}
+
+/// The error policy: log, count, and retry as the error's kind says.
+pub fn error_policy(service: Arc<MeshService>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(service = %owner_of(&service), "reconcile failed: {error}");
+    ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::KindLabel { kind: KIND }).inc();
+    error.action()
+}

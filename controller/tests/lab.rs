@@ -1,0 +1,410 @@
+//! mesh-controller against the lab's real kube-apiserver: bursts, requested IPs and
+//! conflicts, pool exhaustion and recovery, SIGKILL in the middle of a burst, leader election,
+//! and the Node mirror. Each test runs its own controller process (the real binary) and the
+//! tests take turns, since a controller acts on every object in the cluster.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use harness_mesh_e2e::{Cluster, repo_root};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use mesh_api::{MeshNode, MeshService};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A running mesh-controller process, killed when dropped.
+struct Controller {
+    child: Child,
+    port: u16,
+}
+
+impl Controller {
+    fn start(cluster: &Cluster, port: u16, args: &[&str]) -> Self {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("mesh-controller-test-{port}.log")))
+            .expect("creating the controller log");
+        let child = Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info")
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--lease-namespace", "default"])
+            .args(args)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting mesh-controller");
+        Self { child, port }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    }
+
+    async fn is_ready(&self) -> bool {
+        self.get("/readyz").await.is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+    }
+
+    async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.is_ready().await {
+            assert!(Instant::now() < deadline, "controller on port {} not ready within {within:?}", self.port);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sum of a metric's samples (all label sets).
+    async fn metric(&self, name: &str) -> f64 {
+        let body = self.get("/metrics").await.unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Stops a controller that `make demo` left running in the lab, then removes every MeshService
+/// and MeshNode (finalizers included) so that each test starts from an empty pool.
+async fn clean_slate(cluster: &Cluster) -> anyhow::Result<()> {
+    let pid_file = repo_root().join(".lab/pids/mesh-controller.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+        let _ = std::fs::remove_file(pid_file);
+    }
+    let services: Api<MeshService> = Api::all(cluster.client.clone());
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    for s in services.list(&ListParams::default()).await? {
+        let api: Api<MeshService> =
+            Api::namespaced(cluster.client.clone(), &s.metadata.namespace.clone().unwrap_or_default());
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+    }
+    for n in nodes.list(&ListParams::default()).await? {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let _ = nodes.patch(&name, &PatchParams::default(), &unfinalize).await;
+        let _ = nodes.delete(&name, &DeleteParams::default()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(services.list(&ListParams::default()).await?.items.is_empty()
+        && nodes.list(&ListParams::default()).await?.items.is_empty())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "objects did not go away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+async fn namespace(cluster: &Cluster, name: &str) -> anyhow::Result<Api<MeshService>> {
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    namespaces.patch(name, &PatchParams::apply("harness-mesh-test"), &Patch::Apply(&ns)).await?;
+    Ok(Api::namespaced(cluster.client.clone(), name))
+}
+
+fn service(name: &str, spec: serde_json::Value) -> MeshService {
+    serde_json::from_value(json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("valid MeshService")
+}
+
+/// Creates `count` node-backed services named `{prefix}-{i}`, 16 requests in flight.
+async fn create_services(api: &Api<MeshService>, prefix: &str, range: std::ops::Range<usize>) -> anyhow::Result<()> {
+    let results: Vec<_> = stream::iter(range)
+        .map(|i| {
+            let api = api.clone();
+            let obj = service(&format!("{prefix}-{i}"), json!({"network": {"ports": [80]}, "node": "nowhere"}));
+            async move { api.create(&PostParams::default(), &obj).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// Waits until `expected` live (not deleting) services in `api` have a mesh IP; returns name → IP.
+async fn wait_allocated(
+    api: &Api<MeshService>,
+    expected: usize,
+    within: Duration,
+) -> anyhow::Result<BTreeMap<String, Ipv4Addr>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = api.list(&ListParams::default()).await?;
+        let ips: BTreeMap<String, Ipv4Addr> = list
+            .iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter_map(|s| Some((s.metadata.name.clone()?, s.status.as_ref()?.mesh_ip.as_ref()?.parse().ok()?)))
+            .collect();
+        if ips.len() >= expected {
+            return Ok(ips);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {expected} services allocated within {within:?}",
+            ips.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn assert_distinct(ips: &BTreeMap<String, Ipv4Addr>) {
+    let unique: HashSet<_> = ips.values().collect();
+    assert_eq!(unique.len(), ips.len(), "duplicate mesh IPs: {ips:?}");
+}
+
+fn condition(s: &MeshService, type_: &str) -> Option<(String, String, String)> {
+    let c = s.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn wait_for<F: Fn(&MeshService) -> bool>(
+    api: &Api<MeshService>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    f: F,
+) -> anyhow::Result<MeshService> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = api.get(name).await?;
+        if f(&s) {
+            return Ok(s);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{name}: {what} not reached within {within:?}; status {:?}",
+            s.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_200_services_gets_200_distinct_ips() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    clean_slate(&cluster).await?;
+    let ctl = Controller::start(&cluster, 18181, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let api = namespace(&cluster, "ctl-burst").await?;
+    let started = Instant::now();
+    create_services(&api, "burst", 0..200).await?;
+    let ips = wait_allocated(&api, 200, Duration::from_secs(120)).await?;
+    let elapsed = started.elapsed();
+    assert_eq!(ips.len(), 200);
+    assert_distinct(&ips);
+    let subnet: mesh_core::Subnet = "10.42.0.0/16".parse()?;
+    assert!(ips.values().all(|ip| subnet.contains(*ip) && *ip != subnet.network() && *ip != subnet.broadcast()));
+    assert_eq!(ctl.metric("mesh_controller_pool_used").await, 200.0);
+    println!("200 services allocated in {:.2} s ({:.0}/s)", elapsed.as_secs_f64(), 200.0 / elapsed.as_secs_f64());
+
+    // Nothing changes, nothing is written: a quiet minute costs no writes.
+    let writes = ctl.metric("mesh_controller_api_writes_total").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ctl.metric("mesh_controller_api_writes_total").await, writes, "writes without any change");
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn requested_ips_are_honoured_and_the_loser_names_the_holder() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    clean_slate(&cluster).await?;
+    let ctl = Controller::start(&cluster, 18182, &["--leader-elect=false", "--ip-hold-seconds=1"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let api = namespace(&cluster, "ctl-conflict").await?;
+    let spec = json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": "10.42.9.9"});
+    api.create(&PostParams::default(), &service("first", spec.clone())).await?;
+    wait_for(&api, "first", Duration::from_secs(20), "meshIP 10.42.9.9", |s| {
+        s.status.as_ref().and_then(|st| st.mesh_ip.as_deref()) == Some("10.42.9.9")
+    })
+    .await?;
+    api.create(&PostParams::default(), &service("second", spec)).await?;
+    let loser =
+        wait_for(&api, "second", Duration::from_secs(20), "IPConflict", |s| condition(s, "IPConflict").is_some())
+            .await?;
+    let (status, _, message) = condition(&loser, "IPConflict").expect("checked above");
+    assert_eq!(status, "True");
+    assert!(message.contains("MeshService ctl-conflict/first"), "the message names the holder: {message}");
+    assert_eq!(condition(&loser, "Ready").map(|c| c.0).as_deref(), Some("False"));
+    assert!(loser.status.as_ref().and_then(|s| s.mesh_ip.clone()).is_none());
+
+    // An event tells the same story.
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), "ctl-conflict");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !events.list(&ListParams::default()).await?.iter().any(|e| e.reason.as_deref() == Some("IPConflict")) {
+        anyhow::ensure!(Instant::now() < deadline, "no IPConflict event");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Once the holder is gone (and the hold-back has passed), the loser gets the address.
+    api.delete("first", &DeleteParams::default()).await?;
+    wait_for(&api, "second", Duration::from_secs(30), "meshIP 10.42.9.9 after the holder left", |s| {
+        s.status.as_ref().and_then(|st| st.mesh_ip.as_deref()) == Some("10.42.9.9")
+            && condition(s, "IPConflict").is_none()
+    })
+    .await?;
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn a_small_pool_exhausts_clearly_and_recovers() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    clean_slate(&cluster).await?;
+    let ctl =
+        Controller::start(&cluster, 18183, &["--leader-elect=false", "--subnet=10.99.0.0/28", "--ip-hold-seconds=0"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let api = namespace(&cluster, "ctl-exhaust").await?;
+    create_services(&api, "pool", 0..16).await?;
+    let ips = wait_allocated(&api, 14, Duration::from_secs(60)).await?;
+    assert_eq!(ips.len(), 14, "a /28 holds 14 addresses");
+    assert_distinct(&ips);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exhausted = loop {
+        let list = api.list(&ListParams::default()).await?;
+        let waiting: Vec<_> = list.items.into_iter().filter(|s| condition(s, "PoolExhausted").is_some()).collect();
+        if waiting.len() == 2 || Instant::now() > deadline {
+            break waiting;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(exhausted.len(), 2, "the two services without an address say PoolExhausted");
+    let (_, reason, message) = condition(&exhausted[0], "PoolExhausted").expect("filtered");
+    assert_eq!(reason, "PoolExhausted");
+    assert!(message.contains("10.99.0.0/28") && message.contains("exhausted"), "{message}");
+
+    for name in ips.keys().take(3) {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    let ips = wait_allocated(&api, 13, Duration::from_secs(40)).await?;
+    let waiting: Vec<String> = exhausted.iter().filter_map(|s| s.metadata.name.clone()).collect();
+    assert!(waiting.iter().all(|n| ips.contains_key(n)), "{waiting:?} recovered: {ips:?}");
+    assert_distinct(&ips);
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn sigkill_in_the_middle_of_a_burst_leaves_no_duplicate_and_no_leak() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    clean_slate(&cluster).await?;
+    let api = namespace(&cluster, "ctl-sigkill").await?;
+    let mut ctl = Controller::start(&cluster, 18184, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let burst = {
+        let api = api.clone();
+        tokio::spawn(async move { create_services(&api, "churn", 0..120).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ctl.kill();
+    burst.await??;
+    let ctl = Controller::start(&cluster, 18185, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    create_services(&api, "after", 0..30).await?;
+    let ips = wait_allocated(&api, 150, Duration::from_secs(120)).await?;
+    assert_distinct(&ips);
+    // No leak: the pool holds exactly the addresses the objects hold.
+    assert_eq!(ctl.metric("mesh_controller_pool_used").await, 150.0);
+
+    // A second restart rebuilds the same allocations from status: nothing moves.
+    drop(ctl);
+    let ctl = Controller::start(&cluster, 18186, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = wait_allocated(&api, 150, Duration::from_secs(10)).await?;
+    assert_eq!(again, ips, "allocations changed across a restart");
+    assert_eq!(ctl.metric("mesh_controller_pool_used").await, 150.0);
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn of_two_replicas_only_the_leader_writes() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    clean_slate(&cluster).await?;
+    let api = namespace(&cluster, "ctl-leader").await?;
+    let lease = ["--lease-name=mesh-controller-test", "--lease-seconds=4"];
+    let mut first = Controller::start(&cluster, 18187, &[&lease[..], &["--identity=first"]].concat());
+    first.wait_ready(Duration::from_secs(30)).await;
+    let second = Controller::start(&cluster, 18188, &[&lease[..], &["--identity=second"]].concat());
+    create_services(&api, "led", 0..10).await?;
+    wait_allocated(&api, 10, Duration::from_secs(30)).await?;
+    assert!(first.metric("mesh_controller_api_writes_total").await > 0.0);
+    assert_eq!(second.metric("mesh_controller_api_writes_total").await, 0.0, "a follower wrote");
+    assert!(!second.is_ready().await, "a follower reports ready");
+
+    // The leader dies: the follower takes over within the lease time and carries on alone.
+    first.kill();
+    second.wait_ready(Duration::from_secs(30)).await;
+    create_services(&api, "after-failover", 0..5).await?;
+    let ips = wait_allocated(&api, 15, Duration::from_secs(30)).await?;
+    assert_distinct(&ips);
+    assert!(second.metric("mesh_controller_api_writes_total").await > 0.0);
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn kubernetes_nodes_are_mirrored_into_mesh_nodes() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    clean_slate(&cluster).await?;
+    let ctl = Controller::start(&cluster, 18189, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let mesh_nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let name = "ctl-mirror-node";
+    let _ = nodes.delete(name, &DeleteParams::default()).await;
+    let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}))?;
+    let node = nodes.create(&PostParams::default(), &node).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mirrored = loop {
+        if let Some(mn) = mesh_nodes.get_opt(name).await?
+            && mn.status.as_ref().and_then(|s| s.mesh_ip.as_ref()).is_some()
+        {
+            break mn;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no MeshNode with a mesh IP for Node {name}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let owner = &mirrored.metadata.owner_references.clone().unwrap_or_default()[0];
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Node", node.metadata.uid.as_deref().unwrap_or_default()));
+    assert!(ctl.metric("mesh_controller_pool_used").await >= 1.0);
+
+    nodes.delete(name, &DeleteParams::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mesh_nodes.get_opt(name).await?.is_some() {
+        anyhow::ensure!(Instant::now() < deadline, "MeshNode {name} outlived its Node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ctl.metric("mesh_controller_pool_used").await, 0.0, "the node's IP was released");
+    clean_slate(&cluster).await
+}
