@@ -41,7 +41,8 @@ test: deps check-crds lint ## the whole suite: drift check, lints, unit, propert
 	  $(LAB) up; \
 	  $(CARGO) test --workspace --no-fail-fast
 
-lab-up: deps ## start the lab (idempotent): NODES=N, MODE=plain|kubelet
+lab-up: deps ## start the lab (idempotent) with mesh-controller: NODES=N, MODE=plain|kubelet
+	$(CARGO) build -q -p mesh-controller
 	$(LAB) up --nodes $(NODES) --mode $(MODE)
 
 lab-down: ## stop the lab; leaves no process and no hm-* namespace
@@ -50,9 +51,12 @@ lab-down: ## stop the lab; leaves no process and no hm-* namespace
 lab-status: ## show what of the lab is running
 	$(LAB) status
 
-demo: lab-up ## the main job: lab up, CRDs installed, examples applied, status shown
-	$(KUBECTL) apply --server-side --field-manager=harness-mesh-demo -f crds/
-	$(KUBECTL) wait --for=condition=Established --timeout=60s crd/meshnodes.mesh.harness.dev crd/meshservices.mesh.harness.dev
+demo: lab-up ## the main job: lab + controller up, examples applied, allocations shown
 	$(KUBECTL) apply --server-side --field-manager=harness-mesh-demo -f examples/
+	@echo 'waiting for mesh-controller to allocate ...'
+	@for i in $$(seq 1 60); do \
+	  [ -n "$$($(KUBECTL) get ms metrics -o jsonpath='{.status.meshIP}' 2>/dev/null)" ] && break; sleep 0.5; done
 	@echo; echo '$$ kubectl get mesh -A'; $(KUBECTL) get mesh -A
+	@echo; echo '$$ kubectl get ms graph-node -o jsonpath={.status.conditions}'; \
+	  $(KUBECTL) get ms graph-node -o jsonpath='{range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{"\n"}{end}' 
 	@echo; echo 'The lab stays up: export KUBECONFIG=$(CURDIR)/.lab/kubeconfig, then `make lab-down` when done.'

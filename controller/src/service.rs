@@ -57,13 +57,13 @@ fn cleanup(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Where the service runs now: `Ok(node)`, or the condition that says why it runs nowhere.
+/// Where the service runs now: `Ok(node)`, or the (true) condition that says why it runs nowhere.
 fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<String, Want> {
     if let Some(node) = &service.spec.node {
         return if ctx.mesh_nodes.get(&kube::runtime::reflector::ObjectRef::new(node)).is_some() {
             Ok(node.clone())
         } else {
-            Err(Want::no(
+            Err(Want::yes(
                 NODE_NOT_FOUND,
                 "NodeNotFound",
                 format!("spec.node names the MeshNode {node:?}, which does not exist; create it or enroll the machine"),
@@ -83,7 +83,7 @@ fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<String, Want> {
     ready.sort_by_key(|pod| (pod.creation_timestamp().map(|t| t.0), pod.name_any()));
     match ready.first().and_then(|pod| pod.spec.as_ref()?.node_name.clone()) {
         Some(node) => Ok(node),
-        None => Err(Want::no(
+        None => Err(Want::yes(
             NO_READY_PODS,
             "NoReadyPods",
             format!("no ready pod in namespace {namespace} matches spec.selector {selector:?}"),

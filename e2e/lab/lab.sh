@@ -25,6 +25,7 @@ config="$lab/config"
 
 api_port="${LAB_API_PORT:-16443}"
 etcd_port="${LAB_ETCD_PORT:-23790}"
+controller_metrics_port="${LAB_CONTROLLER_METRICS_PORT:-18080}"
 etcd_peer_port="${LAB_ETCD_PEER_PORT:-23800}"
 wait_seconds="${LAB_WAIT_SECONDS:-90}"
 stop_seconds="${LAB_STOP_SECONDS:-30}"
@@ -59,6 +60,7 @@ Environment:
   LAB_API_PORT        kube-apiserver secure port   (default 16443)
   LAB_ETCD_PORT       etcd client port             (default 23790)
   LAB_ETCD_PEER_PORT  etcd peer port               (default 23800)
+  LAB_CONTROLLER_METRICS_PORT  mesh-controller metrics (default 18080)
   LAB_WAIT_SECONDS    readiness timeout of \`up\`    (default 90)
   LAB_STOP_SECONDS    SIGTERM grace of \`down\`      (default 30)
 
@@ -387,6 +389,25 @@ start_nodes() {
   fi
 }
 
+# Installs the CRDs and runs mesh-controller (leader election on, as in a cluster) when the
+# workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
+# 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT.
+start_controller() {
+  local built="$repo/target/debug/mesh-controller"
+  if [ ! -x "$built" ]; then
+    log "note: $built is not built, so the lab runs no controller (make lab-up builds it)"
+    return 0
+  fi
+  lab_kubectl apply --server-side --force-conflicts --field-manager=harness-mesh-lab -f "$repo/crds/" >/dev/null
+  lab_kubectl wait --for=condition=Established --timeout=60s \
+    crd/meshnodes.mesh.harness.dev crd/meshservices.mesh.harness.dev >/dev/null
+  ln -sf "$built" "$bin_dir/mesh-controller"
+  if component_pid mesh-controller >/dev/null; then return 0; fi
+  log "starting mesh-controller (metrics on 127.0.0.1:$controller_metrics_port)"
+  KUBECONFIG="$kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
+    --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace=kube-system
+}
+
 # Refuses to change the ports of a lab that is already (partly) running.
 check_config_compatible() {
   [ -f "$config" ] || return 0
@@ -441,6 +462,7 @@ cmd_up() {
   write_kubeconfig
   wait_for kube-apiserver lab_kubectl get namespace default
   start_nodes "$nodes" "$mode"
+  start_controller
   log "lab is up: KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port)"
 }
 
