@@ -8,7 +8,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps build crds check-crds fmt lint unit test lab-up lab-down lab-status demo
+.PHONY: help deps bench build crds check-crds fmt lint unit test lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ test: deps check-crds lint ## the whole suite: drift check, lints, unit, propert
 	  trap '[ $$was_up = 1 ] || $(LAB) down' EXIT; \
 	  $(LAB) up; \
 	  $(CARGO) test --workspace --no-fail-fast
+
+bench: deps ## benchmarks: prints a table, writes JSON under target/bench/
+	$(LAB) up
+	$(CARGO) bench -p mesh-controller --bench allocation
 
 lab-up: deps ## start the lab (idempotent) with mesh-controller: NODES=N, MODE=plain|kubelet
 	$(CARGO) build -q -p mesh-controller

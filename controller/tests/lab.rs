@@ -5,116 +5,21 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, stream};
-use harness_mesh_e2e::{Cluster, repo_root};
+use harness_mesh_e2e::Cluster;
+use harness_mesh_e2e::controller::{Controller, clean_slate, create_services, service, wait_allocated};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A running mesh-controller process, killed when dropped.
-struct Controller {
-    child: Child,
-    port: u16,
-}
-
-impl Controller {
-    fn start(cluster: &Cluster, port: u16, args: &[&str]) -> Self {
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("mesh-controller-test-{port}.log")))
-            .expect("creating the controller log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env("RUST_LOG", "info")
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--lease-namespace", "default"])
-            .args(args)
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting mesh-controller");
-        Self { child, port }
-    }
-
-    /// SIGKILL: no chance to finish anything.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn get(&self, path: &str) -> Option<String> {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-        conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await.ok()?;
-        Some(body)
-    }
-
-    async fn is_ready(&self) -> bool {
-        self.get("/readyz").await.is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
-    }
-
-    async fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.is_ready().await {
-            assert!(Instant::now() < deadline, "controller on port {} not ready within {within:?}", self.port);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Sum of a metric's samples (all label sets).
-    async fn metric(&self, name: &str) -> f64 {
-        let body = self.get("/metrics").await.unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Stops a controller that `make demo` left running in the lab, then removes every MeshService
-/// and MeshNode (finalizers included) so that each test starts from an empty pool.
-async fn clean_slate(cluster: &Cluster) -> anyhow::Result<()> {
-    let pid_file = repo_root().join(".lab/pids/mesh-controller.pid");
-    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
-        let _ = std::fs::remove_file(pid_file);
-    }
-    let services: Api<MeshService> = Api::all(cluster.client.clone());
-    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
-    let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
-    for s in services.list(&ListParams::default()).await? {
-        let api: Api<MeshService> =
-            Api::namespaced(cluster.client.clone(), &s.metadata.namespace.clone().unwrap_or_default());
-        let name = s.metadata.name.clone().unwrap_or_default();
-        let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
-        let _ = api.delete(&name, &DeleteParams::default()).await;
-    }
-    for n in nodes.list(&ListParams::default()).await? {
-        let name = n.metadata.name.clone().unwrap_or_default();
-        let _ = nodes.patch(&name, &PatchParams::default(), &unfinalize).await;
-        let _ = nodes.delete(&name, &DeleteParams::default()).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(services.list(&ListParams::default()).await?.items.is_empty()
-        && nodes.list(&ListParams::default()).await?.items.is_empty())
-    {
-        anyhow::ensure!(Instant::now() < deadline, "objects did not go away");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
+/// Starts this package's mesh-controller binary against the cluster.
+fn controller(cluster: &Cluster, port: u16, args: &[&str]) -> Controller {
+    Controller::start(cluster, std::path::Path::new(env!("CARGO_BIN_EXE_mesh-controller")), port, args)
 }
 
 async fn namespace(cluster: &Cluster, name: &str) -> anyhow::Result<Api<MeshService>> {
@@ -122,57 +27,6 @@ async fn namespace(cluster: &Cluster, name: &str) -> anyhow::Result<Api<MeshServ
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
     namespaces.patch(name, &PatchParams::apply("harness-mesh-test"), &Patch::Apply(&ns)).await?;
     Ok(Api::namespaced(cluster.client.clone(), name))
-}
-
-fn service(name: &str, spec: serde_json::Value) -> MeshService {
-    serde_json::from_value(json!({
-        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .expect("valid MeshService")
-}
-
-/// Creates `count` node-backed services named `{prefix}-{i}`, 16 requests in flight.
-async fn create_services(api: &Api<MeshService>, prefix: &str, range: std::ops::Range<usize>) -> anyhow::Result<()> {
-    let results: Vec<_> = stream::iter(range)
-        .map(|i| {
-            let api = api.clone();
-            let obj = service(&format!("{prefix}-{i}"), json!({"network": {"ports": [80]}, "node": "nowhere"}));
-            async move { api.create(&PostParams::default(), &obj).await }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    for r in results {
-        r?;
-    }
-    Ok(())
-}
-
-/// Waits until `expected` live (not deleting) services in `api` have a mesh IP; returns name → IP.
-async fn wait_allocated(
-    api: &Api<MeshService>,
-    expected: usize,
-    within: Duration,
-) -> anyhow::Result<BTreeMap<String, Ipv4Addr>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let list = api.list(&ListParams::default()).await?;
-        let ips: BTreeMap<String, Ipv4Addr> = list
-            .iter()
-            .filter(|s| s.metadata.deletion_timestamp.is_none())
-            .filter_map(|s| Some((s.metadata.name.clone()?, s.status.as_ref()?.mesh_ip.as_ref()?.parse().ok()?)))
-            .collect();
-        if ips.len() >= expected {
-            return Ok(ips);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {} of {expected} services allocated within {within:?}",
-            ips.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn assert_distinct(ips: &BTreeMap<String, Ipv4Addr>) {
@@ -212,7 +66,7 @@ async fn a_burst_of_200_services_gets_200_distinct_ips() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
     clean_slate(&cluster).await?;
-    let ctl = Controller::start(&cluster, 18181, &["--leader-elect=false"]);
+    let ctl = controller(&cluster, 18181, &["--leader-elect=false"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     let api = namespace(&cluster, "ctl-burst").await?;
     let started = Instant::now();
@@ -238,7 +92,7 @@ async fn requested_ips_are_honoured_and_the_loser_names_the_holder() -> anyhow::
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
     clean_slate(&cluster).await?;
-    let ctl = Controller::start(&cluster, 18182, &["--leader-elect=false", "--ip-hold-seconds=1"]);
+    let ctl = controller(&cluster, 18182, &["--leader-elect=false", "--ip-hold-seconds=1"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     let api = namespace(&cluster, "ctl-conflict").await?;
     let spec = json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": "10.42.9.9"});
@@ -280,8 +134,7 @@ async fn a_small_pool_exhausts_clearly_and_recovers() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
     clean_slate(&cluster).await?;
-    let ctl =
-        Controller::start(&cluster, 18183, &["--leader-elect=false", "--subnet=10.99.0.0/28", "--ip-hold-seconds=0"]);
+    let ctl = controller(&cluster, 18183, &["--leader-elect=false", "--subnet=10.99.0.0/28", "--ip-hold-seconds=0"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     let api = namespace(&cluster, "ctl-exhaust").await?;
     create_services(&api, "pool", 0..16).await?;
@@ -318,7 +171,7 @@ async fn sigkill_in_the_middle_of_a_burst_leaves_no_duplicate_and_no_leak() -> a
     let cluster = Cluster::get().await?;
     clean_slate(&cluster).await?;
     let api = namespace(&cluster, "ctl-sigkill").await?;
-    let mut ctl = Controller::start(&cluster, 18184, &["--leader-elect=false"]);
+    let mut ctl = controller(&cluster, 18184, &["--leader-elect=false"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     let burst = {
         let api = api.clone();
@@ -327,7 +180,7 @@ async fn sigkill_in_the_middle_of_a_burst_leaves_no_duplicate_and_no_leak() -> a
     tokio::time::sleep(Duration::from_millis(700)).await;
     ctl.kill();
     burst.await??;
-    let ctl = Controller::start(&cluster, 18185, &["--leader-elect=false"]);
+    let ctl = controller(&cluster, 18185, &["--leader-elect=false"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     create_services(&api, "after", 0..30).await?;
     let ips = wait_allocated(&api, 150, Duration::from_secs(120)).await?;
@@ -337,7 +190,7 @@ async fn sigkill_in_the_middle_of_a_burst_leaves_no_duplicate_and_no_leak() -> a
 
     // A second restart rebuilds the same allocations from status: nothing moves.
     drop(ctl);
-    let ctl = Controller::start(&cluster, 18186, &["--leader-elect=false"]);
+    let ctl = controller(&cluster, 18186, &["--leader-elect=false"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let again = wait_allocated(&api, 150, Duration::from_secs(10)).await?;
@@ -353,9 +206,9 @@ async fn of_two_replicas_only_the_leader_writes() -> anyhow::Result<()> {
     clean_slate(&cluster).await?;
     let api = namespace(&cluster, "ctl-leader").await?;
     let lease = ["--lease-name=mesh-controller-test", "--lease-seconds=4"];
-    let mut first = Controller::start(&cluster, 18187, &[&lease[..], &["--identity=first"]].concat());
+    let mut first = controller(&cluster, 18187, &[&lease[..], &["--identity=first"]].concat());
     first.wait_ready(Duration::from_secs(30)).await;
-    let second = Controller::start(&cluster, 18188, &[&lease[..], &["--identity=second"]].concat());
+    let second = controller(&cluster, 18188, &[&lease[..], &["--identity=second"]].concat());
     create_services(&api, "led", 0..10).await?;
     wait_allocated(&api, 10, Duration::from_secs(30)).await?;
     assert!(first.metric("mesh_controller_api_writes_total").await > 0.0);
@@ -377,7 +230,7 @@ async fn kubernetes_nodes_are_mirrored_into_mesh_nodes() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
     clean_slate(&cluster).await?;
-    let ctl = Controller::start(&cluster, 18189, &["--leader-elect=false"]);
+    let ctl = controller(&cluster, 18189, &["--leader-elect=false"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let mesh_nodes: Api<MeshNode> = Api::all(cluster.client.clone());

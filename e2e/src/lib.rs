@@ -9,6 +9,8 @@
 //!
 //! The harness never talks to anything but that API server.
 
+pub mod controller;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

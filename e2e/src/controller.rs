@@ -1,0 +1,176 @@
+//! Running the real mesh-controller binary in tests and benchmarks: start it against the
+//! cluster under test, read its /readyz and /metrics, kill it (SIGKILL), and wipe the
+//! cluster's MeshNodes and MeshServices between runs.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use futures::{StreamExt, stream};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use mesh_api::{MeshNode, MeshService};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Cluster, repo_root};
+
+/// A running mesh-controller process, killed when dropped.
+pub struct Controller {
+    child: Child,
+    port: u16,
+}
+
+impl Controller {
+    /// Starts `binary` with the cluster's kubeconfig, its metrics on 127.0.0.1:`port`, and
+    /// its output in a log file under the temp dir.
+    pub fn start(cluster: &Cluster, binary: &Path, port: u16, args: &[&str]) -> Self {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("mesh-controller-test-{port}.log")))
+            .expect("creating the controller log in the temp dir");
+        let child = Command::new(binary)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info")
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--lease-namespace", "default"])
+            .args(args)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting mesh-controller");
+        Self { child, port }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    }
+
+    /// Whether /readyz answers 200 (leader, and the first full sync done).
+    pub async fn is_ready(&self) -> bool {
+        self.get("/readyz").await.is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// Waits until ready; panics after `within`.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.is_ready().await {
+            assert!(Instant::now() < deadline, "controller on port {} not ready within {within:?}", self.port);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sum of a metric's samples (all label sets).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = self.get("/metrics").await.unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Stops a controller that `make demo` left running in the lab, then removes every MeshService
+/// and MeshNode (finalizers included) so that each test starts from an empty pool.
+pub async fn clean_slate(cluster: &Cluster) -> anyhow::Result<()> {
+    let pid_file = repo_root().join(".lab/pids/mesh-controller.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+        let _ = std::fs::remove_file(pid_file);
+    }
+    let services: Api<MeshService> = Api::all(cluster.client.clone());
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    for s in services.list(&ListParams::default()).await? {
+        let api: Api<MeshService> =
+            Api::namespaced(cluster.client.clone(), &s.metadata.namespace.clone().unwrap_or_default());
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+    }
+    for n in nodes.list(&ListParams::default()).await? {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let _ = nodes.patch(&name, &PatchParams::default(), &unfinalize).await;
+        let _ = nodes.delete(&name, &DeleteParams::default()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(services.list(&ListParams::default()).await?.items.is_empty()
+        && nodes.list(&ListParams::default()).await?.items.is_empty())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "objects did not go away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// A MeshService object named `name` with `spec`.
+pub fn service(name: &str, spec: serde_json::Value) -> MeshService {
+    serde_json::from_value(json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("valid MeshService")
+}
+
+/// Creates node-backed services named `{prefix}-{i}` for `i` in `range`, 16 requests in flight.
+pub async fn create_services(
+    api: &Api<MeshService>,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<()> {
+    let results: Vec<_> = stream::iter(range)
+        .map(|i| {
+            let api = api.clone();
+            let obj = service(&format!("{prefix}-{i}"), json!({"network": {"ports": [80]}, "node": "nowhere"}));
+            async move { api.create(&PostParams::default(), &obj).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// Waits until `expected` live (not deleting) services in `api` have a mesh IP; returns name → IP.
+pub async fn wait_allocated(
+    api: &Api<MeshService>,
+    expected: usize,
+    within: Duration,
+) -> anyhow::Result<BTreeMap<String, Ipv4Addr>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = api.list(&ListParams::default()).await?;
+        let ips: BTreeMap<String, Ipv4Addr> = list
+            .iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter_map(|s| Some((s.metadata.name.clone()?, s.status.as_ref()?.mesh_ip.as_ref()?.parse().ok()?)))
+            .collect();
+        if ips.len() >= expected {
+            return Ok(ips);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {expected} services allocated within {within:?}",
+            ips.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
