@@ -3,6 +3,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED};
+use mesh_core::IpamError;
 
 /// A condition the controller wants to report, before times are filled in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +29,19 @@ impl Want {
     pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
         Self { type_, status: false, reason, message: message.into() }
     }
+}
+
+/// The conditions that report a refused allocation (`Allocated` false, plus `IPConflict` or
+/// `PoolExhausted` true when that is why), and the reason shared by them and the event.
+pub fn refused(err: &IpamError) -> (&'static str, Vec<Want>) {
+    let (reason, type_) = match err {
+        IpamError::Taken { .. } | IpamError::HeldBack { .. } => ("IPConflict", Some(IP_CONFLICT)),
+        IpamError::Exhausted { .. } => ("PoolExhausted", Some(POOL_EXHAUSTED)),
+        _ => ("InvalidMeshIP", None),
+    };
+    let mut wants = vec![Want::no(ALLOCATED, reason, err.to_string())];
+    wants.extend(type_.map(|type_| Want::yes(type_, reason, err.to_string())));
+    (reason, wants)
 }
 
 /// The conditions to write: `wanted`, keeping each one's `lastTransitionTime` from `current`

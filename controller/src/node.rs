@@ -13,10 +13,10 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, READY};
 use mesh_api::{MeshNode, MeshNodeStatus, PeerEntry};
-use mesh_core::{IpamError, Owner};
+use mesh_core::Owner;
 use serde_json::json;
 
-use crate::conditions::{Want, merge, same};
+use crate::conditions::{Want, merge, refused, same};
 use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER};
 use crate::metrics::KindLabel;
 use crate::service::RETRY_ALLOCATION_SECS;
@@ -88,15 +88,8 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
             (Some(ip), None)
         }
         Err(err) => {
-            let (reason, type_) = match &err {
-                IpamError::Taken { .. } | IpamError::HeldBack { .. } => ("IPConflict", Some(IP_CONFLICT)),
-                IpamError::Exhausted { .. } => ("PoolExhausted", Some(POOL_EXHAUSTED)),
-                _ => ("InvalidMeshIP", None),
-            };
-            wants.push(Want::no(ALLOCATED, reason, err.to_string()));
-            if let Some(type_) = type_ {
-                wants.push(Want::yes(type_, reason, err.to_string()));
-            }
+            let (reason, refusal) = refused(&err);
+            wants.extend(refusal);
             (ctx.pool().address_of(&owner), Some((reason, err.to_string())))
         }
     };

@@ -12,10 +12,10 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY};
 use mesh_api::{MeshService, MeshServiceStatus, NetworkType};
-use mesh_core::{IpamError, Owner};
+use mesh_core::Owner;
 use serde_json::json;
 
-use crate::conditions::{Want, merge, same};
+use crate::conditions::{Want, merge, refused, same};
 use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER, Hosted};
 
 const KIND: &str = "MeshService";
@@ -131,17 +131,10 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
                 wants.push(Want::yes(ALLOCATED, "Allocated", format!("mesh IP {addr} is allocated")));
             }
             Err(err) => {
-                let (reason, type_) = match &err {
-                    IpamError::Taken { .. } | IpamError::HeldBack { .. } => ("IPConflict", IP_CONFLICT),
-                    IpamError::Exhausted { .. } => ("PoolExhausted", POOL_EXHAUSTED),
-                    _ => ("InvalidMeshIP", ALLOCATED),
-                };
+                let (reason, refusal) = refused(&err);
                 // The previous address (if any) stays the owner's: a refused request loses nothing.
                 ip = ctx.pool().address_of(&owner);
-                wants.push(Want::no(ALLOCATED, reason, err.to_string()));
-                if type_ != ALLOCATED {
-                    wants.push(Want::yes(type_, reason, err.to_string()));
-                }
+                wants.extend(refusal);
                 warning = Some((reason, err.to_string()));
             }
         }

@@ -17,6 +17,14 @@ use serde_json::json;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Empties the cluster's mesh objects, then starts a controller and waits until it is ready.
+async fn fresh_controller(cluster: &Cluster, port: u16, args: &[&str]) -> anyhow::Result<Controller> {
+    clean_slate(cluster).await?;
+    let ctl = controller(cluster, port, args);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    Ok(ctl)
+}
+
 /// Starts this package's mesh-controller binary against the cluster.
 fn controller(cluster: &Cluster, port: u16, args: &[&str]) -> Controller {
     Controller::start(cluster, std::path::Path::new(env!("CARGO_BIN_EXE_mesh-controller")), port, args)
@@ -65,9 +73,7 @@ async fn wait_for<F: Fn(&MeshService) -> bool>(
 async fn a_burst_of_200_services_gets_200_distinct_ips() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
-    clean_slate(&cluster).await?;
-    let ctl = controller(&cluster, 18181, &["--leader-elect=false"]);
-    ctl.wait_ready(Duration::from_secs(30)).await;
+    let ctl = fresh_controller(&cluster, 18181, &["--leader-elect=false"]).await?;
     let api = namespace(&cluster, "ctl-burst").await?;
     let started = Instant::now();
     create_services(&api, "burst", 0..200).await?;
@@ -91,9 +97,7 @@ async fn a_burst_of_200_services_gets_200_distinct_ips() -> anyhow::Result<()> {
 async fn requested_ips_are_honoured_and_the_loser_names_the_holder() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
-    clean_slate(&cluster).await?;
-    let ctl = controller(&cluster, 18182, &["--leader-elect=false", "--ip-hold-seconds=1"]);
-    ctl.wait_ready(Duration::from_secs(30)).await;
+    let _ctl = fresh_controller(&cluster, 18182, &["--leader-elect=false", "--ip-hold-seconds=1"]).await?;
     let api = namespace(&cluster, "ctl-conflict").await?;
     let spec = json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": "10.42.9.9"});
     api.create(&PostParams::default(), &service("first", spec.clone())).await?;
@@ -133,9 +137,9 @@ async fn requested_ips_are_honoured_and_the_loser_names_the_holder() -> anyhow::
 async fn a_small_pool_exhausts_clearly_and_recovers() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
-    clean_slate(&cluster).await?;
-    let ctl = controller(&cluster, 18183, &["--leader-elect=false", "--subnet=10.99.0.0/28", "--ip-hold-seconds=0"]);
-    ctl.wait_ready(Duration::from_secs(30)).await;
+    let _ctl =
+        fresh_controller(&cluster, 18183, &["--leader-elect=false", "--subnet=10.99.0.0/28", "--ip-hold-seconds=0"])
+            .await?;
     let api = namespace(&cluster, "ctl-exhaust").await?;
     create_services(&api, "pool", 0..16).await?;
     let ips = wait_allocated(&api, 14, Duration::from_secs(60)).await?;
@@ -229,9 +233,7 @@ async fn of_two_replicas_only_the_leader_writes() -> anyhow::Result<()> {
 async fn kubernetes_nodes_are_mirrored_into_mesh_nodes() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
-    clean_slate(&cluster).await?;
-    let ctl = controller(&cluster, 18189, &["--leader-elect=false"]);
-    ctl.wait_ready(Duration::from_secs(30)).await;
+    let ctl = fresh_controller(&cluster, 18189, &["--leader-elect=false"]).await?;
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let mesh_nodes: Api<MeshNode> = Api::all(cluster.client.clone());
     let name = "ctl-mirror-node";
