@@ -1,0 +1,354 @@
+//! The desired device, the actual one, and the diff between them.
+//!
+//! [`plan`] follows innernet's rule (fetch → diff → apply) with one more: a peer is only ever
+//! touched when it differs, so adding, removing or changing one peer never interrupts the
+//! sessions of the others, and an empty [`DevicePlan`] means nothing is applied at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+
+use crate::key::{Key, PrivateKey};
+
+/// What one peer should look like.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Where to send its packets; `None` leaves whatever the device learned (roaming).
+    pub endpoint: Option<SocketAddr>,
+    /// The addresses this peer may send from and receives for.
+    pub allowed_ips: BTreeSet<IpNet>,
+    /// Keepalive interval in seconds; `None` (or 0) is off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// What the device should look like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The node's own private key.
+    pub private_key: PrivateKey,
+    /// The UDP port to listen on.
+    pub listen_port: u16,
+    /// Every other node, by public key.
+    pub peers: BTreeMap<Key, PeerConfig>,
+}
+
+/// One peer as the device reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerState {
+    /// Its configuration as the device has it now (the endpoint may be a learned one).
+    pub config: PeerConfig,
+    /// When the last handshake completed; `None` if never.
+    pub last_handshake: Option<SystemTime>,
+    /// Bytes received from this peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to this peer.
+    pub tx_bytes: u64,
+}
+
+impl PeerState {
+    /// How long ago the last handshake was, at `now`; `None` if there never was one.
+    pub fn handshake_age(&self, now: SystemTime) -> Option<Duration> {
+        self.last_handshake.map(|at| now.duration_since(at).unwrap_or_default())
+    }
+}
+
+/// The device as it reports itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Its private key, if one is set.
+    pub private_key: Option<PrivateKey>,
+    /// Its listen port, if bound.
+    pub listen_port: Option<u16>,
+    /// Its peers, by public key.
+    pub peers: BTreeMap<Key, PeerState>,
+}
+
+/// A change to one existing peer: each `Some` field is set, each `None` left as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerUpdate {
+    /// The peer's public key.
+    pub public_key: Key,
+    /// A new endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// A new set of allowed IPs, replacing the old one.
+    pub allowed_ips: Option<BTreeSet<IpNet>>,
+    /// A new keepalive interval (0 turns it off).
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl PeerUpdate {
+    /// A change to the peer `public_key` that changes nothing yet.
+    pub fn new(public_key: Key) -> Self {
+        Self { public_key, endpoint: None, allowed_ips: None, persistent_keepalive: None }
+    }
+}
+
+/// The smallest set of changes that turns the actual device into the desired one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// Set the private key (first start, or a rotated key).
+    pub private_key: Option<PrivateKey>,
+    /// Set the listen port.
+    pub listen_port: Option<u16>,
+    /// Peers to remove.
+    pub remove: Vec<Key>,
+    /// Peers to add.
+    pub add: Vec<(Key, PeerConfig)>,
+    /// Peers to change in place.
+    pub update: Vec<PeerUpdate>,
+}
+
+impl DevicePlan {
+    /// True when the device already is what is wanted: nothing is to be applied.
+    pub fn is_empty(&self) -> bool {
+        self.private_key.is_none()
+            && self.listen_port.is_none()
+            && self.remove.is_empty()
+            && self.add.is_empty()
+            && self.update.is_empty()
+    }
+
+    /// How many peers the plan touches.
+    pub fn peers_touched(&self) -> usize {
+        self.remove.len() + self.add.len() + self.update.len()
+    }
+}
+
+/// Compares the actual device with the desired one and returns only what differs.
+///
+/// An endpoint the device learned by roaming is kept when the desired peer has none; a desired
+/// endpoint always wins. Keepalive `None` and `Some(0)` are the same (off).
+pub fn plan(actual: &DeviceState, desired: &DeviceConfig) -> DevicePlan {
+    let mut plan = DevicePlan::default();
+    if actual.private_key.as_ref() != Some(&desired.private_key) {
+        plan.private_key = Some(desired.private_key.clone());
+    }
+    if actual.listen_port != Some(desired.listen_port) {
+        plan.listen_port = Some(desired.listen_port);
+    }
+    plan.remove = actual.peers.keys().filter(|key| !desired.peers.contains_key(key)).copied().collect();
+    for (key, want) in &desired.peers {
+        let Some(have) = actual.peers.get(key) else {
+            plan.add.push((*key, want.clone()));
+            continue;
+        };
+        let have = &have.config;
+        let update = PeerUpdate {
+            public_key: *key,
+            endpoint: want.endpoint.filter(|e| have.endpoint != Some(*e)),
+            allowed_ips: (want.allowed_ips != have.allowed_ips).then(|| want.allowed_ips.clone()),
+            persistent_keepalive: (want.persistent_keepalive.unwrap_or(0) != have.persistent_keepalive.unwrap_or(0))
+                .then(|| want.persistent_keepalive.unwrap_or(0)),
+        };
+        if update != PeerUpdate::new(*key) {
+            plan.update.push(update);
+        }
+    }
+    plan
+}
+
+/// The device after `plan` is applied to `actual`, as a device that follows the UAPI semantics
+/// would report it (without the statistics of new peers). Used to check plans.
+pub fn applied(actual: &DeviceState, plan: &DevicePlan) -> DeviceState {
+    let mut next = actual.clone();
+    if let Some(key) = &plan.private_key {
+        next.private_key = Some(key.clone());
+    }
+    if let Some(port) = plan.listen_port {
+        next.listen_port = Some(port);
+    }
+    for key in &plan.remove {
+        next.peers.remove(key);
+    }
+    for (key, config) in &plan.add {
+        let mut config = config.clone();
+        config.persistent_keepalive = config.persistent_keepalive.filter(|k| *k > 0);
+        next.peers.insert(*key, PeerState { config, ..PeerState::default() });
+    }
+    for update in &plan.update {
+        let Some(peer) = next.peers.get_mut(&update.public_key) else { continue };
+        if let Some(endpoint) = update.endpoint {
+            peer.config.endpoint = Some(endpoint);
+        }
+        if let Some(ips) = &update.allowed_ips {
+            peer.config.allowed_ips = ips.clone();
+        }
+        if let Some(keepalive) = update.persistent_keepalive {
+            peer.config.persistent_keepalive = (keepalive > 0).then_some(keepalive);
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::collection::{btree_map, btree_set};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key(n: u8) -> Key {
+        Key::from_bytes([n; 32])
+    }
+
+    fn peer(ips: &[&str], endpoint: Option<&str>) -> PeerConfig {
+        PeerConfig {
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            persistent_keepalive: None,
+        }
+    }
+
+    fn state(config: &DeviceConfig) -> DeviceState {
+        DeviceState {
+            private_key: Some(config.private_key.clone()),
+            listen_port: Some(config.listen_port),
+            peers: config
+                .peers
+                .iter()
+                .map(|(k, c)| (*k, PeerState { config: c.clone(), rx_bytes: 7, ..PeerState::default() }))
+                .collect(),
+        }
+    }
+
+    fn three_peers() -> DeviceConfig {
+        DeviceConfig {
+            private_key: PrivateKey::from_bytes([9; 32]),
+            listen_port: 51820,
+            peers: [
+                (key(1), peer(&["10.42.0.1/32"], Some("192.168.77.1:51820"))),
+                (key(2), peer(&["10.42.0.2/32"], Some("192.168.77.2:51820"))),
+                (key(3), peer(&["10.42.0.3/32"], Some("192.168.77.3:51820"))),
+            ]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn nothing_is_applied_when_nothing_changed() {
+        let desired = three_peers();
+        let plan = plan(&state(&desired), &desired);
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn a_fresh_device_gets_key_port_and_all_peers() {
+        let desired = three_peers();
+        let plan = plan(&DeviceState::default(), &desired);
+        assert_eq!(plan.private_key.as_ref(), Some(&desired.private_key));
+        assert_eq!(plan.listen_port, Some(51820));
+        assert_eq!(plan.add.len(), 3);
+        assert!(plan.remove.is_empty() && plan.update.is_empty());
+    }
+
+    #[test]
+    fn adding_one_service_ip_updates_only_that_peer() {
+        let mut desired = three_peers();
+        let actual = state(&desired);
+        desired.peers.get_mut(&key(2)).unwrap().allowed_ips.insert("10.42.7.7/32".parse().unwrap());
+        let plan = plan(&actual, &desired);
+        assert_eq!(plan.peers_touched(), 1);
+        assert_eq!(plan.update[0].public_key, key(2));
+        assert_eq!(plan.update[0].allowed_ips.as_ref().unwrap().len(), 2);
+        assert_eq!(plan.update[0].endpoint, None);
+        assert!(plan.private_key.is_none() && plan.listen_port.is_none());
+    }
+
+    #[test]
+    fn removing_one_node_removes_only_it() {
+        let mut desired = three_peers();
+        let actual = state(&desired);
+        desired.peers.remove(&key(3));
+        let plan = plan(&actual, &desired);
+        assert_eq!(plan.remove, vec![key(3)]);
+        assert_eq!(plan.peers_touched(), 1);
+    }
+
+    #[test]
+    fn a_learned_endpoint_is_kept_unless_one_is_wanted() {
+        let mut desired = three_peers();
+        let mut actual = state(&desired);
+        actual.peers.get_mut(&key(1)).unwrap().config.endpoint = Some("198.51.100.1:4444".parse().unwrap());
+        desired.peers.get_mut(&key(1)).unwrap().endpoint = None;
+        assert!(plan(&actual, &desired).is_empty());
+        desired.peers.get_mut(&key(1)).unwrap().endpoint = Some("192.168.77.1:51820".parse().unwrap());
+        let plan = plan(&actual, &desired);
+        assert_eq!(plan.update.len(), 1);
+        assert_eq!(plan.update[0].endpoint, Some("192.168.77.1:51820".parse().unwrap()));
+    }
+
+    #[test]
+    fn keepalive_none_and_zero_are_both_off() {
+        let mut desired = three_peers();
+        let mut actual = state(&desired);
+        actual.peers.get_mut(&key(1)).unwrap().config.persistent_keepalive = Some(0);
+        assert!(plan(&actual, &desired).is_empty());
+        desired.peers.get_mut(&key(1)).unwrap().persistent_keepalive = Some(25);
+        assert_eq!(plan(&actual, &desired).update[0].persistent_keepalive, Some(25));
+    }
+
+    #[test]
+    fn a_rotated_key_is_set_without_touching_peers() {
+        let mut desired = three_peers();
+        let actual = state(&desired);
+        desired.private_key = PrivateKey::from_bytes([10; 32]);
+        let plan = plan(&actual, &desired);
+        assert!(plan.private_key.is_some());
+        assert_eq!(plan.peers_touched(), 0);
+    }
+
+    fn arb_peer() -> impl Strategy<Value = PeerConfig> {
+        (
+            proptest::option::of((1u8..4, 1u16..4).prop_map(|(h, p)| SocketAddr::from(([192, 168, 77, h], p)))),
+            btree_set((0u8..8).prop_map(|n| IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, 42, 0, n)))), 0..4),
+            proptest::option::of(0u16..3),
+        )
+            .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerConfig {
+                endpoint,
+                allowed_ips,
+                persistent_keepalive,
+            })
+    }
+
+    fn arb_device() -> impl Strategy<Value = DeviceConfig> {
+        (0u8..3, 1u16..3, btree_map((0u8..6).prop_map(key), arb_peer(), 0..6)).prop_map(|(k, port, peers)| {
+            DeviceConfig { private_key: PrivateKey::from_bytes([k; 32]), listen_port: port, peers }
+        })
+    }
+
+    proptest! {
+        /// Applying the plan gives the desired device, a second plan is empty, and only peers that
+        /// differ are touched.
+        #[test]
+        fn plan_converges_and_touches_only_what_differs(before in arb_device(), after in arb_device()) {
+            let actual = state(&before);
+            let plan = plan(&actual, &after);
+            let result = applied(&actual, &plan);
+            prop_assert!(super::plan(&result, &after).is_empty());
+            prop_assert_eq!(result.peers.keys().collect::<Vec<_>>(), after.peers.keys().collect::<Vec<_>>());
+            for (key, want) in &after.peers {
+                let got = &result.peers[key].config;
+                prop_assert_eq!(&got.allowed_ips, &want.allowed_ips);
+                if want.endpoint.is_some() {
+                    prop_assert_eq!(got.endpoint, want.endpoint);
+                }
+            }
+            let differing = after.peers.iter().filter(|(k, c)| {
+                before.peers.get(*k).is_none_or(|old| {
+                    old.allowed_ips != c.allowed_ips
+                        || (c.endpoint.is_some() && old.endpoint != c.endpoint)
+                        || old.persistent_keepalive.unwrap_or(0) != c.persistent_keepalive.unwrap_or(0)
+                })
+            }).count() + before.peers.keys().filter(|k| !after.peers.contains_key(k)).count();
+            prop_assert_eq!(plan.peers_touched(), differing);
+            // Statistics of untouched peers survive.
+            for (key, peer) in &result.peers {
+                if before.peers.contains_key(key) {
+                    prop_assert_eq!(peer.rx_bytes, 7);
+                }
+            }
+        }
+    }
+}
