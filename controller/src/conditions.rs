@@ -1,35 +1,7 @@
-//! Building `status.conditions` the Kubernetes way: one entry per type, and a
-//! `lastTransitionTime` that moves only when the status of that condition changes.
+//! Conditions that only the controller writes: how a refused allocation is reported.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
-use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED};
+use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, Want};
 use mesh_core::IpamError;
-
-/// A condition the controller wants to report, before times are filled in.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Want {
-    /// The condition type, e.g. `Ready`.
-    pub type_: &'static str,
-    /// Whether the condition holds.
-    pub status: bool,
-    /// A CamelCase reason.
-    pub reason: &'static str,
-    /// What a person should know, and do.
-    pub message: String,
-}
-
-impl Want {
-    /// A condition that holds.
-    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status: true, reason, message: message.into() }
-    }
-
-    /// A condition that does not hold.
-    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status: false, reason, message: message.into() }
-    }
-}
 
 /// The conditions that report a refused allocation (`Allocated` false, plus `IPConflict` or
 /// `PoolExhausted` true when that is why), and the reason shared by them and the event.
@@ -42,58 +14,4 @@ pub fn refused(err: &IpamError) -> (&'static str, Vec<Want>) {
     let mut wants = vec![Want::no(ALLOCATED, reason, err.to_string())];
     wants.extend(type_.map(|type_| Want::yes(type_, reason, err.to_string())));
     (reason, wants)
-}
-
-/// The conditions to write: `wanted`, keeping each one's `lastTransitionTime` from `current`
-/// when its status did not change.
-pub fn merge(current: &[Condition], wanted: &[Want], generation: Option<i64>) -> Vec<Condition> {
-    wanted
-        .iter()
-        .map(|want| {
-            let status = if want.status { "True" } else { "False" };
-            let previous = current.iter().find(|c| c.type_ == want.type_);
-            let last_transition_time = match previous {
-                Some(prev) if prev.status == status => prev.last_transition_time.clone(),
-                _ => Time(Timestamp::now()),
-            };
-            Condition {
-                type_: want.type_.to_owned(),
-                status: status.to_owned(),
-                reason: want.reason.to_owned(),
-                message: want.message.clone(),
-                observed_generation: generation,
-                last_transition_time,
-            }
-        })
-        .collect()
-}
-
-/// Whether two condition lists say the same thing, ignoring transition times.
-pub fn same(a: &[Condition], b: &[Condition]) -> bool {
-    let key =
-        |c: &Condition| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation);
-    let mut a: Vec<_> = a.iter().map(key).collect();
-    let mut b: Vec<_> = b.iter().map(key).collect();
-    a.sort();
-    b.sort();
-    a == b
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transition_time_moves_only_when_status_changes() {
-        let first = merge(&[], &[Want::no("Ready", "Waiting", "x")], Some(1));
-        let old_time = Time(Timestamp::UNIX_EPOCH);
-        let mut current = first.clone();
-        current[0].last_transition_time = old_time.clone();
-        let same_status = merge(&current, &[Want::no("Ready", "Other", "y")], Some(2));
-        assert_eq!(same_status[0].last_transition_time, old_time);
-        let flipped = merge(&current, &[Want::yes("Ready", "Ok", "z")], Some(2));
-        assert_ne!(flipped[0].last_transition_time, old_time);
-        assert!(same(&first, &merge(&first, &[Want::no("Ready", "Waiting", "x")], Some(1))));
-        assert!(!same(&first, &flipped));
-    }
 }

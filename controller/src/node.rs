@@ -11,12 +11,12 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, READY};
+use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, READY, Want, merge, same};
 use mesh_api::{MeshNode, MeshNodeStatus, PeerEntry};
 use mesh_core::Owner;
 use serde_json::json;
 
-use crate::conditions::{Want, merge, refused, same};
+use crate::conditions::refused;
 use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER};
 use crate::metrics::KindLabel;
 use crate::service::RETRY_ALLOCATION_SECS;

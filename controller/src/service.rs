@@ -10,12 +10,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY};
+use mesh_api::conditions::{
+    ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY, Want, merge, same,
+};
 use mesh_api::{MeshService, MeshServiceStatus, NetworkType};
 use mesh_core::Owner;
 use serde_json::json;
 
-use crate::conditions::{Want, merge, refused, same};
+use crate::conditions::refused;
 use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER, Hosted};
 
 const KIND: &str = "MeshService";

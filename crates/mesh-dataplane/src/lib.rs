@@ -1,0 +1,13 @@
+//! The node's side of the mesh as pure functions of what the API says, with no kube, tokio or
+//! netlink in sight:
+//!
+//! - [`desired`]: the WireGuard peers a node applies (every other node's peer entry) and the
+//!   service IPs it hosts;
+//! - [`firewall`]: the nftables ruleset that keeps a `mesh` service's IP closed but for its
+//!   listed ports;
+//! - [`health`]: per-peer health from handshake age and probe results, and the bounded summary
+//!   that goes into the `Connected` condition.
+
+pub mod desired;
+pub mod firewall;
+pub mod health;
