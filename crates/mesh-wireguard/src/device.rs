@@ -302,7 +302,10 @@ mod tests {
     fn arb_peer() -> impl Strategy<Value = PeerConfig> {
         (
             proptest::option::of((1u8..4, 1u16..4).prop_map(|(h, p)| SocketAddr::from(([192, 168, 77, h], p)))),
-            btree_set((0u8..8).prop_map(|n| IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, 42, 0, n)))), 0..4),
+            btree_set(
+                (0u8..8).prop_map(|n| IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, 42, 0, n)))),
+                0..4,
+            ),
             proptest::option::of(0u16..3),
         )
             .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerConfig {

@@ -200,7 +200,9 @@ mod tests {
 
     #[test]
     fn a_peer_without_handshake_has_none() {
-        let answer = format!("listen_port=1\npublic_key={PEER_HEX}\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=0\nerrno=0\n\n");
+        let answer = format!(
+            "listen_port=1\npublic_key={PEER_HEX}\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=0\nerrno=0\n\n"
+        );
         let device = parse_get(&answer).unwrap();
         assert_eq!(device.peers.values().next().unwrap().last_handshake, None);
         assert_eq!(device.private_key, None);
@@ -303,10 +305,7 @@ mod tests {
             if let Some(e) = peer.config.endpoint {
                 out += &format!("endpoint={e}\n");
             }
-            out += &format!(
-                "persistent_keepalive_interval={}\n",
-                peer.config.persistent_keepalive.unwrap_or(0)
-            );
+            out += &format!("persistent_keepalive_interval={}\n", peer.config.persistent_keepalive.unwrap_or(0));
             for ip in &peer.config.allowed_ips {
                 out += &format!("allowed_ip={ip}\n");
             }
@@ -318,12 +317,20 @@ mod tests {
     fn arb_config() -> impl Strategy<Value = DeviceConfig> {
         let peer = (
             proptest::option::of((1u8..4).prop_map(|h| std::net::SocketAddr::from(([192, 168, 77, h], 51820)))),
-            proptest::collection::btree_set((0u8..6).prop_map(|n| ipnet::IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, 42, 0, n)))), 0..3),
+            proptest::collection::btree_set(
+                (0u8..6).prop_map(|n| ipnet::IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, 42, 0, n)))),
+                0..3,
+            ),
             proptest::option::of(0u16..2),
         )
-            .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerConfig { endpoint, allowed_ips, persistent_keepalive });
-        (0u8..2, proptest::collection::btree_map((0u8..5).prop_map(|n| Key::from_bytes([n; 32])), peer, 0..5))
-            .prop_map(|(k, peers)| DeviceConfig { private_key: PrivateKey::from_bytes([k; 32]), listen_port: 51820, peers })
+            .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerConfig {
+                endpoint,
+                allowed_ips,
+                persistent_keepalive,
+            });
+        (0u8..2, proptest::collection::btree_map((0u8..5).prop_map(|n| Key::from_bytes([n; 32])), peer, 0..5)).prop_map(
+            |(k, peers)| DeviceConfig { private_key: PrivateKey::from_bytes([k; 32]), listen_port: 51820, peers },
+        )
     }
 
     proptest! {

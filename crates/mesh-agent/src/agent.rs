@@ -1,0 +1,389 @@
+//! The agent's loop: on every directory change (debounced) and on a resync timer it brings the
+//! node to the desired state — status published, WireGuard peers applied as a diff, addresses
+//! and route set, service ports enforced — and on the probe timer it measures every peer and
+//! reports health. Errors are logged, counted and retried on the next round; nothing here
+//! exits the process.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use futures::future::join_all;
+use ipnet::Ipv4Net;
+use kube::Client;
+use mesh_dataplane::desired::{self, Hosted};
+use mesh_dataplane::firewall;
+use mesh_dataplane::health::{self, PeerHealth, ProbeWindow, Summary};
+use mesh_wireguard::{DeviceConfig, DeviceState, PrivateKey};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::{Choice, Device, userspace};
+use crate::directory::Directory;
+use crate::link::{Links, Wanted};
+use crate::metrics::{ChangeLabel, Metrics, PeerLabel};
+use crate::status::{self, Published};
+use crate::{probe, status::renew_lease};
+
+/// The WireGuard port when the MeshNode does not name one.
+const DEFAULT_PORT: u16 = 51820;
+
+/// Everything the loop needs to know, from the command line.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's MeshNode name.
+    pub node: String,
+    /// The WireGuard interface.
+    pub interface: String,
+    /// Which backend to use.
+    pub wireguard: Choice,
+    /// How to run wireguard-go.
+    pub userspace: userspace::Options,
+    /// The mesh subnet.
+    pub subnet: Ipv4Net,
+    /// MTU of the interface.
+    pub mtu: u32,
+    /// The underlay address to advertise, instead of the detected one.
+    pub advertise_address: Option<Ipv4Addr>,
+    /// UDP port of the probe echo on the mesh IP.
+    pub probe_port: u16,
+    /// Time between probe rounds.
+    pub probe_interval: Duration,
+    /// Time between full resyncs (catches drift made by hand).
+    pub resync_interval: Duration,
+    /// The liveness Lease's namespace.
+    pub lease_namespace: String,
+    /// The `nft` binary.
+    pub nft: PathBuf,
+}
+
+/// The running agent.
+pub struct Agent {
+    config: Config,
+    client: Client,
+    key: PrivateKey,
+    device: Device,
+    links: Links,
+    directory: Directory,
+    metrics: Arc<Metrics>,
+    health: watch::Sender<Result<(), String>>,
+    /// The last ruleset `nft` accepted.
+    firewall: Option<String>,
+    /// Probe results by peer name.
+    windows: BTreeMap<String, ProbeWindow>,
+    /// The last health summary.
+    summary: Option<Summary>,
+    /// The echo server and the address it is bound to.
+    echo: Option<(Ipv4Addr, JoinHandle<()>)>,
+    /// Peers by name and mesh IP, as of the last sync.
+    targets: BTreeMap<String, Ipv4Addr>,
+    /// Names of skipped entries already reported (to log each once).
+    reported: Vec<desired::Skipped>,
+    nonce: u64,
+}
+
+impl Agent {
+    /// Opens the device and starts watching the directory.
+    pub async fn start(
+        config: Config,
+        client: Client,
+        key: PrivateKey,
+        metrics: Arc<Metrics>,
+        health: watch::Sender<Result<(), String>>,
+    ) -> anyhow::Result<Self> {
+        let device = Device::open(config.wireguard, &config.interface, &config.userspace).await?;
+        tracing::info!(backend = ?device.backend(), interface = %config.interface, public_key = %key.public_key(), "WireGuard device ready");
+        let links = Links::connect()?;
+        let directory = Directory::watch(client.clone());
+        let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
+        Ok(Self {
+            config,
+            client,
+            key,
+            device,
+            links,
+            directory,
+            metrics,
+            health,
+            firewall: None,
+            windows: BTreeMap::new(),
+            summary: None,
+            echo: None,
+            targets: BTreeMap::new(),
+            reported: Vec::new(),
+            nonce,
+        })
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        self.directory.ready().await.context("listing MeshNodes and MeshServices")?;
+        let mut resync = tokio::time::interval(self.config.resync_interval);
+        let mut lease = tokio::time::interval(Duration::from_secs(10));
+        let mut probes = tokio::time::interval(self.config.probe_interval);
+        probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel::<Vec<(String, Option<Duration>)>>(4);
+        let changed = self.directory.changed.clone();
+        let mut probing = false;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!("shutting down; the WireGuard device stays up so that traffic keeps flowing");
+                    return Ok(());
+                }
+                () = changed.notified() => {
+                    // Let a burst of watch events settle into one sync.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    self.sync_logged().await;
+                }
+                _ = resync.tick() => self.sync_logged().await,
+                _ = lease.tick() => {
+                    match renew_lease(&self.client, &self.config.lease_namespace, &self.config.node, 40).await {
+                        Ok(()) => { self.metrics.api_writes.inc(); }
+                        Err(err) => tracing::warn!(namespace = %self.config.lease_namespace, "renewing the liveness Lease: {err:#}"),
+                    }
+                }
+                _ = probes.tick(), if !probing => {
+                    if let Some(source) = self.echo.as_ref().map(|(ip, _)| *ip) {
+                        probing = true;
+                        let targets = self.targets.clone();
+                        let (port, nonce, tx) = (self.config.probe_port, self.nonce, probe_tx.clone());
+                        let timeout = self.config.probe_interval.min(Duration::from_secs(1));
+                        tokio::spawn(async move {
+                            let rounds = targets.into_iter().map(|(name, ip)| async move {
+                                (name, probe::probe(source, SocketAddr::from((ip, port)), nonce, timeout).await)
+                            });
+                            let _ = tx.send(join_all(rounds).await).await;
+                        });
+                    }
+                }
+                Some(results) = probe_rx.recv() => {
+                    probing = false;
+                    if let Err(err) = self.report_health(results).await {
+                        tracing::warn!("reporting health: {err:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn sync_logged(&mut self) {
+        match self.sync().await {
+            Ok(()) => {
+                let _ = self.health.send(Ok(()));
+            }
+            Err(err) => {
+                self.metrics.sync_errors.inc();
+                tracing::warn!("sync failed, retrying on the next change or resync: {err:#}");
+                let _ = self.health.send(Err(format!("{err:#}")));
+            }
+        }
+    }
+
+    fn published(&self, endpoint: Option<String>, listen_port: u16) -> Published {
+        Published {
+            public_key: self.key.public_key().to_base64(),
+            endpoint,
+            listen_port,
+            backend: self.device.backend(),
+            connected: self.summary.clone(),
+        }
+    }
+
+    /// One pass: status, device, addresses, firewall, echo.
+    async fn sync(&mut self) -> anyhow::Result<()> {
+        let name = self.config.node.clone();
+        let Some(me) = self.directory.node(&name) else {
+            anyhow::bail!(
+                "MeshNode {name} does not exist: the controller mirrors it from the Kubernetes Node, or create it \
+                 (meshctl enroll, or kubectl apply a MeshNode named {name})"
+            );
+        };
+        let listen_port = u16::try_from(me.spec.listen_port).unwrap_or(DEFAULT_PORT);
+        let endpoint = match &me.spec.endpoint {
+            Some(endpoint) => Some(endpoint.clone()),
+            None => {
+                let address = match self.config.advertise_address {
+                    Some(ip) => Some(ip),
+                    None => self.links.underlay_ipv4(&self.config.interface).await?,
+                };
+                address.map(|ip| format!("{ip}:{listen_port}"))
+            }
+        };
+        if status::publish(&self.client, &me, &self.published(endpoint, listen_port)).await? {
+            self.metrics.api_writes.inc();
+            tracing::info!("published the public key, endpoint and backend in MeshNode {name}");
+        }
+
+        let entries = self.directory.peer_entries().await;
+        let peers = desired::peers(&name, &self.key.public_key(), &entries);
+        for skipped in &peers.skipped {
+            if !self.reported.contains(skipped) {
+                tracing::warn!(node = %skipped.node, "not applying this peer entry: {}", skipped.why);
+            }
+        }
+        self.reported = peers.skipped.clone();
+        let wanted = DeviceConfig { private_key: self.key.clone(), listen_port, peers: peers.peers };
+        let actual = self.read_device().await?;
+        let plan = mesh_wireguard::plan(&actual, &wanted);
+        if plan.is_empty() {
+            self.metrics.noop_syncs.inc();
+        } else {
+            self.device.apply(&plan).await.context("applying the peer changes")?;
+            for (change, n) in [("add", plan.add.len()), ("remove", plan.remove.len()), ("update", plan.update.len())] {
+                self.metrics.peer_changes.get_or_create(&ChangeLabel { change }).inc_by(n as u64);
+            }
+            tracing::info!(
+                added = plan.add.len(),
+                removed = plan.remove.len(),
+                updated = plan.update.len(),
+                key_set = plan.private_key.is_some(),
+                "applied WireGuard changes"
+            );
+        }
+        self.metrics.peers.set(wanted.peers.len() as i64);
+        let gone: Vec<String> =
+            self.windows.keys().filter(|n| !peers.names.values().any(|p| p == *n)).cloned().collect();
+        for node in gone {
+            self.windows.remove(&node);
+            self.metrics.forget(&node);
+        }
+        let ips = self.directory.node_ips();
+        self.targets = peers.names.values().filter_map(|n| ips.get(n).map(|ip| (n.clone(), *ip))).collect();
+
+        let Some(node_ip) = me.status.as_ref().and_then(|s| s.mesh_ip.as_deref()).and_then(|ip| ip.parse().ok()) else {
+            anyhow::bail!("MeshNode {name} has no mesh IP yet: is mesh-controller running?");
+        };
+        let hosted = desired::hosted(&name, Some(node_ip), &self.directory.placements());
+        let wanted_link = Wanted {
+            mtu: self.config.mtu,
+            node_ip,
+            service_ips: hosted.iter().map(|h| h.ip).collect(),
+            subnet: self.config.subnet,
+        };
+        let changed = self.links.configure(&self.config.interface, &wanted_link).await?;
+        if !changed.is_empty() {
+            tracing::info!(changes = %changed.join(", "), "configured {}", self.config.interface);
+        }
+        self.metrics.applied_services.set(hosted.len() as i64);
+        self.enforce(&hosted).await?;
+        self.ensure_echo(node_ip);
+        Ok(())
+    }
+
+    /// Reads the device; if it is gone (wireguard-go killed), opens a new one.
+    async fn read_device(&mut self) -> anyhow::Result<DeviceState> {
+        match self.device.get().await {
+            Ok(state) => Ok(state),
+            Err(err) => {
+                tracing::warn!("reading the WireGuard device failed ({err:#}); opening it again");
+                self.device =
+                    Device::open(self.config.wireguard, &self.config.interface, &self.config.userspace).await?;
+                self.firewall = None;
+                self.echo = None;
+                self.device.get().await
+            }
+        }
+    }
+
+    /// Applies the port rules when they changed.
+    async fn enforce(&mut self, hosted: &[Hosted]) -> anyhow::Result<()> {
+        let script = firewall::render(hosted);
+        if self.firewall.as_ref() == Some(&script) {
+            return Ok(());
+        }
+        let mut child = tokio::process::Command::new(&self.config.nft)
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {} (install nftables)", self.config.nft.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            anyhow::bail!("nft refused the service port rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        tracing::info!(services = hosted.len(), "service port rules applied");
+        self.firewall = Some(script);
+        Ok(())
+    }
+
+    fn ensure_echo(&mut self, node_ip: Ipv4Addr) {
+        if self.echo.as_ref().is_some_and(|(ip, task)| *ip == node_ip && !task.is_finished()) {
+            return;
+        }
+        if let Some((_, task)) = self.echo.take() {
+            task.abort();
+        }
+        let addr = SocketAddr::from((node_ip, self.config.probe_port));
+        let task = tokio::spawn(async move {
+            if let Err(err) = probe::serve(addr).await {
+                tracing::warn!("probe echo stopped: {err:#}");
+            }
+        });
+        self.echo = Some((node_ip, task));
+    }
+
+    /// Records a probe round, updates the per-peer metrics, and publishes `Connected` when the
+    /// summary changed.
+    async fn report_health(&mut self, results: Vec<(String, Option<Duration>)>) -> anyhow::Result<()> {
+        let state = self.device.get().await?;
+        let now = SystemTime::now();
+        let entries = self.directory.peer_entries().await;
+        let peers = desired::peers(&self.config.node, &self.key.public_key(), &entries);
+        let mut by_name: BTreeMap<&str, (Option<Duration>, u64, u64)> = BTreeMap::new();
+        for (key, name) in &peers.names {
+            if let Some(peer) = state.peers.get(key) {
+                by_name.insert(name, (peer.handshake_age(now), peer.rx_bytes, peer.tx_bytes));
+            }
+        }
+        for (name, rtt) in results {
+            self.windows.entry(name).or_default().record(rtt);
+        }
+        let mut healths = Vec::new();
+        for name in peers.names.values() {
+            let window = self.windows.get(name).cloned().unwrap_or_default();
+            let (age, rx, tx) = by_name.get(name.as_str()).copied().unwrap_or((None, 0, 0));
+            let label = PeerLabel { peer: name.clone() };
+            match age {
+                Some(age) => {
+                    self.metrics.handshake_age.get_or_create(&label).set(age.as_secs_f64());
+                }
+                None => {
+                    self.metrics.handshake_age.remove(&label);
+                }
+            }
+            self.metrics.rx_bytes.get_or_create(&label).set(rx);
+            self.metrics.tx_bytes.get_or_create(&label).set(tx);
+            self.metrics.probe_loss.get_or_create(&label).set(window.loss());
+            if let Some(rtt) = window.last_rtt() {
+                self.metrics.probe_rtt.get_or_create(&label).set(rtt.as_secs_f64());
+            }
+            let judged: PeerHealth = health::judge(name, &window, age);
+            self.metrics.peer_healthy.get_or_create(&label).set(i64::from(judged.problem.is_none()));
+            healths.push(judged);
+        }
+        // A peer not probed yet does not count against the node until its first round.
+        let summary = health::summary(&healths, 5);
+        if self.summary.as_ref() != Some(&summary) {
+            tracing::info!(connected = summary.connected, "{}", summary.message);
+            self.summary = Some(summary);
+            if let Some(me) = self.directory.node(&self.config.node) {
+                let current = me.status.clone().unwrap_or_default();
+                let listen_port = current.listen_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(DEFAULT_PORT);
+                if status::publish(&self.client, &me, &self.published(current.endpoint.clone(), listen_port)).await? {
+                    self.metrics.api_writes.inc();
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The IP side of `wg-harness`, over rtnetlink: MTU and up, the node's mesh address and the
+//! hosted service addresses (all /32), and the route for the mesh subnet with the node's mesh
+//! IP as preferred source. Also finds the node's underlay address for its endpoint.
+//!
+//! Every call compares with what the kernel has and changes only what differs.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, bail};
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::address::{AddressAttribute, AddressScope};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// What the interface should carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// MTU of the interface.
+    pub mtu: u32,
+    /// The node's own mesh IP: an address, and the preferred source of the mesh route.
+    pub node_ip: Ipv4Addr,
+    /// Further local addresses: the mesh IPs of services hosted here.
+    pub service_ips: BTreeSet<Ipv4Addr>,
+    /// The mesh subnet, routed into the interface.
+    pub subnet: Ipv4Net,
+}
+
+/// A netlink connection.
+#[derive(Clone)]
+pub struct Links {
+    handle: Handle,
+}
+
+impl Links {
+    /// Opens a netlink route socket (in the agent's network namespace).
+    pub fn connect() -> anyhow::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection().context("opening a netlink route socket")?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The index of link `name`, if it exists.
+    pub async fn index(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
+    /// Brings `interface` to the wanted state; returns what it changed (empty: nothing).
+    pub async fn configure(&self, interface: &str, wanted: &Wanted) -> anyhow::Result<Vec<String>> {
+        let Some(index) = self.index(interface).await? else {
+            bail!("link {interface} does not exist");
+        };
+        let mut changed = Vec::new();
+
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await?
+            .with_context(|| format!("link {interface} vanished"))?;
+        let mtu = link.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None });
+        let up = link.header.flags.contains(LinkFlags::Up);
+        if mtu != Some(wanted.mtu) || !up {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).mtu(wanted.mtu).up().build())
+                .execute()
+                .await
+                .with_context(|| format!("setting MTU {} and up on {interface}", wanted.mtu))?;
+            changed.push(format!("mtu {} up", wanted.mtu));
+        }
+
+        let mut want: BTreeSet<Ipv4Addr> = wanted.service_ips.clone();
+        want.insert(wanted.node_ip);
+        let mut have = BTreeSet::new();
+        let mut addresses = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(message) = addresses.try_next().await? {
+            let Some(IpAddr::V4(ip)) = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            }) else {
+                continue;
+            };
+            if message.header.prefix_len == 32 && want.contains(&ip) {
+                have.insert(ip);
+            } else {
+                self.handle.address().del(message).execute().await.with_context(|| format!("removing {ip}"))?;
+                changed.push(format!("-{ip}"));
+            }
+        }
+        for ip in want.difference(&have) {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(*ip), 32)
+                .execute()
+                .await
+                .with_context(|| format!("adding {ip}/32 to {interface}"))?;
+            changed.push(format!("+{ip}/32"));
+        }
+
+        if !self.has_route(index, wanted).await? {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(wanted.subnet.network(), wanted.subnet.prefix_len())
+                .output_interface(index)
+                .pref_source(wanted.node_ip)
+                .scope(RouteScope::Link)
+                .build();
+            self.handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("routing {} into {interface}", wanted.subnet))?;
+            changed.push(format!("route {} src {}", wanted.subnet, wanted.node_ip));
+        }
+        Ok(changed)
+    }
+
+    async fn has_route(&self, index: u32, wanted: &Wanted) -> anyhow::Result<bool> {
+        let mut routes = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        while let Some(route) = routes.try_next().await? {
+            if route.header.destination_prefix_length != wanted.subnet.prefix_len() {
+                continue;
+            }
+            let attr = |f: fn(&RouteAttribute) -> Option<Ipv4Addr>| route.attributes.iter().find_map(f);
+            let destination = attr(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            if destination != Some(wanted.subnet.network()) {
+                continue;
+            }
+            let source = attr(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let oif =
+                route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
+            return Ok(oif == Some(index) && source == Some(wanted.node_ip));
+        }
+        Ok(false)
+    }
+
+    /// The node's underlay IPv4 address: the address of the link that carries the default
+    /// route, else the first global address on any other link but `skip` and loopback.
+    pub async fn underlay_ipv4(&self, skip: &str) -> anyhow::Result<Option<Ipv4Addr>> {
+        let mut default_link = None;
+        let mut routes = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        while let Some(route) = routes.try_next().await? {
+            if route.header.destination_prefix_length == 0 {
+                default_link =
+                    route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
+                break;
+            }
+        }
+        let skip_index = self.index(skip).await?;
+        let mut candidates = Vec::new();
+        let mut addresses = self.handle.address().get().execute();
+        while let Some(message) = addresses.try_next().await? {
+            if message.header.scope != AddressScope::Universe || Some(message.header.index) == skip_index {
+                continue;
+            }
+            if let Some(IpAddr::V4(ip)) = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            }) && !ip.is_loopback()
+            {
+                candidates.push((Some(message.header.index) != default_link, ip));
+            }
+        }
+        candidates.sort();
+        Ok(candidates.first().map(|(_, ip)| *ip))
+    }
+}
+
+/// ENODEV, which the kernel answers for an unknown link name.
+const fn libc_enodev() -> i32 {
+    19
+}

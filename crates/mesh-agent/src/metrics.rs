@@ -1,0 +1,132 @@
+//! The agent's Prometheus metrics and its `/metrics` and `/healthz` endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+/// Labels naming a peer by its MeshNode.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// The peer's MeshNode name.
+    pub peer: String,
+}
+
+/// Labels naming what kind of change an apply made.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    /// `add`, `remove` or `update`.
+    pub change: &'static str,
+}
+
+/// The agent's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    /// Seconds since the last handshake with each peer (absent: never).
+    pub handshake_age: Family<PeerLabel, Gauge<f64, AtomicU64>>,
+    /// Bytes received from each peer.
+    pub rx_bytes: Family<PeerLabel, Gauge<u64, AtomicU64>>,
+    /// Bytes sent to each peer.
+    pub tx_bytes: Family<PeerLabel, Gauge<u64, AtomicU64>>,
+    /// Round-trip time of the last answered probe through the tunnel.
+    pub probe_rtt: Family<PeerLabel, Gauge<f64, AtomicU64>>,
+    /// Fraction of the last probes that were lost.
+    pub probe_loss: Family<PeerLabel, Gauge<f64, AtomicU64>>,
+    /// 1 if the peer is healthy, else 0.
+    pub peer_healthy: Family<PeerLabel, Gauge>,
+    /// Peers configured on the device.
+    pub peers: Gauge,
+    /// Peer changes applied to the device, by kind.
+    pub peer_changes: Family<ChangeLabel, Counter>,
+    /// Syncs that found nothing to change on the device.
+    pub noop_syncs: Counter,
+    /// Syncs that failed.
+    pub sync_errors: Counter,
+    /// Writes to the Kubernetes API (status, lease).
+    pub api_writes: Counter,
+    /// Generation of the directory (MeshNode and MeshService resource versions) last applied;
+    /// lets tests and benchmarks see when a change reached the device.
+    pub applied_services: Gauge,
+}
+
+impl Metrics {
+    /// Forgets a peer that left the mesh, so its series disappear from /metrics.
+    pub fn forget(&self, peer: &str) {
+        let label = PeerLabel { peer: peer.to_owned() };
+        self.handshake_age.remove(&label);
+        self.rx_bytes.remove(&label);
+        self.tx_bytes.remove(&label);
+        self.probe_rtt.remove(&label);
+        self.probe_loss.remove(&label);
+        self.peer_healthy.remove(&label);
+    }
+
+    fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::with_prefix("mesh_agent");
+        r.register(
+            "peer_handshake_age_seconds",
+            "Seconds since the last WireGuard handshake with the peer",
+            self.handshake_age.clone(),
+        );
+        r.register("peer_rx_bytes", "Bytes received from the peer", self.rx_bytes.clone());
+        r.register("peer_tx_bytes", "Bytes sent to the peer", self.tx_bytes.clone());
+        r.register(
+            "peer_probe_rtt_seconds",
+            "Round-trip time of the last answered probe through the tunnel",
+            self.probe_rtt.clone(),
+        );
+        r.register("peer_probe_loss_ratio", "Fraction of the last 10 probes that were lost", self.probe_loss.clone());
+        r.register("peer_healthy", "1 if one of the last 3 probes to the peer was answered", self.peer_healthy.clone());
+        r.register("peers", "Peers configured on the WireGuard device", self.peers.clone());
+        r.register("peer_changes", "Peer changes applied to the device, by kind", self.peer_changes.clone());
+        r.register("noop_syncs", "Syncs that found the device already as wanted", self.noop_syncs.clone());
+        r.register("sync_errors", "Syncs that failed", self.sync_errors.clone());
+        r.register("api_writes", "Writes to the Kubernetes API (status, lease)", self.api_writes.clone());
+        r.register("hosted_services", "Service IPs hosted on this node", self.applied_services.clone());
+        r
+    }
+}
+
+/// Whether the agent is healthy, and if not why: set by the sync loop.
+pub type Health = watch::Receiver<Result<(), String>>;
+
+struct Served {
+    registry: Registry,
+    health: Health,
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Health) -> anyhow::Result<()> {
+    let state = Arc::new(Served { registry: metrics.registry(), health });
+    let app = Router::new().route("/metrics", get(render)).route("/healthz", get(healthz)).with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the metrics address {addr}: {e} (set --metrics-addr)"))?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn render(State(state): State<Arc<Served>>) -> (StatusCode, String) {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        Ok(()) => (StatusCode::OK, text),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn healthz(State(state): State<Arc<Served>>) -> (StatusCode, String) {
+    match &*state.health.borrow() {
+        Ok(()) => (StatusCode::OK, "ok".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+    }
+}
