@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The harness-mesh lab: a local Kubernetes control plane (real etcd + kube-apiserver, built from
 # pinned sources by e2e/lab/build-binaries.sh) that the tests and the demo run against, on a
-# machine without Docker, kind or kernel WireGuard. See e2e/lab/README.md, and the design's
+# machine without Docker, kind or kernel WireGuard, plus node network namespaces hm-node-1..N
+# joined by a bridge, each running a mesh-agent. See e2e/lab/README.md, and the design's
 # sections "The lab" and "Lab contract".
 #
 #   e2e/lab/lab.sh up [--nodes N] [--mode plain|kubelet]   start the lab (idempotent)
 #   e2e/lab/lab.sh down                                    stop it all, delete .lab/ (idempotent)
 #   e2e/lab/lab.sh status                                  exit 0 if up, 3 if not
+#   e2e/lab/lab.sh exec NODE -- CMD...                     run CMD on a node
+#   e2e/lab/lab.sh agent start|stop|restart|kill NODE      control a node's mesh-agent
 #
-# All state lives in <repo>/.lab/ (bin/, pki/, etcd/, logs/, pids/, config, kubeconfig).
+# All state lives in <repo>/.lab/ (bin/, pki/, etcd/, logs/, pids/, run/, nodes/, config,
+# kubeconfig).
 # Network rule (hard): everything listens on and talks to 127.0.0.1 only, or to addresses inside
 # network namespaces the lab made itself (hm-lab, hm-node-N). Nothing else, ever.
 set -euo pipefail
@@ -36,7 +40,17 @@ components=(etcd kube-apiserver)
 netns_prefix="hm-"
 # Node namespaces are hm-node-1..N; the bridge that joins them lives in this namespace.
 bridge_ns="hm-lab"
+bridge="hm-br"
 max_nodes=250
+# Node i has 192.168.77.i/24 on its eth0, whose peer hm-v<i> is a port of $bridge in $bridge_ns.
+node_net="192.168.77"
+# The apiserver relay: a unix socket in the root namespace (files cross network namespaces), fed
+# by a socat on 127.0.0.1:$api_port inside every node.
+run_dir="$lab/run"
+api_sock="$run_dir/apiserver.sock"
+# Per-node state that survives agent restarts (the agent's private key): $nodes_dir/hm-node-i.
+nodes_dir="$lab/nodes"
+agent_stop_seconds="${LAB_AGENT_STOP_SECONDS:-5}"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -45,16 +59,31 @@ usage() {
   cat <<EOF
 Usage: e2e/lab/lab.sh COMMAND [OPTIONS]
 
-The harness-mesh lab: local etcd + kube-apiserver (RBAC on) on 127.0.0.1, state in .lab/.
+The harness-mesh lab: local etcd + kube-apiserver (RBAC on) on 127.0.0.1, state in .lab/, and
+node network namespaces hm-node-1..N, each with a mesh-agent (when target/debug/mesh-agent is
+built) and userspace WireGuard.
 
 Commands:
   up [--nodes N] [--mode plain|kubelet]
                  Start the lab; a no-op for what is already running. Writes .lab/kubeconfig.
-                 --nodes N   number of node namespaces hm-node-1..N (default: \$LAB_NODES or 0)
+                 --nodes N   node namespaces hm-node-1..N (default: \$LAB_NODES or 0); only adds
+                             what is missing, never removes a node (down does)
                  --mode M    plain (default: \$LAB_MODE or plain) or kubelet
   down           Stop every lab process, delete every hm-* network namespace and .lab/.
-  status         Show each component and the apiserver version; exit 0 if up, 3 if not.
+  status         Show each component, the apiserver version and the nodes; exit 0 if up, 3 if not.
+  exec NODE [--] CMD [ARG...]
+                 Run CMD on NODE (hm-node-N, or just N): in its network namespace and its private
+                 mount namespace (own /run/wireguard, the node's /sys). Exit status is CMD's.
+  agent start|stop|restart|kill NODE
+                 Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
+                 \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
   help, --help   This text.
+
+Nodes: hm-node-i has eth0 = 192.168.77.i/24, the peer of hm-v<i>, a port of the bridge hm-br in
+the namespace hm-lab. Inside a node, https://127.0.0.1:\$LAB_API_PORT reaches the apiserver
+through a relay (socat to the unix socket .lab/run/apiserver.sock), so .lab/kubeconfig works
+there unchanged. Agent state (its private key) is in .lab/nodes/hm-node-i/, its log in
+.lab/logs/mesh-agent-hm-node-i.log, its pid in .lab/pids/mesh-agent-hm-node-i.pid.
 
 Environment:
   LAB_API_PORT        kube-apiserver secure port   (default 16443)
@@ -63,8 +92,10 @@ Environment:
   LAB_CONTROLLER_METRICS_PORT  mesh-controller metrics (default 18080)
   LAB_WAIT_SECONDS    readiness timeout of \`up\`    (default 90)
   LAB_STOP_SECONDS    SIGTERM grace of \`down\`      (default 30)
+  LAB_AGENT_STOP_SECONDS  SIGTERM grace of \`agent stop\` (default 5)
+  RUST_LOG            log filter of the controller and the agents (default info)
 
-Everything listens on and talks to 127.0.0.1 only.
+Everything listens on and talks to 127.0.0.1 only, or to addresses inside the lab's namespaces.
 EOF
 }
 
@@ -83,38 +114,50 @@ alive() {
 # argv[0] of process $1 (empty if gone).
 argv0() { tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | head -n 1 || true; }
 
-# Prints the pid of lab component $1 if its pid file names a live process of that binary.
-component_pid() {
-  local name="$1" pid
+# Prints the pid in .lab/pids/$1.pid if it names a live process whose argv[0] is $2.
+pid_of() {
+  local name="$1" want="$2" pid
   [ -f "$pid_dir/$name.pid" ] || return 1
   pid="$(cat "$pid_dir/$name.pid" 2>/dev/null)" || return 1
   alive "$pid" || return 1
-  [ "$(argv0 "$pid")" = "$bin_dir/$name" ] || return 1
+  [ "$(argv0 "$pid")" = "$want" ] || return 1
   echo "$pid"
 }
 
-# Starts "$bin_dir/$1" with the remaining arguments as a session-leader daemon; output goes to
-# .lab/logs/$1.log, the pid to .lab/pids/$1.pid. The wrapper shell writes its own pid and then
-# execs, so the pid is right even if setsid has to fork. fd 9 (the lab lock) is not inherited.
-daemon() {
-  local name="$1"; shift
+# Prints the pid of lab component $1 if its pid file names a live process of that binary.
+component_pid() { pid_of "$1" "$bin_dir/$1"; }
+
+# spawn NAME ARGV0 CMD [ARG...]: starts CMD as a session-leader daemon named NAME; output goes to
+# .lab/logs/NAME.log (appended), the pid to .lab/pids/NAME.pid, and it waits until that pid has
+# become the process whose argv[0] is ARGV0. The wrapper shell writes its own pid and then execs,
+# so the pid is right even if setsid has to fork; every wrapper in CMD must exec, not fork (env,
+# nsenter, `ip netns exec` and `unshare` without --fork do). Proxy variables are unset, and fd 9
+# (the lab lock) is not inherited.
+spawn() {
+  local name="$1" want="$2"; shift 2
   mkdir -p "$log_dir" "$pid_dir"
   rm -f "$pid_dir/$name.pid"
   # shellcheck disable=SC2016 # $$ and $1 are for the inner shell
   setsid bash -c 'echo $$ >"$1"; shift; exec nohup "$@"' lab-daemon "$pid_dir/$name.pid" \
     env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy \
-    "$bin_dir/$name" "$@" \
+    "$@" \
     </dev/null >>"$log_dir/$name.log" 2>&1 9>&- &
-  # Wait until the wrapper has exec'd (nohup, env) all the way into the binary, so that
-  # component_pid recognises it.
-  local _
-  for _ in $(seq 1 100); do
-    component_pid "$name" >/dev/null && return 0
-    sleep 0.05
+  local _ pid
+  for _ in $(seq 1 250); do
+    pid_of "$name" "$want" >/dev/null && return 0
+    pid="$(cat "$pid_dir/$name.pid" 2>/dev/null || true)"
+    if [ -n "$pid" ] && ! alive "$pid"; then break; fi # it has exited already
+    sleep 0.02
   done
   log "$name did not start; last lines of $log_dir/$name.log:"
   tail -n 40 "$log_dir/$name.log" >&2 || true
   exit 1
+}
+
+# Starts "$bin_dir/$1" with the remaining arguments as a lab daemon (see spawn).
+daemon() {
+  local name="$1"; shift
+  spawn "$name" "$bin_dir/$name" "$bin_dir/$name" "$@"
 }
 
 # Waits (at most 5 s, quietly) until the given dead pids have been reaped. The daemons are
@@ -376,21 +419,14 @@ EOF
   mv "$tmp" "$kubeconfig"
 }
 
-# The bridge namespace hm-lab and the node namespaces hm-node-1..N (with a mesh-agent each, or
-# a kubelet in kubelet mode) arrive with a later change; `down` already cleans up any hm-* netns.
-start_nodes() {
-  local nodes="$1" mode="$2"
-  if [ "$nodes" -gt 0 ]; then
-    log "note: --nodes $nodes recorded; node namespaces ($bridge_ns, hm-node-1..$nodes)" \
-      "arrive with a later change"
-  fi
-  if [ "$mode" = kubelet ]; then
-    log "note: --mode kubelet recorded; kubelet mode arrives with a later change"
-  fi
+# Installs the CRDs from crds/ (before the MeshNodes, the agents and the controller need them).
+install_crds() {
+  lab_kubectl apply --server-side --force-conflicts --field-manager=harness-mesh-lab -f "$repo/crds/" >/dev/null
+  lab_kubectl wait --for=condition=Established --timeout=60s \
+    crd/meshnodes.mesh.harness.dev crd/meshservices.mesh.harness.dev >/dev/null
 }
 
-# Installs the CRDs and runs mesh-controller (leader election on, as in a cluster) when the
-# workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
+# Runs mesh-controller (leader election on, as in a cluster) when the workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
 # 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT.
 start_controller() {
   local built="$repo/target/debug/mesh-controller"
@@ -398,14 +434,249 @@ start_controller() {
     log "note: $built is not built, so the lab runs no controller (make lab-up builds it)"
     return 0
   fi
-  lab_kubectl apply --server-side --force-conflicts --field-manager=harness-mesh-lab -f "$repo/crds/" >/dev/null
-  lab_kubectl wait --for=condition=Established --timeout=60s \
-    crd/meshnodes.mesh.harness.dev crd/meshservices.mesh.harness.dev >/dev/null
   ln -sf "$built" "$bin_dir/mesh-controller"
   if component_pid mesh-controller >/dev/null; then return 0; fi
   log "starting mesh-controller (metrics on 127.0.0.1:$controller_metrics_port)"
   KUBECONFIG="$kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
     --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace=kube-system
+}
+
+# --- nodes ----------------------------------------------------------------------------------
+#
+# Node hm-node-i is a network namespace with eth0 = 192.168.77.i/24, whose veth peer hm-v<i> is a
+# port of the bridge hm-br in the namespace hm-lab. What runs on a node:
+#   node-hm-node-i             the holder: a `sleep` that owns the node's mount namespace, which
+#                              has a private tmpfs on /run/wireguard (else all nodes would share
+#                              /var/run/wireguard/wg-harness.sock) and the node's /sys. Everything
+#                              else enters its network and mount namespace (nsenter -n -m).
+#   apiserver-relay-hm-node-i  socat: 127.0.0.1:$api_port in the node -> .lab/run/apiserver.sock,
+#                              which the root's apiserver-relay forwards to the real apiserver.
+#   mesh-agent-hm-node-i       the agent (when built), state in .lab/nodes/hm-node-i/; it spawns
+#                              wireguard-go, which daemonizes (`down` finds it via `ip netns pids`).
+# The names are those of the pid files in .lab/pids/ and the logs in .lab/logs/.
+
+socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
+
+# The holder's script: $0 becomes its argv[0] ("$lab/holder/hm-node-i"), which names the lab, so
+# `down` finds a holder even without its pid file. The holder's mount namespace is a slave of the
+# root's: namespaces that `ip netns add/delete` makes or removes later show up there too (so no node
+# pins another node's namespace), while its own tmpfs stays private to it.
+# shellcheck disable=SC2016 # $0 is for the holder's shell
+holder_script='set -e
+mount -t tmpfs -o mode=0700,size=16m hm-wireguard /run/wireguard
+exec -a "$0" sleep infinity'
+
+netns_exists() { [ -e "/run/netns/$1" ]; }
+
+# The lab's node namespaces, hm-node-1..N in numeric order.
+lab_nodes() {
+  lab_netns | awk -F- '/^hm-node-[1-9][0-9]*$/ { print $3 }' | sort -n | sed 's/^/hm-node-/'
+}
+
+# The number of the highest node that exists (0 if none).
+nodes_present() {
+  lab_netns | awk -F- '/^hm-node-[1-9][0-9]*$/ && $3 > m { m = $3 } END { print m + 0 }'
+}
+
+holder_pid() { pid_of "node-$1" "$lab/holder/$1"; }
+node_relay_pid() { pid_of "apiserver-relay-$1" "$socat_bin"; }
+agent_pid() { pid_of "mesh-agent-$1" "$bin_dir/mesh-agent"; }
+relay_pid() { pid_of apiserver-relay "$socat_bin"; }
+
+# Prints the node named by $1 (hm-node-N or N); dies on anything else.
+node_name() {
+  local n="${1#hm-node-}"
+  if ! [[ "$n" =~ ^[1-9][0-9]{0,2}$ && "$n" -le $max_nodes ]]; then
+    die "not a node name: '$1' (hm-node-1..hm-node-$max_nodes, or just the number)"
+  fi
+  echo "hm-node-$n"
+}
+
+# Dies unless node $1 exists.
+require_node() {
+  netns_exists "$1" && return 0
+  local have
+  have="$(lab_nodes | tr '\n' ' ')"
+  [ -n "$have" ] || die "no lab node $1: the lab has no nodes (lab.sh up --nodes N)"
+  die "no lab node $1: the lab has ${have% }"
+}
+
+# Prints the pid of node $1's holder; dies if the node does not exist or has no holder.
+running_holder() {
+  require_node "$1"
+  holder_pid "$1" || die "$1 has no running holder; 'lab.sh up' restarts it"
+}
+
+# Fails early when something the nodes need is missing.
+preflight_nodes() {
+  local tool
+  for tool in ip nsenter unshare setsid socat ss; do
+    command -v "$tool" >/dev/null || die "$tool is missing: run e2e/lab/install-deps.sh"
+  done
+  # socat takes ',' and ':' as separators; a unix socket path has at most 107 bytes.
+  if [[ "$api_sock" == *[,:!\ ]* ]] || [ ${#api_sock} -gt 107 ]; then
+    die "the lab's socket path $api_sock is too long or has one of ',:! ' in it; move the repo"
+  fi
+}
+
+# The relay in the root namespace: .lab/run/apiserver.sock -> 127.0.0.1:$api_port.
+start_relay() {
+  local pid _
+  if pid="$(relay_pid)"; then return 0; fi
+  mkdir -p "$run_dir"
+  chmod 700 "$run_dir"
+  log "starting the apiserver relay ($api_sock -> 127.0.0.1:$api_port)"
+  spawn apiserver-relay "$socat_bin" "$socat_bin" \
+    "UNIX-LISTEN:$api_sock,fork,mode=600,unlink-early" "TCP:127.0.0.1:$api_port"
+  for _ in $(seq 1 250); do
+    [ -S "$api_sock" ] && return 0
+    sleep 0.02
+  done
+  die "the apiserver relay made no socket $api_sock; see $log_dir/apiserver-relay.log"
+}
+
+# The holders mount their tmpfs on /run/wireguard, so it has to exist. If the lab makes it, a
+# marker tells `down` to remove it again (only if empty).
+ensure_run_wireguard() {
+  [ -d /run/wireguard ] && return 0
+  mkdir -p "$run_dir"
+  : >"$run_dir/made-run-wireguard"
+  mkdir -m 0700 /run/wireguard
+}
+
+ensure_bridge() {
+  if netns_exists "$bridge_ns" && [ -n "$(ip -n "$bridge_ns" link show "$bridge" up 2>/dev/null)" ]; then
+    return 0
+  fi
+  log "creating bridge $bridge in namespace $bridge_ns"
+  netns_exists "$bridge_ns" || ip netns add "$bridge_ns"
+  ip -n "$bridge_ns" link set lo up
+  ip -n "$bridge_ns" link show "$bridge" >/dev/null 2>&1 ||
+    ip -n "$bridge_ns" link add "$bridge" type bridge
+  ip -n "$bridge_ns" link set "$bridge" up
+}
+
+# Gives node $1 its namespace, veth pair and address, unless it has them all already. $2 lists the
+# bridge ports that are up (one `ip link` call for all nodes).
+ensure_node_net() {
+  local i="$1" ports="$2" node="hm-node-$1" addr="$node_net.$1/24"
+  if netns_exists "$node" && [[ " $ports " == *" hm-v$i "* ]] &&
+    [[ "$(ip -n "$node" -o -4 addr show dev eth0 up 2>/dev/null)" == *" inet $addr "* ]]; then
+    return 0
+  fi
+  log "creating node $node (eth0 $addr, peer hm-v$i on $bridge)"
+  netns_exists "$node" || ip netns add "$node"
+  ip -n "$node" link set lo up
+  if ! ip -n "$node" link show eth0 >/dev/null 2>&1; then
+    # A bridge end left over by an interrupted `up` goes first.
+    ip -n "$bridge_ns" link delete "hm-v$i" >/dev/null 2>&1 || true
+    ip -n "$bridge_ns" link add "hm-v$i" type veth peer name eth0 netns "$node"
+  fi
+  ip -n "$bridge_ns" link set "hm-v$i" master "$bridge" up
+  ip -n "$node" addr replace "$addr" dev eth0
+  ip -n "$node" link set eth0 up
+}
+
+# Starts node $1's holder. Whatever still runs in the node without one (the agent, wireguard-go or
+# relay of a holder that died) lives in a mount namespace that is lost: it is stopped first, so the
+# node starts afresh.
+start_holder() {
+  local node="$1" pids=()
+  mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
+  [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
+  spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
+    unshare --mount --propagation slave -- bash -c "$holder_script" "$lab/holder/$node"
+}
+
+# True when something listens on 127.0.0.1:$api_port in the network namespace of process $1.
+relay_listening() {
+  [ -n "$(nsenter -t "$1" -n ss -Hltn "src 127.0.0.1:$api_port" 2>/dev/null)" ]
+}
+
+# Node namespaces hm-node-1..$1 with their holders and relays (only what is missing), the bridge
+# that joins them, and a MeshNode for each.
+start_nodes() {
+  local nodes="$1" mode="$2"
+  if [ "$mode" = kubelet ]; then
+    log "note: --mode kubelet recorded; kubelet mode arrives with a later change"
+  fi
+  [ "$nodes" -gt 0 ] || return 0
+  start_relay
+  ensure_run_wireguard
+  ensure_bridge
+  local ports i node holder new_relays=() deadline
+  ports="$(ip -n "$bridge_ns" -o link show master "$bridge" up |
+    awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
+  for ((i = 1; i <= nodes; i++)); do
+    node="hm-node-$i"
+    ensure_node_net "$i" "$ports"
+    mkdir -p "$nodes_dir/$node"
+    chmod 700 "$nodes_dir" "$nodes_dir/$node"
+    if ! holder="$(holder_pid "$node")"; then
+      start_holder "$node"
+      holder="$(holder_pid "$node")"
+    fi
+    if ! node_relay_pid "$node" >/dev/null; then
+      spawn "apiserver-relay-$node" "$socat_bin" nsenter -t "$holder" -n -m -- "$socat_bin" \
+        "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
+      new_relays+=("$node:$holder")
+    fi
+  done
+  deadline=$((SECONDS + wait_seconds))
+  for node in "${new_relays[@]}"; do
+    until relay_listening "${node#*:}"; do
+      [ $SECONDS -lt $deadline ] ||
+        die "the relay on ${node%%:*} does not listen; see $log_dir/apiserver-relay-${node%%:*}.log"
+      sleep 0.02
+    done
+  done
+  apply_meshnodes "$nodes"
+}
+
+# One MeshNode hm-node-i per node. Server-side apply with an empty spec owns no spec field, so it
+# is a no-op for a MeshNode that exists and never undoes what tests set.
+apply_meshnodes() {
+  local nodes="$1" i
+  for ((i = 1; i <= nodes; i++)); do
+    printf -- '---\napiVersion: mesh.harness.dev/v1alpha1\nkind: MeshNode\nmetadata:\n  name: hm-node-%s\nspec: {}\n' "$i"
+  done | lab_kubectl apply --server-side --field-manager=harness-mesh-lab -f - >/dev/null
+}
+
+# Links the built agent into .lab/bin; fails if it is not built.
+link_agent() {
+  local built="$repo/target/debug/mesh-agent"
+  [ -x "$built" ] || return 1
+  mkdir -p "$bin_dir"
+  ln -sf "$built" "$bin_dir/mesh-agent"
+}
+
+# Starts node $1's mesh-agent on the node (its holder must be running). The pid file holds the
+# agent's own pid.
+start_agent() {
+  local node="$1" holder
+  holder="$(running_holder "$node")"
+  mkdir -p "$nodes_dir/$node"
+  chmod 700 "$nodes_dir" "$nodes_dir/$node"
+  log "starting mesh-agent on $node (state in $nodes_dir/$node)"
+  # LOG_LEVEL is dropped: wireguard-go inherits it, and it makes the userspace apply() hang.
+  spawn "mesh-agent-$node" "$bin_dir/mesh-agent" nsenter -t "$holder" -n -m -- \
+    env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
+    "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
+    --lease-namespace kube-system
+}
+
+# A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.
+start_agents() {
+  local nodes="$1" i
+  [ "$nodes" -gt 0 ] || return 0
+  if ! link_agent; then
+    log "note: $repo/target/debug/mesh-agent is not built, so the nodes run no agent" \
+      "(cargo build -p mesh-agent, then up again)"
+    return 0
+  fi
+  for ((i = 1; i <= nodes; i++)); do
+    agent_pid "hm-node-$i" >/dev/null || start_agent "hm-node-$i"
+  done
 }
 
 # Refuses to change the ports of a lab that is already (partly) running.
@@ -451,9 +722,19 @@ cmd_up() {
   case "$mode" in plain | kubelet) ;; *) die "--mode must be plain or kubelet, got '$mode'" ;; esac
 
   lock
+  # `up` only adds: nodes that exist beyond the ones asked for stay (`down` removes them).
+  local present
+  present="$(nodes_present)"
+  if [ "$present" -gt "$nodes" ]; then
+    if [ "$nodes" != 0 ]; then
+      log "note: keeping the $present nodes that exist (asked for $nodes); 'down' removes nodes"
+    fi
+    nodes="$present"
+  fi
   mkdir -p "$lab"
   check_config_compatible
   preflight_ports
+  if [ "$nodes" -gt 0 ]; then preflight_nodes; fi
   ensure_binaries
   write_config "$nodes" "$mode"
   ensure_pki
@@ -461,9 +742,96 @@ cmd_up() {
   start_apiserver
   write_kubeconfig
   wait_for kube-apiserver lab_kubectl get namespace default
+  install_crds
   start_nodes "$nodes" "$mode"
   start_controller
-  log "lab is up: KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port)"
+  start_agents "$nodes"
+  log "lab is up: KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)"
+}
+
+# --- exec, agent ----------------------------------------------------------------------------
+
+# Runs a command on a node: in the network and mount namespace of its holder, in the caller's
+# working directory, with proxy variables unset (nothing outside the lab is reachable from there).
+cmd_exec() {
+  [ $# -ge 1 ] || die "usage: lab.sh exec NODE [--] CMD [ARG...]"
+  local node holder
+  node="$(node_name "$1")"
+  shift
+  if [ "${1:-}" = -- ]; then shift; fi
+  [ $# -ge 1 ] || die "usage: lab.sh exec $node [--] CMD [ARG...]"
+  holder="$(running_holder "$node")"
+  exec nsenter -t "$holder" -n -m --wd="$PWD" -- \
+    env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy "$@"
+}
+
+cmd_agent() {
+  [ $# -eq 2 ] || die "usage: lab.sh agent start|stop|restart|kill NODE"
+  local action="$1" node
+  case "$action" in
+    start | stop | restart | kill) ;;
+    *) die "unknown agent action '$action' (start, stop, restart or kill)" ;;
+  esac
+  node="$(node_name "$2")"
+  lock
+  if [ "$action" = start ] || [ "$action" = restart ]; then require_lab_up; fi
+  require_node "$node"
+  case "$action" in
+    start) agent_start "$node" ;;
+    stop) agent_stop "$node" ;;
+    restart) agent_stop "$node"; agent_start "$node" ;;
+    kill) agent_kill "$node" ;;
+  esac
+}
+
+require_lab_up() {
+  if ! component_pid etcd >/dev/null || ! component_pid kube-apiserver >/dev/null ||
+    ! relay_pid >/dev/null; then
+    die "the lab is not up; start it with 'lab.sh up --nodes N'"
+  fi
+}
+
+agent_start() {
+  local node="$1" pid
+  require_lab_up
+  if ! holder_pid "$node" >/dev/null || ! node_relay_pid "$node" >/dev/null; then
+    die "$node is not fully up (holder or relay missing); 'lab.sh up' repairs it"
+  fi
+  link_agent || die "$repo/target/debug/mesh-agent is not built (cargo build -p mesh-agent)"
+  if pid="$(agent_pid "$node")"; then
+    log "mesh-agent on $node is already running (pid $pid)"
+    return 0
+  fi
+  start_agent "$node"
+}
+
+# SIGTERM, then SIGKILL after $LAB_AGENT_STOP_SECONDS.
+agent_stop() {
+  local node="$1" pid
+  if ! pid="$(agent_pid "$node")"; then
+    log "mesh-agent on $node is not running"
+    return 0
+  fi
+  # shellcheck disable=SC2034 # read by stop_pids
+  local stop_seconds="$agent_stop_seconds"
+  stop_pids "mesh-agent on $node" "$pid"
+  await_reaped "$pid"
+}
+
+agent_kill() {
+  local node="$1" pid _
+  if ! pid="$(agent_pid "$node")"; then
+    log "mesh-agent on $node is not running"
+    return 0
+  fi
+  log "killing mesh-agent on $node (pid $pid) with SIGKILL"
+  kill -KILL "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    alive "$pid" || break
+    sleep 0.1
+  done
+  ! alive "$pid" || die "mesh-agent on $node (pid $pid) survived SIGKILL"
+  await_reaped "$pid"
 }
 
 # --- down -----------------------------------------------------------------------------------
@@ -486,15 +854,26 @@ cmd_down() {
   if [ -z "$repo" ] || [ "$lab" != "$repo/.lab" ]; then die "refusing to clean up '$lab'"; fi
   lock
 
-  # 1. Everything running inside a lab network namespace (node agents, kubelets, ...).
+  # 1. The agents first, while the apiserver and their relays still run, so that they can shut
+  #    down cleanly (give up their Leases, ...).
+  local f name pid agents=()
+  for f in "$pid_dir"/mesh-agent-*.pid; do
+    [ -e "$f" ] || continue
+    name="$(basename "$f" .pid)"
+    if pid="$(pid_of "$name" "$bin_dir/mesh-agent")"; then agents+=("$pid"); fi
+  done
+  [ ${#agents[@]} -eq 0 ] || stop_pids "mesh-agents" "${agents[@]}"
+
+  # 2. Everything else running inside a lab network namespace (node holders, relays, the
+  #    wireguard-go daemons the agents started, kubelets, ...).
   local ns pids=()
   for ns in $(lab_netns); do
     mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$ns" 2>/dev/null || true)
   done
   [ ${#pids[@]} -eq 0 ] || stop_pids "processes in ${netns_prefix}* namespaces" "${pids[@]}"
 
-  # 2. Daemons from pid files: unknown (later) ones first, then the components in reverse order.
-  local f name order=() i
+  # 3. Daemons from pid files: unknown (later) ones first, then the components in reverse order.
+  local order=() i
   if [ -d "$pid_dir" ]; then
     for f in "$pid_dir"/*.pid; do
       [ -e "$f" ] || continue
@@ -506,13 +885,12 @@ cmd_down() {
   for name in "${order[@]}"; do
     f="$pid_dir/$name.pid"
     [ -f "$f" ] || continue
-    local pid
     pid="$(cat "$f" 2>/dev/null || true)"
     if alive "$pid" && mentions_lab "$pid"; then stop_pids "$name" "$pid"; fi
     rm -f "$f"
   done
 
-  # 3. Stragglers: any process whose command line still mentions .lab/ (lost pid files).
+  # 4. Stragglers: any process whose command line still mentions .lab/ (lost pid files).
   local strays=() p
   for p in $(pgrep -f -- "$(printf '%s' "$lab/" | sed 's/[][\.*^$]/\\&/g')" || true); do
     if [ "$p" = $$ ] || [ "$p" = "$BASHPID" ] || [ "$p" = "$PPID" ]; then continue; fi
@@ -520,7 +898,7 @@ cmd_down() {
   done
   [ ${#strays[@]} -eq 0 ] || stop_pids "leftover lab processes" "${strays[@]}"
 
-  # 4. The namespaces themselves (a late process may have entered one: sweep it again).
+  # 5. The namespaces themselves (a late process may have entered one: sweep it again).
   for ns in $(lab_netns); do
     mapfile -t pids < <(ip netns pids "$ns" 2>/dev/null || true)
     [ ${#pids[@]} -eq 0 ] || stop_pids "processes in $ns" "${pids[@]}"
@@ -528,11 +906,13 @@ cmd_down() {
     ip netns delete "$ns" || log "warning: could not delete network namespace $ns"
   done
 
-  # 5. Any mount under .lab/ (later node setups may mount tmpfs there), then the state itself.
+  # 6. Any mount under .lab/ (the nodes' tmpfs live in their own mount namespaces, which went
+  #    with their processes), /run/wireguard if the lab made it, then the state itself.
   local m
   while read -r m; do
     umount -l "$m" 2>/dev/null || log "warning: could not unmount $m"
   done < <(awk -v p="$lab/" 'index($2, p) == 1 { print $2 }' /proc/self/mounts | sort -r)
+  if [ -f "$run_dir/made-run-wireguard" ]; then rmdir /run/wireguard 2>/dev/null || true; fi
   if [ -e "$lab" ]; then
     rm -rf "$lab"
     log "removed $lab"
@@ -567,8 +947,36 @@ cmd_status() {
     printf '%-16s unreachable\n' "apiserver:"
     up=3
   fi
-  local ns
-  for ns in $(lab_netns); do printf '%-16s %s\n' "netns:" "$ns"; done
+  if pid="$(component_pid mesh-controller)"; then
+    printf '%-16s running (pid %s)\n' "mesh-controller:" "$pid"
+  elif [ -f "$pid_dir/mesh-controller.pid" ]; then
+    printf '%-16s stopped\n' "mesh-controller:"
+  fi
+  local ns nodes
+  nodes="$(lab_nodes)"
+  if pid="$(relay_pid)"; then
+    printf '%-16s running (pid %s), %s\n' "apiserver-relay:" "$pid" "$api_sock"
+  elif [ -n "$nodes" ]; then
+    printf '%-16s stopped\n' "apiserver-relay:"
+    up=3
+  fi
+  for ns in $(lab_netns); do
+    [[ "$ns" =~ ^hm-node-[0-9]+$ ]] || printf '%-16s %s\n' "netns:" "$ns"
+  done
+  # One line per node: its address, holder, relay and agent.
+  local node holder relay agent
+  for node in $nodes; do
+    holder=stopped relay=stopped agent=stopped
+    if pid="$(holder_pid "$node")"; then holder="pid $pid"; else up=3; fi
+    if pid="$(node_relay_pid "$node")"; then relay="pid $pid"; else up=3; fi
+    if pid="$(agent_pid "$node")"; then
+      agent="pid $pid"
+    elif [ ! -e "$bin_dir/mesh-agent" ]; then
+      agent="not built"
+    fi
+    printf '%-16s %-15s holder %s, relay %s, agent %s\n' "$node:" "$node_net.${node#hm-node-}" \
+      "$holder" "$relay" "$agent"
+  done
   if [ $up = 0 ]; then printf 'kubeconfig:      %s\n' "$kubeconfig"; fi
   return $up
 }
@@ -589,6 +997,8 @@ main() {
     up) cmd_up "$@" ;;
     down) cmd_down "$@" ;;
     status) cmd_status "$@" ;;
+    exec) cmd_exec "$@" ;;
+    agent) cmd_agent "$@" ;;
     help | -h | --help) usage ;;
     "") usage >&2; exit 2 ;;
     *) usage >&2; log "unknown command: $cmd"; exit 2 ;;
