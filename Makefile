@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-NODES ?= 0
+NODES ?= 3
 MODE ?= plain
 CARGO ?= cargo
 LAB := e2e/lab/lab.sh
@@ -35,18 +35,21 @@ lint: ## rustfmt and clippy, warnings are errors
 unit: ## the fast tests: pure crates only, no lab
 	$(CARGO) test -p mesh-core -p mesh-api
 
-test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests
+test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes)
+	$(CARGO) build --workspace --bins
 	@set -e; was_up=0; $(LAB) status >/dev/null 2>&1 && was_up=1; \
 	  trap '[ $$was_up = 1 ] || $(LAB) down' EXIT; \
-	  $(LAB) up; \
+	  $(LAB) up --nodes 3; \
 	  $(CARGO) test --workspace --no-fail-fast
 
-bench: deps ## benchmarks: prints a table, writes JSON under target/bench/
-	$(LAB) up
+bench: deps ## benchmarks: prints tables, writes JSON under target/bench/
+	$(CARGO) build --workspace --bins
+	$(LAB) up --nodes 3
 	$(CARGO) bench -p mesh-controller --bench allocation
+	$(CARGO) bench -p harness-mesh-e2e --bench mesh
 
-lab-up: deps ## start the lab (idempotent) with mesh-controller: NODES=N, MODE=plain|kubelet
-	$(CARGO) build -q -p mesh-controller
+lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet
+	$(CARGO) build -q -p mesh-controller -p mesh-agent
 	$(LAB) up --nodes $(NODES) --mode $(MODE)
 
 lab-down: ## stop the lab; leaves no process and no hm-* namespace
@@ -55,12 +58,5 @@ lab-down: ## stop the lab; leaves no process and no hm-* namespace
 lab-status: ## show what of the lab is running
 	$(LAB) status
 
-demo: lab-up ## the main job: lab + controller up, examples applied, allocations shown
-	$(KUBECTL) apply --server-side --field-manager=harness-mesh-demo -f examples/
-	@echo 'waiting for mesh-controller to allocate ...'
-	@for i in $$(seq 1 60); do \
-	  [ -n "$$($(KUBECTL) get ms metrics -o jsonpath='{.status.meshIP}' 2>/dev/null)" ] && break; sleep 0.5; done
-	@echo; echo '$$ kubectl get mesh -A'; $(KUBECTL) get mesh -A
-	@echo; echo '$$ kubectl get ms graph-node -o jsonpath={.status.conditions}'; \
-	  $(KUBECTL) get ms graph-node -o jsonpath='{range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{"\n"}{end}' 
-	@echo; echo 'The lab stays up: export KUBECONFIG=$(CURDIR)/.lab/kubeconfig, then `make lab-down` when done.'
+demo: lab-up ## the main job: lab with 3 nodes, a service on node 2 reached over the mesh from the others
+	e2e/lab/demo.sh

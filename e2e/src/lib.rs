@@ -10,6 +10,8 @@
 //! The harness never talks to anything but that API server.
 
 pub mod controller;
+pub mod mesh;
+pub mod nodes;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -125,11 +127,18 @@ fn kubectl_binary() -> PathBuf {
 /// Brings the lab up (idempotent) and returns its admin kubeconfig. Several test binaries may
 /// call this at once, so the start is serialized by a lock file.
 fn start_lab() -> anyhow::Result<PathBuf> {
+    start_lab_with_nodes(0)
+}
+
+/// Brings the lab up with at least `nodes` node namespaces and their agents (idempotent: only
+/// what is missing is started, including a controller or MeshNodes an earlier suite removed).
+pub fn start_lab_with_nodes(nodes: usize) -> anyhow::Result<PathBuf> {
     let root = repo_root();
     let lock = File::create(std::env::temp_dir().join("harness-mesh-lab.lock"))?;
     lock.lock().context("locking the lab start")?;
     let out = Command::new(root.join("e2e/lab/lab.sh"))
         .arg("up")
+        .args(if nodes > 0 { vec!["--nodes".to_owned(), nodes.to_string()] } else { vec![] })
         .current_dir(&root)
         .output()
         .context("running e2e/lab/lab.sh up")?;

@@ -1,0 +1,168 @@
+//! The mesh under test: nodes with agents, converged. [`Mesh::get`] brings the lab up with
+//! enough nodes (or uses the cluster the environment names) and waits until every node has a
+//! mesh IP, a published key, and reports all its peers reachable.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kube::api::Api;
+use mesh_api::MeshNode;
+use mesh_api::conditions::CONNECTED;
+
+use crate::nodes::Nodes;
+use crate::{Cluster, start_lab_with_nodes};
+
+/// How many nodes the suite needs.
+pub const NODES: usize = 3;
+
+/// A converged mesh.
+pub struct Mesh {
+    /// The API.
+    pub cluster: Cluster,
+    /// The nodes.
+    pub nodes: Nodes,
+}
+
+/// One node as the API reports it.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// Its mesh IP.
+    pub mesh_ip: Ipv4Addr,
+    /// Its public key.
+    pub public_key: String,
+    /// Its underlay endpoint.
+    pub endpoint: String,
+}
+
+impl Mesh {
+    /// The cluster with its nodes, once every node is connected to every other (at most
+    /// `within`).
+    pub async fn get(within: Duration) -> anyhow::Result<Self> {
+        if std::env::var_os("HARNESS_MESH_NODES").is_none() {
+            // Idempotent: also restarts what earlier suites stopped (the lab controller) and
+            // re-creates the lab's MeshNodes if an earlier suite deleted them.
+            tokio::task::spawn_blocking(|| start_lab_with_nodes(NODES)).await??;
+        }
+        let cluster = Cluster::get().await?;
+        let nodes = Nodes::discover(NODES)?;
+        let mesh = Self { cluster, nodes };
+        mesh.wait_connected(within).await?;
+        Ok(mesh)
+    }
+
+    /// Every node's mesh IP, key and endpoint, by name (only nodes that have all three).
+    pub async fn info(&self) -> anyhow::Result<BTreeMap<String, NodeInfo>> {
+        let api: Api<MeshNode> = Api::all(self.cluster.client.clone());
+        let mut out = BTreeMap::new();
+        for name in &self.nodes.names {
+            let Some(node) = api.get_opt(name).await? else { continue };
+            let Some(status) = node.status else { continue };
+            if let (Some(ip), Some(key), Some(endpoint)) = (status.mesh_ip, status.public_key, status.endpoint) {
+                out.insert(name.clone(), NodeInfo { mesh_ip: ip.parse()?, public_key: key, endpoint });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until every node reports `Connected=True` with all other suite nodes among its
+    /// WireGuard peers.
+    pub async fn wait_connected(&self, within: Duration) -> anyhow::Result<()> {
+        let api: Api<MeshNode> = Api::all(self.cluster.client.clone());
+        let deadline = Instant::now() + within;
+        loop {
+            let mut waiting = Vec::new();
+            for name in &self.nodes.names {
+                let node = api.get_opt(name).await?;
+                let connected = node
+                    .as_ref()
+                    .and_then(|n| n.status.as_ref())
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONNECTED))
+                    .map(|c| (c.status.clone(), c.message.clone()));
+                match connected {
+                    Some((status, message))
+                        if status == "True" && message.contains(&format!("{0} of {0}", NODES - 1)) => {}
+                    other => waiting.push(format!("{name}: {other:?}")),
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the mesh did not converge within {within:?}: {}", waiting.join("; "));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The peer public keys on `node`'s device, as `wg show wg-harness peers` prints them.
+    pub fn wg_peers(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        let out = self.nodes.exec_ok(node, &["wg", "show", "wg-harness", "peers"]).context("wg show")?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+
+    /// Pings `target` from `node`, `count` times at `interval`; returns (sent, received, avg
+    /// rtt ms) from ping's summary.
+    pub fn ping(&self, node: &str, target: Ipv4Addr, count: u32, interval: f64) -> anyhow::Result<PingStats> {
+        let out = self.nodes.exec(
+            node,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                &interval.to_string(),
+                "-W",
+                "1",
+                &target.to_string(),
+            ],
+        )?;
+        PingStats::parse(&String::from_utf8_lossy(&out.stdout))
+            .with_context(|| format!("ping from {node} to {target}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// What ping's summary says.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PingStats {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// Average round-trip time in milliseconds, if any reply came.
+    pub avg_ms: Option<f64>,
+}
+
+impl PingStats {
+    /// Parses iputils ping's `-q` summary.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let line = text.lines().find(|l| l.contains("packets transmitted")).context("no ping summary")?;
+        let numbers: Vec<u32> =
+            line.split(',').filter_map(|part| part.split_whitespace().next()?.parse().ok()).take(2).collect();
+        let [sent, received] = numbers[..] else { bail!("unexpected ping summary {line:?}") };
+        let avg_ms = text
+            .lines()
+            .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.trim().split('/').nth(1))
+            .and_then(|v| v.parse().ok());
+        Ok(Self { sent, received, avg_ms })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_iputils_summaries() {
+        let text = "PING 10.42.0.2 (10.42.0.2) 56(84) bytes of data.\n\n--- 10.42.0.2 ping statistics ---\n5 packets transmitted, 4 received, 20% packet loss, time 4005ms\nrtt min/avg/max/mdev = 0.201/0.333/0.512/0.100 ms\n";
+        assert_eq!(PingStats::parse(text).unwrap(), PingStats { sent: 5, received: 4, avg_ms: Some(0.333) });
+        let none = "--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 2040ms\n";
+        assert_eq!(PingStats::parse(none).unwrap(), PingStats { sent: 3, received: 0, avg_ms: None });
+        assert!(PingStats::parse("garbage").is_err());
+    }
+}

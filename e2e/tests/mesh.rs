@@ -1,0 +1,267 @@
+//! The mesh end to end, on real WireGuard tunnels between real agents: every pair of nodes
+//! talks over the mesh, a service's IP is open on its listed ports only, the underlay carries
+//! nothing but WireGuard, deleted nodes leave every peer list, an agent restart disturbs no
+//! one, and a node cannot send with another node's address.
+//!
+//! Cluster-agnostic: on the lab by default, on any cluster described by `HARNESS_MESH_*` (see
+//! `harness_mesh_e2e::nodes`). Tests run one at a time: they share the nodes.
+
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use harness_mesh_e2e::controller::service;
+use harness_mesh_e2e::mesh::Mesh;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use mesh_api::{MeshNode, MeshService};
+use serde_json::json;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Retries `check` every 200 ms until it succeeds or `within` passes; returns how long it took.
+async fn eventually<F: FnMut() -> anyhow::Result<()>>(within: Duration, mut check: F) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return Ok(start.elapsed()),
+            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_pair_of_nodes_pings_over_the_mesh() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let info = mesh.info().await?;
+    for from in &mesh.nodes.names {
+        for (to, node) in &info {
+            if from == to {
+                continue;
+            }
+            let stats = mesh.ping(from, node.mesh_ip, 3, 0.2)?;
+            assert_eq!(stats.received, 3, "{from} -> {to} ({}) over the mesh: {stats:?}", node.mesh_ip);
+        }
+    }
+    Ok(())
+}
+
+/// Starts a TCP server on `node` that answers every connection with `reply`, on all addresses.
+fn serve_tcp(mesh: &Mesh, node: &str, port: u16, reply: &str) -> anyhow::Result<std::process::Child> {
+    mesh.nodes.spawn(
+        node,
+        &["timeout", "60", "socat", &format!("TCP-LISTEN:{port},reuseaddr,fork"), &format!("SYSTEM:echo {reply}")],
+    )
+}
+
+/// Connects from `node` to `ip:port` and returns what the server said (None: no connection).
+fn fetch(mesh: &Mesh, node: &str, ip: Ipv4Addr, port: u16) -> anyhow::Result<Option<String>> {
+    let out = mesh.nodes.exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=2"), "-"])?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok((out.status.success() && !text.is_empty()).then_some(text))
+}
+
+async fn wait_service_ip(mesh: &Mesh, name: &str) -> anyhow::Result<Ipv4Addr> {
+    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    let start = Instant::now();
+    loop {
+        if let Some(ip) = api.get(name).await?.status.and_then(|s| s.mesh_ip) {
+            return Ok(ip.parse()?);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("MeshService {name} got no mesh IP within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_is_reachable_from_every_node_on_its_listed_ports_only() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let [first, host, third] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
+    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    let _ = api.delete("e2e-web", &DeleteParams::default()).await;
+    let mut listed = serve_tcp(&mesh, &host, 18000, "listed")?;
+    let mut unlisted = serve_tcp(&mesh, &host, 18001, "unlisted")?;
+    let result = async {
+        api.create(
+            &PostParams::default(),
+            &service("e2e-web", json!({"node": host, "network": {"type": "mesh", "ports": [18000]}})),
+        )
+        .await?;
+        let ip = wait_service_ip(&mesh, "e2e-web").await?;
+        // The unlisted port is served: the host itself reaches it on its own underlay address.
+        let underlay = mesh.info().await?[&host].endpoint.split(':').next().unwrap_or_default().parse()?;
+        eventually(Duration::from_secs(10), || {
+            fetch(&mesh, &host, underlay, 18001)?.filter(|t| t == "unlisted").map(|_| ()).context("18001 not served")
+        })
+        .await?;
+        for client in [&first, &third] {
+            let took = eventually(Duration::from_secs(30), || {
+                let got = fetch(&mesh, client, ip, 18000)?;
+                if got.as_deref() == Some("listed") { Ok(()) } else { bail!("{client} got {got:?} from {ip}:18000") }
+            })
+            .await?;
+            eprintln!("{client} reached e2e-web at {ip}:18000 after {took:?}");
+            assert_eq!(fetch(&mesh, client, ip, 18001)?, None, "{client} reached the unlisted port 18001 on {ip}");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = listed.kill();
+    let _ = unlisted.kill();
+    let _ = listed.wait();
+    let _ = unlisted.wait();
+    let _ = api.delete("e2e-web", &DeleteParams::default()).await;
+    result
+}
+
+#[tokio::test]
+async fn the_underlay_carries_only_wireguard() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let info = mesh.info().await?;
+    let [sender, receiver] = [0, 2].map(|i| mesh.nodes.names[i].clone());
+    let target = &info[&receiver];
+    let underlay_ip = target.endpoint.split(':').next().unwrap_or_default().to_owned();
+    let interface = std::env::var("HARNESS_MESH_UNDERLAY_INTERFACE").unwrap_or_else(|_| "eth0".into());
+    // Capture everything on the sender's underlay interface, as pcap on stdout.
+    let mut capture =
+        mesh.nodes.spawn(&sender, &["timeout", "20", "tcpdump", "-i", &interface, "-U", "-w", "-", "-s", "0"])?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let secret = "harness-mesh-marker-over-the-mesh";
+    let plain = "harness-mesh-marker-in-the-clear";
+    for _ in 0..5 {
+        mesh.nodes.exec_ok(&sender, &["sh", "-c", &format!("echo {secret} | socat -u - UDP:{}:9", target.mesh_ip)])?;
+        mesh.nodes.exec_ok(&sender, &["sh", "-c", &format!("echo {plain} | socat -u - UDP:{underlay_ip}:9")])?;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = mesh.nodes.exec(&sender, &["pkill", "-INT", "-x", "tcpdump"]);
+    let mut pcap = Vec::new();
+    capture.stdout.take().context("capture stdout")?.read_to_end(&mut pcap)?;
+    let _ = capture.wait();
+    let contains = |needle: &str| pcap.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(pcap.len() > 24, "the capture on {sender}/{interface} recorded nothing");
+    assert!(contains(plain), "the capture missed the marker sent in the clear: it cannot prove anything");
+    assert!(!contains(secret), "the marker sent over the mesh crossed the underlay in plaintext");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deleted_node_disappears_from_every_peer_list() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
+    let name = "e2e-departing";
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    // A node that joins (its "agent" here is the test, publishing a key) and then leaves.
+    let key = mesh_wireguard::PrivateKey::generate()?.public_key().to_base64();
+    let node: MeshNode = serde_json::from_value(json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+        "metadata": {"name": name}, "spec": {"endpoint": "192.168.77.250:51820"},
+    }))?;
+    api.create(&PostParams::default(), &node).await?;
+    let status = json!({"apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode", "status": {"publicKey": key}});
+    api.patch_status(name, &PatchParams::apply("e2e-fake-agent").force(), &Patch::Apply(&status)).await?;
+    let joined = eventually(Duration::from_secs(30), || {
+        for node in &mesh.nodes.names {
+            if !mesh.wg_peers(node)?.contains(&key) {
+                bail!("{node} does not have the new peer yet");
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    api.delete(name, &DeleteParams::default()).await?;
+    let left = eventually(Duration::from_secs(30), || {
+        for node in &mesh.nodes.names {
+            if mesh.wg_peers(node)?.contains(&key) {
+                bail!("{node} still has the deleted node as a peer");
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    eprintln!("a new node reached every peer list in {joined:?}; its deletion in {left:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_restart_keeps_key_and_ip_and_disturbs_no_one() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let [first, restarted, third] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
+    let before = mesh.info().await?;
+    let third_ip = before[&third].mesh_ip;
+    // 8 s of pings, 10 per second, between the two nodes whose agents keep running.
+    let mut steady =
+        mesh.nodes.spawn(&first, &["ping", "-n", "-q", "-c", "80", "-i", "0.1", "-W", "1", &third_ip.to_string()])?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let restart = Instant::now();
+    mesh.nodes.restart_agent(&restarted)?;
+    let back = eventually(Duration::from_secs(30), || {
+        let stats = mesh.ping(&first, before[&restarted].mesh_ip, 1, 0.2)?;
+        if stats.received == 1 { Ok(()) } else { bail!("no answer from {restarted} yet") }
+    })
+    .await?;
+    eprintln!(
+        "traffic to {restarted} answered {back:?} after its agent restart began ({:?} in all)",
+        restart.elapsed()
+    );
+    let mut text = String::new();
+    let _ = steady.wait();
+    steady.stdout.take().context("ping stdout")?.read_to_string(&mut text)?;
+    let stats = harness_mesh_e2e::mesh::PingStats::parse(&text)?;
+    assert_eq!(
+        stats.received, stats.sent,
+        "{first} -> {third} lost packets while {restarted}'s agent restarted: {stats:?}"
+    );
+    mesh.wait_connected(CONVERGE).await?;
+    let after = mesh.info().await?;
+    assert_eq!(after[&restarted].public_key, before[&restarted].public_key, "the restart changed the key");
+    assert_eq!(after[&restarted].mesh_ip, before[&restarted].mesh_ip, "the restart changed the mesh IP");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_cannot_send_with_another_nodes_mesh_ip() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let info = mesh.info().await?;
+    let [spoofer, victim, receiver] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
+    let (own, stolen, target) = (info[&spoofer].mesh_ip, info[&victim].mesh_ip, info[&receiver].mesh_ip);
+    // The spoofer takes the victim's address as its own (on lo), so the kernel lets it send from
+    // it: only WireGuard on the receiving side stands in the way.
+    let stolen_cidr = format!("{stolen}/32");
+    mesh.nodes.exec_ok(&spoofer, &["ip", "addr", "add", &stolen_cidr, "dev", "lo"])?;
+    let sent = async {
+        let mut listener = mesh
+            .nodes
+            .spawn(&receiver, &["timeout", "6", "socat", "-u", &format!("UDP-RECV:19999,bind={target}"), "-"])?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..3 {
+            for (source, word) in [(stolen, "spoofed"), (own, "genuine")] {
+                mesh.nodes.exec_ok(
+                    &spoofer,
+                    &["sh", "-c", &format!("echo {word} | socat -u - UDP:{target}:19999,bind={source}")],
+                )?;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut received = String::new();
+        let _ = listener.wait();
+        listener.stdout.take().context("listener stdout")?.read_to_string(&mut received)?;
+        anyhow::Ok(received)
+    }
+    .await;
+    mesh.nodes.exec_ok(&spoofer, &["ip", "addr", "del", &stolen_cidr, "dev", "lo"])?;
+    let received = sent?;
+    assert!(received.contains("genuine"), "the control datagram from {spoofer}'s own IP did not arrive: {received:?}");
+    assert!(!received.contains("spoofed"), "a datagram with {victim}'s IP as source, sent by {spoofer}, was delivered");
+    Ok(())
+}
