@@ -12,7 +12,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, READY, Want, merge, same};
-use mesh_api::{MeshNode, MeshNodeStatus, PeerEntry};
+use mesh_api::{Backend, MeshNode, MeshNodeStatus, PeerEntry};
 use mesh_core::Owner;
 use serde_json::json;
 
@@ -99,7 +99,11 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
     ctx.observe_pool();
 
     let status = node.status.clone().unwrap_or_default();
+    let fallback = status.backend == Some(Backend::None);
     let peer = match (ip, &status.public_key) {
+        // A node without WireGuard gets no peer entry: no other node tries to reach it through
+        // the tunnel, and nothing else degrades.
+        _ if fallback => None,
         (Some(ip), Some(key)) => {
             let mut allowed = vec![format!("{ip}/32")];
             allowed.extend(ctx.service_ips_on(&name).into_iter().map(|ip| format!("{ip}/32")));
@@ -114,6 +118,12 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
     };
     wants.push(match (&refused, &peer) {
         (Some((reason, message)), _) => Want::no(READY, reason, message.clone()),
+        (None, _) if fallback => Want::no(
+            READY,
+            "NoTunnel",
+            "the agent runs without WireGuard (backend none; its Connected condition says why): the node stays \
+             in the directory and its services are reached at its host address",
+        ),
         (None, None) => Want::no(
             READY,
             "WaitingForAgent",

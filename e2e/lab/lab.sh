@@ -69,6 +69,8 @@ Commands:
                  --nodes N   node namespaces hm-node-1..N (default: \$LAB_NODES or 0); only adds
                              what is missing, never removes a node (down does)
                  --mode M    plain (default: \$LAB_MODE or plain) or kubelet
+                 --without-tun K   node K (new) has no /dev/net/tun: its agent falls back to
+                             no WireGuard (repeatable)
   down           Stop every lab process, delete every hm-* network namespace and .lab/.
   status         Show each component, the apiserver version and the nodes; exit 0 if up, 3 if not.
   exec NODE [--] CMD [ARG...]
@@ -464,6 +466,7 @@ socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
 # shellcheck disable=SC2016 # $0 is for the holder's shell
 holder_script='set -e
 mount -t tmpfs -o mode=0700,size=16m hm-wireguard /run/wireguard
+if [ "${1:-}" = without-tun ]; then mount -t tmpfs -o mode=0755,size=1m hm-no-tun /dev/net; fi
 exec -a "$0" sleep infinity'
 
 netns_exists() { [ -e "/run/netns/$1" ]; }
@@ -580,12 +583,15 @@ ensure_node_net() {
 # Starts node $1's holder. Whatever still runs in the node without one (the agent, wireguard-go or
 # relay of a holder that died) lives in a mount namespace that is lost: it is stopped first, so the
 # node starts afresh.
+# A node listed by --without-tun (marker file $nodes_dir/$node.without-tun) gets an empty /dev/net
+# in its mount namespace: no /dev/net/tun, so its agent cannot run userspace WireGuard.
 start_holder() {
-  local node="$1" pids=()
+  local node="$1" pids=() tun=with-tun
   mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
   [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
+  if [ -e "$nodes_dir/$node.without-tun" ]; then tun=without-tun; fi
   spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
-    unshare --mount --propagation slave -- bash -c "$holder_script" "$lab/holder/$node"
+    unshare --mount --propagation slave -- bash -c "$holder_script" "$lab/holder/$node" "$tun"
 }
 
 # True when something listens on 127.0.0.1:$api_port in the network namespace of process $1.
@@ -704,16 +710,25 @@ EOF
 }
 
 cmd_up() {
-  local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-plain}"
+  local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-plain}" without_tun=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes="$2"; shift 2 ;;
       --nodes=*) nodes="${1#*=}"; shift ;;
       --mode) [ $# -ge 2 ] || die "--mode needs a value"; mode="$2"; shift 2 ;;
       --mode=*) mode="${1#*=}"; shift ;;
+      --without-tun) [ $# -ge 2 ] || die "--without-tun needs a node number"; without_tun+=("$2"); shift 2 ;;
+      --without-tun=*) without_tun+=("${1#*=}"); shift ;;
       -h | --help) usage; exit 0 ;;
       *) usage >&2; die "unknown argument to up: $1" ;;
     esac
+  done
+  local k
+  for k in "${without_tun[@]}"; do
+    [[ "$k" =~ ^[1-9][0-9]{0,2}$ ]] || die "--without-tun takes a node number, got '$k'"
+    if netns_exists "hm-node-$k" && [ ! -e "$nodes_dir/hm-node-$k.without-tun" ]; then
+      die "hm-node-$k already exists with /dev/net/tun; --without-tun applies to new nodes only"
+    fi
   done
   # 0 (the default) means the control plane only.
   if [ "$nodes" != 0 ] && ! [[ "$nodes" =~ ^[1-9][0-9]{0,2}$ && "$nodes" -le $max_nodes ]]; then
@@ -732,6 +747,10 @@ cmd_up() {
     nodes="$present"
   fi
   mkdir -p "$lab"
+  if [ ${#without_tun[@]} -gt 0 ]; then
+    mkdir -p "$nodes_dir"
+    for k in "${without_tun[@]}"; do touch "$nodes_dir/hm-node-$k.without-tun"; done
+  fi
   check_config_compatible
   preflight_ports
   if [ "$nodes" -gt 0 ]; then preflight_nodes; fi

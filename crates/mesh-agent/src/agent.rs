@@ -100,6 +100,12 @@ impl Agent {
         let links = Links::connect()?;
         let directory = Directory::watch(client.clone());
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
+        // In fallback there is nothing to probe: Connected says why there is no tunnel.
+        let summary = device.fallback_reason().map(|why| Summary {
+            connected: false,
+            reason: "NoTunnel",
+            message: format!("{why}; this node's services are reached at its host address"),
+        });
         Ok(Self {
             config,
             client,
@@ -111,7 +117,7 @@ impl Agent {
             health,
             firewall: None,
             windows: BTreeMap::new(),
-            summary: None,
+            summary,
             echo: None,
             targets: BTreeMap::new(),
             reported: Vec::new(),
@@ -187,7 +193,7 @@ impl Agent {
 
     fn published(&self, endpoint: Option<String>, listen_port: u16) -> Published {
         Published {
-            public_key: self.key.public_key().to_base64(),
+            public_key: self.device.fallback_reason().is_none().then(|| self.key.public_key().to_base64()),
             endpoint,
             listen_port,
             backend: self.device.backend(),
@@ -220,6 +226,9 @@ impl Agent {
             tracing::info!("published the public key, endpoint and backend in MeshNode {name}");
         }
 
+        if self.device.fallback_reason().is_some() {
+            return Ok(());
+        }
         let entries = self.directory.peer_entries().await;
         let peers = desired::peers(&name, &self.key.public_key(), &entries);
         for skipped in &peers.skipped {

@@ -19,8 +19,8 @@ pub const FIELD_MANAGER: &str = "mesh-agent";
 /// The agent's part of the MeshNode status.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Published {
-    /// Base64 public key.
-    pub public_key: String,
+    /// Base64 public key; `None` in fallback (no tunnel, so no peer entry for this node).
+    pub public_key: Option<String>,
     /// Effective endpoint, `host:port`.
     pub endpoint: Option<String>,
     /// Listen port.
@@ -48,7 +48,7 @@ pub async fn publish(client: &Client, node: &MeshNode, published: &Published) ->
         }
         None => Vec::new(),
     };
-    let unchanged = current.public_key.as_deref() == Some(published.public_key.as_str())
+    let unchanged = current.public_key == published.public_key
         && current.endpoint == published.endpoint
         && current.listen_port == Some(i32::from(published.listen_port))
         && current.backend == Some(published.backend)
@@ -58,7 +58,7 @@ pub async fn publish(client: &Client, node: &MeshNode, published: &Published) ->
     }
     let name = node.metadata.name.clone().unwrap_or_default();
     let status = MeshNodeStatus {
-        public_key: Some(published.public_key.clone()),
+        public_key: published.public_key.clone(),
         endpoint: published.endpoint.clone(),
         listen_port: Some(i32::from(published.listen_port)),
         backend: Some(published.backend),

@@ -1,6 +1,7 @@
 //! The WireGuard device behind `wg-harness`: the kernel module where the kernel has it, else
-//! wireguard-go on a tun device. Both read into a [`DeviceState`] and apply a [`DevicePlan`],
-//! so the rest of the agent does not care which one runs.
+//! wireguard-go on a tun device, else none at all (fallback: the node stays in the directory,
+//! outside the tunnel). All read into a [`DeviceState`] and apply a [`DevicePlan`], so the rest
+//! of the agent does not care which one runs.
 
 pub mod kernel;
 pub mod userspace;
@@ -19,6 +20,8 @@ pub enum Choice {
     Kernel,
     /// wireguard-go, even where the kernel has WireGuard.
     Userspace,
+    /// No WireGuard: the node's services are reached at its host address.
+    Off,
 }
 
 /// The device, whichever implementation runs it.
@@ -27,21 +30,48 @@ pub enum Device {
     Kernel(kernel::KernelDevice),
     /// wireguard-go, configured over its UAPI socket.
     Userspace(userspace::UserspaceDevice),
+    /// No tunnel, and why.
+    Fallback(String),
 }
 
 impl Device {
-    /// Opens (creating it if needed) the device named `interface`, as `choice` says.
+    /// Opens (creating it if needed) the device named `interface`, as `choice` says. With
+    /// `auto`, a node where neither kernel nor userspace WireGuard can run lands in
+    /// [`Device::Fallback`] instead of failing; `kernel` and `userspace` fail instead.
     pub async fn open(choice: Choice, interface: &str, userspace: &userspace::Options) -> anyhow::Result<Self> {
-        if matches!(choice, Choice::Auto | Choice::Kernel) {
-            match kernel::KernelDevice::open(interface).await {
+        let mut kernel_missing = None;
+        match choice {
+            Choice::Off => return Ok(Self::Fallback("WireGuard is turned off (--wireguard=off)".into())),
+            Choice::Auto | Choice::Kernel => match kernel::KernelDevice::open(interface).await {
                 Ok(device) => return Ok(Self::Kernel(device)),
                 Err(err) if choice == Choice::Auto && err.is_unsupported() => {
-                    tracing::info!("kernel WireGuard is not available ({err}); using userspace wireguard-go");
+                    tracing::info!("kernel WireGuard is not available ({err}); trying userspace wireguard-go");
+                    kernel_missing = Some(err.to_string());
                 }
                 Err(err) => return Err(err.into()),
-            }
+            },
+            Choice::Userspace => {}
         }
-        Ok(Self::Userspace(userspace::UserspaceDevice::open(interface, userspace).await?))
+        match userspace::UserspaceDevice::open(interface, userspace).await {
+            Ok(device) => Ok(Self::Userspace(device)),
+            Err(err) if choice == Choice::Auto => {
+                let why = format!(
+                    "no WireGuard on this node: {}; userspace: {err:#}",
+                    kernel_missing.unwrap_or_else(|| "kernel module not usable".into())
+                );
+                tracing::warn!("{why}; running in fallback: this node's services are reached at its host address");
+                Ok(Self::Fallback(why))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Why there is no tunnel, in fallback.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        match self {
+            Self::Fallback(why) => Some(why),
+            _ => None,
+        }
     }
 
     /// The backend, as published in `MeshNode.status.backend`.
@@ -49,6 +79,7 @@ impl Device {
         match self {
             Self::Kernel(_) => Backend::Kernel,
             Self::Userspace(_) => Backend::Userspace,
+            Self::Fallback(_) => Backend::None,
         }
     }
 
@@ -57,6 +88,7 @@ impl Device {
         Ok(match self {
             Self::Kernel(device) => device.get().await?,
             Self::Userspace(device) => device.get().await?,
+            Self::Fallback(_) => DeviceState::default(),
         })
     }
 
@@ -68,6 +100,7 @@ impl Device {
         match self {
             Self::Kernel(device) => device.apply(plan).await?,
             Self::Userspace(device) => device.apply(plan).await?,
+            Self::Fallback(_) => {}
         }
         Ok(())
     }
