@@ -51,6 +51,9 @@ pub struct Ctx {
     pub nodes: Store<Node>,
     /// Asks the MeshNode controller to recompute a node's peer entry.
     pub node_trigger: UnboundedSender<ObjectRef<MeshNode>>,
+    /// Asks the MeshService controller to look at a service again (same-named services in
+    /// other namespaces, whose short DNS name depends on each other).
+    pub service_trigger: UnboundedSender<ObjectRef<MeshService>>,
     /// Publishes Kubernetes events.
     pub recorder: Recorder,
     /// The metrics.
@@ -69,6 +72,7 @@ impl Ctx {
         pods: Store<Pod>,
         nodes: Store<Node>,
         node_trigger: UnboundedSender<ObjectRef<MeshNode>>,
+        service_trigger: UnboundedSender<ObjectRef<MeshService>>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -82,6 +86,7 @@ impl Ctx {
             pods,
             nodes,
             node_trigger,
+            service_trigger,
             recorder,
             metrics,
             started: Instant::now(),

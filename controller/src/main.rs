@@ -168,6 +168,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let service_controller = Controller::new(mesh_services_api, watch.clone());
     let mirror_controller = Controller::new(nodes_api.clone(), watch.clone());
     let (node_trigger, node_triggers) = tokio::sync::mpsc::unbounded_channel();
+    let (service_trigger, service_triggers) = tokio::sync::mpsc::unbounded_channel();
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mesh-controller".into(), instance: Some(identity) });
     let ctx = Arc::new(Ctx::new(
@@ -178,6 +179,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         pods,
         mirror_controller.store(),
         node_trigger,
+        service_trigger,
         recorder,
         metrics.clone(),
     ));
@@ -206,6 +208,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         })
+        .reconcile_on(UnboundedReceiverStream::new(service_triggers))
         .shutdown_on_signal()
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));

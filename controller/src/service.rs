@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{
-    ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY, Want, merge, same,
+    ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY, SHORT_NAME, Want, merge, same,
 };
 use mesh_api::{MeshService, MeshServiceStatus, NetworkType};
 use mesh_core::Owner;
@@ -56,7 +56,61 @@ fn cleanup(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
     }
     ctx.set_hosting(&owner, None);
     ctx.observe_pool();
+    // A same-named service elsewhere may now own the short name alone.
+    wake_namesakes(service, ctx);
     Ok(Action::await_change())
+}
+
+/// The short name a service is not reachable by, whatever happens: `node.mesh.local` would be the
+/// parent of every node's name.
+const RESERVED_SHORT_NAMES: [&str; 1] = ["node"];
+
+/// Other live services with the same name in other namespaces, as `namespace` strings.
+fn namesakes(service: &MeshService, ctx: &Ctx) -> Vec<String> {
+    let (name, namespace) = (service.name_any(), service.namespace());
+    let mut others: Vec<String> = ctx
+        .mesh_services
+        .state()
+        .iter()
+        .filter(|s| s.name_any() == name && s.namespace() != namespace && s.meta().deletion_timestamp.is_none())
+        .filter_map(|s| s.namespace())
+        .collect();
+    others.sort();
+    others
+}
+
+/// Asks the controller to reconcile every same-named service in other namespaces.
+fn wake_namesakes(service: &MeshService, ctx: &Ctx) {
+    let name = service.name_any();
+    for namespace in namesakes(service, ctx) {
+        let _ = ctx.service_trigger.send(kube::runtime::reflector::ObjectRef::new(&name).within(&namespace));
+    }
+}
+
+/// Whether `<name>.mesh.local` resolves to this service, and why not.
+fn short_name(service: &MeshService, ctx: &Ctx) -> Want {
+    let (name, namespace) = (service.name_any(), service.namespace().unwrap_or_default());
+    if RESERVED_SHORT_NAMES.contains(&name.as_str()) {
+        return Want::no(
+            SHORT_NAME,
+            "Reserved",
+            format!("{name}.mesh.local is reserved (node names live under it); use {name}.{namespace}.mesh.local"),
+        );
+    }
+    let others = namesakes(service, ctx);
+    if others.is_empty() {
+        Want::yes(SHORT_NAME, "Unique", format!("{name}.mesh.local resolves to this service"))
+    } else {
+        Want::no(
+            SHORT_NAME,
+            "Ambiguous",
+            format!(
+                "{name}.mesh.local is not published: namespace(s) {} also have a MeshService named {name}; use \
+                 {name}.{namespace}.mesh.local",
+                others.join(", ")
+            ),
+        )
+    }
 }
 
 /// Where the service runs now: `Ok(node)`, or the (true) condition that says why it runs nowhere.
@@ -167,6 +221,7 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
         },
     };
     wants.push(ready);
+    wants.push(short_name(service, ctx));
 
     let current = service.status.clone().unwrap_or_default();
     let conditions = merge(&current.conditions, &wants, service.meta().generation);
@@ -203,6 +258,12 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
     });
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     ctx.metrics.wrote(KIND);
+    let short_name_of = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        conditions.iter().find(|c| c.type_ == SHORT_NAME).map(|c| (c.status.clone(), c.message.clone()))
+    };
+    if short_name_of(&current.conditions) != short_name_of(&desired.conditions) {
+        wake_namesakes(service, ctx);
+    }
 
     for type_ in [IP_CONFLICT, POOL_EXHAUSTED] {
         if newly_failing(type_)

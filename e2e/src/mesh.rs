@@ -166,3 +166,73 @@ mod tests {
         assert!(PingStats::parse("garbage").is_err());
     }
 }
+
+/// What `dig` said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigAnswer {
+    /// The response code: NOERROR, NXDOMAIN, REFUSED, ...
+    pub status: String,
+    /// Whether the answer is authoritative.
+    pub authoritative: bool,
+    /// The A records of the answer section.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl Mesh {
+    /// Asks the DNS server at `server` (port 53) for the A record of `name`, from `node`, over
+    /// UDP or TCP.
+    pub fn dig(&self, node: &str, server: Ipv4Addr, name: &str, tcp: bool) -> anyhow::Result<DigAnswer> {
+        let server = format!("@{server}");
+        let mut args = vec!["dig", server.as_str(), name, "A", "+time=1", "+tries=2", "+nocookie"];
+        if tcp {
+            args.push("+tcp");
+        }
+        let out = self.nodes.exec_ok(node, &args)?;
+        DigAnswer::parse(&out).with_context(|| format!("dig on {node}: {out}"))
+    }
+}
+
+impl DigAnswer {
+    /// Parses dig's default output.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let status = text
+            .lines()
+            .find_map(|l| l.split("status: ").nth(1))
+            .and_then(|s| s.split(',').next())
+            .context("no status in dig's output")?
+            .to_owned();
+        let authoritative = text
+            .lines()
+            .find_map(|l| l.strip_prefix(";; flags: "))
+            .is_some_and(|f| f.split(';').next().unwrap_or_default().split_whitespace().any(|w| w == "aa"));
+        let addresses = text
+            .lines()
+            .filter(|l| !l.starts_with(';'))
+            .filter_map(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                match fields[..] {
+                    [_, _, "IN", "A", ip] => ip.parse().ok(),
+                    _ => None,
+                }
+            })
+            .collect();
+        Ok(Self { status, authoritative, addresses })
+    }
+}
+
+#[cfg(test)]
+mod dig_tests {
+    use super::*;
+
+    #[test]
+    fn parses_dig_output() {
+        let text = ";; ->>HEADER<<- opcode: QUERY, status: NOERROR, id: 1\n;; flags: qr aa rd; QUERY: 1, ANSWER: 1, AUTHORITY: 0\n\n;; ANSWER SECTION:\nweb.default.mesh.local.\t5\tIN\tA\t10.42.0.7\n";
+        let answer = DigAnswer::parse(text).unwrap();
+        assert_eq!(answer.status, "NOERROR");
+        assert!(answer.authoritative);
+        assert_eq!(answer.addresses, vec![Ipv4Addr::new(10, 42, 0, 7)]);
+        let nx = ";; ->>HEADER<<- opcode: QUERY, status: NXDOMAIN, id: 2\n;; flags: qr rd; QUERY: 1\n";
+        let answer = DigAnswer::parse(nx).unwrap();
+        assert_eq!((answer.status.as_str(), answer.authoritative, answer.addresses.len()), ("NXDOMAIN", false, 0));
+    }
+}

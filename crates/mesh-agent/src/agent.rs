@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backend::{Choice, Device, userspace};
-use crate::directory::Directory;
+use crate::directory::{Directory, underlay_ipv4};
+use crate::dns::DnsServer;
 use crate::link::{Links, Wanted};
 use crate::metrics::{ChangeLabel, Metrics, PeerLabel};
 use crate::status::{self, Published};
@@ -59,6 +60,9 @@ pub struct Config {
     pub lease_namespace: String,
     /// The `nft` binary.
     pub nft: PathBuf,
+    /// The port DNS for `mesh.local` is served on (on the mesh IP; in fallback on the underlay
+    /// address); 0 turns it off.
+    pub dns_port: u16,
 }
 
 /// The running agent.
@@ -81,6 +85,8 @@ pub struct Agent {
     echo: Option<(Ipv4Addr, JoinHandle<()>)>,
     /// Peers by name and mesh IP, as of the last sync.
     targets: BTreeMap<String, Ipv4Addr>,
+    /// The DNS server, if serving.
+    dns: Option<DnsServer>,
     /// Names of skipped entries already reported (to log each once).
     reported: Vec<desired::Skipped>,
     nonce: u64,
@@ -121,6 +127,7 @@ impl Agent {
             echo: None,
             targets: BTreeMap::new(),
             reported: Vec::new(),
+            dns: None,
             nonce,
         })
     }
@@ -227,7 +234,9 @@ impl Agent {
         }
 
         if self.device.fallback_reason().is_some() {
-            return Ok(());
+            // Out of the tunnel: DNS is served on the underlay address, where others can reach it.
+            let underlay = me.status.as_ref().and_then(|s| s.endpoint.as_deref()).and_then(underlay_ipv4);
+            return self.serve_dns(underlay).await;
         }
         let entries = self.directory.peer_entries().await;
         let peers = desired::peers(&name, &self.key.public_key(), &entries);
@@ -282,6 +291,33 @@ impl Agent {
         self.metrics.applied_services.set(hosted.len() as i64);
         self.enforce(&hosted).await?;
         self.ensure_echo(node_ip);
+        self.serve_dns(Some(node_ip)).await
+    }
+
+    /// Serves the zone on `ip` (restarting the server when the address changed or it died) and
+    /// brings its records up to date with the directory.
+    async fn serve_dns(&mut self, ip: Option<Ipv4Addr>) -> anyhow::Result<()> {
+        let Some(ip) = ip.filter(|_| self.config.dns_port != 0) else { return Ok(()) };
+        let addr = SocketAddr::from((ip, self.config.dns_port));
+        let current = self.dns.as_ref().is_some_and(|d| d.is_running() && d.local_addrs() == [addr]);
+        if !current {
+            if let Some(old) = self.dns.take() {
+                let _ = old.shutdown().await;
+            }
+            self.dns = Some(DnsServer::start(&[addr], mesh_dataplane::dns::ZONE).await?);
+            tracing::info!(%addr, "serving DNS for {}", mesh_dataplane::dns::ZONE);
+        }
+        let (nodes, services) = self.directory.dns_inputs();
+        let zone = mesh_dataplane::dns::zone(&nodes, &services);
+        if let Some(server) = &self.dns {
+            let updated = server.update(&zone.records).await;
+            if updated.changed > 0 {
+                tracing::debug!(changed = updated.changed, "DNS records updated");
+            }
+            for rejected in updated.rejected {
+                tracing::warn!("DNS record not served: {rejected}");
+            }
+        }
         Ok(())
     }
 

@@ -10,8 +10,9 @@ use futures::StreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use mesh_api::{MeshNode, MeshService, NetworkType};
+use mesh_api::{Backend, MeshNode, MeshService, NetworkType};
 use mesh_dataplane::desired::{Exposure, PeerEntry, Placement};
+use mesh_dataplane::dns;
 use tokio::sync::Notify;
 
 /// The watched MeshNodes and MeshServices.
@@ -102,6 +103,41 @@ impl Directory {
             .collect()
     }
 
+    /// The directory as the DNS zone needs it: every node (mesh IP, underlay address, whether it
+    /// is in the tunnel) and every service.
+    pub fn dns_inputs(&self) -> (Vec<dns::Node>, Vec<dns::Service>) {
+        let nodes = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| {
+                let status = n.status.clone().unwrap_or_default();
+                dns::Node {
+                    name: n.metadata.name.clone().unwrap_or_default(),
+                    mesh_ip: status.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                    underlay: status.endpoint.as_deref().and_then(underlay_ipv4),
+                    in_tunnel: status.backend != Some(Backend::None),
+                }
+            })
+            .collect();
+        let services = self
+            .services
+            .state()
+            .iter()
+            .map(|s| {
+                let status = s.status.clone().unwrap_or_default();
+                dns::Service {
+                    namespace: s.metadata.namespace.clone().unwrap_or_default(),
+                    name: s.metadata.name.clone().unwrap_or_default(),
+                    exposure: exposure(s.spec.network.type_),
+                    mesh_ip: status.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                    node: status.node,
+                }
+            })
+            .collect();
+        (nodes, services)
+    }
+
     /// Where every service is hosted now.
     pub fn placements(&self) -> Vec<Placement> {
         self.services
@@ -117,16 +153,28 @@ impl Directory {
                     ),
                     mesh_ip: status.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()),
                     node: status.node,
-                    exposure: match s.spec.network.type_ {
-                        NetworkType::Mesh => Exposure::Mesh,
-                        NetworkType::Host => Exposure::Host,
-                        NetworkType::Dual => Exposure::Dual,
-                    },
+                    exposure: exposure(s.spec.network.type_),
                     ports: s.spec.network.ports.iter().filter_map(|p| u16::try_from(*p).ok()).collect(),
                 }
             })
             .collect()
     }
+}
+
+fn exposure(type_: NetworkType) -> Exposure {
+    match type_ {
+        NetworkType::Mesh => Exposure::Mesh,
+        NetworkType::Host => Exposure::Host,
+        NetworkType::Dual => Exposure::Dual,
+    }
+}
+
+/// The IPv4 address of an endpoint `host:port`, if the host is one.
+pub fn underlay_ipv4(endpoint: &str) -> Option<Ipv4Addr> {
+    endpoint.parse::<SocketAddr>().ok().and_then(|a| match a.ip() {
+        std::net::IpAddr::V4(ip) => Some(ip),
+        std::net::IpAddr::V6(_) => None,
+    })
 }
 
 async fn resolve(node: &str, endpoint: &str) -> Option<SocketAddr> {

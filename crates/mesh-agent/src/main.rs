@@ -11,6 +11,7 @@
 mod agent;
 mod backend;
 mod directory;
+mod dns;
 mod keystore;
 mod link;
 mod metrics;
@@ -47,8 +48,10 @@ struct Args {
     #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/harness-mesh")]
     state_dir: PathBuf,
 
-    /// Which WireGuard to run: kernel if the kernel has it (else userspace), kernel only, or
-    /// userspace (wireguard-go) only.
+    /// Which WireGuard to run. auto: the kernel module if the kernel has it, else userspace
+    /// (wireguard-go), else fallback (no tun device or no permission): the node stays in the
+    /// directory with backend none and its services are reached at its host address. kernel or
+    /// userspace: only that one, failing otherwise. off: fallback on purpose.
     #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value_t = Choice::Auto)]
     wireguard: Choice,
 
@@ -92,6 +95,11 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     lease_namespace: String,
 
+    /// UDP and TCP port of the authoritative DNS server for mesh.local, on the node's mesh IP
+    /// (in fallback: on its underlay address); 0 turns DNS off.
+    #[arg(long, env = "MESH_DNS_PORT", default_value_t = 53)]
+    dns_port: u16,
+
     /// The nft binary (nftables) that enforces service ports.
     #[arg(long, env = "MESH_NFT", default_value = "nft")]
     nft: PathBuf,
@@ -114,7 +122,8 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hickory_server=warn".into());
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -152,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
         resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
         lease_namespace: args.lease_namespace,
         nft: args.nft,
+        dns_port: args.dns_port,
     };
     let agent = Agent::start(config, client, key, metrics, health_tx).await?;
     let result = agent.run(shutdown_signal()).await;

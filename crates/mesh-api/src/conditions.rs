@@ -21,6 +21,9 @@ pub const NODE_NOT_FOUND: &str = "NodeNotFound";
 pub const NO_READY_PODS: &str = "NoReadyPods";
 /// The node's agent reaches its peers through the tunnel.
 pub const CONNECTED: &str = "Connected";
+/// The short name `<service>.mesh.local` resolves to this service (false: another namespace has
+/// a service of the same name, or the name is reserved; the long name always works).
+pub const SHORT_NAME: &str = "ShortName";
 
 /// A condition a component wants to report, before times are filled in.
 #[derive(Clone, Debug, PartialEq, Eq)]

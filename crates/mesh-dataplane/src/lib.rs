@@ -3,11 +3,13 @@
 //!
 //! - [`desired`]: the WireGuard peers a node applies (every other node's peer entry) and the
 //!   service IPs it hosts;
+//! - [`dns`]: the records of the `mesh.local` zone, and the names withheld (ambiguous or reserved);
 //! - [`firewall`]: the nftables ruleset that keeps a `mesh` service's IP closed but for its
 //!   listed ports;
 //! - [`health`]: per-peer health from handshake age and probe results, and the bounded summary
 //!   that goes into the `Connected` condition.
 
 pub mod desired;
+pub mod dns;
 pub mod firewall;
 pub mod health;

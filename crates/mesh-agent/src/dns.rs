@@ -1,0 +1,463 @@
+//! The agent's authoritative DNS server for the mesh zone (`mesh.local`), over UDP and TCP.
+//!
+//! It serves A records only, from an in-memory zone that [`DnsServer::update`] replaces while
+//! queries are being answered: the new records are visible to the very next query. Answers carry
+//! the AA bit and a short TTL ([`TTL`]); a name in the zone without records is NXDOMAIN with the
+//! zone's SOA in the authority section (negative answers are cached for [`TTL`] as well); a name
+//! outside the zone is REFUSED, since this server is no resolver. Dynamic updates (RFC 2136) and
+//! zone transfers are refused.
+//!
+//! What the records are is computed by `mesh_dataplane::dns::zone`.
+
+// The agent loop wires this in; until then only the tests use it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use hickory_server::Server;
+use hickory_server::net::NetError;
+use hickory_server::proto::rr::rdata::{A, NS, SOA};
+use hickory_server::proto::rr::{LowerName, Name, RData, RecordSet, RecordType, RrKey};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The TTL of every record, and of negative answers (the SOA minimum), in seconds: short, so
+/// that resolvers and CoreDNS follow a change within seconds.
+pub const TTL: u32 = 5;
+
+/// A TCP client that sends no query for this long is disconnected.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Responses queued per TCP connection (hickory's own default).
+const TCP_RESPONSE_BUFFER: usize = 32;
+
+/// How many ephemeral ports to try when UDP and TCP must share a port chosen by the kernel.
+const EPHEMERAL_TRIES: usize = 20;
+
+/// An authoritative DNS server for one zone, serving until it is shut down or dropped.
+pub struct DnsServer {
+    zone: Arc<InMemoryZoneHandler>,
+    origin: Name,
+    local_addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), NetError>>>,
+}
+
+/// What [`DnsServer::update`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Updated {
+    /// Names whose addresses changed, were added or were removed.
+    pub changed: usize,
+    /// Names that were not applied, each with the reason (`name: why`).
+    pub rejected: Vec<String>,
+}
+
+impl DnsServer {
+    /// Serves `zone` (e.g. `mesh.local`) on UDP and TCP on each address in `listen`, with no
+    /// records but the zone's SOA and NS until the first [`update`](Self::update).
+    ///
+    /// A port 0 picks one free port for both UDP and TCP on that address (for tests); see
+    /// [`local_addrs`](Self::local_addrs).
+    pub async fn start(listen: &[SocketAddr], zone: &str) -> anyhow::Result<Self> {
+        if listen.is_empty() {
+            bail!("no address to serve DNS on: give at least one listen address");
+        }
+        let mut origin = Name::from_ascii(zone)
+            .with_context(|| format!("the DNS zone {zone:?} is not a domain name"))?
+            .to_lowercase();
+        origin.set_fqdn(true);
+        if origin.is_root() {
+            bail!("the DNS zone must not be the root: give a zone such as mesh.local");
+        }
+
+        let handler = InMemoryZoneHandler::new(origin.clone(), apex(&origin), ZoneType::Primary, AxfrPolicy::Deny)
+            .map_err(|e| anyhow::anyhow!("cannot create the DNS zone {origin}: {e}"))?;
+        let handler = Arc::new(handler);
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::new(&origin), vec![handler.clone() as Arc<dyn ZoneHandler>]);
+
+        let mut server = Server::new(catalog);
+        let mut local_addrs = Vec::with_capacity(listen.len());
+        for addr in listen {
+            let (udp, tcp) = bind(*addr).await?;
+            local_addrs.push(udp.local_addr().with_context(|| format!("local address of the DNS socket {addr}"))?);
+            server.register_socket(udp);
+            server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+        }
+        let shutdown = server.shutdown_token().clone();
+        let task = tokio::spawn(async move { server.block_until_done().await });
+        tracing::info!(zone = %origin, addrs = ?local_addrs, "DNS server listening on UDP and TCP");
+        Ok(Self { zone: handler, origin, local_addrs, shutdown, task: Some(task) })
+    }
+
+    /// The addresses served (UDP and TCP share each one), with the actual ports.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// False once the server stopped serving (a socket failed, or it was shut down).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Replaces all A records of the zone with `records`: fully qualified names in the zone
+    /// (`db.default.mesh.local`, a trailing dot is optional) → addresses. A name with no address
+    /// gets no record. The swap is atomic (a query sees the old or the new zone, never a mix)
+    /// and visible to the next query; only names whose addresses differ are touched, and the
+    /// SOA serial is bumped when something changed. Names outside the zone are not applied and
+    /// are reported.
+    pub async fn update(&self, records: &BTreeMap<String, Vec<Ipv4Addr>>) -> Updated {
+        let mut out = Updated::default();
+        let mut wanted: BTreeMap<RrKey, (Name, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
+        for (name, ips) in records {
+            match self.record_name(name) {
+                Ok(parsed) => {
+                    let (_, set) = wanted
+                        .entry(RrKey::new(LowerName::new(&parsed), RecordType::A))
+                        .or_insert_with(|| (parsed, BTreeSet::new()));
+                    set.extend(ips.iter().copied());
+                }
+                Err(why) => out.rejected.push(format!("{name}: {why}")),
+            }
+        }
+        wanted.retain(|_, (_, ips)| !ips.is_empty());
+
+        let mut zone = self.zone.records_mut().await;
+        let before = zone.len();
+        zone.retain(|key, _| key.record_type != RecordType::A || wanted.contains_key(key));
+        out.changed += before - zone.len();
+        for (key, (name, ips)) in wanted {
+            if zone.get(&key).is_some_and(|set| addresses(set) == ips) {
+                continue;
+            }
+            let mut set = RecordSet::with_ttl(name, RecordType::A, TTL);
+            for ip in ips {
+                set.add_rdata(RData::A(A(ip)));
+            }
+            zone.insert(key, Arc::new(set));
+            out.changed += 1;
+        }
+        if out.changed > 0 {
+            bump_serial(&mut zone, &self.origin);
+        }
+        drop(zone);
+        if !out.rejected.is_empty() {
+            tracing::warn!(rejected = ?out.rejected, "DNS records not applied");
+        }
+        out
+    }
+
+    /// Stops serving and waits until every socket is closed.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.context("the DNS server task panicked")?.context("the DNS server failed")?;
+        }
+        Ok(())
+    }
+
+    fn record_name(&self, name: &str) -> Result<Name, String> {
+        let mut parsed = Name::from_ascii(name).map_err(|e| format!("not a domain name: {e}"))?;
+        parsed.set_fqdn(true);
+        if parsed.is_wildcard() {
+            return Err("wildcards are not served".into());
+        }
+        if parsed.num_labels() <= self.origin.num_labels() || !self.origin.zone_of(&parsed) {
+            return Err(format!("not a name under the zone {}", self.origin));
+        }
+        Ok(parsed)
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Binds UDP and TCP on `addr`; with port 0, on one free port for both.
+async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+    let hint =
+        "is that address on an interface of this host, and may the agent bind port 53 (root or CAP_NET_BIND_SERVICE)?";
+    if addr.port() != 0 {
+        let udp = UdpSocket::bind(addr).await.with_context(|| format!("cannot serve DNS on UDP {addr}: {hint}"))?;
+        let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot serve DNS on TCP {addr}: {hint}"))?;
+        return Ok((udp, tcp));
+    }
+    for _ in 0..EPHEMERAL_TRIES {
+        let udp = UdpSocket::bind(addr).await.with_context(|| format!("cannot serve DNS on UDP {addr}: {hint}"))?;
+        let port = udp.local_addr().with_context(|| format!("local address of the DNS socket {addr}"))?.port();
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot serve DNS on TCP {}:{port}: {hint}", addr.ip())),
+        }
+    }
+    bail!("found no port free for both UDP and TCP on {} after {EPHEMERAL_TRIES} tries", addr.ip())
+}
+
+/// The zone's fixed records: SOA and NS at the apex. The nameserver named is the apex itself:
+/// any other name under the zone could be a service's or a node's.
+fn apex(origin: &Name) -> BTreeMap<RrKey, RecordSet> {
+    let key = |t| RrKey::new(LowerName::new(origin), t);
+    // The serial follows the clock so that it grows across restarts too.
+    let serial = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    let mut soa = RecordSet::with_ttl(origin.clone(), RecordType::SOA, TTL);
+    soa.add_rdata(RData::SOA(soa_data(origin, serial)));
+    let mut ns = RecordSet::with_ttl(origin.clone(), RecordType::NS, TTL);
+    ns.add_rdata(RData::NS(NS(origin.clone())));
+    BTreeMap::from([(key(RecordType::SOA), soa), (key(RecordType::NS), ns)])
+}
+
+fn soa_data(origin: &Name, serial: u32) -> SOA {
+    let hostmaster =
+        Name::from_ascii("hostmaster").and_then(|h| h.append_domain(origin)).unwrap_or_else(|_| origin.clone());
+    SOA::new(origin.clone(), hostmaster, serial, 60, 10, 3600, TTL)
+}
+
+/// The addresses in an A record set.
+fn addresses(set: &RecordSet) -> BTreeSet<Ipv4Addr> {
+    set.records_without_rrsigs()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
+}
+
+fn bump_serial(zone: &mut BTreeMap<RrKey, Arc<RecordSet>>, origin: &Name) {
+    let key = RrKey::new(LowerName::new(origin), RecordType::SOA);
+    let serial = zone
+        .get(&key)
+        .and_then(|set| set.records_without_rrsigs().next())
+        .and_then(|r| match &r.data {
+            RData::SOA(soa) => Some(soa.serial),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let mut soa = RecordSet::with_ttl(origin.clone(), RecordType::SOA, TTL);
+    soa.add_rdata(RData::SOA(soa_data(origin, serial.wrapping_add(1))));
+    zone.insert(key, Arc::new(soa));
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_server::proto::op::{Message, Query, ResponseCode};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::timeout;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn query(name: &str, rtype: RecordType) -> Message {
+        let mut msg = Message::query();
+        msg.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        msg
+    }
+
+    async fn udp(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let q = query(name, rtype);
+        socket.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (len, _) = timeout(WAIT, socket.recv_from(&mut buf)).await.expect("no UDP answer in time").unwrap();
+        let answer = Message::from_vec(&buf[..len]).unwrap();
+        assert_eq!(answer.metadata.id, q.metadata.id);
+        answer
+    }
+
+    async fn tcp(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
+        let q = query(name, rtype).to_vec().unwrap();
+        let exchange = async {
+            let mut stream = TcpStream::connect(server).await.unwrap();
+            stream.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+            stream.write_all(&q).await.unwrap();
+            let len = stream.read_u16().await.unwrap();
+            let mut buf = vec![0u8; usize::from(len)];
+            stream.read_exact(&mut buf).await.unwrap();
+            Message::from_vec(&buf).unwrap()
+        };
+        timeout(WAIT, exchange).await.expect("no TCP answer in time")
+    }
+
+    fn a_records(msg: &Message) -> Vec<Ipv4Addr> {
+        msg.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn records(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<Ipv4Addr>> {
+        entries.iter().map(|(n, ips)| (n.to_string(), ips.iter().map(|ip| ip.parse().unwrap()).collect())).collect()
+    }
+
+    async fn server() -> DnsServer {
+        let server = timeout(WAIT, DnsServer::start(&["127.0.0.1:0".parse().unwrap()], "mesh.local"))
+            .await
+            .expect("start in time")
+            .unwrap();
+        let updated = server
+            .update(&records(&[
+                ("db.default.mesh.local", &["10.42.1.5"]),
+                ("db.mesh.local.", &["10.42.1.5"]),
+                ("w1.node.mesh.local", &["10.42.0.1"]),
+            ]))
+            .await;
+        assert_eq!(updated, Updated { changed: 3, rejected: vec![] });
+        server
+    }
+
+    #[tokio::test]
+    async fn answers_authoritatively_with_a_short_ttl() {
+        let server = server().await;
+        let addr = server.local_addrs()[0];
+        let answer = udp(addr, "db.default.mesh.local.", RecordType::A).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(answer.metadata.authoritative, "AA bit");
+        assert_eq!(a_records(&answer), [Ipv4Addr::new(10, 42, 1, 5)]);
+        assert_eq!(answer.answers[0].ttl, TTL);
+        // Case does not matter.
+        assert_eq!(a_records(&udp(addr, "W1.Node.Mesh.Local.", RecordType::A).await), [Ipv4Addr::new(10, 42, 0, 1)]);
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_names_are_nxdomain_with_the_soa() {
+        let server = server().await;
+        let addr = server.local_addrs()[0];
+        let answer = udp(addr, "nope.default.mesh.local.", RecordType::A).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain);
+        assert!(answer.metadata.authoritative);
+        assert!(answer.answers.is_empty());
+        assert!(
+            answer.authorities.iter().any(|r| matches!(&r.data, RData::SOA(soa) if soa.minimum == TTL)),
+            "{:?}",
+            answer.authorities
+        );
+        // A name that exists, with another type: NOERROR without answers (NODATA).
+        let nodata = udp(addr, "db.default.mesh.local.", RecordType::AAAA).await;
+        assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+        assert!(nodata.answers.is_empty());
+        // A name with names below it but no records of its own (`node.mesh.local`): NODATA too.
+        let empty = udp(addr, "node.mesh.local.", RecordType::A).await;
+        assert_eq!(empty.metadata.response_code, ResponseCode::NoError);
+        assert!(empty.answers.is_empty());
+        // The apex answers SOA.
+        let soa = udp(addr, "mesh.local.", RecordType::SOA).await;
+        assert_eq!(soa.metadata.response_code, ResponseCode::NoError);
+        assert!(matches!(soa.answers.first().map(|r| &r.data), Some(RData::SOA(_))), "{soa:?}");
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn names_outside_the_zone_are_refused() {
+        let server = server().await;
+        let addr = server.local_addrs()[0];
+        for name in ["example.com.", "local.", "mesh.localx."] {
+            let answer = udp(addr, name, RecordType::A).await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::Refused, "{name}");
+            assert!(answer.answers.is_empty());
+        }
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_update_is_visible_to_the_next_query() {
+        let server = server().await;
+        let addr = server.local_addrs()[0];
+        let serial = |m: &Message| match m.answers.first().map(|r| &r.data) {
+            Some(RData::SOA(soa)) => soa.serial,
+            other => panic!("no SOA: {other:?}"),
+        };
+        let serial_before = serial(&udp(addr, "mesh.local.", RecordType::SOA).await);
+
+        let updated = server
+            .update(&records(&[
+                ("db.default.mesh.local", &["10.42.1.6", "10.42.1.7"]),
+                ("db.mesh.local.", &["10.42.1.5"]),
+                ("web.default.mesh.local", &["192.0.2.1"]),
+                ("gone.default.mesh.local", &[]),
+                ("example.com", &["192.0.2.2"]),
+                ("mesh.local", &["192.0.2.3"]),
+            ]))
+            .await;
+        // db changed, web added, w1.node removed; db.mesh.local untouched.
+        assert_eq!(updated.changed, 3, "{updated:?}");
+        assert_eq!(updated.rejected.len(), 2, "{updated:?}");
+        assert!(updated.rejected[0].starts_with("example.com: not a name under the zone mesh.local."));
+
+        let db = udp(addr, "db.default.mesh.local.", RecordType::A).await;
+        assert_eq!(a_records(&db), [Ipv4Addr::new(10, 42, 1, 6), Ipv4Addr::new(10, 42, 1, 7)]);
+        assert_eq!(
+            a_records(&udp(addr, "web.default.mesh.local.", RecordType::A).await),
+            [Ipv4Addr::new(192, 0, 2, 1)]
+        );
+        let gone = udp(addr, "w1.node.mesh.local.", RecordType::A).await;
+        assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(a_records(&udp(addr, "db.mesh.local.", RecordType::A).await), [Ipv4Addr::new(10, 42, 1, 5)]);
+        assert_eq!(serial(&udp(addr, "mesh.local.", RecordType::SOA).await), serial_before.wrapping_add(1));
+
+        // The same records again change nothing.
+        let again = server
+            .update(&records(&[
+                ("db.default.mesh.local", &["10.42.1.7", "10.42.1.6"]),
+                ("db.mesh.local.", &["10.42.1.5"]),
+                ("web.default.mesh.local", &["192.0.2.1"]),
+            ]))
+            .await;
+        assert_eq!(again, Updated::default());
+        assert_eq!(serial(&udp(addr, "mesh.local.", RecordType::SOA).await), serial_before.wrapping_add(1));
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_works_too() {
+        let server = server().await;
+        let addr = server.local_addrs()[0];
+        let answer = tcp(addr, "db.mesh.local.", RecordType::A).await;
+        assert!(answer.metadata.authoritative);
+        assert_eq!(a_records(&answer), [Ipv4Addr::new(10, 42, 1, 5)]);
+        assert_eq!(tcp(addr, "nope.mesh.local.", RecordType::A).await.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(tcp(addr, "example.com.", RecordType::A).await.metadata.response_code, ResponseCode::Refused);
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn several_addresses_and_a_clean_shutdown() {
+        let listen: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap()];
+        let server = timeout(WAIT, DnsServer::start(&listen, "mesh.local.")).await.unwrap().unwrap();
+        server.update(&records(&[("a.b.mesh.local", &["10.42.1.1"])])).await;
+        let addrs = server.local_addrs().to_vec();
+        assert_eq!(addrs.len(), 2);
+        for addr in &addrs {
+            assert_eq!(a_records(&udp(*addr, "a.b.mesh.local.", RecordType::A).await), [Ipv4Addr::new(10, 42, 1, 1)]);
+            assert_eq!(a_records(&tcp(*addr, "a.b.mesh.local.", RecordType::A).await), [Ipv4Addr::new(10, 42, 1, 1)]);
+        }
+        assert!(server.is_running());
+        timeout(WAIT, server.shutdown()).await.expect("shutdown in time").unwrap();
+        // The ports are free again.
+        for addr in addrs {
+            UdpSocket::bind(addr).await.unwrap();
+            TcpListener::bind(addr).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_say_what_to_do() {
+        let err = DnsServer::start(&[], "mesh.local").await.err().unwrap();
+        assert!(err.to_string().contains("at least one listen address"), "{err:#}");
+        let err = DnsServer::start(&["127.0.0.1:0".parse().unwrap()], ".").await.err().unwrap();
+        assert!(err.to_string().contains("must not be the root"), "{err:#}");
+    }
+}

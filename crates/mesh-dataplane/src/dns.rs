@@ -1,0 +1,547 @@
+//! The `mesh.local` zone as a pure function of the directory: which name resolves to which
+//! address.
+//!
+//! | name | address |
+//! |---|---|
+//! | `<service>.<namespace>.mesh.local` | its mesh IP (`mesh`, `dual`); its node's underlay address (`host`) |
+//! | `<service>.mesh.local` | the same, when exactly one namespace has a service of that name |
+//! | `<node>.node.mesh.local` | the node's mesh IP |
+//!
+//! Fallback: a node that is not in the tunnel (no WireGuard, backend `none`) is published at its
+//! underlay address, and so is every service it hosts, whatever its type, since their mesh IPs
+//! are unreachable.
+//!
+//! No record is published while an address is unknown (a `host` service not placed yet, a node
+//! that has not reported its underlay address), so such names are NXDOMAIN.
+//!
+//! Name rules, chosen so that no two things ever share a name:
+//!
+//! - the label `node` right under the zone is the node subdomain. A service *named* `node`
+//!   keeps its long name `node.<namespace>.mesh.local` but never gets the short name
+//!   `node.mesh.local`; a service in a *namespace* named `node` keeps its short name (if unique)
+//!   but never gets a long name, since `<service>.node.mesh.local` is a node's name. Both are
+//!   reported in [`Zone::unpublished`], whether or not a node of that name exists, so that a
+//!   name does not come and go with nodes.
+//! - service names and namespaces must be DNS labels (lowercase letters, digits and `-`, at most
+//!   63), as Kubernetes validates them; node names may be dotted DNS subdomains (as cloud node
+//!   names often are), each label a DNS label. Anything else is reported and not published.
+//! - a short name is withheld when several namespaces have a service of that name, counting
+//!   every service whether or not it has an address yet, so that the short name does not flip
+//!   as the others get placed. Each such name is listed in [`Zone::ambiguous`] with the services
+//!   involved, for the condition that tells their owners why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use crate::desired::Exposure;
+
+/// The DNS zone of the mesh.
+pub const ZONE: &str = "mesh.local";
+
+/// The label under [`ZONE`] that holds the node names: `<node>.node.mesh.local`.
+pub const NODE_LABEL: &str = "node";
+
+/// The longest DNS name, in characters, without the trailing dot.
+const MAX_NAME: usize = 253;
+
+/// A node as DNS needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// The MeshNode name.
+    pub name: String,
+    /// Its mesh IP, once allocated.
+    pub mesh_ip: Option<Ipv4Addr>,
+    /// Its underlay address (what `host` services and a fallback node resolve to), once known.
+    pub underlay: Option<Ipv4Addr>,
+    /// False for a node in fallback (no WireGuard): its mesh IP and those of its services are
+    /// unreachable, so its underlay address is published instead.
+    pub in_tunnel: bool,
+}
+
+/// A service as DNS needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// The MeshService namespace.
+    pub namespace: String,
+    /// The MeshService name.
+    pub name: String,
+    /// Its network type.
+    pub exposure: Exposure,
+    /// Its mesh IP, once allocated (none for `host`).
+    pub mesh_ip: Option<Ipv4Addr>,
+    /// The MeshNode hosting it now.
+    pub node: Option<String>,
+}
+
+impl Service {
+    /// `namespace/name`, as the reports name a service.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A short name that is not published because several namespaces have a service of that name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ambiguity {
+    /// The service name shared by several namespaces.
+    pub service: String,
+    /// The short name withheld, `<service>.mesh.local`.
+    pub short_name: String,
+    /// The services involved, `namespace/name`, sorted.
+    pub services: Vec<String>,
+}
+
+impl Ambiguity {
+    /// A sentence for the condition of each service involved.
+    pub fn message(&self) -> String {
+        let namespaces: Vec<&str> =
+            self.services.iter().map(|s| s.split_once('/').map_or(s.as_str(), |(ns, _)| ns)).collect();
+        format!(
+            "{} is not published because namespaces {} each have a service named {}; use {}.<namespace>.{ZONE}",
+            self.short_name,
+            namespaces.join(", "),
+            self.service,
+            self.service,
+        )
+    }
+}
+
+/// A name that the rules withhold, and why (for a condition or an event).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Unpublished {
+    /// What it is about: `namespace/name` for a service, the node name for a node.
+    pub subject: String,
+    /// Why, and what to do about it.
+    pub why: String,
+}
+
+/// The zone's content.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Zone {
+    /// A records: fully qualified name without the trailing dot (`db.default.mesh.local`) →
+    /// addresses, sorted and without duplicates, never empty.
+    pub records: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// The short names withheld because several namespaces use them, sorted by name.
+    pub ambiguous: Vec<Ambiguity>,
+    /// Names withheld by the naming rules, sorted.
+    pub unpublished: Vec<Unpublished>,
+}
+
+impl Zone {
+    /// The ambiguity a service is part of, if its short name is withheld for that reason.
+    pub fn ambiguity(&self, namespace: &str, name: &str) -> Option<&Ambiguity> {
+        let key = format!("{namespace}/{name}");
+        self.ambiguous.iter().find(|a| a.service == name && a.services.contains(&key))
+    }
+}
+
+/// `<service>.<namespace>.mesh.local`: a service's full name.
+pub fn service_name(namespace: &str, name: &str) -> String {
+    format!("{name}.{namespace}.{ZONE}")
+}
+
+/// `<service>.mesh.local`: a service's short name (published only when unambiguous).
+pub fn short_name(name: &str) -> String {
+    format!("{name}.{ZONE}")
+}
+
+/// `<node>.node.mesh.local`: a node's name.
+pub fn node_name(name: &str) -> String {
+    format!("{name}.{NODE_LABEL}.{ZONE}")
+}
+
+/// The address a node's name resolves to: its mesh IP, or its underlay address in fallback.
+pub fn node_address(node: &Node) -> Option<Ipv4Addr> {
+    if node.in_tunnel { node.mesh_ip } else { node.underlay }
+}
+
+/// The address a service's names resolve to, given the node hosting it (if known): the mesh IP
+/// for `mesh` and `dual`, the hosting node's underlay address for `host` and for any service
+/// whose hosting node is in fallback.
+///
+/// A `mesh` or `dual` service keeps resolving to its mesh IP while its hosting node is unknown
+/// (not placed, or between nodes): the IP is stable and comes back with the next placement.
+pub fn service_address(service: &Service, hosting: Option<&Node>) -> Option<Ipv4Addr> {
+    match (service.exposure, hosting) {
+        (_, Some(node)) if !node.in_tunnel => node.underlay,
+        (Exposure::Host, node) => node.and_then(|n| n.underlay),
+        (Exposure::Mesh | Exposure::Dual, _) => service.mesh_ip,
+    }
+}
+
+/// Computes the zone from all nodes and all services.
+pub fn zone(nodes: &[Node], services: &[Service]) -> Zone {
+    let mut records: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut unpublished = BTreeSet::new();
+    let mut publish = |name: String, ip: Option<Ipv4Addr>| {
+        if let Some(ip) = ip {
+            records.entry(name).or_default().insert(ip);
+        }
+    };
+
+    let mut by_name: BTreeMap<&str, &Node> = BTreeMap::new();
+    for node in nodes {
+        by_name.insert(&node.name, node);
+        match check_node_name(&node.name) {
+            Ok(()) => publish(node_name(&node.name), node_address(node)),
+            Err(why) => {
+                unpublished.insert(Unpublished { subject: node.name.clone(), why });
+            }
+        }
+    }
+
+    // Service name → namespace → addresses; the short name is published when one namespace has it.
+    let mut short: BTreeMap<&str, BTreeMap<&str, BTreeSet<Ipv4Addr>>> = BTreeMap::new();
+    for service in services {
+        if let Err(why) = check_service_name(service) {
+            unpublished.insert(Unpublished { subject: service.key(), why });
+            continue;
+        }
+        let hosting = service.node.as_deref().and_then(|n| by_name.get(n).copied());
+        let ip = service_address(service, hosting);
+        if service.namespace == NODE_LABEL {
+            unpublished.insert(Unpublished {
+                subject: service.key(),
+                why: format!(
+                    "no name {}: the namespace {NODE_LABEL} collides with the node subdomain {NODE_LABEL}.{ZONE}; \
+                     use a service in another namespace",
+                    service_name(&service.namespace, &service.name)
+                ),
+            });
+        } else {
+            publish(service_name(&service.namespace, &service.name), ip);
+        }
+        if service.name == NODE_LABEL {
+            unpublished.insert(Unpublished {
+                subject: service.key(),
+                why: format!(
+                    "no short name {}: it is the node subdomain; use {}",
+                    short_name(&service.name),
+                    service_name(&service.namespace, &service.name)
+                ),
+            });
+            continue;
+        }
+        short.entry(&service.name).or_default().entry(&service.namespace).or_default().extend(ip);
+    }
+
+    let mut ambiguous = Vec::new();
+    for (name, namespaces) in short {
+        if namespaces.len() == 1 {
+            for ips in namespaces.into_values() {
+                for ip in ips {
+                    publish(short_name(name), Some(ip));
+                }
+            }
+        } else {
+            ambiguous.push(Ambiguity {
+                service: name.to_owned(),
+                short_name: short_name(name),
+                services: namespaces.keys().map(|ns| format!("{ns}/{name}")).collect(),
+            });
+        }
+    }
+
+    Zone {
+        records: records.into_iter().map(|(name, ips)| (name, ips.into_iter().collect())).collect(),
+        ambiguous,
+        unpublished: unpublished.into_iter().collect(),
+    }
+}
+
+/// Why `label` is not a DNS label (RFC 1123: 1 to 63 lowercase letters, digits and `-`, not
+/// starting or ending with `-`), if it is not.
+fn label_problem(label: &str) -> Option<&'static str> {
+    if label.is_empty() {
+        Some("is empty")
+    } else if label.len() > 63 {
+        Some("is longer than 63 characters")
+    } else if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        Some("has characters other than lowercase letters, digits and '-'")
+    } else if label.starts_with('-') || label.ends_with('-') {
+        Some("starts or ends with '-'")
+    } else {
+        None
+    }
+}
+
+fn check_service_name(service: &Service) -> Result<(), String> {
+    for (what, label) in [("name", &service.name), ("namespace", &service.namespace)] {
+        if let Some(problem) = label_problem(label) {
+            return Err(format!(
+                "no DNS name: the {what} {label:?} {problem}; a MeshService name and namespace must be DNS labels"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_node_name(name: &str) -> Result<(), String> {
+    for label in name.split('.') {
+        if let Some(problem) = label_problem(label) {
+            return Err(format!(
+                "no DNS name: the part {label:?} of the node name {problem}; rename the MeshNode to a DNS subdomain"
+            ));
+        }
+    }
+    let full = node_name(name);
+    if full.len() > MAX_NAME {
+        return Err(format!(
+            "no DNS name: {full} is longer than {MAX_NAME} characters; give the MeshNode a shorter name"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn node(name: &str, mesh: Option<&str>, underlay: Option<&str>, in_tunnel: bool) -> Node {
+        Node { name: name.into(), mesh_ip: mesh.map(ip), underlay: underlay.map(ip), in_tunnel }
+    }
+
+    fn service(namespace: &str, name: &str, exposure: Exposure, mesh: Option<&str>, on: Option<&str>) -> Service {
+        Service {
+            namespace: namespace.into(),
+            name: name.into(),
+            exposure,
+            mesh_ip: mesh.map(ip),
+            node: on.map(Into::into),
+        }
+    }
+
+    fn lookup<'a>(zone: &'a Zone, name: &str) -> Option<&'a [Ipv4Addr]> {
+        zone.records.get(name).map(Vec::as_slice)
+    }
+
+    #[test]
+    fn types_mesh_dual_host_resolve_as_the_issue_says() {
+        let nodes = [node("w1", Some("10.42.0.1"), Some("192.0.2.1"), true)];
+        let services = [
+            service("default", "m", Exposure::Mesh, Some("10.42.1.1"), Some("w1")),
+            service("default", "d", Exposure::Dual, Some("10.42.1.2"), Some("w1")),
+            service("default", "h", Exposure::Host, None, Some("w1")),
+        ];
+        let zone = zone(&nodes, &services);
+        assert_eq!(lookup(&zone, "m.default.mesh.local"), Some(&[ip("10.42.1.1")][..]));
+        assert_eq!(lookup(&zone, "m.mesh.local"), Some(&[ip("10.42.1.1")][..]));
+        assert_eq!(lookup(&zone, "d.default.mesh.local"), Some(&[ip("10.42.1.2")][..]));
+        assert_eq!(lookup(&zone, "h.default.mesh.local"), Some(&[ip("192.0.2.1")][..]));
+        assert_eq!(lookup(&zone, "h.mesh.local"), Some(&[ip("192.0.2.1")][..]));
+        assert_eq!(lookup(&zone, "w1.node.mesh.local"), Some(&[ip("10.42.0.1")][..]));
+        assert_eq!(zone.records.len(), 7, "{:?}", zone.records);
+        assert!(zone.ambiguous.is_empty() && zone.unpublished.is_empty());
+    }
+
+    #[test]
+    fn a_node_in_fallback_and_its_services_resolve_to_its_underlay_address() {
+        let nodes = [node("fb", Some("10.42.0.9"), Some("192.0.2.9"), false)];
+        let services = [
+            service("ns", "m", Exposure::Mesh, Some("10.42.1.1"), Some("fb")),
+            service("ns", "d", Exposure::Dual, Some("10.42.1.2"), Some("fb")),
+            service("ns", "h", Exposure::Host, None, Some("fb")),
+        ];
+        let zone = zone(&nodes, &services);
+        for name in ["fb.node.mesh.local", "m.ns.mesh.local", "d.ns.mesh.local", "h.ns.mesh.local", "m.mesh.local"] {
+            assert_eq!(lookup(&zone, name), Some(&[ip("192.0.2.9")][..]), "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_addresses_publish_nothing() {
+        let nodes = [node("a", None, None, true), node("b", Some("10.42.0.2"), None, false)];
+        let services = [
+            service("ns", "h", Exposure::Host, None, Some("a")),
+            service("ns", "unplaced", Exposure::Host, None, None),
+            service("ns", "nowhere", Exposure::Host, None, Some("gone")),
+            service("ns", "pending", Exposure::Mesh, None, None),
+            service("ns", "on-b", Exposure::Mesh, Some("10.42.1.1"), Some("b")),
+        ];
+        let zone = zone(&nodes, &services);
+        assert!(zone.records.is_empty(), "{:?}", zone.records);
+    }
+
+    #[test]
+    fn a_mesh_service_keeps_its_ip_while_its_node_is_unknown() {
+        let services = [service("ns", "m", Exposure::Mesh, Some("10.42.1.1"), Some("gone"))];
+        let zone = zone(&[], &services);
+        assert_eq!(lookup(&zone, "m.ns.mesh.local"), Some(&[ip("10.42.1.1")][..]));
+    }
+
+    #[test]
+    fn a_short_name_used_in_two_namespaces_is_withheld_and_reported() {
+        let nodes = [node("w1", Some("10.42.0.1"), Some("192.0.2.1"), true)];
+        let services = [
+            service("b", "db", Exposure::Mesh, Some("10.42.1.2"), Some("w1")),
+            service("a", "db", Exposure::Mesh, Some("10.42.1.1"), Some("w1")),
+            // No address yet, but it already makes `web` ambiguous.
+            service("a", "web", Exposure::Mesh, Some("10.42.1.3"), Some("w1")),
+            service("b", "web", Exposure::Host, None, None),
+        ];
+        let zone = zone(&nodes, &services);
+        assert_eq!(lookup(&zone, "db.mesh.local"), None);
+        assert_eq!(lookup(&zone, "web.mesh.local"), None);
+        assert_eq!(lookup(&zone, "db.a.mesh.local"), Some(&[ip("10.42.1.1")][..]));
+        assert_eq!(lookup(&zone, "db.b.mesh.local"), Some(&[ip("10.42.1.2")][..]));
+        assert_eq!(zone.ambiguous.len(), 2);
+        let db = zone.ambiguity("b", "db").expect("db is ambiguous");
+        assert_eq!(db.short_name, "db.mesh.local");
+        assert_eq!(db.services, ["a/db", "b/db"]);
+        assert_eq!(
+            db.message(),
+            "db.mesh.local is not published because namespaces a, b each have a service named db; \
+             use db.<namespace>.mesh.local"
+        );
+        assert!(zone.ambiguity("a", "web").is_some());
+        assert!(zone.ambiguity("c", "db").is_none());
+    }
+
+    #[test]
+    fn the_node_label_never_collides() {
+        let nodes = [node("x", Some("10.42.0.1"), Some("192.0.2.1"), true)];
+        let services = [
+            // Would be x.node.mesh.local, the node's name.
+            service("node", "x", Exposure::Mesh, Some("10.42.1.1"), Some("x")),
+            // Would be node.mesh.local, the node subdomain.
+            service("default", "node", Exposure::Mesh, Some("10.42.1.2"), Some("x")),
+        ];
+        let zone = zone(&nodes, &services);
+        assert_eq!(lookup(&zone, "x.node.mesh.local"), Some(&[ip("10.42.0.1")][..]));
+        assert_eq!(lookup(&zone, "x.mesh.local"), Some(&[ip("10.42.1.1")][..]), "short name of node/x is fine");
+        assert_eq!(lookup(&zone, "node.mesh.local"), None);
+        assert_eq!(lookup(&zone, "node.default.mesh.local"), Some(&[ip("10.42.1.2")][..]));
+        let subjects: Vec<&str> = zone.unpublished.iter().map(|u| u.subject.as_str()).collect();
+        assert_eq!(subjects, ["default/node", "node/x"]);
+        assert!(zone.unpublished[0].why.contains("use node.default.mesh.local"), "{:?}", zone.unpublished);
+    }
+
+    #[test]
+    fn invalid_names_are_reported_not_published() {
+        let long = "a".repeat(64);
+        let nodes = [
+            node("Upper", Some("10.42.0.1"), None, true),
+            node("ip-10-0-0-1.ec2.internal", Some("10.42.0.2"), None, true),
+            node(&[&*long, "b"].join("."), Some("10.42.0.3"), None, true),
+            node(&vec!["a".repeat(60); 4].join("."), Some("10.42.0.4"), None, true),
+        ];
+        let services = [
+            service("ns", "-x", Exposure::Mesh, Some("10.42.1.1"), None),
+            service("n_s", "y", Exposure::Mesh, Some("10.42.1.2"), None),
+            service("ns", "", Exposure::Mesh, Some("10.42.1.3"), None),
+        ];
+        let zone = zone(&nodes, &services);
+        assert_eq!(zone.records.keys().collect::<Vec<_>>(), ["ip-10-0-0-1.ec2.internal.node.mesh.local"]);
+        assert_eq!(zone.unpublished.len(), 6, "{:#?}", zone.unpublished);
+        assert!(zone.unpublished.iter().all(|u| u.why.starts_with("no DNS name")));
+    }
+
+    #[derive(Debug, Clone)]
+    struct Input {
+        nodes: Vec<Node>,
+        services: Vec<Service>,
+    }
+
+    fn opt_ip() -> impl Strategy<Value = Option<Ipv4Addr>> {
+        prop::option::of((1u8..=3, 0u8..4).prop_map(|(a, b)| Ipv4Addr::new(10, 42, a, b)))
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        let names = prop::sample::select(vec!["a", "b", "node", "db", "x.y"]);
+        let nodes = prop::collection::vec((names.clone(), opt_ip(), opt_ip(), any::<bool>()), 0..5).prop_map(|v| {
+            let mut seen = BTreeSet::new();
+            v.into_iter()
+                .filter(|(n, ..)| seen.insert(*n))
+                .map(|(name, mesh_ip, underlay, in_tunnel)| Node {
+                    name: name.into(),
+                    mesh_ip,
+                    underlay: underlay.map(|ip| Ipv4Addr::new(192, 0, 2, ip.octets()[3])),
+                    in_tunnel,
+                })
+                .collect::<Vec<_>>()
+        });
+        let exposure = prop::sample::select(vec![Exposure::Mesh, Exposure::Host, Exposure::Dual]);
+        let services = prop::collection::vec(
+            (
+                prop::sample::select(vec!["default", "prod", "node", "a"]),
+                prop::sample::select(vec!["db", "web", "node", "a", "default"]),
+                exposure,
+                opt_ip(),
+                prop::option::of(names),
+            ),
+            0..12,
+        )
+        .prop_map(|v| {
+            let mut seen = BTreeSet::new();
+            v.into_iter()
+                .filter(|(ns, n, ..)| seen.insert((*ns, *n)))
+                .map(|(ns, name, exposure, mesh_ip, node)| Service {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    exposure,
+                    mesh_ip,
+                    node: node.map(Into::into),
+                })
+                .collect::<Vec<_>>()
+        });
+        (nodes, services).prop_map(|(nodes, services)| Input { nodes, services })
+    }
+
+    proptest! {
+        /// Every service with an address resolves to it by its long name (outside the reserved
+        /// namespace), every node with an address by its node name, a short name exists only
+        /// for a name one namespace uses, and no name is claimed by two things.
+        #[test]
+        fn names_resolve_and_never_collide(input in input()) {
+            let zone = zone(&input.nodes, &input.services);
+            let hosting = |s: &Service| input.nodes.iter().find(|n| Some(&n.name) == s.node.as_ref());
+            let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+            let mut claim = |name: String, by: String| -> Result<(), TestCaseError> {
+                if let Some(other) = claimed.insert(name.clone(), by.clone()) {
+                    prop_assert!(false, "{name} claimed by {other} and {by}");
+                }
+                Ok(())
+            };
+            for node in &input.nodes {
+                let addr = node_address(node);
+                prop_assert_eq!(zone.records.get(&node_name(&node.name)).cloned(), addr.map(|a| vec![a]));
+                if addr.is_some() {
+                    claim(node_name(&node.name), format!("node {}", node.name))?;
+                }
+            }
+            for s in &input.services {
+                let addr = service_address(s, hosting(s));
+                if s.namespace != NODE_LABEL {
+                    let long = zone.records.get(&service_name(&s.namespace, &s.name)).cloned();
+                    prop_assert_eq!(long, addr.map(|a| vec![a]));
+                    if addr.is_some() {
+                        claim(service_name(&s.namespace, &s.name), s.key())?;
+                    }
+                }
+                let users = input.services.iter().filter(|o| o.name == s.name).count();
+                let short = zone.records.get(&short_name(&s.name)).cloned();
+                if users == 1 && s.name != NODE_LABEL {
+                    prop_assert_eq!(short, addr.map(|a| vec![a]));
+                    if addr.is_some() {
+                        claim(short_name(&s.name), format!("short {}", s.key()))?;
+                    }
+                } else {
+                    prop_assert_eq!(short, None);
+                }
+                prop_assert_eq!(zone.ambiguity(&s.namespace, &s.name).is_some(), users > 1 && s.name != NODE_LABEL);
+            }
+            // Nothing else is published, and every record is well formed.
+            prop_assert_eq!(claimed.keys().collect::<Vec<_>>(), zone.records.keys().collect::<Vec<_>>());
+            for (name, ips) in &zone.records {
+                prop_assert!(name.ends_with(".mesh.local") && name.len() <= MAX_NAME);
+                prop_assert!(!ips.is_empty() && ips.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+    }
+}
