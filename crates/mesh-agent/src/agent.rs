@@ -63,6 +63,9 @@ pub struct Config {
     /// The port DNS for `mesh.local` is served on (on the mesh IP; in fallback on the underlay
     /// address); 0 turns it off.
     pub dns_port: u16,
+    /// Also serve DNS on the node's underlay address (for CoreDNS's stub domain in a cluster,
+    /// whose pods reach node addresses but not mesh IPs).
+    pub dns_on_underlay: bool,
 }
 
 /// The running agent.
@@ -236,7 +239,7 @@ impl Agent {
         if self.device.fallback_reason().is_some() {
             // Out of the tunnel: DNS is served on the underlay address, where others can reach it.
             let underlay = me.status.as_ref().and_then(|s| s.endpoint.as_deref()).and_then(underlay_ipv4);
-            return self.serve_dns(underlay).await;
+            return self.serve_dns(underlay.into_iter().collect()).await;
         }
         let entries = self.directory.peer_entries().await;
         let peers = desired::peers(&name, &self.key.public_key(), &entries);
@@ -291,21 +294,29 @@ impl Agent {
         self.metrics.applied_services.set(hosted.len() as i64);
         self.enforce(&hosted).await?;
         self.ensure_echo(node_ip);
-        self.serve_dns(Some(node_ip)).await
+        let mut listen = vec![node_ip];
+        if self.config.dns_on_underlay
+            && let Some(underlay) = me.status.as_ref().and_then(|s| s.endpoint.as_deref()).and_then(underlay_ipv4)
+        {
+            listen.push(underlay);
+        }
+        self.serve_dns(listen).await
     }
 
-    /// Serves the zone on `ip` (restarting the server when the address changed or it died) and
-    /// brings its records up to date with the directory.
-    async fn serve_dns(&mut self, ip: Option<Ipv4Addr>) -> anyhow::Result<()> {
-        let Some(ip) = ip.filter(|_| self.config.dns_port != 0) else { return Ok(()) };
-        let addr = SocketAddr::from((ip, self.config.dns_port));
-        let current = self.dns.as_ref().is_some_and(|d| d.is_running() && d.local_addrs() == [addr]);
+    /// Serves the zone on `ips` (restarting the server when the addresses changed or it died)
+    /// and brings its records up to date with the directory.
+    async fn serve_dns(&mut self, ips: Vec<Ipv4Addr>) -> anyhow::Result<()> {
+        if self.config.dns_port == 0 || ips.is_empty() {
+            return Ok(());
+        }
+        let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::from((ip, self.config.dns_port))).collect();
+        let current = self.dns.as_ref().is_some_and(|d| d.is_running() && d.local_addrs() == addrs.as_slice());
         if !current {
             if let Some(old) = self.dns.take() {
                 let _ = old.shutdown().await;
             }
-            self.dns = Some(DnsServer::start(&[addr], mesh_dataplane::dns::ZONE).await?);
-            tracing::info!(%addr, "serving DNS for {}", mesh_dataplane::dns::ZONE);
+            self.dns = Some(DnsServer::start(&addrs, mesh_dataplane::dns::ZONE).await?);
+            tracing::info!(?addrs, "serving DNS for {}", mesh_dataplane::dns::ZONE);
         }
         let (nodes, services) = self.directory.dns_inputs();
         let zone = mesh_dataplane::dns::zone(&nodes, &services);

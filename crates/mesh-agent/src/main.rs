@@ -100,6 +100,11 @@ struct Args {
     #[arg(long, env = "MESH_DNS_PORT", default_value_t = 53)]
     dns_port: u16,
 
+    /// Also serve DNS on the node's underlay address, so that CoreDNS (whose pods reach node
+    /// addresses, not mesh IPs) can forward the mesh.local stub domain to it.
+    #[arg(long, env = "MESH_DNS_ON_UNDERLAY")]
+    dns_on_underlay: bool,
+
     /// The nft binary (nftables) that enforces service ports.
     #[arg(long, env = "MESH_NFT", default_value = "nft")]
     nft: PathBuf,
@@ -162,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
         lease_namespace: args.lease_namespace,
         nft: args.nft,
         dns_port: args.dns_port,
+        dns_on_underlay: args.dns_on_underlay,
     };
     let agent = Agent::start(config, client, key, metrics, health_tx).await?;
     let result = agent.run(shutdown_signal()).await;
