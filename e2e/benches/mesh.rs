@@ -3,6 +3,8 @@
 //! - service convergence: time from creating a MeshService (as `kubectl apply` does) on node 2
 //!   until a TCP connection to its mesh IP works from every other node; 20 tries, median and
 //!   worst;
+//! - DNS convergence: time from creating a MeshService until every node's agent answers its
+//!   name with its mesh IP; 20 tries, median and worst;
 //! - ping round-trip time between two nodes over the mesh and over the plain veth underlay,
 //!   median of 100 pings each, measured in one run.
 //!
@@ -91,20 +93,52 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.kill();
     let _ = server.wait();
 
+    let mut dns_times = Vec::new();
+    for i in 0..TRIES {
+        let name = format!("bench-dns-{i}");
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+        let started = Instant::now();
+        api.create(&PostParams::default(), &service(&name, json!({"node": host, "network": {"type": "mesh", "ports": [PORT]}})))
+            .await?;
+        let fqdn = format!("{name}.default.mesh.local");
+        let mut waiting: Vec<String> = names.clone();
+        while !waiting.is_empty() {
+            let ip = api.get(&name).await?.status.and_then(|s| s.mesh_ip);
+            if let Some(ip) = ip {
+                let ip: Ipv4Addr = ip.parse()?;
+                let mut still = Vec::new();
+                for node in waiting {
+                    let answer = mesh.dig(&node, info[&node].mesh_ip, &fqdn, false)?;
+                    if answer.addresses != [ip] {
+                        still.push(node);
+                    }
+                }
+                waiting = still;
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "{fqdn} not answered by {waiting:?} in 30 s");
+        }
+        dns_times.push(started.elapsed().as_secs_f64());
+        api.delete(&name, &DeleteParams::default()).await?;
+    }
+    let dns_worst = dns_times.iter().copied().fold(0.0, f64::max);
+
     let worst = times.iter().copied().fold(0.0, f64::max);
     let rows = [
         ("MeshService create -> reachable from every node, median (20 tries)", format!("{:.2} s", median(&times))),
         ("MeshService create -> reachable from every node, worst (20 tries)", format!("{worst:.2} s")),
+        ("MeshService create -> its name answered by every node's DNS, median (20 tries)", format!("{:.2} s", median(&dns_times))),
+        ("MeshService create -> its name answered by every node's DNS, worst (20 tries)", format!("{dns_worst:.2} s")),
         ("ping RTT over the mesh, median of 100", format!("{:.3} ms", median(&over_mesh))),
         ("ping RTT over the veth underlay, median of 100", format!("{:.3} ms", median(&over_underlay))),
         ("mesh / underlay RTT ratio", format!("{:.1}x", median(&over_mesh) / median(&over_underlay))),
     ];
-    println!("\n{:<72} value", "benchmark (lab, userspace WireGuard)");
+    println!("\n{:<80} value", "benchmark (lab, userspace WireGuard)");
     for (name, value) in &rows {
-        println!("{name:<72} {value}");
+        println!("{name:<80} {value}");
     }
     let json = json!({
         "converge_seconds": {"median": median(&times), "worst": worst, "tries": times},
+        "dns_seconds": {"median": median(&dns_times), "worst": dns_worst, "tries": dns_times},
         "ping_ms": {"mesh_median": median(&over_mesh), "underlay_median": median(&over_underlay)},
     });
     let dir = harness_mesh_e2e::repo_root().join("target/bench");

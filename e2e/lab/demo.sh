@@ -42,6 +42,7 @@ for _ in $(seq 1 120); do
 done
 ip="$("${kubectl[@]}" get ms hello -o jsonpath='{.status.meshIP}')"
 node3="$("${kubectl[@]}" get mn hm-node-3 -o jsonpath='{.status.meshIP}')"
+node1="$("${kubectl[@]}" get mn hm-node-1 -o jsonpath='{.status.meshIP}')"
 
 say 'kubectl get mesh -A'
 "${kubectl[@]}" get mesh -A
@@ -51,8 +52,17 @@ say 'e2e/lab/lab.sh exec hm-node-1 -- wg show wg-harness'
 on hm-node-1 -- wg show wg-harness
 say "e2e/lab/lab.sh exec hm-node-1 -- ping -c 3 $node3      # hm-node-3 over the mesh"
 on hm-node-1 -- ping -n -c 3 -i 0.2 "$node3"
+say "e2e/lab/lab.sh exec hm-node-1 -- dig +short @$node1 hello.default.mesh.local      # the agent's DNS"
+for _ in $(seq 1 20); do
+  answer="$(on hm-node-1 -- dig +short +time=1 "@$node1" hello.default.mesh.local 2>/dev/null || true)"
+  [ "$answer" = "$ip" ] && break
+  sleep 0.3
+done
+echo "$answer"
+say "e2e/lab/lab.sh exec hm-node-1 -- dig +short @$node1 hm-node-3.node.mesh.local"
+on hm-node-1 -- dig +short +time=1 "@$node1" hm-node-3.node.mesh.local
 for n in 1 3; do
-  say "e2e/lab/lab.sh exec hm-node-$n -- socat -u TCP:$ip:8080 -      # the service, listed port"
+  say "e2e/lab/lab.sh exec hm-node-$n -- socat -u TCP:$ip:8080 -      # hello, listed port"
   for _ in $(seq 1 20); do on "hm-node-$n" -- socat -T 2 -u "TCP:$ip:8080,connect-timeout=1" - 2>/dev/null && break; sleep 0.5; done
 done
 say "e2e/lab/lab.sh exec hm-node-1 -- socat -u TCP:$ip:8081 -      # not listed: dropped"
