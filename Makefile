@@ -8,7 +8,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench build crds check-crds fmt lint unit test lab-up lab-down lab-status demo
+.PHONY: help deps bench build crds check-crds fmt lint unit test chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,18 +19,21 @@ deps: ## install what a fresh machine lacks (Debian packages, rustfmt, clippy)
 build: ## build every crate
 	$(CARGO) build --workspace --all-targets
 
-crds: ## regenerate crds/ from the mesh-api types
+crds: ## regenerate crds/ from the mesh-api types, and the chart's copy
 	$(CARGO) run -q -p mesh-api --bin crdgen -- crds
+	cp crds/*.yaml charts/harness-mesh/crds/
 
-check-crds: ## fail when crds/ differs from the mesh-api types
+check-crds: ## fail when crds/ or the chart's copy differs from the mesh-api types
 	$(CARGO) run -q -p mesh-api --bin crdgen -- --check crds
+	diff -r crds charts/harness-mesh/crds || { echo "charts/harness-mesh/crds/ differs from crds/: run make crds" >&2; exit 1; }
 
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: ## rustfmt, clippy (warnings are errors), shellcheck
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck -x -P SCRIPTDIR e2e/lab/*.sh e2e/kind/*.sh images/*.sh
 
 unit: ## the fast tests: pure crates only, no lab
 	$(CARGO) test -p mesh-core -p mesh-api
@@ -47,6 +50,15 @@ bench: deps ## benchmarks: prints tables, writes JSON under target/bench/
 	$(LAB) up --nodes 3
 	$(CARGO) bench -p mesh-controller --bench allocation
 	$(CARGO) bench -p harness-mesh-e2e --bench mesh
+
+chart: ## the Helm chart's tests on the lab: lint, dry run, install/upgrade/uninstall, RBAC proofs
+	$(CARGO) test -p harness-mesh-e2e --test chart
+
+images: ## build the controller and agent images (docker, podman or buildah; pulls rust and alpine)
+	images/build.sh
+
+kind-e2e: ## the e2e suite on a kind cluster (needs Docker, kind, kubectl, helm)
+	e2e/kind/run.sh
 
 lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet
 	$(CARGO) build -q -p mesh-controller -p mesh-agent

@@ -9,7 +9,7 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 # package:command pairs; a package is installed when its command is missing. The lab's nodes
 # need the second line: userspace WireGuard and its tools, the apiserver relay (socat), and what
 # tests and people run on nodes (nft, tcpdump, iperf3, ping).
-wanted=(iproute2:ip dnsutils:dig openssl:openssl curl:curl util-linux:flock procps:pgrep
+wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
   iperf3:iperf3 iputils-ping:ping)
 missing=()

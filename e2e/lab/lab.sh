@@ -25,6 +25,13 @@ pki="$lab/pki"
 log_dir="$lab/logs"
 pid_dir="$lab/pids"
 kubeconfig="$lab/kubeconfig"
+# The chart's RBAC (no workloads) is installed as this release; the controller and the agents
+# run with tokens of its ServiceAccounts, not as admin.
+chart_release=harness-mesh
+chart_namespace=harness-mesh
+controller_sa=harness-mesh-controller # the chart names its objects <release>-..., or just the
+agent_sa=harness-mesh-agent           # release name when that contains "harness-mesh"
+controller_kubeconfig="$lab/controller.kubeconfig"
 config="$lab/config"
 
 api_port="${LAB_API_PORT:-16443}"
@@ -267,7 +274,7 @@ lab_kubectl() {
 # --- up -------------------------------------------------------------------------------------
 
 ensure_binaries() {
-  local names=(etcd kube-apiserver kubectl) paths=() i
+  local names=(etcd kube-apiserver kubectl helm) paths=() i
   mapfile -t paths < <("$here/build-binaries.sh" "${names[@]}")
   [ ${#paths[@]} -eq ${#names[@]} ] ||
     die "build-binaries.sh printed ${#paths[@]} paths, expected ${#names[@]}"
@@ -428,6 +435,38 @@ install_crds() {
     crd/meshnodes.mesh.harness.dev crd/meshservices.mesh.harness.dev >/dev/null
 }
 
+# The chart's ServiceAccounts, RBAC and node restriction, without its workloads (the lab runs
+# mesh-controller and the agents itself, with tokens of those ServiceAccounts), so every lab run
+# proves that the chart grants enough and the node restriction lets each agent do its job.
+# Upgraded only when charts/harness-mesh changed since the last install.
+install_chart() {
+  local sum
+  sum="$(cd "$repo" && find charts/harness-mesh -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)"
+  if [ -f "$lab/chart.sum" ] && [ "$(cat "$lab/chart.sum")" = "$sum" ]; then return 0; fi
+  log "installing the chart's RBAC (release $chart_release in namespace $chart_namespace)"
+  env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY "$bin_dir/helm" upgrade --install \
+    "$chart_release" "$repo/charts/harness-mesh" --kubeconfig "$kubeconfig" \
+    --namespace "$chart_namespace" --create-namespace --history-max 2 \
+    --set controller.deploy=false --set agent.deploy=false >/dev/null
+  echo "$sum" >"$lab/chart.sum"
+}
+
+# Writes kubeconfig $1 (mode 0600) that authenticates with bearer token $2 alone.
+write_token_kubeconfig() {
+  local file="$1" token="$2" tmp="$1.tmp"
+  rm -f "$tmp"
+  (
+    umask 077
+    export KUBECONFIG="$tmp"
+    "$bin_dir/kubectl" config set-cluster lab --server="https://127.0.0.1:$api_port" \
+      --certificate-authority="$pki/ca.crt" --embed-certs=true >/dev/null
+    "$bin_dir/kubectl" config set-credentials token --token="$token" >/dev/null
+    "$bin_dir/kubectl" config set-context lab --cluster=lab --user=token >/dev/null
+    "$bin_dir/kubectl" config use-context lab >/dev/null
+  )
+  mv "$tmp" "$file"
+}
+
 # Runs mesh-controller (leader election on, as in a cluster) when the workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
 # 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT.
 start_controller() {
@@ -439,8 +478,11 @@ start_controller() {
   ln -sf "$built" "$bin_dir/mesh-controller"
   if component_pid mesh-controller >/dev/null; then return 0; fi
   log "starting mesh-controller (metrics on 127.0.0.1:$controller_metrics_port)"
-  KUBECONFIG="$kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
-    --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace=kube-system
+  local token
+  token="$(lab_kubectl -n "$chart_namespace" create token "$controller_sa" --duration=8760h)"
+  write_token_kubeconfig "$controller_kubeconfig" "$token"
+  KUBECONFIG="$controller_kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
+    --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace="$chart_namespace"
 }
 
 # --- nodes ----------------------------------------------------------------------------------
@@ -656,6 +698,22 @@ link_agent() {
   ln -sf "$built" "$bin_dir/mesh-agent"
 }
 
+# Writes node $1's agent kubeconfig with a token of the chart's agent ServiceAccount bound to a
+# Pod object on that node, exactly what a DaemonSet pod's projected token is: the API server
+# names the node in it, and the chart's node restriction confines the agent to its MeshNode
+# and Lease. The Pod never runs (plain mode has no kubelet).
+write_agent_kubeconfig() {
+  local node="$1" pod="mesh-agent-$1" token
+  printf '%s\n' "apiVersion: v1" "kind: Pod" "metadata: {name: $pod, namespace: $chart_namespace}" \
+    "spec:" "  nodeName: $node" "  serviceAccountName: $agent_sa" \
+    "  automountServiceAccountToken: false" \
+    "  containers: [{name: mesh-agent, image: harness-mesh.invalid/lab-placeholder}]" |
+    lab_kubectl apply -f - >/dev/null
+  token="$(lab_kubectl -n "$chart_namespace" create token "$agent_sa" \
+    --bound-object-kind Pod --bound-object-name "$pod" --duration=8760h)"
+  write_token_kubeconfig "$nodes_dir/$node/kubeconfig" "$token"
+}
+
 # Starts node $1's mesh-agent on the node (its holder must be running). The pid file holds the
 # agent's own pid.
 start_agent() {
@@ -663,12 +721,13 @@ start_agent() {
   holder="$(running_holder "$node")"
   mkdir -p "$nodes_dir/$node"
   chmod 700 "$nodes_dir" "$nodes_dir/$node"
+  write_agent_kubeconfig "$node"
   log "starting mesh-agent on $node (state in $nodes_dir/$node)"
   # LOG_LEVEL is dropped: wireguard-go inherits it, and it makes the userspace apply() hang.
   spawn "mesh-agent-$node" "$bin_dir/mesh-agent" nsenter -t "$holder" -n -m -- \
-    env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
+    env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$nodes_dir/$node/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
-    --lease-namespace kube-system
+    --lease-namespace "$chart_namespace"
 }
 
 # A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.
@@ -762,6 +821,7 @@ cmd_up() {
   write_kubeconfig
   wait_for kube-apiserver lab_kubectl get namespace default
   install_crds
+  install_chart
   start_nodes "$nodes" "$mode"
   start_controller
   start_agents "$nodes"

@@ -9,6 +9,7 @@
 //!
 //! The harness never talks to anything but that API server.
 
+pub mod chart;
 pub mod controller;
 pub mod mesh;
 pub mod nodes;
