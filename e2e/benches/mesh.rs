@@ -98,8 +98,11 @@ async fn main() -> anyhow::Result<()> {
         let name = format!("bench-dns-{i}");
         let _ = api.delete(&name, &DeleteParams::default()).await;
         let started = Instant::now();
-        api.create(&PostParams::default(), &service(&name, json!({"node": host, "network": {"type": "mesh", "ports": [PORT]}})))
-            .await?;
+        api.create(
+            &PostParams::default(),
+            &service(&name, json!({"node": host, "network": {"type": "mesh", "ports": [PORT]}})),
+        )
+        .await?;
         let fqdn = format!("{name}.default.mesh.local");
         let mut waiting: Vec<String> = names.clone();
         while !waiting.is_empty() {
@@ -126,7 +129,10 @@ async fn main() -> anyhow::Result<()> {
     let rows = [
         ("MeshService create -> reachable from every node, median (20 tries)", format!("{:.2} s", median(&times))),
         ("MeshService create -> reachable from every node, worst (20 tries)", format!("{worst:.2} s")),
-        ("MeshService create -> its name answered by every node's DNS, median (20 tries)", format!("{:.2} s", median(&dns_times))),
+        (
+            "MeshService create -> its name answered by every node's DNS, median (20 tries)",
+            format!("{:.2} s", median(&dns_times)),
+        ),
         ("MeshService create -> its name answered by every node's DNS, worst (20 tries)", format!("{dns_worst:.2} s")),
         ("ping RTT over the mesh, median of 100", format!("{:.3} ms", median(&over_mesh))),
         ("ping RTT over the veth underlay, median of 100", format!("{:.3} ms", median(&over_underlay))),
