@@ -8,7 +8,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench build crds check-crds fmt lint unit test chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench build crds check-crds fmt lint unit test meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,17 @@ bench: deps ## benchmarks: prints tables, writes JSON under target/bench/
 	$(CARGO) bench -p mesh-controller --bench allocation
 	$(CARGO) bench -p harness-mesh-e2e --bench mesh
 
+meshctl: ## build meshctl, with the kubectl plugin link kubectl-mesh beside it
+	$(CARGO) build -q -p meshctl
+	ln -sf meshctl target/debug/kubectl-mesh
+
+status: meshctl ## meshctl status on the lab
+	target/debug/meshctl --kubeconfig .lab/kubeconfig status
+
+graph: meshctl ## the lab's topology as target/mesh.svg
+	target/debug/meshctl --kubeconfig .lab/kubeconfig graph > target/mesh.svg
+	@echo wrote target/mesh.svg
+
 chart: ## the Helm chart's tests on the lab: lint, dry run, install/upgrade/uninstall, RBAC proofs
 	$(CARGO) test -p harness-mesh-e2e --test chart
 
@@ -61,7 +72,7 @@ kind-e2e: ## the e2e suite on a kind cluster (needs Docker, kind, kubectl, helm)
 	e2e/kind/run.sh
 
 lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet
-	$(CARGO) build -q -p mesh-controller -p mesh-agent
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
 	$(LAB) up --nodes $(NODES) --mode $(MODE)
 
 lab-down: ## stop the lab; leaves no process and no hm-* namespace

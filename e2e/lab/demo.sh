@@ -72,5 +72,7 @@ if on hm-node-1 -- socat -T 2 -u "TCP:$ip:8081,connect-timeout=2" - 2>&1; then
 else
   echo '(no answer: nftables on hm-node-2 drops every port of the service IP but 8080)'
 fi
+say 'meshctl status'
+"$repo/target/debug/meshctl" --kubeconfig "$repo/.lab/kubeconfig" status
 echo
 echo "The lab stays up: export KUBECONFIG=$repo/.lab/kubeconfig, e2e/lab/lab.sh exec hm-node-N -- CMD, then 'make lab-down'."

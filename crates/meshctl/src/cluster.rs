@@ -1,0 +1,247 @@
+//! The only part of meshctl that talks to the cluster: the kubeconfig read the way kubectl reads
+//! it, the reads meshctl makes (MeshNodes, MeshServices, the agents' Leases), and errors turned
+//! into what a person should do (no cluster, CRDs not installed, RBAC denied, bad credentials).
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail};
+use k8s_openapi::api::coordination::v1::Lease as KubeLease;
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use mesh_api::{MeshNode, MeshService};
+
+use crate::cli::ClusterArgs;
+use crate::model::Lease;
+
+/// The prefix of the agents' liveness Leases: `mesh-agent-<node>`.
+const LEASE_PREFIX: &str = "mesh-agent-";
+
+/// A connection to the cluster.
+pub struct Cluster {
+    client: Client,
+    /// `https://host:port (context NAME)`, for messages.
+    target: String,
+}
+
+impl Cluster {
+    /// Builds a client from `--kubeconfig`/`--context` or, without them, as kubectl does:
+    /// `$KUBECONFIG` (a list of files, merged), else `~/.kube/config`, else the in-cluster
+    /// service account.
+    pub async fn connect(args: &ClusterArgs) -> anyhow::Result<Self> {
+        let options = KubeConfigOptions { context: args.context.clone(), ..KubeConfigOptions::default() };
+        let kubeconfig = match &args.kubeconfig {
+            Some(path) => Some(
+                Kubeconfig::read_from(path)
+                    .map_err(|err| anyhow!("cannot read the kubeconfig {}: {}", path.display(), root_cause(&err)))?,
+            ),
+            None => match Kubeconfig::read() {
+                Ok(kubeconfig) => Some(kubeconfig),
+                Err(err) if args.context.is_some() => {
+                    bail!(
+                        "cannot read a kubeconfig to find context {:?} in: {err}",
+                        args.context.as_deref().unwrap_or("")
+                    )
+                }
+                Err(_) => None,
+            },
+        };
+        let (mut config, context) = match kubeconfig {
+            Some(kubeconfig) => {
+                if let Some(wanted) = &args.context
+                    && !kubeconfig.contexts.iter().any(|c| &c.name == wanted)
+                {
+                    let known: Vec<&str> = kubeconfig.contexts.iter().map(|c| c.name.as_str()).collect();
+                    bail!(
+                        "the kubeconfig has no context {wanted:?}; it has: {} (`kubectl config get-contexts` lists them)",
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    );
+                }
+                let context = args.context.clone().or_else(|| kubeconfig.current_context.clone());
+                let config = Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|err| {
+                    anyhow!("the kubeconfig cannot be used: {err}; choose a context with --context or fix the file")
+                })?;
+                (config, context)
+            }
+            None => match Config::incluster() {
+                Ok(config) => (config, None),
+                Err(_) => bail!(
+                    "no kubeconfig found: meshctl reads it the way kubectl does, from --kubeconfig FILE, else \
+                     $KUBECONFIG, else ~/.kube/config (or the in-cluster service account). Point one of them at \
+                     your cluster"
+                ),
+            },
+        };
+        config.connect_timeout = Some(args.request_timeout);
+        config.read_timeout = Some(args.request_timeout);
+        config.write_timeout = Some(args.request_timeout);
+        let target = match context {
+            Some(context) => format!("{} (context {context})", config.cluster_url),
+            None => config.cluster_url.to_string(),
+        };
+        let client =
+            Client::try_from(config).map_err(|err| anyhow!("cannot set up a client for {target}: {}", chain(&err)))?;
+        Ok(Self { client, target })
+    }
+
+    /// Every MeshNode.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<MeshNode>> {
+        let api: Api<MeshNode> = Api::all(self.client.clone());
+        api.list(&ListParams::default())
+            .await
+            .map(|list| list.items)
+            .map_err(|err| explain(&self.target, &err, "meshnodes"))
+    }
+
+    /// Every MeshService, or those of `namespace`.
+    pub async fn services(&self, namespace: Option<&str>) -> anyhow::Result<Vec<MeshService>> {
+        let api: Api<MeshService> = match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        api.list(&ListParams::default())
+            .await
+            .map(|list| list.items)
+            .map_err(|err| explain(&self.target, &err, "meshservices"))
+    }
+
+    /// The agents' liveness Leases (`mesh-agent-<node>`, in whatever namespace the agents run),
+    /// by node; `Err` says why they could not be read (their absence is not an error).
+    pub async fn agent_leases(&self) -> Result<BTreeMap<String, Lease>, String> {
+        let api: Api<KubeLease> = Api::all(self.client.clone());
+        let list = api.list(&ListParams::default()).await.map_err(|err| match &err {
+            kube::Error::Api(status) if status.code == 403 => {
+                "agent liveness unknown: not allowed to list leases.coordination.k8s.io".to_owned()
+            }
+            _ => format!("agent liveness unknown: cannot list Leases: {}", chain(&err)),
+        })?;
+        let mut out: BTreeMap<String, Lease> = BTreeMap::new();
+        for lease in list.items {
+            let Some(node) = lease.metadata.name.as_deref().and_then(|n| n.strip_prefix(LEASE_PREFIX)) else {
+                continue;
+            };
+            let spec = lease.spec.unwrap_or_default();
+            let found = Lease {
+                renewed: spec.renew_time.map(|t| t.0).or(spec.acquire_time.map(|t| t.0)),
+                duration_secs: spec.lease_duration_seconds,
+            };
+            // Two installations in different namespaces: the latest renewal wins.
+            let newer = out.get(node).is_none_or(|known| known.renewed < found.renewed);
+            if newer {
+                out.insert(node.to_owned(), found);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What to do about a failed read of `resource` from the API server at `target`.
+fn explain(target: &str, err: &kube::Error, resource: &str) -> anyhow::Error {
+    match err {
+        kube::Error::Api(status) => match status.code {
+            404 => anyhow!(
+                "the harness-mesh CRDs are not installed in the cluster at {target}: it does not serve \
+                 {resource}.mesh.harness.dev. Install harness-mesh (helm install harness-mesh \
+                 charts/harness-mesh, or kubectl apply -f crds/), or choose another cluster with --context"
+            ),
+            403 => anyhow!(
+                "RBAC denied at {target}: {}. meshctl needs get and list on meshnodes and meshservices \
+                 (group mesh.harness.dev): ask a cluster admin for a ClusterRole granting them, or use \
+                 another --context",
+                status.message
+            ),
+            401 => anyhow!(
+                "the API server at {target} rejected your credentials (401 Unauthorized): they may have \
+                 expired. Log in again, or choose another --context"
+            ),
+            code => anyhow!(
+                "the API server at {target} refused to list {resource}: {} ({code} {})",
+                status.message,
+                status.reason
+            ),
+        },
+        kube::Error::Auth(_) => anyhow!(
+            "cannot authenticate to {target}: {}. Check the user of this context in your kubeconfig",
+            chain(err)
+        ),
+        _ => anyhow!(
+            "cannot reach the Kubernetes API server at {target}: {}. Is the cluster running, and is this \
+             the right kubeconfig and context? (--kubeconfig, --context)",
+            chain(err)
+        ),
+    }
+}
+
+/// An error with its causes, `outer: inner: root`, without repeats.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// The innermost cause of an error (what actually went wrong, e.g. "No such file or directory").
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    if std::ptr::addr_eq(current, err) { err.to_string() } else { format!("{current}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+
+    use super::*;
+
+    fn api(code: u16, reason: &str, message: &str) -> kube::Error {
+        let mut status = Status::failure(message, reason);
+        status.code = code;
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn api_errors_say_what_to_do() {
+        let target = "https://127.0.0.1:6443/ (context lab)";
+        let missing =
+            explain(target, &api(404, "NotFound", "the server could not find the requested resource"), "meshnodes");
+        assert!(missing.to_string().starts_with(
+            "the harness-mesh CRDs are not installed in the cluster at https://127.0.0.1:6443/ (context lab)"
+        ));
+        assert!(missing.to_string().contains("kubectl apply -f crds/"));
+        let denied = explain(
+            target,
+            &api(403, "Forbidden", "meshnodes.mesh.harness.dev is forbidden: User \"bob\" cannot list resource"),
+            "meshnodes",
+        )
+        .to_string();
+        assert!(denied.starts_with("RBAC denied at"), "{denied}");
+        assert!(
+            denied.contains("User \"bob\" cannot list") && denied.contains("get and list on meshnodes"),
+            "{denied}"
+        );
+        assert!(explain(target, &api(401, "Unauthorized", ""), "meshnodes").to_string().contains("Log in again"));
+        let other = explain(target, &api(500, "InternalError", "etcd is down"), "meshservices").to_string();
+        assert_eq!(
+            other,
+            format!("the API server at {target} refused to list meshservices: etcd is down (500 InternalError)")
+        );
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let err = kube::config::KubeconfigError::ReadConfig(io, "/nope".into());
+        assert_eq!(root_cause(&err), "No such file or directory");
+        let plain = std::io::Error::other("boom");
+        assert_eq!(root_cause(&plain), "boom");
+        assert_eq!(chain(&err), "failed to read kubeconfig from '\"/nope\"': No such file or directory");
+    }
+}

@@ -1,0 +1,99 @@
+//! `meshctl`: see and debug a harness-mesh (also the kubectl plugin `kubectl mesh`).
+//!
+//! - `status`: nodes, services, who reaches whom, convergence; tables, `-o json|yaml`;
+//! - `graph`: the topology as SVG (drawn here, no Graphviz) or DOT;
+//! - `showconf NODE`: a node's wg-quick config, private key withheld;
+//! - `completions SHELL`.
+//!
+//! Only [`cluster`] talks to the API; [`model`] turns the objects into what is shown, and
+//! [`table`], [`svg`], [`dot`] and [`wgquick`] render it, all without I/O.
+
+mod cli;
+mod cluster;
+mod connected;
+mod dot;
+mod model;
+mod palette;
+mod svg;
+mod table;
+mod wgquick;
+
+use std::io::{ErrorKind, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::cli::{Cli, Command, GraphFormat, Invocation, Output};
+use crate::cluster::Cluster;
+use crate::model::MeshView;
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invocation = Invocation::from_arg0(args.first());
+    let cli = invocation.parse(args);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, &invocation)).and_then(|text| print(&text)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `text` to stdout; a closed pipe (`meshctl status | head`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() != ErrorKind::BrokenPipe => Err(err).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
+/// Runs the command and returns what to print.
+async fn run(cli: Cli, invocation: &Invocation) -> anyhow::Result<String> {
+    match cli.command {
+        Command::Completions(args) => {
+            let mut out = Vec::new();
+            clap_complete::generate(args.shell, &mut invocation.command(), invocation.executable.clone(), &mut out);
+            Ok(String::from_utf8(out).context("the completion script is not UTF-8")?)
+        }
+        Command::Status(args) => {
+            let cluster = Cluster::connect(&cli.cluster).await?;
+            let view = load(&cluster, args.namespace.as_deref()).await?;
+            Ok(match args.output {
+                Output::Table => table::status(&view, false),
+                Output::Wide => table::status(&view, true),
+                Output::Json => serde_json::to_string_pretty(&view)? + "\n",
+                Output::Yaml => serde_saphyr::to_string(&view).context("rendering YAML")?,
+            })
+        }
+        Command::Graph(args) => {
+            let cluster = Cluster::connect(&cli.cluster).await?;
+            let view = load(&cluster, args.namespace.as_deref()).await?;
+            Ok(match args.format {
+                GraphFormat::Svg => svg::render(&view, !args.no_services),
+                GraphFormat::Dot => dot::render(&view, !args.no_services),
+            })
+        }
+        Command::Showconf(args) => {
+            let cluster = Cluster::connect(&cli.cluster).await?;
+            let (nodes, services) = tokio::try_join!(cluster.nodes(), cluster.services(None))?;
+            Ok(wgquick::render(&args.node, &nodes, &services)?)
+        }
+    }
+}
+
+/// Reads everything `status` and `graph` show.
+async fn load(cluster: &Cluster, namespace: Option<&str>) -> anyhow::Result<MeshView> {
+    let (nodes, services, leases) = tokio::join!(cluster.nodes(), cluster.services(namespace), cluster.agent_leases());
+    let (nodes, services) = (nodes?, services?);
+    Ok(MeshView::build(&nodes, &services, leases.as_ref().map_err(String::as_str), Timestamp::now()))
+}
