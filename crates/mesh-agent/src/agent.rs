@@ -88,6 +88,8 @@ pub struct Agent {
     echo: Option<(Ipv4Addr, JoinHandle<()>)>,
     /// Peers by name and mesh IP, as of the last sync.
     targets: BTreeMap<String, Ipv4Addr>,
+    /// The peer set last applied to the device.
+    applied: Option<mesh_api::AppliedPeers>,
     /// The DNS server, if serving.
     dns: Option<DnsServer>,
     /// Names of skipped entries already reported (to log each once).
@@ -131,6 +133,7 @@ impl Agent {
             targets: BTreeMap::new(),
             reported: Vec::new(),
             dns: None,
+            applied: None,
             nonce,
         })
     }
@@ -208,6 +211,7 @@ impl Agent {
             listen_port,
             backend: self.device.backend(),
             connected: self.summary.clone(),
+            applied_peers: self.applied.clone(),
         }
     }
 
@@ -231,7 +235,7 @@ impl Agent {
                 address.map(|ip| format!("{ip}:{listen_port}"))
             }
         };
-        if status::publish(&self.client, &me, &self.published(endpoint, listen_port)).await? {
+        if status::publish(&self.client, &me, &self.published(endpoint.clone(), listen_port)).await? {
             self.metrics.api_writes.inc();
             tracing::info!("published the public key, endpoint and backend in MeshNode {name}");
         }
@@ -268,6 +272,16 @@ impl Agent {
             );
         }
         self.metrics.peers.set(wanted.peers.len() as i64);
+        let applied = mesh_api::AppliedPeers {
+            count: i32::try_from(peers.applied.len()).unwrap_or(i32::MAX),
+            digest: desired::digest(&peers.applied),
+        };
+        if self.applied.as_ref() != Some(&applied) {
+            self.applied = Some(applied);
+            if status::publish(&self.client, &me, &self.published(endpoint.clone(), listen_port)).await? {
+                self.metrics.api_writes.inc();
+            }
+        }
         let gone: Vec<String> =
             self.windows.keys().filter(|n| !peers.names.values().any(|p| p == *n)).cloned().collect();
         for node in gone {

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use mesh_api::conditions::{CONNECTED, Want, merge, same};
-use mesh_api::{Backend, MeshNode, MeshNodeStatus};
+use mesh_api::{AppliedPeers, Backend, MeshNode, MeshNodeStatus};
 use mesh_dataplane::health::Summary;
 use serde_json::json;
 
@@ -29,6 +29,8 @@ pub struct Published {
     pub backend: Backend,
     /// Health of the peers, once probed.
     pub connected: Option<Summary>,
+    /// The peer set applied to the device, once applied.
+    pub applied_peers: Option<AppliedPeers>,
 }
 
 /// Writes `published` to the MeshNode `node` unless its status already says exactly that.
@@ -52,7 +54,8 @@ pub async fn publish(client: &Client, node: &MeshNode, published: &Published) ->
         && current.endpoint == published.endpoint
         && current.listen_port == Some(i32::from(published.listen_port))
         && current.backend == Some(published.backend)
-        && (published.connected.is_none() || same(&current_connected, &conditions));
+        && (published.connected.is_none() || same(&current_connected, &conditions))
+        && (published.applied_peers.is_none() || current.applied_peers == published.applied_peers);
     if unchanged {
         return Ok(false);
     }
@@ -62,6 +65,7 @@ pub async fn publish(client: &Client, node: &MeshNode, published: &Published) ->
         endpoint: published.endpoint.clone(),
         listen_port: Some(i32::from(published.listen_port)),
         backend: Some(published.backend),
+        applied_peers: published.applied_peers.clone().or(current.applied_peers),
         conditions: if published.connected.is_some() { conditions } else { current_connected },
         ..MeshNodeStatus::default()
     };

@@ -19,7 +19,7 @@ mod mesh_service;
 mod schema;
 
 pub use crd::{CRD_FILES, crds, render_crd_files};
-pub use mesh_node::{Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry};
+pub use mesh_node::{AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry};
 pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType};
 
 /// The API group of every harness-mesh resource.

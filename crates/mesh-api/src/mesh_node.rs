@@ -117,6 +117,18 @@ pub struct PeerEntry {
     pub persistent_keepalive: Option<i32>,
 }
 
+/// The peer set a node's agent has applied: how many peers, and a digest of their entries
+/// (`mesh_dataplane::desired::digest`), which equals the digest of what the directory asks for
+/// once the node has converged.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedPeers {
+    /// Peers on the device.
+    pub count: i32,
+    /// 16 hex digits: FNV-1a 64 of the applied entries in canonical form.
+    pub digest: String,
+}
+
 /// What the controller and the node's agent report for a MeshNode.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -145,6 +157,11 @@ pub struct MeshNodeStatus {
     /// Ready condition says why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,
+
+    /// The peer set the agent has applied to its WireGuard device, so that anyone can tell
+    /// whether this node has caught up with the directory. Written by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_peers: Option<AppliedPeers>,
 
     /// The peer entry other nodes apply for this node, written by the controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -41,6 +41,32 @@ pub struct Peers {
     pub names: BTreeMap<Key, String>,
     /// Entries not applied.
     pub skipped: Vec<Skipped>,
+    /// The entries applied, for [`digest`].
+    pub applied: Vec<PeerEntry>,
+}
+
+/// A digest of a peer set: FNV-1a 64 over one canonical line per entry (sorted by public key:
+/// key, endpoint or `-`, sorted allowed IPs joined by `,`, keepalive or 0), as 16 hex digits.
+/// The agent publishes the digest of what it applied; anyone can compute the digest of what the
+/// directory asks of a node and compare.
+pub fn digest(entries: &[PeerEntry]) -> String {
+    let mut lines: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            let mut ips: Vec<&str> = e.allowed_ips.iter().map(String::as_str).collect();
+            ips.sort_unstable();
+            ips.dedup();
+            let endpoint = e.endpoint.map_or_else(|| "-".to_owned(), |a| a.to_string());
+            format!("{} {endpoint} {} {}\n", e.public_key, ips.join(","), e.persistent_keepalive.unwrap_or(0).max(0))
+        })
+        .collect();
+    lines.sort_unstable();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in lines.concat().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 /// Computes the peers of node `me` (whose public key is `my_key`) from all entries.
@@ -78,6 +104,7 @@ pub fn peers(me: &str, my_key: &Key, entries: &[PeerEntry]) -> Peers {
                         },
                     );
                     out.names.insert(key, entry.node.clone());
+                    out.applied.push((*entry).clone());
                 }
                 Err(err) => out.skipped.push(Skipped {
                     node: entry.node.clone(),
@@ -194,6 +221,26 @@ mod tests {
             assert!(skipped.contains(&node), "{node} not reported");
         }
         assert!(peers.skipped.iter().any(|s| s.why.contains("e, f")));
+    }
+
+    #[test]
+    fn the_digest_ignores_order_and_sees_every_field() {
+        let a = entry("a", 1, &["10.42.0.1/32", "10.42.7.7/32"]);
+        let b = entry("b", 2, &["10.42.0.2/32"]);
+        let base = digest(&[a.clone(), b.clone()]);
+        assert_eq!(base.len(), 16);
+        let mut shuffled = a.clone();
+        shuffled.allowed_ips.reverse();
+        assert_eq!(digest(&[b.clone(), shuffled]), base);
+        let mut moved = a.clone();
+        moved.endpoint = Some(SocketAddr::from(([192, 168, 77, 9], 51820)));
+        assert_ne!(digest(&[moved, b.clone()]), base);
+        let mut keepalive = a.clone();
+        keepalive.persistent_keepalive = Some(25);
+        assert_ne!(digest(&[keepalive, b.clone()]), base);
+        assert_ne!(digest(&[a]), base);
+        let peers = peers("c", &key(3), &[entry("a", 1, &["10.42.0.1/32"]), b]);
+        assert_eq!(peers.applied.len(), 2);
     }
 
     #[test]

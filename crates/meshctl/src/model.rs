@@ -353,6 +353,10 @@ impl MeshView {
             let expected = expected_peers(&views, i);
             let report = reports.get(&views[i].name).cloned().flatten();
             views[i].convergence = convergence(nodes[i], &views[i], &expected, report.as_ref());
+            if let Some(why) = applied_differs(nodes[i], &nodes) {
+                views[i].convergence.reasons.push(why);
+                views[i].convergence.state = ConvergenceState::Pending;
+            }
         }
         let reachability = links(&views, &reports);
         let mut services: Vec<ServiceView> = services.iter().map(service_view).collect();
@@ -495,6 +499,44 @@ fn expected_peers(views: &[NodeView], i: usize) -> BTreeSet<String> {
             _ => None,
         })
         .collect()
+}
+
+/// The entries of every node, as the agents apply them (endpoints that are not IP:port, i.e.
+/// DNS names the agents resolve, cannot be compared here and are left out of the check).
+fn directory_entries(nodes: &[&MeshNode]) -> Vec<mesh_dataplane::desired::PeerEntry> {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let peer = n.status.as_ref()?.peer.clone()?;
+            Some(mesh_dataplane::desired::PeerEntry {
+                node: name_of(n),
+                public_key: peer.public_key,
+                endpoint: peer.endpoint.as_deref().and_then(|e| e.parse().ok()),
+                allowed_ips: peer.allowed_ips,
+                persistent_keepalive: peer.persistent_keepalive,
+            })
+        })
+        .collect()
+}
+
+/// Why the peer set `node`'s agent reports as applied (`status.appliedPeers`) is not the one the
+/// directory asks of it, if it is not; `None` when they agree or the agent reports none.
+fn applied_differs(node: &MeshNode, nodes: &[&MeshNode]) -> Option<String> {
+    let status = node.status.as_ref()?;
+    let applied = status.applied_peers.as_ref()?;
+    let key = mesh_wireguard::Key::from_base64(status.public_key.as_deref()?).ok()?;
+    let wanted = mesh_dataplane::desired::peers(&name_of(node), &key, &directory_entries(nodes));
+    let digest = mesh_dataplane::desired::digest(&wanted.applied);
+    (digest != applied.digest).then(|| {
+        format!(
+            "its agent has applied {} peer{} (digest {}), the directory asks for {} (digest {digest}): it has not \
+             applied the current peer set yet",
+            applied.count,
+            if applied.count == 1 { "" } else { "s" },
+            applied.digest,
+            wanted.applied.len()
+        )
+    })
 }
 
 fn convergence(
@@ -685,6 +727,7 @@ pub(crate) mod fixtures {
                 persistent_keepalive: None,
             }),
             observed_generation: Some(1),
+            applied_peers: None,
             conditions,
         });
         node
@@ -787,6 +830,23 @@ mod tests {
         assert_eq!(edge("hm-node-1", "hm-node-2"), EdgeHealth::Up);
         assert_eq!(edge("hm-node-2", "hm-node-3"), EdgeHealth::Down);
         assert_eq!(edge("hm-node-1", "hm-node-4"), EdgeHealth::NoTunnel);
+    }
+
+    #[test]
+    fn an_applied_peer_set_that_differs_from_the_directory_is_pending() {
+        let nodes = [node("n1", 1, None), node("n2", 2, None), node("n3", 3, None)];
+        let refs: Vec<&MeshNode> = nodes.iter().collect();
+        let key =
+            mesh_wireguard::Key::from_base64(nodes[0].status.as_ref().unwrap().public_key.as_deref().unwrap()).unwrap();
+        let wanted = mesh_dataplane::desired::peers("n1", &key, &directory_entries(&refs));
+        assert_eq!(wanted.applied.len(), 2);
+        let mut n1 = nodes[0].clone();
+        n1.status.as_mut().unwrap().applied_peers =
+            Some(mesh_api::AppliedPeers { count: 2, digest: mesh_dataplane::desired::digest(&wanted.applied) });
+        assert_eq!(applied_differs(&n1, &refs), None);
+        n1.status.as_mut().unwrap().applied_peers = Some(mesh_api::AppliedPeers { count: 1, digest: "0".repeat(16) });
+        let why = applied_differs(&n1, &refs).unwrap();
+        assert!(why.contains("has applied 1 peer ") && why.contains("asks for 2"), "{why}");
     }
 
     #[test]
