@@ -8,7 +8,9 @@
 //!   `HARNESS_MESH_NODE_EXEC` is the command prefix that runs a command on a node, with `{node}`
 //!   standing for its name (kind: `docker exec {node}`), and `HARNESS_MESH_AGENT_RESTART` the
 //!   command that restarts a node's agent (kind: `kubectl -n harness-mesh delete pod -l
-//!   app.kubernetes.io/component=agent --field-selector spec.nodeName={node}`).
+//!   app.kubernetes.io/component=agent --field-selector spec.nodeName={node}`);
+//!   `HARNESS_MESH_STATE_DIR` is the agents' state dir on the nodes (default
+//!   `/var/lib/harness-mesh`).
 
 use std::process::{Child, Command, Output, Stdio};
 
@@ -23,6 +25,7 @@ pub struct Nodes {
     pub names: Vec<String>,
     exec: Vec<String>,
     restart: Vec<String>,
+    state_dir: String,
 }
 
 impl Nodes {
@@ -42,6 +45,7 @@ impl Nodes {
                 names,
                 exec: exec.split_whitespace().map(str::to_owned).collect(),
                 restart: restart.split_whitespace().map(str::to_owned).collect(),
+                state_dir: std::env::var("HARNESS_MESH_STATE_DIR").unwrap_or_else(|_| "/var/lib/harness-mesh".into()),
             });
         }
         let lab = repo_root().join("e2e/lab/lab.sh").display().to_string();
@@ -49,6 +53,7 @@ impl Nodes {
             names: (1..=count).map(|i| format!("hm-node-{i}")).collect(),
             exec: vec![lab.clone(), "exec".into(), "{node}".into(), "--".into()],
             restart: vec![lab, "agent".into(), "restart".into(), "{node}".into()],
+            state_dir: repo_root().join(".lab/nodes/{node}").display().to_string(),
         })
     }
 
@@ -89,6 +94,11 @@ impl Nodes {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {args:?} on {node}"))
+    }
+
+    /// The agent's state directory on `node` (where its private key lives).
+    pub fn state_dir(&self, node: &str) -> String {
+        self.state_dir.replace("{node}", node)
     }
 
     /// Restarts the agent of `node`.

@@ -265,3 +265,39 @@ async fn a_node_cannot_send_with_another_nodes_mesh_ip() -> anyhow::Result<()> {
     assert!(!received.contains("spoofed"), "a datagram with {victim}'s IP as source, sent by {spoofer}, was delivered");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_wiped_state_dir_rotates_the_key_and_the_peers_follow() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let [first, rotated] = [0, 2].map(|i| mesh.nodes.names[i].clone());
+    let before = mesh.info().await?;
+    let old_key = before[&rotated].public_key.clone();
+    // The node loses its identity (state dir wiped) while its device keeps running.
+    let key_file = format!("{}/private.key", mesh.nodes.state_dir(&rotated));
+    mesh.nodes.exec_ok(&rotated, &["rm", "-f", &key_file])?;
+    mesh.nodes.restart_agent(&rotated)?;
+    let took = eventually(Duration::from_secs(60), || {
+        for node in &mesh.nodes.names {
+            if node == &rotated {
+                continue;
+            }
+            let peers = mesh.wg_peers(node)?;
+            if peers.contains(&old_key) {
+                bail!("{node} still has the old key of {rotated}");
+            }
+            if peers.len() != mesh.nodes.names.len() - 1 {
+                bail!("{node} has {} peers, not yet the new key of {rotated}", peers.len());
+            }
+        }
+        let stats = mesh.ping(&first, before[&rotated].mesh_ip, 1, 0.2)?;
+        if stats.received == 1 { Ok(()) } else { bail!("{first} gets no answer from {rotated} yet") }
+    })
+    .await?;
+    let after = mesh.info().await?;
+    assert_ne!(after[&rotated].public_key, old_key, "the agent kept the old key although its key file was gone");
+    assert_eq!(after[&rotated].mesh_ip, before[&rotated].mesh_ip, "the node's mesh IP changed with its key");
+    eprintln!("{rotated}'s new key reached every peer and traffic resumed {took:?} after the restart");
+    mesh.wait_connected(CONVERGE).await?;
+    Ok(())
+}
