@@ -236,3 +236,49 @@ mod dig_tests {
         assert_eq!((answer.status.as_str(), answer.authoritative, answer.addresses.len()), ("NXDOMAIN", false, 0));
     }
 }
+
+/// Retries `check` every 100 ms until it succeeds or `within` passes; returns how long it took.
+pub async fn eventually<F: FnMut() -> anyhow::Result<()>>(within: Duration, mut check: F) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return Ok(start.elapsed()),
+            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits (at most 30 s) until the MeshService `name` has a mesh IP, and returns it.
+pub async fn wait_mesh_ip(api: &Api<mesh_api::MeshService>, name: &str) -> anyhow::Result<Ipv4Addr> {
+    let start = Instant::now();
+    loop {
+        if let Some(ip) = api.get(name).await?.status.and_then(|s| s.mesh_ip) {
+            return Ok(ip.parse()?);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("MeshService {name} got no mesh IP within 30 s (is mesh-controller running?)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Mesh {
+    /// Starts a TCP server on `node` that answers every connection with `reply`, on all its
+    /// addresses, for at most 90 s (kill it when done).
+    pub fn serve_tcp(&self, node: &str, port: u16, reply: &str) -> anyhow::Result<std::process::Child> {
+        self.nodes.spawn(
+            node,
+            &["timeout", "90", "socat", &format!("TCP-LISTEN:{port},reuseaddr,fork"), &format!("SYSTEM:echo {reply}")],
+        )
+    }
+
+    /// Connects from `node` to `ip:port` and returns what the server said (`None`: no
+    /// connection within 2 s).
+    pub fn fetch(&self, node: &str, ip: Ipv4Addr, port: u16) -> anyhow::Result<Option<String>> {
+        let out =
+            self.nodes.exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=2"), "-"])?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok((out.status.success() && !text.is_empty()).then_some(text))
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::mesh::Mesh;
+use harness_mesh_e2e::mesh::{Mesh, eventually, wait_mesh_ip};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::MeshService;
@@ -18,18 +18,6 @@ use serde_json::json;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(90);
 const OTHER_NS: &str = "e2e-discovery";
-
-/// Retries `check` every 100 ms until it succeeds or `within` passes; returns how long it took.
-async fn eventually<F: FnMut() -> anyhow::Result<()>>(within: Duration, mut check: F) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return Ok(start.elapsed()),
-            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
 
 async fn ensure_namespace(mesh: &Mesh, name: &str) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(mesh.cluster.client.clone());
@@ -58,19 +46,6 @@ async fn delete_and_wait(api: &Api<MeshService>, name: &str) -> anyhow::Result<(
 
 async fn mesh_ip(api: &Api<MeshService>, name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
     Ok(api.get(name).await?.status.and_then(|s| s.mesh_ip).map(|ip| ip.parse()).transpose()?)
-}
-
-async fn wait_mesh_ip(api: &Api<MeshService>, name: &str) -> anyhow::Result<Ipv4Addr> {
-    let start = Instant::now();
-    loop {
-        if let Some(ip) = mesh_ip(api, name).await? {
-            return Ok(ip);
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("MeshService {name} got no mesh IP within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Every node resolves `name` (through its own agent) to exactly `want`, within `within`.
@@ -158,20 +133,6 @@ async fn every_node_resolves_services_and_nodes_and_follows_changes() -> anyhow:
     Ok(())
 }
 
-/// Starts a TCP server on `node` answering `reply`, on all addresses.
-fn serve_tcp(mesh: &Mesh, node: &str, port: u16, reply: &str) -> anyhow::Result<std::process::Child> {
-    mesh.nodes.spawn(
-        node,
-        &["timeout", "90", "socat", &format!("TCP-LISTEN:{port},reuseaddr,fork"), &format!("SYSTEM:echo {reply}")],
-    )
-}
-
-fn fetch(mesh: &Mesh, node: &str, ip: Ipv4Addr, port: u16) -> anyhow::Result<Option<String>> {
-    let out = mesh.nodes.exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=1"), "-"])?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    Ok((out.status.success() && !text.is_empty()).then_some(text))
-}
-
 #[tokio::test]
 async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
@@ -180,14 +141,13 @@ async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::
     let [client, host] = [0, 1].map(|i| mesh.nodes.names[i].clone());
     let host_address: Ipv4Addr = info[&host].endpoint.split(':').next().unwrap_or_default().parse()?;
     let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-    let mut server = serve_tcp(&mesh, &host, 18200, "shifty")?;
+    let mut server = mesh.serve_tcp(&host, 18200, "shifty")?;
     let result = async {
         recreate(&api, "shifty", json!({"node": host, "network": {"type": "mesh", "ports": [18200]}})).await?;
         let ip = wait_mesh_ip(&api, "shifty").await?;
         let name = "shifty.default.mesh.local";
         resolves_everywhere(&mesh, name, &[ip], Duration::from_secs(10)).await?;
-        eventually(Duration::from_secs(10), || fetch(&mesh, &client, ip, 18200)?.map(|_| ()).context("mesh IP"))
-            .await?;
+        eventually(Duration::from_secs(10), || mesh.fetch(&client, ip, 18200)?.map(|_| ()).context("mesh IP")).await?;
 
         for type_ in ["dual", "host"] {
             let patch = json!({"spec": {"network": {"type": type_, "ports": [18200]}}});
@@ -196,7 +156,7 @@ async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::
             let took = resolves_everywhere(&mesh, name, &[want], Duration::from_secs(15)).await?;
             eprintln!("type {type_}: {name} -> {want} on every node after {took:?}");
             eventually(Duration::from_secs(10), || {
-                fetch(&mesh, &client, want, 18200)?.map(|_| ()).with_context(|| format!("{want}:18200 as {type_}"))
+                mesh.fetch(&client, want, 18200)?.map(|_| ()).with_context(|| format!("{want}:18200 as {type_}"))
             })
             .await?;
         }
@@ -206,7 +166,7 @@ async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::
             anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "type host kept its mesh IP");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        eventually(Duration::from_secs(15), || match fetch(&mesh, &client, ip, 18200)? {
+        eventually(Duration::from_secs(15), || match mesh.fetch(&client, ip, 18200)? {
             None => Ok(()),
             Some(reply) => bail!("the released mesh IP {ip} still answers: {reply}"),
         })

@@ -7,12 +7,11 @@
 //! `harness_mesh_e2e::nodes`). Tests run one at a time: they share the nodes.
 
 use std::io::Read;
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::mesh::Mesh;
+use harness_mesh_e2e::mesh::{Mesh, eventually, wait_mesh_ip};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
 use serde_json::json;
@@ -20,18 +19,6 @@ use serde_json::json;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CONVERGE: Duration = Duration::from_secs(90);
-
-/// Retries `check` every 200 ms until it succeeds or `within` passes; returns how long it took.
-async fn eventually<F: FnMut() -> anyhow::Result<()>>(within: Duration, mut check: F) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return Ok(start.elapsed()),
-            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
 
 #[tokio::test]
 async fn every_pair_of_nodes_pings_over_the_mesh() -> anyhow::Result<()> {
@@ -50,35 +37,6 @@ async fn every_pair_of_nodes_pings_over_the_mesh() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a TCP server on `node` that answers every connection with `reply`, on all addresses.
-fn serve_tcp(mesh: &Mesh, node: &str, port: u16, reply: &str) -> anyhow::Result<std::process::Child> {
-    mesh.nodes.spawn(
-        node,
-        &["timeout", "60", "socat", &format!("TCP-LISTEN:{port},reuseaddr,fork"), &format!("SYSTEM:echo {reply}")],
-    )
-}
-
-/// Connects from `node` to `ip:port` and returns what the server said (None: no connection).
-fn fetch(mesh: &Mesh, node: &str, ip: Ipv4Addr, port: u16) -> anyhow::Result<Option<String>> {
-    let out = mesh.nodes.exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=2"), "-"])?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    Ok((out.status.success() && !text.is_empty()).then_some(text))
-}
-
-async fn wait_service_ip(mesh: &Mesh, name: &str) -> anyhow::Result<Ipv4Addr> {
-    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-    let start = Instant::now();
-    loop {
-        if let Some(ip) = api.get(name).await?.status.and_then(|s| s.mesh_ip) {
-            return Ok(ip.parse()?);
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("MeshService {name} got no mesh IP within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_service_is_reachable_from_every_node_on_its_listed_ports_only() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
@@ -86,29 +44,29 @@ async fn a_service_is_reachable_from_every_node_on_its_listed_ports_only() -> an
     let [first, host, third] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
     let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
     let _ = api.delete("e2e-web", &DeleteParams::default()).await;
-    let mut listed = serve_tcp(&mesh, &host, 18000, "listed")?;
-    let mut unlisted = serve_tcp(&mesh, &host, 18001, "unlisted")?;
+    let mut listed = mesh.serve_tcp(&host, 18000, "listed")?;
+    let mut unlisted = mesh.serve_tcp(&host, 18001, "unlisted")?;
     let result = async {
         api.create(
             &PostParams::default(),
             &service("e2e-web", json!({"node": host, "network": {"type": "mesh", "ports": [18000]}})),
         )
         .await?;
-        let ip = wait_service_ip(&mesh, "e2e-web").await?;
+        let ip = wait_mesh_ip(&api, "e2e-web").await?;
         // The unlisted port is served: the host itself reaches it on its own underlay address.
         let underlay = mesh.info().await?[&host].endpoint.split(':').next().unwrap_or_default().parse()?;
         eventually(Duration::from_secs(10), || {
-            fetch(&mesh, &host, underlay, 18001)?.filter(|t| t == "unlisted").map(|_| ()).context("18001 not served")
+            mesh.fetch(&host, underlay, 18001)?.filter(|t| t == "unlisted").map(|_| ()).context("18001 not served")
         })
         .await?;
         for client in [&first, &third] {
             let took = eventually(Duration::from_secs(30), || {
-                let got = fetch(&mesh, client, ip, 18000)?;
+                let got = mesh.fetch(client, ip, 18000)?;
                 if got.as_deref() == Some("listed") { Ok(()) } else { bail!("{client} got {got:?} from {ip}:18000") }
             })
             .await?;
             eprintln!("{client} reached e2e-web at {ip}:18000 after {took:?}");
-            assert_eq!(fetch(&mesh, client, ip, 18001)?, None, "{client} reached the unlisted port 18001 on {ip}");
+            assert_eq!(mesh.fetch(client, ip, 18001)?, None, "{client} reached the unlisted port 18001 on {ip}");
         }
         anyhow::Ok(())
     }
