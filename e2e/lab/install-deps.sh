@@ -8,10 +8,12 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 
 # package:command pairs; a package is installed when its command is missing. The lab's nodes
 # need the second line: userspace WireGuard and its tools, the apiserver relay (socat), and what
-# tests and people run on nodes (nft, tcpdump, iperf3, ping).
+# tests and people run on nodes (nft, tcpdump, iperf3, ping). The third: meshctl enroll's SSH
+# client, and the sshd of the lab's SSH nodes (lab.sh ssh-node), which play remote machines.
 wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
-  iperf3:iperf3 iputils-ping:ping)
+  iperf3:iperf3 iputils-ping:ping
+  openssh-client:ssh openssh-server:/usr/sbin/sshd)
 missing=()
 for pair in "${wanted[@]}"; do
   command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
@@ -20,6 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { log "missing ${missing[*]}; run as root or install them: apt-get install ${missing[*]}"; exit 1; }
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # openssh-server's postinst starts sshd on port 22 of the host unless policy-rc.d says no. The
+  # lab runs its own sshd inside its SSH nodes only, so no package may start a service here.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\n# made by harness-mesh e2e/lab/install-deps.sh for one apt-get run\nexit 101\n' \
+      >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

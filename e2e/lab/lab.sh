@@ -10,6 +10,7 @@
 #   e2e/lab/lab.sh status                                  exit 0 if up, 3 if not
 #   e2e/lab/lab.sh exec NODE -- CMD...                     run CMD on a node
 #   e2e/lab/lab.sh agent start|stop|restart|kill NODE      control a node's mesh-agent
+#   e2e/lab/lab.sh ssh-node K                             node K runs sshd instead of an agent
 #
 # All state lives in <repo>/.lab/ (bin/, pki/, etcd/, logs/, pids/, run/, nodes/, config,
 # kubeconfig).
@@ -57,6 +58,10 @@ run_dir="$lab/run"
 api_sock="$run_dir/apiserver.sock"
 # Per-node state that survives agent restarts (the agent's private key): $nodes_dir/hm-node-i.
 nodes_dir="$lab/nodes"
+# SSH nodes (lab.sh ssh-node K): keys, known_hosts, and each node's sshd config and overlays.
+ssh_dir="$lab/ssh"
+# The unprivileged user every SSH node has besides root (same key; neither root nor sudo).
+ssh_user=hm-user
 agent_stop_seconds="${LAB_AGENT_STOP_SECONDS:-5}"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -86,6 +91,11 @@ Commands:
   agent start|stop|restart|kill NODE
                  Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
                  \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
+  ssh-node K     Make hm-node-K a remote machine to enroll (meshctl enroll): Debian's sshd on
+                 192.168.77.K:22 instead of an agent, no MeshNode, a private /run and
+                 copy-on-write /etc, /usr/local and /var (changes stay in .lab/ssh/hm-node-K/).
+                 Logins: root and $ssh_user with the key .lab/ssh/client_ed25519; the host keys
+                 are in .lab/ssh/known_hosts. Idempotent; \`up\` leaves SSH nodes alone.
   help, --help   This text.
 
 Nodes: hm-node-i has eth0 = 192.168.77.i/24, the peer of hm-v<i>, a port of the bridge hm-br in
@@ -123,13 +133,17 @@ alive() {
 # argv[0] of process $1 (empty if gone).
 argv0() { tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | head -n 1 || true; }
 
-# Prints the pid in .lab/pids/$1.pid if it names a live process whose argv[0] is $2.
+# Prints the pid in .lab/pids/$1.pid if it names a live process whose argv[0] is $2, or, for
+# $2 = comm:NAME, whose command name is NAME (for a daemon that rewrites its argv, as sshd does).
 pid_of() {
   local name="$1" want="$2" pid
   [ -f "$pid_dir/$name.pid" ] || return 1
   pid="$(cat "$pid_dir/$name.pid" 2>/dev/null)" || return 1
   alive "$pid" || return 1
-  [ "$(argv0 "$pid")" = "$want" ] || return 1
+  case "$want" in
+    comm:*) [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${want#comm:}" ] || return 1 ;;
+    *) [ "$(argv0 "$pid")" = "$want" ] || return 1 ;;
+  esac
   echo "$pid"
 }
 
@@ -518,12 +532,21 @@ lab_nodes() {
   lab_netns | awk -F- '/^hm-node-[1-9][0-9]*$/ { print $3 }' | sort -n | sed 's/^/hm-node-/'
 }
 
-# The number of the highest node that exists (0 if none).
+# The number of the highest node that exists (0 if none), SSH nodes aside.
 nodes_present() {
-  lab_netns | awk -F- '/^hm-node-[1-9][0-9]*$/ && $3 > m { m = $3 } END { print m + 0 }'
+  local node m=0
+  for node in $(lab_nodes); do
+    if ! is_ssh_node "$node" && [ "${node#hm-node-}" -gt "$m" ]; then m="${node#hm-node-}"; fi
+  done
+  echo "$m"
 }
 
+# True if node $1 is an SSH node (lab.sh ssh-node): sshd instead of an agent, no MeshNode. `up`
+# leaves it alone; `ssh-node` makes and repairs it.
+is_ssh_node() { [ -e "$nodes_dir/$1.ssh" ]; }
+
 holder_pid() { pid_of "node-$1" "$lab/holder/$1"; }
+sshd_pid() { pid_of "sshd-$1" comm:sshd; }
 node_relay_pid() { pid_of "apiserver-relay-$1" "$socat_bin"; }
 agent_pid() { pid_of "mesh-agent-$1" "$bin_dir/mesh-agent"; }
 relay_pid() { pid_of apiserver-relay "$socat_bin"; }
@@ -657,6 +680,7 @@ start_nodes() {
     awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
   for ((i = 1; i <= nodes; i++)); do
     node="hm-node-$i"
+    if is_ssh_node "$node"; then continue; fi
     ensure_node_net "$i" "$ports"
     mkdir -p "$nodes_dir/$node"
     chmod 700 "$nodes_dir" "$nodes_dir/$node"
@@ -686,6 +710,7 @@ start_nodes() {
 apply_meshnodes() {
   local nodes="$1" i
   for ((i = 1; i <= nodes; i++)); do
+    if is_ssh_node "hm-node-$i"; then continue; fi
     printf -- '---\napiVersion: mesh.harness.dev/v1alpha1\nkind: MeshNode\nmetadata:\n  name: hm-node-%s\nspec: {}\n' "$i"
   done | lab_kubectl apply --server-side --field-manager=harness-mesh-lab -f - >/dev/null
 }
@@ -740,6 +765,7 @@ start_agents() {
     return 0
   fi
   for ((i = 1; i <= nodes; i++)); do
+    if is_ssh_node "hm-node-$i"; then continue; fi
     agent_pid "hm-node-$i" >/dev/null || start_agent "hm-node-$i"
   done
 }
@@ -855,6 +881,9 @@ cmd_agent() {
   lock
   if [ "$action" = start ] || [ "$action" = restart ]; then require_lab_up; fi
   require_node "$node"
+  if is_ssh_node "$node"; then
+    die "$node is an SSH node: it runs sshd, not a lab agent (an enrolled agent there is meshctl's)"
+  fi
   case "$action" in
     start) agent_start "$node" ;;
     stop) agent_stop "$node" ;;
@@ -911,6 +940,143 @@ agent_kill() {
   done
   ! alive "$pid" || die "mesh-agent on $node (pid $pid) survived SIGKILL"
   await_reaped "$pid"
+}
+
+# --- SSH nodes --------------------------------------------------------------------------------
+#
+# An SSH node plays a remote Linux machine for `meshctl enroll`: the node's namespace, holder and
+# relay as usual, but Debian's sshd on 192.168.77.K:22 instead of a lab agent, and no MeshNode.
+# Its holder gives it what a machine of its own has: a private /run (no systemd: an enrolled agent
+# runs supervised; /run/sshd for privilege separation; /run/wireguard) and copy-on-write overlays
+# of /etc, /usr/local and /var, so whatever is installed or configured there (mesh-agent, its
+# kubeconfig and state, the user $ssh_user) lands in .lab/ssh/hm-node-K/upper, never on the host.
+#   sshd-hm-node-K   sshd -D -e with .lab/ssh/hm-node-K/sshd_config and its own host key; root
+#                    (prohibit-password) and $ssh_user log in with .lab/ssh/client_ed25519.
+# `down` stops it with everything else in the node's namespace.
+
+# shellcheck disable=SC2016 # $0, $1 and $dir are for the holder's shell
+ssh_holder_script='set -e
+state="$1"
+mount -t tmpfs -o mode=0755,size=64m hm-run /run
+mkdir -m 0700 /run/wireguard
+mkdir -m 0755 /run/sshd /run/lock
+for dir in etc usr/local var; do
+  layer="$(printf %s "$dir" | tr / -)"
+  mkdir -p "$state/upper/$layer" "$state/work/$layer"
+  mount -t overlay "hm-$layer" -o "lowerdir=/$dir,upperdir=$state/upper/$layer,workdir=$state/work/$layer" "/$dir"
+done
+exec -a "$0" sleep infinity'
+
+# The client key pair (one for every SSH node) and authorized_keys, readable by $ssh_user too
+# (sshd reads it as the user who logs in).
+ensure_ssh_client_key() {
+  mkdir -p "$ssh_dir"
+  chmod 755 "$ssh_dir"
+  if [ ! -f "$ssh_dir/client_ed25519" ]; then
+    rm -f "$ssh_dir/client_ed25519.pub"
+    ssh-keygen -q -t ed25519 -N '' -C harness-mesh-lab-client -f "$ssh_dir/client_ed25519"
+  fi
+  cp "$ssh_dir/client_ed25519.pub" "$ssh_dir/authorized_keys"
+  chmod 644 "$ssh_dir/authorized_keys"
+}
+
+# Node $1's host key and sshd config, in $ssh_dir/$1/.
+write_sshd_config() {
+  local node="$1" dir="$ssh_dir/$1" addr="$node_net.${1#hm-node-}"
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  [ -f "$dir/ssh_host_ed25519_key" ] ||
+    ssh-keygen -q -t ed25519 -N '' -C "$node" -f "$dir/ssh_host_ed25519_key"
+  cat >"$dir/sshd_config" <<EOF
+# sshd of the lab's SSH node $node (e2e/lab/lab.sh ssh-node): a remote machine for meshctl enroll.
+ListenAddress $addr:22
+HostKey $dir/ssh_host_ed25519_key
+PidFile none
+AuthorizedKeysFile $ssh_dir/authorized_keys
+AllowUsers root $ssh_user
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes yes
+AllowAgentForwarding no
+AllowTcpForwarding no
+X11Forwarding no
+PermitTunnel no
+LogLevel VERBOSE
+EOF
+}
+
+# $ssh_dir/known_hosts: the host key of every SSH node, as an OpenSSH known_hosts file.
+write_known_hosts() {
+  local dir addr out=()
+  for dir in "$ssh_dir"/hm-node-*/; do
+    [ -f "$dir/ssh_host_ed25519_key.pub" ] || continue
+    addr="$node_net.$(basename "$dir" | sed 's/^hm-node-//')"
+    out+=("$addr $(cut -d' ' -f1-2 "$dir/ssh_host_ed25519_key.pub")")
+  done
+  printf '%s\n' "${out[@]}" >"$ssh_dir/known_hosts.tmp"
+  chmod 644 "$ssh_dir/known_hosts.tmp"
+  mv "$ssh_dir/known_hosts.tmp" "$ssh_dir/known_hosts"
+}
+
+cmd_ssh_node() {
+  [ $# -eq 1 ] || die "usage: lab.sh ssh-node K (K = a node number that is not an agent node)"
+  local node k holder ports deadline pid
+  node="$(node_name "$1")"
+  k="${node#hm-node-}"
+  [ -x /usr/sbin/sshd ] || die "sshd is missing: run e2e/lab/install-deps.sh (openssh-server)"
+  command -v ssh-keygen >/dev/null || die "ssh-keygen is missing: run e2e/lab/install-deps.sh (openssh-client)"
+  preflight_nodes
+  lock
+  if ! component_pid etcd >/dev/null || ! component_pid kube-apiserver >/dev/null; then
+    die "the lab is not up; start it with 'lab.sh up --nodes N'"
+  fi
+  if netns_exists "$node" && ! is_ssh_node "$node"; then
+    die "$node is an agent node; choose a number no agent node has (lab.sh status lists them)"
+  fi
+  mkdir -p "$nodes_dir"
+  : >"$nodes_dir/$node.ssh"
+  ensure_ssh_client_key
+  write_sshd_config "$node"
+  write_known_hosts
+  start_relay
+  ensure_run_wireguard
+  ensure_bridge
+  ports="$(ip -n "$bridge_ns" -o link show master "$bridge" up |
+    awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
+  ensure_node_net "$k" "$ports"
+  if ! holder="$(holder_pid "$node")"; then
+    local pids=()
+    mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
+    [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
+    spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
+      unshare --mount --propagation slave -- bash -c "$ssh_holder_script" "$lab/holder/$node" "$ssh_dir/$node"
+    holder="$(holder_pid "$node")"
+  fi
+  if ! node_relay_pid "$node" >/dev/null; then
+    spawn "apiserver-relay-$node" "$socat_bin" nsenter -t "$holder" -n -m -- "$socat_bin" \
+      "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
+  fi
+  # The unprivileged user, in the node's own /etc (copy-on-write): a shell, no password, no sudo.
+  if ! nsenter -t "$holder" -m -- id "$ssh_user" >/dev/null 2>&1; then
+    nsenter -t "$holder" -m -- useradd --create-home --home-dir "/var/lib/$ssh_user" \
+      --shell /bin/sh --password '*' "$ssh_user"
+  fi
+  if ! pid="$(sshd_pid "$node")"; then
+    log "starting sshd on $node ($node_net.$k:22)"
+    spawn "sshd-$node" comm:sshd nsenter -t "$holder" -n -m -- \
+      /usr/sbin/sshd -D -e -f "$ssh_dir/$node/sshd_config"
+  fi
+  deadline=$((SECONDS + wait_seconds))
+  until [ -n "$(nsenter -t "$holder" -n ss -Hltn "src $node_net.$k:22" 2>/dev/null)" ]; do
+    [ $SECONDS -lt $deadline ] || die "sshd on $node does not listen; see $log_dir/sshd-$node.log"
+    sshd_pid "$node" >/dev/null || die "sshd on $node exited; see $log_dir/sshd-$node.log"
+    sleep 0.05
+  done
+  log "SSH node $node is up: ssh -i $ssh_dir/client_ed25519 -o UserKnownHostsFile=$ssh_dir/known_hosts" \
+    "root@$node_net.$k (or $ssh_user@...)"
 }
 
 # --- down -----------------------------------------------------------------------------------
@@ -1048,6 +1214,13 @@ cmd_status() {
     holder=stopped relay=stopped agent=stopped
     if pid="$(holder_pid "$node")"; then holder="pid $pid"; else up=3; fi
     if pid="$(node_relay_pid "$node")"; then relay="pid $pid"; else up=3; fi
+    if is_ssh_node "$node"; then
+      agent=stopped
+      if pid="$(sshd_pid "$node")"; then agent="pid $pid"; fi
+      printf '%-16s %-15s holder %s, relay %s, sshd %s (SSH node)\n' "$node:" "$node_net.${node#hm-node-}" \
+        "$holder" "$relay" "$agent"
+      continue
+    fi
     if pid="$(agent_pid "$node")"; then
       agent="pid $pid"
     elif [ ! -e "$bin_dir/mesh-agent" ]; then
@@ -1078,6 +1251,7 @@ main() {
     status) cmd_status "$@" ;;
     exec) cmd_exec "$@" ;;
     agent) cmd_agent "$@" ;;
+    ssh-node) cmd_ssh_node "$@" ;;
     help | -h | --help) usage ;;
     "") usage >&2; exit 2 ;;
     *) usage >&2; log "unknown command: $cmd"; exit 2 ;;

@@ -25,11 +25,14 @@ then run `kubectl mesh status`.";
 #[command(
     name = "meshctl",
     version,
-    about = "See and debug a harness-mesh WireGuard mesh: status, topology graph, per-node WireGuard config.",
-    long_about = "See and debug a harness-mesh WireGuard mesh: status, topology graph, per-node WireGuard config.\n\n\
+    about = "See and debug a harness-mesh WireGuard mesh: status, topology graph, per-node WireGuard config, \
+             and enroll remote machines over SSH.",
+    long_about = "See and debug a harness-mesh WireGuard mesh: status, topology graph, per-node WireGuard config, \
+                  and enroll remote machines over SSH.\n\n\
                   meshctl reads the cluster's MeshNode and MeshService objects (and the agents' liveness\n\
-                  Leases) through the Kubernetes API, using your kubeconfig the way kubectl does. It only\n\
-                  reads: nothing in the cluster changes.",
+                  Leases) through the Kubernetes API, using your kubeconfig the way kubectl does. status,\n\
+                  graph and showconf only read; enroll and unenroll create and delete a MeshNode and the\n\
+                  agent's credential, and install or remove the agent on the remote machine.",
     after_help = EXAMPLES,
     propagate_version = true,
     max_term_width = 100
@@ -104,8 +107,13 @@ pub enum Command {
         after_help = "Install:\n  bash: meshctl completions bash > /etc/bash_completion.d/meshctl\n  zsh:  meshctl completions zsh > \"${fpath[1]}/_meshctl\"\n  fish: meshctl completions fish > ~/.config/fish/completions/meshctl.fish"
     )]
     Completions(CompletionsArgs),
-    // Enrolling remote machines over SSH (`enroll`, `unenroll`) goes here, as further variants
-    // dispatched in main.rs next to the read-only commands above.
+    /// Enroll a remote Linux machine over SSH: install its agent, give it a credential, wait until it joins
+    #[command(after_help = crate::enroll::ENROLL_AFTER_HELP)]
+    Enroll(crate::enroll::EnrollArgs),
+
+    /// Remove an enrolled machine: its agent and files there, its MeshNode and credential in the cluster
+    #[command(after_help = crate::enroll::UNENROLL_AFTER_HELP)]
+    Unenroll(crate::enroll::UnenrollArgs),
 }
 
 /// `meshctl status` options.

@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod connected;
 mod dot;
+mod enroll;
 mod model;
 mod palette;
 mod svg;
@@ -83,6 +84,8 @@ async fn run(cli: Cli, invocation: &Invocation) -> anyhow::Result<String> {
                 GraphFormat::Dot => dot::render(&view, !args.no_services),
             })
         }
+        Command::Enroll(args) => enroll::enroll(args, &cli.cluster).await.map(|()| String::new()),
+        Command::Unenroll(args) => enroll::unenroll(args, &cli.cluster).await.map(|()| String::new()),
         Command::Showconf(args) => {
             let cluster = Cluster::connect(&cli.cluster).await?;
             let (nodes, services) = tokio::try_join!(cluster.nodes(), cluster.services(None))?;

@@ -1,0 +1,592 @@
+//! The cluster side of enroll and unenroll: the kubeconfig (whose API server and CA the machine
+//! gets too), the name check, the MeshNode, the placeholder Pod and the token bound to it, the
+//! wait for the agent, and the deletes.
+//!
+//! The credential: the chart's node restriction lets the agent ServiceAccount write only the
+//! MeshNode (status) and Lease of the node named in its token, and the API server puts a node
+//! name into a token bound to a Pod with `spec.nodeName`. So enroll creates a Pod
+//! `mesh-agent-NAME` with `nodeName: NAME` (it never runs: no kubelet has that node) and requests
+//! a token of the ServiceAccount bound to it; deleting the Pod revokes the token.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use base64::Engine;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, ResourceExt};
+use mesh_api::MeshNode;
+use mesh_api::conditions::CONNECTED;
+use serde_json::json;
+
+use crate::cli::ClusterArgs;
+
+/// The annotation that records where a MeshNode was enrolled from (`ssh://user@host:port`).
+pub const ENROLLED_VIA: &str = "mesh.harness.dev/enrolled-via";
+/// The field manager of meshctl's writes.
+pub const FIELD_MANAGER: &str = "meshctl";
+/// The label meshctl puts on what it makes.
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshctl");
+
+/// The cluster, and what the machine needs to reach it.
+pub struct Cluster {
+    /// A client with the user's credentials.
+    pub client: Client,
+    /// `https://host:port (context NAME)`, for messages.
+    pub target: String,
+    /// The API server URL from the kubeconfig.
+    pub server: String,
+    /// The kubeconfig's CA bundle (PEM), if it names one.
+    pub ca_pem: Option<String>,
+    /// Whether the kubeconfig turns TLS verification off.
+    pub insecure: bool,
+}
+
+/// Connects as kubectl would: `--kubeconfig`/`--context`, else `$KUBECONFIG`, else
+/// `~/.kube/config`, else the in-cluster service account.
+pub async fn connect(args: &ClusterArgs) -> anyhow::Result<Cluster> {
+    let options = KubeConfigOptions { context: args.context.clone(), ..KubeConfigOptions::default() };
+    let kubeconfig = match &args.kubeconfig {
+        Some(path) => Some(
+            Kubeconfig::read_from(path)
+                .map_err(|err| anyhow!("cannot read the kubeconfig {}: {}", path.display(), chain(&err)))?,
+        ),
+        None => Kubeconfig::read().ok(),
+    };
+    let (mut config, context) = match kubeconfig {
+        Some(kubeconfig) => {
+            let context = args.context.clone().or_else(|| kubeconfig.current_context.clone());
+            let config = Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|err| {
+                anyhow!(
+                    "the kubeconfig cannot be used: {}; choose a context with --context or fix the file",
+                    chain(&err)
+                )
+            })?;
+            (config, context)
+        }
+        None => match Config::incluster() {
+            Ok(config) => (config, None),
+            Err(_) => bail!(
+                "no kubeconfig found: meshctl reads it the way kubectl does, from --kubeconfig FILE, else $KUBECONFIG, \
+                 else ~/.kube/config. Point one of them at your cluster"
+            ),
+        },
+    };
+    config.connect_timeout = Some(args.request_timeout);
+    config.read_timeout = Some(args.request_timeout);
+    config.write_timeout = Some(args.request_timeout);
+    let server = config.cluster_url.to_string().trim_end_matches('/').to_owned();
+    let target = match context {
+        Some(context) => format!("{server} (context {context})"),
+        None => server.clone(),
+    };
+    let ca_pem = config.root_cert.as_ref().filter(|certs| !certs.is_empty()).map(|certs| pem(certs));
+    let insecure = config.accept_invalid_certs;
+    let client =
+        Client::try_from(config).map_err(|err| anyhow!("cannot set up a client for {target}: {}", chain(&err)))?;
+    Ok(Cluster { client, target, server, ca_pem, insecure })
+}
+
+/// DER certificates as one PEM bundle.
+pub fn pem(certs: &[Vec<u8>]) -> String {
+    let mut out = String::new();
+    for der in certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for chunk in text.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+/// The kubeconfig the agent gets: the API server, its CA, and the token alone.
+pub fn agent_kubeconfig(server: &str, ca_pem: Option<&str>, token: &str, name: &str) -> anyhow::Result<String> {
+    let mut cluster = json!({"server": server});
+    if let Some(ca) = ca_pem {
+        cluster["certificate-authority-data"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
+    }
+    let user = format!("mesh-agent-{name}");
+    let doc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "harness-mesh", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "harness-mesh", "context": {"cluster": "harness-mesh", "user": user}}],
+        "current-context": "harness-mesh",
+    });
+    let yaml = serde_saphyr::to_string(&doc).map_err(|err| anyhow!("rendering the agent's kubeconfig: {err}"))?;
+    Ok(format!("# mesh-agent's kubeconfig, written by meshctl enroll: a token bound to Pod mesh-agent-{name}.\n{yaml}"))
+}
+
+/// Whether the name is free or already this machine's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameState {
+    /// No MeshNode of that name.
+    Free,
+    /// A MeshNode enrolled from this same address (enroll runs again).
+    Ours,
+}
+
+/// Judges an existing MeshNode of the name: free, this machine's, or taken (an error saying by
+/// whom and what to do).
+pub fn judge_name(name: &str, via: &str, existing: Option<&MeshNode>) -> anyhow::Result<NameState> {
+    let Some(node) = existing else { return Ok(NameState::Free) };
+    if let Some(owner) = node.owner_references().iter().find(|o| o.kind == "Node") {
+        bail!(
+            "the name {name} is taken: MeshNode {name} mirrors the Kubernetes Node {} (mesh-controller made it). \
+             Choose another --name",
+            owner.name
+        );
+    }
+    match node.annotations().get(ENROLLED_VIA) {
+        Some(recorded) if recorded == via => Ok(NameState::Ours),
+        Some(recorded) => bail!(
+            "the name {name} is taken: MeshNode {name} is another machine, enrolled from {recorded} (not {via}). \
+             Choose another --name, or remove that machine first with `meshctl unenroll {name}`"
+        ),
+        None => {
+            let managers: Vec<String> = node
+                .managed_fields()
+                .iter()
+                .filter_map(|f| f.manager.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let by = if managers.is_empty() { String::new() } else { format!(" (written by {})", managers.join(", ")) };
+            bail!(
+                "the name {name} is taken: MeshNode {name} already exists and was not enrolled by meshctl{by}. \
+                 Choose another --name"
+            )
+        }
+    }
+}
+
+/// Checks that the placeholder Pod's name is free or meshctl's own for this machine.
+pub fn judge_pod(pod_name: &str, namespace: &str, via: &str, existing: Option<&Pod>) -> anyhow::Result<()> {
+    let Some(pod) = existing else { return Ok(()) };
+    match pod.annotations().get(ENROLLED_VIA) {
+        Some(recorded) if recorded == via => Ok(()),
+        _ => bail!(
+            "the Pod {namespace}/{pod_name}, which would anchor the machine's credential, already exists and is not \
+             meshctl's for this machine: choose another --name (or delete that Pod if it is a leftover)"
+        ),
+    }
+}
+
+impl Cluster {
+    /// An API error as what to do about it.
+    pub fn explain(&self, err: &kube::Error, action: &str) -> anyhow::Error {
+        match err {
+            kube::Error::Api(status) => match status.code {
+                403 => anyhow!(
+                    "{action}: RBAC denied at {}: {}. enroll needs to read, create and patch MeshNodes, create and \
+                     delete Pods in the harness-mesh namespace, and create serviceaccounts/token there (a cluster \
+                     admin has all of it): ask for them, or use another --context",
+                    self.target,
+                    status.message
+                ),
+                401 => anyhow!(
+                    "{action}: the API server at {} rejected your credentials (401): they may have expired; log in \
+                     again, or choose another --context",
+                    self.target
+                ),
+                404 if status.message.contains("the server could not find the requested resource") => anyhow!(
+                    "{action}: the harness-mesh CRDs are not installed in the cluster at {}: install harness-mesh \
+                     (helm install harness-mesh charts/harness-mesh -n harness-mesh --create-namespace)",
+                    self.target
+                ),
+                code => anyhow!("{action}: {} ({code} {})", status.message, status.reason),
+            },
+            _ => anyhow!(
+                "{action}: cannot reach the Kubernetes API server at {}: {}. Is the cluster running, and is this the \
+                 right kubeconfig and context?",
+                self.target,
+                chain(err)
+            ),
+        }
+    }
+
+    /// The MeshNode `name`, if it exists.
+    pub async fn meshnode(&self, name: &str) -> anyhow::Result<Option<MeshNode>> {
+        let api: Api<MeshNode> = Api::all(self.client.clone());
+        api.get_opt(name).await.map_err(|err| self.explain(&err, &format!("reading MeshNode {name}")))
+    }
+
+    /// Another MeshNode enrolled from the same address, if any.
+    pub async fn enrolled_elsewhere(&self, name: &str, via: &str) -> anyhow::Result<Option<String>> {
+        let api: Api<MeshNode> = Api::all(self.client.clone());
+        let list = api.list(&ListParams::default()).await.map_err(|err| self.explain(&err, "listing MeshNodes"))?;
+        Ok(list
+            .items
+            .iter()
+            .find(|n| n.name_any() != name && n.annotations().get(ENROLLED_VIA).map(String::as_str) == Some(via))
+            .map(ResourceExt::name_any))
+    }
+
+    /// Whether a Kubernetes Node of that name exists (the controller would mirror it into a
+    /// MeshNode of the same name). Unknown (no permission to read Nodes) counts as no.
+    pub async fn kubernetes_node_exists(&self, name: &str) -> bool {
+        let api: Api<Node> = Api::all(self.client.clone());
+        matches!(api.get_opt(name).await, Ok(Some(_)))
+    }
+
+    /// The placeholder Pod, if it exists.
+    pub async fn pod(&self, namespace: &str, name: &str) -> anyhow::Result<Option<Pod>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name).await.map_err(|err| self.explain(&err, &format!("reading Pod {namespace}/{name}")))
+    }
+
+    /// Fails unless the agent ServiceAccount exists.
+    pub async fn require_service_account(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => bail!(
+                "the agent ServiceAccount {namespace}/{name} does not exist in the cluster at {}: install the \
+                 harness-mesh chart there (helm install harness-mesh charts/harness-mesh -n harness-mesh \
+                 --create-namespace), or name where it is with --namespace and --service-account",
+                self.target
+            ),
+            Err(err) => Err(self.explain(&err, &format!("reading ServiceAccount {namespace}/{name}"))),
+        }
+    }
+
+    /// Checks with the API server (a dry run) that the MeshNode enroll will write is valid and
+    /// allowed, before anything is changed anywhere.
+    pub async fn dry_run_meshnode(&self, name: &str, via: &str, endpoint: Option<&str>) -> anyhow::Result<()> {
+        let api: Api<MeshNode> = Api::all(self.client.clone());
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force().dry_run(),
+            &Patch::Apply(&meshnode(name, via, endpoint)),
+        )
+        .await
+        .map_err(|err| self.explain(&err, &format!("checking MeshNode {name}")))?;
+        Ok(())
+    }
+
+    /// Creates or updates the MeshNode (server-side apply: a re-run with the same flags changes
+    /// nothing; without `--endpoint` an endpoint set by an earlier enroll goes). Returns whether
+    /// it was created, changed, or left as it was.
+    pub async fn apply_meshnode(&self, name: &str, via: &str, endpoint: Option<&str>) -> anyhow::Result<Change> {
+        let api: Api<MeshNode> = Api::all(self.client.clone());
+        let before = self.meshnode(name).await?;
+        let after = api
+            .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&meshnode(name, via, endpoint)))
+            .await
+            .map_err(|err| self.explain(&err, &format!("writing MeshNode {name}")))?;
+        Ok(match before {
+            None => Change::Created,
+            Some(before) if before.resource_version() != after.resource_version() => Change::Updated,
+            Some(_) => Change::Unchanged,
+        })
+    }
+
+    /// Creates the placeholder Pod `mesh-agent-NAME` on node NAME (or finds it); returns its uid
+    /// and whether it was created.
+    pub async fn apply_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        via: &str,
+    ) -> anyhow::Result<(String, Change)> {
+        let pod_name = pod_name(name);
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let before = self.pod(namespace, &pod_name).await?;
+        let object = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": namespace,
+                "labels": {MANAGED_BY.0: MANAGED_BY.1, "mesh.harness.dev/enrolled-node": name},
+                "annotations": {
+                    ENROLLED_VIA: via,
+                    "mesh.harness.dev/purpose": "never runs: binds the token of the agent enrolled as this node; \
+                                                 deleting it revokes that token (meshctl unenroll does)",
+                },
+            },
+            "spec": {
+                "nodeName": name,
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": false,
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "mesh-agent", "image": "harness-mesh.invalid/enrolled-machine-placeholder"}],
+            },
+        });
+        let after = api
+            .patch(&pod_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+            .await
+            .map_err(|err| self.explain(&err, &format!("writing Pod {namespace}/{pod_name}")))?;
+        let uid = after.uid().ok_or_else(|| anyhow!("the API server returned Pod {pod_name} without a uid"))?;
+        let change = match before {
+            None => Change::Created,
+            Some(before) if before.uid() != after.uid() => Change::Created,
+            Some(_) => Change::Unchanged,
+        };
+        Ok((uid, change))
+    }
+
+    /// A token of the ServiceAccount bound to the Pod (so it names node NAME); returns the token
+    /// and when it expires.
+    pub async fn issue_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod_name: &str,
+        pod_uid: &str,
+        duration: Duration,
+    ) -> anyhow::Result<(String, Timestamp)> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: Vec::new(),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".to_owned()),
+                    kind: Some("Pod".to_owned()),
+                    name: Some(pod_name.to_owned()),
+                    uid: Some(pod_uid.to_owned()),
+                }),
+                expiration_seconds: Some(i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)),
+            },
+            ..TokenRequest::default()
+        };
+        let issued: TokenRequest = api
+            .create_subresource("token", service_account, &PostParams::default(), &request)
+            .await
+            .map_err(|err| self.explain(&err, &format!("requesting a token of {namespace}/{service_account}")))?;
+        let status = issued.status.ok_or_else(|| anyhow!("the API server issued no token"))?;
+        Ok((status.token, status.expiration_timestamp.0))
+    }
+
+    /// Polls the MeshNode until its agent has published a key, it has a mesh IP and its
+    /// Connected condition is True; `note` is told each of these as it happens. Fails after
+    /// `within`, or at once when the agent reports it cannot run a tunnel.
+    pub async fn wait_joined(
+        &self,
+        name: &str,
+        within: Duration,
+        mut note: impl FnMut(&str),
+    ) -> anyhow::Result<Joined> {
+        let deadline = Instant::now() + within;
+        let (mut key_seen, mut ip_seen) = (false, false);
+        loop {
+            let last;
+            if let Some(node) = self.meshnode(name).await? {
+                let status = node.status.unwrap_or_default();
+                let connected = status.conditions.iter().find(|c| c.type_ == CONNECTED);
+                if let (false, Some(key)) = (key_seen, &status.public_key) {
+                    key_seen = true;
+                    let backend = status.backend.map_or_else(|| "backend unknown".to_owned(), |b| format!("{b:?}"));
+                    note(&format!("the agent published its public key {key} ({} WireGuard)", backend.to_lowercase()));
+                }
+                if let (false, Some(ip)) = (ip_seen, &status.mesh_ip) {
+                    ip_seen = true;
+                    note(&format!("mesh-controller gave it the mesh IP {ip} ({name}.node.mesh.local)"));
+                }
+                if let Some(c) = connected {
+                    if c.status == "True" && key_seen && ip_seen {
+                        return Ok(Joined {
+                            mesh_ip: status.mesh_ip.unwrap_or_default(),
+                            connected: c.message.clone(),
+                        });
+                    }
+                    if c.reason == "NoTunnel" {
+                        bail!(
+                            "the agent on {name} runs, but without a tunnel: {}. Install WireGuard there (the \
+                             kernel module, or wireguard-go with /dev/net/tun) and run enroll again",
+                            c.message
+                        );
+                    }
+                    last = format!("Connected={} ({}: {})", c.status, c.reason, c.message);
+                } else if key_seen {
+                    last = "the agent has not reported Connected yet".to_owned();
+                } else {
+                    last = "the agent has not published a key yet".to_owned();
+                }
+            } else {
+                last = format!("MeshNode {name} is gone");
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not join the mesh within {} s: {last}", within.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Deletes the MeshNode and waits (at most `within`) until it is gone (mesh-controller
+    /// releases its mesh IP first). Returns false if it did not exist.
+    pub async fn delete_meshnode(&self, name: &str, within: Duration) -> anyhow::Result<bool> {
+        let api: Api<MeshNode> = Api::all(self.client.clone());
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
+            Err(err) => return Err(self.explain(&err, &format!("deleting MeshNode {name}"))),
+        }
+        let deadline = Instant::now() + within;
+        while self.meshnode(name).await?.is_some() {
+            if Instant::now() > deadline {
+                bail!(
+                    "MeshNode {name} is still there {} s after its deletion: mesh-controller removes its finalizer \
+                     once the mesh IP is released. Is mesh-controller running?",
+                    within.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(true)
+    }
+
+    /// Deletes the placeholder Pod at once (no grace: no kubelet would confirm), which revokes
+    /// every token bound to it. Returns false if it did not exist.
+    pub async fn delete_pod(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+        match api.delete(name, &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(err) => Err(self.explain(&err, &format!("deleting Pod {namespace}/{name}"))),
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// It did not exist.
+    Created,
+    /// It existed and was changed.
+    Updated,
+    /// It was already as wanted.
+    Unchanged,
+}
+
+impl Change {
+    /// For progress lines.
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// The agent has joined.
+pub struct Joined {
+    /// Its mesh IP.
+    pub mesh_ip: String,
+    /// Its Connected message.
+    pub connected: String,
+}
+
+/// The MeshNode enroll applies: its name, meshctl's label and annotation, and the endpoint.
+fn meshnode(name: &str, via: &str, endpoint: Option<&str>) -> serde_json::Value {
+    let mut spec = json!({});
+    if let Some(endpoint) = endpoint {
+        spec["endpoint"] = json!(endpoint);
+    }
+    json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1",
+        "kind": "MeshNode",
+        "metadata": {
+            "name": name,
+            "labels": {MANAGED_BY.0: MANAGED_BY.1},
+            "annotations": {ENROLLED_VIA: via},
+        },
+        "spec": spec,
+    })
+}
+
+/// The placeholder Pod of node `name`.
+pub fn pod_name(name: &str) -> String {
+    format!("mesh-agent-{name}")
+}
+
+/// An error with its causes, `outer: inner: root`, without repeats.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// Annotations of a MeshNode or Pod, for tests.
+#[cfg(test)]
+fn annotated(via: Option<&str>) -> std::collections::BTreeMap<String, String> {
+    via.map(|v| std::collections::BTreeMap::from([(ENROLLED_VIA.to_owned(), v.to_owned())])).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
+    use mesh_api::MeshNodeSpec;
+
+    use super::*;
+
+    fn node(via: Option<&str>) -> MeshNode {
+        let mut node = MeshNode::new("edge-1", MeshNodeSpec::default());
+        node.metadata.annotations = Some(annotated(via));
+        node
+    }
+
+    #[test]
+    fn a_name_is_free_ours_or_taken() {
+        let via = "ssh://root@192.168.77.200";
+        assert_eq!(judge_name("edge-1", via, None).unwrap(), NameState::Free);
+        assert_eq!(judge_name("edge-1", via, Some(&node(Some(via)))).unwrap(), NameState::Ours);
+        let other = judge_name("edge-1", via, Some(&node(Some("ssh://root@10.0.0.9")))).unwrap_err().to_string();
+        assert!(other.contains("another machine, enrolled from ssh://root@10.0.0.9"), "{other}");
+        assert!(other.contains("meshctl unenroll edge-1"), "{other}");
+        let mut lab = node(None);
+        lab.metadata.managed_fields =
+            Some(vec![ManagedFieldsEntry { manager: Some("harness-mesh-lab".into()), ..Default::default() }]);
+        let taken = judge_name("edge-1", via, Some(&lab)).unwrap_err().to_string();
+        assert!(taken.contains("not enrolled by meshctl (written by harness-mesh-lab)"), "{taken}");
+        let mut mirrored = node(None);
+        mirrored.metadata.owner_references =
+            Some(vec![OwnerReference { kind: "Node".into(), name: "worker-1".into(), ..Default::default() }]);
+        let err = judge_name("edge-1", via, Some(&mirrored)).unwrap_err().to_string();
+        assert!(err.contains("mirrors the Kubernetes Node worker-1"), "{err}");
+    }
+
+    #[test]
+    fn only_our_own_pod_is_reused() {
+        let via = "ssh://root@h";
+        let mut pod = Pod::default();
+        assert!(judge_pod("mesh-agent-x", "harness-mesh", via, None).is_ok());
+        assert!(judge_pod("mesh-agent-x", "harness-mesh", via, Some(&pod)).is_err());
+        pod.metadata.annotations = Some(annotated(Some(via)));
+        assert!(judge_pod("mesh-agent-x", "harness-mesh", via, Some(&pod)).is_ok());
+    }
+
+    #[test]
+    fn the_agent_kubeconfig_holds_server_ca_and_token() {
+        let ca = pem(&[vec![1, 2, 3]]);
+        assert_eq!(ca, "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n");
+        let text = agent_kubeconfig("https://10.0.0.1:6443", Some(&ca), "tok.en", "edge-1").unwrap();
+        let parsed = Kubeconfig::from_yaml(&text).unwrap();
+        let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.server.as_deref(), Some("https://10.0.0.1:6443"));
+        let ca_data = cluster.certificate_authority_data.as_deref().unwrap();
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(ca_data).unwrap(), ca.as_bytes());
+        assert!(parsed.auth_infos[0].auth_info.as_ref().unwrap().token.is_some());
+        assert!(text.contains("token: tok.en\n"), "{text}");
+        assert_eq!(parsed.current_context.as_deref(), Some("harness-mesh"));
+        let without_ca = agent_kubeconfig("https://k", None, "t", "e").unwrap();
+        assert!(!without_ca.contains("certificate-authority"));
+    }
+}
