@@ -36,7 +36,7 @@ lint: ## rustfmt, clippy (warnings are errors), shellcheck
 	shellcheck -x -P SCRIPTDIR e2e/lab/*.sh e2e/kind/*.sh images/*.sh
 
 unit: ## the fast tests: pure crates only, no lab
-	$(CARGO) test -p mesh-core -p mesh-api
+	$(CARGO) test -p mesh-core -p mesh-api -p mesh-wireguard -p mesh-dataplane
 
 test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes)
 	$(CARGO) build --workspace --bins
