@@ -153,3 +153,30 @@ pub fn start_lab_with_nodes(nodes: usize) -> anyhow::Result<PathBuf> {
     }
     Ok(root.join(".lab/kubeconfig"))
 }
+
+/// The meshctl binary (with mesh-agent built next to it, enroll's default agent binary): `$MESHCTL`
+/// when set, else built once per test binary with `cargo build -p meshctl -p mesh-agent`.
+pub fn meshctl_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("MESHCTL") {
+                return Ok(PathBuf::from(path));
+            }
+            let root = repo_root();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "meshctl", "-p", "mesh-agent"])
+                .current_dir(&root)
+                .output()
+                .map_err(|e| format!("running cargo build -p meshctl -p mesh-agent: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+            }
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+            let binary = target.join("debug/meshctl");
+            if binary.exists() { Ok(binary) } else { Err(format!("{} is missing after the build", binary.display())) }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}

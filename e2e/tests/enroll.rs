@@ -22,7 +22,6 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -72,32 +71,6 @@ fn require_lab() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// meshctl, with mesh-agent next to it (enroll's default agent binary), built once per run.
-fn meshctl_binary() -> anyhow::Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("MESHCTL") {
-                return Ok(PathBuf::from(path));
-            }
-            let root = repo_root();
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "meshctl", "-p", "mesh-agent"])
-                .current_dir(&root)
-                .output()
-                .map_err(|e| format!("running cargo build -p meshctl -p mesh-agent: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr)));
-            }
-            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-            let binary = target.join("debug/meshctl");
-            if binary.exists() { Ok(binary) } else { Err(format!("{} is missing after the build", binary.display())) }
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
 /// Starts (or repairs) the SSH node; a no-op when it runs.
 fn ssh_node_up() -> anyhow::Result<()> {
     let out = Command::new(lab_sh()).args(["ssh-node", SSH_NODE_NUMBER]).current_dir(repo_root()).output()?;
@@ -129,7 +102,7 @@ impl Run {
 
 /// Runs meshctl on the runner node with the lab's admin kubeconfig (at most `limit`).
 fn meshctl(args: &[&str], limit: Duration) -> anyhow::Result<Run> {
-    let binary = meshctl_binary()?;
+    let binary = harness_mesh_e2e::meshctl_binary()?;
     let kubeconfig = repo_root().join(".lab/kubeconfig");
     let secs = limit.as_secs().to_string();
     let start = Instant::now();

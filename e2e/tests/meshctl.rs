@@ -15,7 +15,6 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -33,32 +32,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(90);
 const SETTLE: Duration = Duration::from_secs(30);
 const SERVICE: &str = "meshctl-test-svc";
-
-/// The meshctl binary, built once per test run.
-fn meshctl_binary() -> anyhow::Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("MESHCTL") {
-                return Ok(PathBuf::from(path));
-            }
-            let root = repo_root();
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "meshctl"])
-                .current_dir(&root)
-                .output()
-                .map_err(|e| format!("running cargo build -p meshctl: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("cargo build -p meshctl failed:\n{}", String::from_utf8_lossy(&out.stderr)));
-            }
-            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-            let binary = target.join("debug/meshctl");
-            if binary.exists() { Ok(binary) } else { Err(format!("{} is missing after the build", binary.display())) }
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
 
 /// What one run of meshctl did.
 #[derive(Debug)]
@@ -92,7 +65,7 @@ fn meshctl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Run> {
     let kubeconfig = kubeconfig.to_str().context("kubeconfig path is not UTF-8")?;
     let mut all = vec!["--kubeconfig", kubeconfig, "--request-timeout", "20s"];
     all.extend_from_slice(args);
-    run_program(&meshctl_binary()?, &all)
+    run_program(&harness_mesh_e2e::meshctl_binary()?, &all)
 }
 
 /// Retries `check` every 500 ms until it succeeds or `within` passes.
@@ -581,7 +554,7 @@ async fn cluster_problems_say_what_to_do() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn completions_and_the_kubectl_plugin_name() -> anyhow::Result<()> {
-    let binary = meshctl_binary()?;
+    let binary = harness_mesh_e2e::meshctl_binary()?;
     for shell in ["bash", "zsh", "fish"] {
         let script = run_program(&binary, &["completions", shell])?.ok()?;
         assert!(script.contains("meshctl") && script.contains("showconf"), "{shell} completions:\n{script}");

@@ -173,7 +173,7 @@ fn explain(target: &str, err: &kube::Error, resource: &str) -> anyhow::Error {
 }
 
 /// An error with its causes, `outer: inner: root`, without repeats.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![err.to_string()];
     let mut source = err.source();
     while let Some(cause) = source {

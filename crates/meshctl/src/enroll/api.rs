@@ -23,6 +23,7 @@ use mesh_api::conditions::CONNECTED;
 use serde_json::json;
 
 use crate::cli::ClusterArgs;
+use crate::cluster::chain;
 
 /// The annotation that records where a MeshNode was enrolled from (`ssh://user@host:port`).
 pub const ENROLLED_VIA: &str = "mesh.harness.dev/enrolled-via";
@@ -508,20 +509,6 @@ fn meshnode(name: &str, via: &str, endpoint: Option<&str>) -> serde_json::Value 
 /// The placeholder Pod of node `name`.
 pub fn pod_name(name: &str) -> String {
     format!("mesh-agent-{name}")
-}
-
-/// An error with its causes, `outer: inner: root`, without repeats.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 /// Annotations of a MeshNode or Pod, for tests.
