@@ -46,6 +46,15 @@ fn reachable(mesh: &Mesh, node: &str, ip: Ipv4Addr) -> bool {
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("bench"))
 }
 
+/// Creates (afresh) a mesh service `name` on `host` and returns when the create was sent.
+async fn create_service(api: &Api<MeshService>, name: &str, host: &str) -> anyhow::Result<Instant> {
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let started = Instant::now();
+    let spec = json!({"node": host, "network": {"type": "mesh", "ports": [PORT]}});
+    api.create(&PostParams::default(), &service(name, spec)).await?;
+    Ok(started)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mesh = Mesh::get(Duration::from_secs(120)).await?;
@@ -65,13 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for i in 0..TRIES {
         let name = format!("bench-converge-{i}");
-        let _ = api.delete(&name, &DeleteParams::default()).await;
-        let started = Instant::now();
-        api.create(
-            &PostParams::default(),
-            &service(&name, json!({"node": host, "network": {"type": "mesh", "ports": [PORT]}})),
-        )
-        .await?;
+        let started = create_service(&api, &name, &host).await?;
         let ip = loop {
             if let Some(ip) = api.get(&name).await?.status.and_then(|s| s.mesh_ip) {
                 break ip.parse::<Ipv4Addr>()?;
@@ -96,13 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let mut dns_times = Vec::new();
     for i in 0..TRIES {
         let name = format!("bench-dns-{i}");
-        let _ = api.delete(&name, &DeleteParams::default()).await;
-        let started = Instant::now();
-        api.create(
-            &PostParams::default(),
-            &service(&name, json!({"node": host, "network": {"type": "mesh", "ports": [PORT]}})),
-        )
-        .await?;
+        let started = create_service(&api, &name, &host).await?;
         let fqdn = format!("{name}.default.mesh.local");
         let mut waiting: Vec<String> = names.clone();
         while !waiting.is_empty() {

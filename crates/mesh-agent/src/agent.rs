@@ -17,7 +17,7 @@ use kube::Client;
 use mesh_dataplane::desired::{self, Hosted};
 use mesh_dataplane::firewall;
 use mesh_dataplane::health::{self, PeerHealth, ProbeWindow, Summary};
-use mesh_wireguard::{DeviceConfig, DeviceState, PrivateKey};
+use mesh_wireguard::{DeviceConfig, DeviceState, Key, PrivateKey};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -88,6 +88,9 @@ pub struct Agent {
     echo: Option<(Ipv4Addr, JoinHandle<()>)>,
     /// Peers by name and mesh IP, as of the last sync.
     targets: BTreeMap<String, Ipv4Addr>,
+    /// Peer node names by public key, as of the last sync (health reports use them, so a probe
+    /// round does not re-read and re-resolve the directory).
+    peer_names: BTreeMap<Key, String>,
     /// The peer set last applied to the device.
     applied: Option<mesh_api::AppliedPeers>,
     /// The DNS server, if serving.
@@ -131,6 +134,7 @@ impl Agent {
             summary,
             echo: None,
             targets: BTreeMap::new(),
+            peer_names: BTreeMap::new(),
             reported: Vec::new(),
             dns: None,
             applied: None,
@@ -290,6 +294,7 @@ impl Agent {
         }
         let ips = self.directory.node_ips();
         self.targets = peers.names.values().filter_map(|n| ips.get(n).map(|ip| (n.clone(), *ip))).collect();
+        self.peer_names = peers.names.clone();
 
         let Some(node_ip) = me.status.as_ref().and_then(|s| s.mesh_ip.as_deref()).and_then(|ip| ip.parse().ok()) else {
             anyhow::bail!("MeshNode {name} has no mesh IP yet: is mesh-controller running?");
@@ -407,10 +412,8 @@ impl Agent {
     async fn report_health(&mut self, results: Vec<(String, Option<Duration>)>) -> anyhow::Result<()> {
         let state = self.device.get().await?;
         let now = SystemTime::now();
-        let entries = self.directory.peer_entries().await;
-        let peers = desired::peers(&self.config.node, &self.key.public_key(), &entries);
         let mut by_name: BTreeMap<&str, (Option<Duration>, u64, u64)> = BTreeMap::new();
-        for (key, name) in &peers.names {
+        for (key, name) in &self.peer_names {
             if let Some(peer) = state.peers.get(key) {
                 by_name.insert(name, (peer.handshake_age(now), peer.rx_bytes, peer.tx_bytes));
             }
@@ -419,7 +422,7 @@ impl Agent {
             self.windows.entry(name).or_default().record(rtt);
         }
         let mut healths = Vec::new();
-        for name in peers.names.values() {
+        for name in self.peer_names.values() {
             let window = self.windows.get(name).cloned().unwrap_or_default();
             let (age, rx, tx) = by_name.get(name.as_str()).copied().unwrap_or((None, 0, 0));
             let label = PeerLabel { peer: name.clone() };
