@@ -113,11 +113,19 @@ fn short_name(service: &MeshService, ctx: &Ctx) -> Want {
     }
 }
 
-/// Where the service runs now: `Ok(node)`, or the (true) condition that says why it runs nowhere.
-fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<String, Want> {
+/// Where a service runs: the MeshNode, and the pod IP to forward to when the backing pod is on
+/// the pod network.
+#[derive(Clone, Debug, PartialEq)]
+struct Host {
+    node: String,
+    pod_ip: Option<String>,
+}
+
+/// Where the service runs now, or the (true) condition that says why it runs nowhere.
+fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<Host, Want> {
     if let Some(node) = &service.spec.node {
         return if ctx.mesh_nodes.get(&kube::runtime::reflector::ObjectRef::new(node)).is_some() {
-            Ok(node.clone())
+            Ok(Host { node: node.clone(), pod_ip: None })
         } else {
             Err(Want::yes(
                 NODE_NOT_FOUND,
@@ -137,8 +145,8 @@ fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<String, Want> {
         .collect();
     // The oldest ready pod hosts the service, so hosting does not flap as pods come and go.
     ready.sort_by_key(|pod| (pod.creation_timestamp().map(|t| t.0), pod.name_any()));
-    match ready.first().and_then(|pod| pod.spec.as_ref()?.node_name.clone()) {
-        Some(node) => Ok(node),
+    match ready.first().and_then(|pod| Some((pod, pod.spec.as_ref()?.node_name.clone()?))) {
+        Some((pod, node)) => Ok(Host { node, pod_ip: pod_network_ip(pod) }),
         None => Err(Want::yes(
             NO_READY_PODS,
             "NoReadyPods",
@@ -149,6 +157,17 @@ fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<String, Want> {
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The pod's IPv4 address on the pod network; `None` for a host-network pod, whose address is
+/// the node's own (the agent then has nothing to forward: the process listens on the node).
+fn pod_network_ip(pod: &Pod) -> Option<String> {
+    if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let ips = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str()).chain(status.pod_ip.as_deref());
+    ips.filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()).map(str::to_owned).next()
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -204,7 +223,7 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
     ctx.set_hosting(
         &owner,
         match (&host, ip) {
-            (Ok(node), Some(ip)) => Some(Hosted { node: node.clone(), ip }),
+            (Ok(host), Some(ip)) => Some(Hosted { node: host.node.clone(), ip }),
             _ => None,
         },
     );
@@ -215,9 +234,14 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
             Want::no(READY, why.reason, message)
         }
         (Ok(_), Some((reason, message))) => Want::no(READY, reason, message.clone()),
-        (Ok(node), None) => match ip {
-            Some(ip) => Want::yes(READY, "Hosted", format!("reachable at {ip} on MeshNode {node}")),
-            None => Want::yes(READY, "Hosted", format!("host service on MeshNode {node}")),
+        (Ok(Host { node, pod_ip }), None) => match (ip, pod_ip) {
+            (Some(ip), Some(pod_ip)) => Want::yes(
+                READY,
+                "Hosted",
+                format!("reachable at {ip} on MeshNode {node}, forwarded to pod IP {pod_ip}"),
+            ),
+            (Some(ip), None) => Want::yes(READY, "Hosted", format!("reachable at {ip} on MeshNode {node}")),
+            (None, _) => Want::yes(READY, "Hosted", format!("host service on MeshNode {node}")),
         },
     };
     wants.push(ready);
@@ -228,13 +252,15 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
     let desired = MeshServiceStatus {
         mesh_ip: ip.map(|ip| ip.to_string()),
         dns_name: Some(format!("{name}.{namespace}.mesh.local")),
-        node: host.as_ref().ok().cloned(),
+        node: host.as_ref().ok().map(|h| h.node.clone()),
+        pod_ip: host.as_ref().ok().and_then(|h| h.pod_ip.clone()),
         observed_generation: service.meta().generation,
         conditions,
     };
     let unchanged = current.mesh_ip == desired.mesh_ip
         && current.dns_name == desired.dns_name
         && current.node == desired.node
+        && current.pod_ip == desired.pod_ip
         && current.observed_generation == desired.observed_generation
         && same(&current.conditions, &desired.conditions);
     // Conflicts and exhaustion resolve when other objects go away: look again later, at a

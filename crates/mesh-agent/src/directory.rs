@@ -155,6 +155,7 @@ impl Directory {
                     node: status.node,
                     exposure: exposure(s.spec.network.type_),
                     ports: s.spec.network.ports.iter().filter_map(|p| u16::try_from(*p).ok()).collect(),
+                    pod_ip: status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()),
                 }
             })
             .collect()

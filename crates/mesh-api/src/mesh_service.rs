@@ -124,6 +124,12 @@ pub struct MeshServiceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
 
+    /// The pod-network IP of the pod that backs the service, when that pod does not use the
+    /// host network: the hosting node's agent forwards the listed ports on the mesh IP to it.
+    /// Absent for host-network pods and for services backed by a MeshNode's own process.
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

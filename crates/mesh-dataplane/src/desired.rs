@@ -148,6 +148,9 @@ pub struct Placement {
     pub exposure: Exposure,
     /// The ports reachable on its mesh IP.
     pub ports: Vec<u16>,
+    /// The pod-network IP of the backing pod, when the service's traffic has to be forwarded
+    /// to a pod rather than served by a process on the node.
+    pub pod_ip: Option<Ipv4Addr>,
 }
 
 /// A service IP this node hosts.
@@ -159,6 +162,8 @@ pub struct Hosted {
     pub ports: BTreeSet<u16>,
     /// `namespace/name`, for the ruleset's comments.
     pub service: String,
+    /// Where the open ports are forwarded to (the backing pod's IP), if not to the node itself.
+    pub forward_to: Option<Ipv4Addr>,
 }
 
 /// The service IPs node `me` hosts: those placed on it with a mesh IP and a type other than
@@ -169,7 +174,12 @@ pub fn hosted(me: &str, node_ip: Option<Ipv4Addr>, placements: &[Placement]) -> 
         .filter(|p| p.node.as_deref() == Some(me) && p.exposure != Exposure::Host)
         .filter_map(|p| {
             let ip = p.mesh_ip.filter(|ip| Some(*ip) != node_ip)?;
-            Some(Hosted { ip, ports: p.ports.iter().copied().collect(), service: p.service.clone() })
+            Some(Hosted {
+                ip,
+                ports: p.ports.iter().copied().collect(),
+                service: p.service.clone(),
+                forward_to: p.pod_ip,
+            })
         })
         .collect();
     hosted.sort();
@@ -261,6 +271,7 @@ mod tests {
             node: Some(node.into()),
             exposure,
             ports: vec![8000, 8020],
+            pod_ip: None,
         }
     }
 
@@ -278,5 +289,14 @@ mod tests {
         let ips: Vec<String> = hosted.iter().map(|h| h.ip.to_string()).collect();
         assert_eq!(ips, ["10.42.1.1", "10.42.1.2"]);
         assert_eq!(hosted[0].ports, BTreeSet::from([8000, 8020]));
+        assert_eq!(hosted[0].forward_to, None);
+    }
+
+    #[test]
+    fn a_pod_backed_service_is_forwarded_to_its_pod() {
+        let pod_ip = Some("10.244.1.7".parse().unwrap());
+        let placements = [Placement { pod_ip, ..placement("ns/web", "10.42.1.1", "n1", Exposure::Mesh) }];
+        let hosted = hosted("n1", None, &placements);
+        assert_eq!(hosted[0].forward_to, pod_ip);
     }
 }
