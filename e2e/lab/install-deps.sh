@@ -6,17 +6,25 @@ set -euo pipefail
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
-# package:command pairs; a package is installed when its command is missing. The lab's nodes
+# package:command pairs (or package:/path); a package is installed when its command (file) is missing. The lab's nodes
 # need the second line: userspace WireGuard and its tools, the apiserver relay (socat), and what
 # tests and people run on nodes (nft, tcpdump, iperf3, ping). The third: meshctl enroll's SSH
-# client, and the sshd of the lab's SSH nodes (lab.sh ssh-node), which play remote machines.
+# client, and the sshd of the lab's SSH nodes (lab.sh ssh-node), which play remote machines. The
+# fourth: the kubelet mode's nodes (containerd, runc, the bridge CNI plugins) and its images,
+# built without a registry (buildah; gcc and libc6-dev for the static pause binary; objcopy to
+# strip debug info; busybox-static for test pods; python3 for the egress proxy).
 wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
   iperf3:iperf3 iputils-ping:ping
-  openssh-client:ssh openssh-server:/usr/sbin/sshd)
+  openssh-client:ssh openssh-server:/usr/sbin/sshd
+  containerd:containerd runc:/usr/sbin/runc containernetworking-plugins:/usr/lib/cni/bridge
+  buildah:buildah gcc:gcc libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a binutils:objcopy
+  busybox-static:/bin/busybox python3:/usr/bin/python3)
 missing=()
 for pair in "${wanted[@]}"; do
-  command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
+  what="${pair#*:}"
+  if [[ "$what" == /* ]]; then [ -e "$what" ]; else command -v "$what" >/dev/null 2>&1; fi ||
+    missing+=("${pair%%:*}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { log "missing ${missing[*]}; run as root or install them: apt-get install ${missing[*]}"; exit 1; }

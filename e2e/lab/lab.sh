@@ -42,8 +42,11 @@ etcd_peer_port="${LAB_ETCD_PEER_PORT:-23800}"
 wait_seconds="${LAB_WAIT_SECONDS:-90}"
 stop_seconds="${LAB_STOP_SECONDS:-30}"
 
-# Components in start order; `down` stops them in reverse.
+# Components in start order; `down` stops them in reverse. Kubelet mode adds
+# kube-controller-manager and kube-scheduler.
 components=(etcd kube-apiserver)
+# kube-apiserver flags that depend on the mode (configure_mode sets them).
+apiserver_extra_args=(--authorization-mode=RBAC)
 # Prefix of every network namespace the lab owns (`down` deletes all of them).
 netns_prefix="hm-"
 # Node namespaces are hm-node-1..N; the bridge that joins them lives in this namespace.
@@ -80,7 +83,10 @@ Commands:
                  Start the lab; a no-op for what is already running. Writes .lab/kubeconfig.
                  --nodes N   node namespaces hm-node-1..N (default: \$LAB_NODES or 0); only adds
                              what is missing, never removes a node (down does)
-                 --mode M    plain (default: \$LAB_MODE or plain) or kubelet
+                 --mode M    plain (default: \$LAB_MODE or plain): the lab runs mesh-controller
+                             and an agent per node itself; kubelet: kube-controller-manager,
+                             kube-scheduler, containerd and a kubelet per node, and the whole
+                             chart (images built locally) runs as pods (e2e/lab/kubelet.sh)
                  --without-tun K   node K (new) has no /dev/net/tun: its agent falls back to
                              no WireGuard (repeatable)
   down           Stop every lab process, delete every hm-* network namespace and .lab/.
@@ -91,6 +97,7 @@ Commands:
   agent start|stop|restart|kill NODE
                  Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
                  \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
+                 In kubelet mode only restart: the node's agent pod is deleted and replaced.
   ssh-node K     Make hm-node-K a remote machine to enroll (meshctl enroll): Debian's sshd on
                  192.168.77.K:22 instead of an agent, no MeshNode, a private /run and
                  copy-on-write /etc, /usr/local and /var (changes stay in .lab/ssh/hm-node-K/).
@@ -389,6 +396,7 @@ etcd_healthy() {
 # forbids advertising anything else. So the `kubernetes` Service has no endpoints in the lab.
 start_apiserver() {
   local pid
+  if [ "$lab_run_mode" = kubelet ]; then mapfile -t apiserver_extra_args < <(kubelet_apiserver_args); fi
   if pid="$(component_pid kube-apiserver)"; then
     log "kube-apiserver already running (pid $pid)"
   else
@@ -403,13 +411,13 @@ start_apiserver() {
       --tls-cert-file="$pki/apiserver.crt" \
       --tls-private-key-file="$pki/apiserver.key" \
       --client-ca-file="$pki/ca.crt" \
-      --authorization-mode=RBAC \
       --service-account-issuer=https://kubernetes.default.svc.cluster.local \
       --service-account-key-file="$pki/sa.pub" \
       --service-account-signing-key-file="$pki/sa.key" \
       --api-audiences=https://kubernetes.default.svc.cluster.local \
       --service-cluster-ip-range=10.96.0.0/16 \
-      --allow-privileged=true
+      --allow-privileged=true \
+      "${apiserver_extra_args[@]}"
   fi
   wait_for kube-apiserver api_curl /readyz
 }
@@ -514,6 +522,9 @@ start_controller() {
 # The names are those of the pid files in .lab/pids/ and the logs in .lab/logs/.
 
 socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
+
+# shellcheck source=e2e/lab/kubelet.sh
+. "$here/kubelet.sh"
 
 # The holder's script: $0 becomes its argv[0] ("$lab/holder/hm-node-i"), which names the lab, so
 # `down` finds a holder even without its pid file. The holder's mount namespace is a slave of the
@@ -667,10 +678,7 @@ relay_listening() {
 # Node namespaces hm-node-1..$1 with their holders and relays (only what is missing), the bridge
 # that joins them, and a MeshNode for each.
 start_nodes() {
-  local nodes="$1" mode="$2"
-  if [ "$mode" = kubelet ]; then
-    log "note: --mode kubelet recorded; kubelet mode arrives with a later change"
-  fi
+  local nodes="$1"
   [ "$nodes" -gt 0 ] || return 0
   start_relay
   ensure_run_wireguard
@@ -837,9 +845,13 @@ cmd_up() {
     for k in "${without_tun[@]}"; do touch "$nodes_dir/hm-node-$k.without-tun"; done
   fi
   check_config_compatible
+  check_mode_compatible "$mode"
+  configure_mode "$mode"
   preflight_ports
   if [ "$nodes" -gt 0 ]; then preflight_nodes; fi
+  if [ "$mode" = kubelet ]; then kubelet_preflight; fi
   ensure_binaries
+  if [ "$mode" = kubelet ]; then ensure_kubelet_binaries; fi
   write_config "$nodes" "$mode"
   ensure_pki
   start_etcd
@@ -847,11 +859,43 @@ cmd_up() {
   write_kubeconfig
   wait_for kube-apiserver lab_kubectl get namespace default
   install_crds
-  install_chart
-  start_nodes "$nodes" "$mode"
-  start_controller
-  start_agents "$nodes"
-  log "lab is up: KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)"
+  if [ "$mode" = kubelet ]; then
+    up_kubelet_mode "$nodes"
+  else
+    install_chart
+    start_nodes "$nodes"
+    start_controller
+    start_agents "$nodes"
+  fi
+  log "lab is up ($mode mode): KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)"
+}
+
+# Refuses to switch the mode of a lab that is already running.
+check_mode_compatible() {
+  local old
+  old="$(lab_mode)"
+  if [ -n "$old" ] && [ "$old" != "$1" ] && component_pid etcd >/dev/null; then
+    die "the running lab is in $old mode; run 'lab.sh down' before 'up --mode $1'"
+  fi
+}
+
+# Kubelet mode after the apiserver: controller-manager and scheduler, the nodes with their
+# kubelets, then the whole chart; done when every MeshNode is Ready.
+up_kubelet_mode() {
+  local nodes="$1" i ports
+  start_control_plane_extras
+  [ "$nodes" -gt 0 ] || return 0
+  start_relay
+  ensure_bridge
+  ports="$(ip -n "$bridge_ns" -o link show master "$bridge" up |
+    awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
+  for ((i = 1; i <= nodes; i++)); do
+    is_ssh_node "hm-node-$i" || ensure_node_net "$i" "$ports"
+  done
+  start_kubelet_nodes "$nodes"
+  install_chart_workloads
+  log "waiting for $nodes MeshNode(s) to become Ready"
+  wait_for kube-apiserver meshnodes_ready "$nodes"
 }
 
 # --- exec, agent ----------------------------------------------------------------------------
@@ -883,6 +927,11 @@ cmd_agent() {
   require_node "$node"
   if is_ssh_node "$node"; then
     die "$node is an SSH node: it runs sshd, not a lab agent (an enrolled agent there is meshctl's)"
+  fi
+  if [ "$lab_run_mode" = kubelet ]; then
+    [ "$action" = restart ] || die "in kubelet mode the agents are the chart's DaemonSet pods: only 'agent restart' (which deletes $node's agent pod) applies"
+    kubelet_agent_restart "$node"
+    return 0
   fi
   case "$action" in
     start) agent_start "$node" ;;
@@ -1110,6 +1159,8 @@ cmd_down() {
     if pid="$(pid_of "$name" "$bin_dir/mesh-agent")"; then agents+=("$pid"); fi
   done
   [ ${#agents[@]} -eq 0 ] || stop_pids "mesh-agents" "${agents[@]}"
+  # Kubelet mode: the kubelets, then every container (in pod namespaces, not in hm-* ones).
+  kubelet_down_workloads
 
   # 2. Everything else running inside a lab network namespace (node holders, relays, the
   #    wireguard-go daemons the agents started, kubelets, ...).
@@ -1160,6 +1211,8 @@ cmd_down() {
     umount -l "$m" 2>/dev/null || log "warning: could not unmount $m"
   done < <(awk -v p="$lab/" 'index($2, p) == 1 { print $2 }' /proc/self/mounts | sort -r)
   if [ -f "$run_dir/made-run-wireguard" ]; then rmdir /run/wireguard 2>/dev/null || true; fi
+  [ ${#stopped_pids[@]} -eq 0 ] || await_reaped "${stopped_pids[@]}"
+  remove_lab_cgroups
   if [ -e "$lab" ]; then
     rm -rf "$lab"
     log "removed $lab"
@@ -1223,6 +1276,13 @@ cmd_status() {
         "$holder" "$relay" "$agent"
       continue
     fi
+    if [ "$lab_run_mode" = kubelet ]; then
+      local kubelet=stopped
+      if pid="$(kubelet_pid "$node")"; then kubelet="pid $pid"; else up=3; fi
+      printf '%-16s %-15s holder %s, relay %s, kubelet %s\n' "$node:" "$node_net.${node#hm-node-}" \
+        "$holder" "$relay" "$kubelet"
+      continue
+    fi
     if pid="$(agent_pid "$node")"; then
       agent="pid $pid"
     elif [ ! -e "$bin_dir/mesh-agent" ]; then
@@ -1237,6 +1297,19 @@ cmd_status() {
 
 # --- main -----------------------------------------------------------------------------------
 
+# What mode $1 (plain or kubelet; empty: no lab yet) changes: the components and the
+# apiserver's flags. The apiserver's flags are files only kubelet mode writes, so they are
+# computed when the apiserver is about to start.
+lab_run_mode=plain
+configure_mode() {
+  lab_run_mode="${1:-plain}"
+  if [ "$lab_run_mode" = kubelet ]; then
+    components=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+  else
+    components=(etcd kube-apiserver)
+  fi
+}
+
 # Serialises up/down: a lock on this script file itself (nothing to clean up; daemons are
 # started with fd 9 closed so they do not keep holding it).
 lock() {
@@ -1247,6 +1320,7 @@ lock() {
 main() {
   local cmd="${1:-}"
   [ $# -eq 0 ] || shift
+  configure_mode "$(lab_mode)"
   case "$cmd" in
     up) cmd_up "$@" ;;
     down) cmd_down "$@" ;;

@@ -1,0 +1,515 @@
+# shellcheck shell=bash disable=SC2154 # lab.sh, which sources this file, sets the lab's variables
+# The lab's kubelet mode (`lab.sh up --mode kubelet`), sourced by lab.sh: real Kubernetes nodes,
+# so the chart's DaemonSet and Deployment run as real pods.
+#
+# On top of the plain lab's etcd + kube-apiserver (then with the Node authorizer, kubelet client
+# credentials and an egress selector), the control plane gets kube-controller-manager and
+# kube-scheduler. Each node namespace hm-node-N runs:
+#   - a holder with its own mount namespace: the node's sysfs, the cgroup v1 hierarchies
+#     mounted again (`ip netns exec` hides them), a private tmpfs /run (containerd 1.6 keeps its
+#     shim sockets in /run/containerd whatever its config says, and the chart's hostPath
+#     /var/run/wireguard must be per node) and a copy-on-write /var (hostPath /var/lib/...);
+#   - containerd (Debian 1.6, cgroupfs, restrict_oom_score_adj because these VMs lack
+#     CAP_SYS_RESOURCE), with the bridge CNI from Debian's containernetworking-plugins: pod
+#     network 10.244.N.0/24 on cni0, routes to the other nodes' pod networks;
+#   - a kubelet (cgroupfs driver, failCgroupV1: false, its cgroups under /<lab cgroup>/hm-node-N);
+#   - apiserver relays: 127.0.0.1:$api_port for the kubelet, and the node address for pods, which
+#     reach the `kubernetes` Service (10.96.0.1:443) through a DNAT there (there is no
+#     kube-proxy).
+# Images come from no registry: buildah builds them from scratch out of local binaries and their
+# shared libraries (pause, mesh-agent, mesh-controller, and busybox for test pods), and
+# `ctr images import` loads them on every node. The chart is installed whole, with those images.
+# kubectl logs/exec reach the kubelets through a CONNECT proxy in hm-lab (egress-proxy.py).
+
+kubelet_binaries=(kubelet kube-controller-manager kube-scheduler)
+# Addresses: the bridge's own address in hm-lab (the egress proxy dials from there), and each
+# node's pod network.
+bridge_addr="$node_net.254"
+pod_net_prefix="10.244"
+egress_sock="$run_dir/egress.sock"
+# Image references; the tag is the content hash of what went in, so a rebuilt binary is a new
+# image that the chart rolls out.
+image_prefix="harness-mesh.local"
+image_cache="${XDG_CACHE_HOME:-$HOME/.cache}/harness-mesh/images"
+kcm_port="${LAB_KCM_PORT:-10257}"
+scheduler_port="${LAB_SCHEDULER_PORT:-10259}"
+# The lab's cgroup: every node's kubelet gets /$lab_cgroup/hm-node-N in each v1 hierarchy. The
+# name depends on the lab's path, so two labs (say CI in its own namespaces beside a working
+# lab) never share one.
+lab_cgroup="hm-lab-$(printf '%s' "$lab" | sha256sum | cut -c1-8)"
+cgroup_controllers=(cpu cpuacct cpuset memory devices freezer blkio pids systemd)
+
+# The holder in kubelet mode. $1 = node dir. Mounts are private: they all end with the holder.
+# `ip netns exec` has mounted the node's own sysfs on /sys already, which hides the cgroup
+# hierarchies: they are mounted again (the same hierarchies, so limits set here are real).
+# shellcheck disable=SC2016 # for the holder's shell
+kubelet_holder_script='set -e
+dir="$1"
+mount -t tmpfs -o mode=0755 hm-cgroup /sys/fs/cgroup
+for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+  mkdir -p "/sys/fs/cgroup/$c"
+  mount -t cgroup -o "$c" cgroup "/sys/fs/cgroup/$c"
+done
+mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+mkdir -p "$dir/var-upper" "$dir/var-work"
+mount -t overlay hm-var -o "lowerdir=/var,upperdir=$dir/var-upper,workdir=$dir/var-work" /var
+mount -t tmpfs -o mode=0755,size=256m hm-run /run
+mkdir -p -m 0700 /run/wireguard
+mkdir -p /run/lock
+exec -a "$0" sleep infinity'
+
+# The mode the running (or last) lab was started in.
+lab_mode() { sed -n 's/^MODE=//p' "$config" 2>/dev/null || true; }
+is_kubelet_mode() { [ "$(lab_mode)" = kubelet ]; }
+
+kubelet_preflight() {
+  local tool
+  for tool in containerd ctr runc buildah gcc objcopy nft /usr/bin/python3 openssl; do
+    command -v "$tool" >/dev/null || die "$tool is missing (kubelet mode): run e2e/lab/install-deps.sh"
+  done
+  if [ ! -x /usr/lib/cni/bridge ] || [ ! -x /usr/lib/cni/host-local ]; then
+    die "the bridge CNI plugins are missing in /usr/lib/cni: run e2e/lab/install-deps.sh"
+  fi
+  [ -x /bin/busybox ] || die "/bin/busybox is missing (busybox-static): run e2e/lab/install-deps.sh"
+  if [ ! -d /sys/fs/cgroup/pids ] || [ ! -d /sys/fs/cgroup/memory ]; then
+    die "kubelet mode needs the cgroup v1 hierarchies under /sys/fs/cgroup (found: $(find /sys/fs/cgroup -mindepth 1 -maxdepth 1 -printf '%f '))"
+  fi
+}
+
+ensure_kubelet_binaries() {
+  local paths=() i
+  mapfile -t paths < <("$here/build-binaries.sh" "${kubelet_binaries[@]}")
+  [ ${#paths[@]} -eq ${#kubelet_binaries[@]} ] ||
+    die "build-binaries.sh printed ${#paths[@]} paths, expected ${#kubelet_binaries[@]}"
+  for i in "${!kubelet_binaries[@]}"; do
+    [ -x "${paths[$i]}" ] || die "build-binaries.sh gave no executable for ${kubelet_binaries[$i]}"
+    ln -sfn "${paths[$i]}" "$bin_dir/${kubelet_binaries[$i]}"
+  done
+}
+
+# Signs a client certificate $pki/$1.{crt,key} for subject $2 with the lab CA, and writes the
+# kubeconfig $pki/$1.kubeconfig that uses it.
+client_kubeconfig() {
+  local stem="$1" subject="$2"
+  [ -f "$pki/$stem.kubeconfig" ] && return 0
+  (
+    umask 077
+    cd "$pki" || exit 1
+    printf '%s\n' "[ext]" "basicConstraints = critical, CA:FALSE" \
+      "keyUsage = critical, digitalSignature, keyEncipherment" "extendedKeyUsage = clientAuth" >"$stem.ext"
+    openssl genpkey -quiet -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$stem.key"
+    openssl req -new -key "$stem.key" -subj "$subject" -out "$stem.csr"
+    openssl x509 -req -in "$stem.csr" -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
+      -days 3650 -sha256 -extfile "$stem.ext" -extensions ext -out "$stem.crt" 2>/dev/null
+    rm -f "$stem.csr" "$stem.ext"
+    cat >"$stem.kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: lab
+  cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$pki/ca.crt"}
+users:
+- name: $stem
+  user: {client-certificate: "$pki/$stem.crt", client-key: "$pki/$stem.key"}
+contexts:
+- name: lab
+  context: {cluster: lab, user: $stem}
+current-context: lab
+EOF
+    mv "$stem.kubeconfig.tmp" "$stem.kubeconfig"
+  )
+}
+
+# The apiserver's extra flags in kubelet mode (start_apiserver adds them).
+kubelet_apiserver_args() {
+  cat >"$lab/egress-selector.yaml" <<EOF
+apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: HTTPConnect
+    transport:
+      uds:
+        udsName: $egress_sock
+EOF
+  printf '%s\n' --authorization-mode=Node,RBAC \
+    --kubelet-client-certificate="$pki/admin.crt" --kubelet-client-key="$pki/admin.key" \
+    --kubelet-preferred-address-types=InternalIP \
+    --egress-selector-config-file="$lab/egress-selector.yaml"
+}
+
+# kube-controller-manager and kube-scheduler, on 127.0.0.1, no leader election.
+start_control_plane_extras() {
+  client_kubeconfig kube-controller-manager "/CN=system:kube-controller-manager"
+  client_kubeconfig kube-scheduler "/CN=system:kube-scheduler"
+  if ! component_pid kube-controller-manager >/dev/null; then
+    log "starting kube-controller-manager"
+    local kcm="$pki/kube-controller-manager.kubeconfig"
+    daemon kube-controller-manager --kubeconfig="$kcm" --authentication-kubeconfig="$kcm" \
+      --authorization-kubeconfig="$kcm" --bind-address=127.0.0.1 --secure-port="$kcm_port" \
+      --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+      --use-service-account-credentials=true --cluster-signing-cert-file="$pki/ca.crt" \
+      --cluster-signing-key-file="$pki/ca.key" --service-cluster-ip-range=10.96.0.0/16 \
+      --leader-elect=false
+  fi
+  if ! component_pid kube-scheduler >/dev/null; then
+    log "starting kube-scheduler"
+    local sched="$pki/kube-scheduler.kubeconfig"
+    daemon kube-scheduler --kubeconfig="$sched" --authentication-kubeconfig="$sched" \
+      --authorization-kubeconfig="$sched" --bind-address=127.0.0.1 --secure-port="$scheduler_port" \
+      --leader-elect=false
+  fi
+}
+
+# The egress proxy in hm-lab, which needs the bridge to have an address on the node network.
+start_egress_proxy() {
+  ip -n "$bridge_ns" addr replace "$bridge_addr/24" dev "$bridge"
+  # Debian's python3, not a version manager's shim (which would exec under another argv[0]).
+  local python=/usr/bin/python3
+  pid_of egress-proxy "$python" >/dev/null && return 0
+  log "starting the kubelet egress proxy ($egress_sock -> $node_net.0/24)"
+  spawn egress-proxy "$python" ip netns exec "$bridge_ns" "$python" "$here/egress-proxy.py" \
+    "$egress_sock" "$node_net.0/24"
+}
+
+# --- images ---------------------------------------------------------------------------------
+
+# Builds image $1 (name) from files "SRC=DST" ($3...), with entrypoint $2, plus every shared
+# library they load, into a docker-archive tarball in the image cache named by the content hash.
+# Prints the tarball's path; the reference is $image_prefix/$1:lab-<hash>.
+build_image() {
+  local name="$1" entry="$2"; shift 2
+  local root="$lab/images/$name.root" spec src dst lib hash tar
+  rm -rf "$root"
+  mkdir -p "$root/tmp" "$root/etc" "$root/run" "$root/var"
+  chmod 1777 "$root/tmp"
+  for spec in "$@"; do
+    src="${spec%%=*}" dst="${spec#*=}"
+    install -D -m 0755 "$src" "$root$dst"
+    # Debug info is most of a debug build's size; the image does not need it.
+    objcopy --strip-debug "$root$dst" 2>/dev/null || true
+    while read -r lib; do
+      [ -e "$root$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+    done < <(ldd "$src" 2>/dev/null | grep -oE '/[^ ]+' || true)
+  done
+  echo 'root:x:0:0:root:/root:/sbin/nologin' >"$root/etc/passwd"
+  echo 'root:x:0:' >"$root/etc/group"
+  echo 'hosts: files dns' >"$root/etc/nsswitch.conf"
+  hash="$(cd "$root" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)"
+  tar="$image_cache/$name-$hash.tar"
+  if [ ! -s "$tar" ]; then
+    log "building image $image_prefix/$name:lab-$hash"
+    mkdir -p "$image_cache"
+    local b=(buildah --root "$lab/buildah/root" --runroot "$lab/buildah/run" --storage-driver vfs)
+    local ref="$image_prefix/$name:lab-$hash" c
+    c="$("${b[@]}" from scratch)"
+    "${b[@]}" copy "$c" "$root/" / >/dev/null
+    "${b[@]}" config --entrypoint "[\"$entry\"]" --env PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin \
+      --os linux --arch amd64 "$c"
+    "${b[@]}" commit -q --format docker "$c" "$ref" >/dev/null
+    rm -f "$tar.tmp"
+    "${b[@]}" push -q "$ref" "docker-archive:$tar.tmp:$ref" >/dev/null
+    "${b[@]}" rm "$c" >/dev/null
+    mv "$tar.tmp" "$tar"
+    # Older builds of this image are of no use any more.
+    find "$image_cache" -name "$name-*.tar" ! -name "$name-$hash.tar" -delete
+  fi
+  rm -rf "$root"
+  echo "$tar"
+}
+
+# The reference of the image in tarball $1 (<name>-<hash>.tar).
+image_ref() {
+  local file="${1##*/}"
+  file="${file%.tar}"
+  echo "$image_prefix/${file%-*}:lab-${file##*-}"
+}
+
+# The image reference of $1 (pause, mesh-agent, mesh-controller, busybox) in this lab.
+lab_image() {
+  local tar
+  tar="$(grep -E "/$1-[0-9a-f]{12}\.tar\$" "$lab/images.list")" || die "no $1 image built: lab.sh up --mode kubelet"
+  image_ref "$tar"
+}
+
+# Builds every image the kubelet nodes need (cached by content); lists them in $lab/images.list.
+build_images() {
+  local agent="$repo/target/debug/mesh-agent" controller="$repo/target/debug/mesh-controller" wg_go
+  if [ ! -x "$agent" ] || [ ! -x "$controller" ]; then
+    die "kubelet mode runs the chart's images, built from target/debug/mesh-{agent,controller}: cargo build -p mesh-agent -p mesh-controller"
+  fi
+  wg_go="$(command -v wireguard-go)" || die "wireguard-go is missing: run e2e/lab/install-deps.sh"
+  mkdir -p "$lab/images"
+  local pause_bin="$lab/images/pause"
+  gcc -Os -static -o "$pause_bin" "$here/images/pause.c"
+  {
+    build_image pause /pause "$pause_bin=/pause"
+    build_image mesh-agent /usr/local/bin/mesh-agent "$agent=/usr/local/bin/mesh-agent" \
+      "$wg_go=/usr/local/bin/wireguard-go" "$(command -v nft)=/usr/sbin/nft" \
+      "$(command -v wg)=/usr/bin/wg" "$(command -v ip)=/usr/sbin/ip"
+    build_image mesh-controller /usr/local/bin/mesh-controller "$controller=/usr/local/bin/mesh-controller"
+    build_image busybox /bin/sh /bin/busybox=/bin/busybox /bin/busybox=/bin/sh
+  } >"$lab/images.list.tmp"
+  mv "$lab/images.list.tmp" "$lab/images.list"
+}
+
+# --- nodes ----------------------------------------------------------------------------------
+
+containerd_pid() { pid_of "containerd-$1" containerd; }
+kubelet_pid() { pid_of "kubelet-$1" "$bin_dir/kubelet"; }
+node_ip_relay_pid() { pid_of "apiserver-relay-ip-$1" "$socat_bin"; }
+
+# Node $1's cgroup root in every v1 hierarchy (cpuset needs its cpus and mems filled in).
+ensure_node_cgroups() {
+  local node="$1" c dir
+  for c in "${cgroup_controllers[@]}"; do
+    for dir in "/sys/fs/cgroup/$c/$lab_cgroup" "/sys/fs/cgroup/$c/$lab_cgroup/$node"; do
+      mkdir -p "$dir"
+      if [ "$c" = cpuset ]; then
+        [ -s "$dir/cpuset.cpus" ] || cat "$(dirname "$dir")/cpuset.cpus" >"$dir/cpuset.cpus"
+        [ -s "$dir/cpuset.mems" ] || cat "$(dirname "$dir")/cpuset.mems" >"$dir/cpuset.mems"
+      fi
+    done
+  done
+}
+
+# Node $1 (number $2)'s containerd, CNI and kubelet configuration, under $nodes_dir/$1.
+write_node_config() {
+  local node="$1" i="$2" dir="$nodes_dir/$1" pause
+  pause="$(lab_image pause)"
+  mkdir -p "$dir/containerd" "$dir/cni/net.d" "$dir/cni/ipam" "$dir/kubelet" "$dir/manifests" "$dir/pod-logs"
+  cat >"$dir/containerd/config.toml" <<EOF
+version = 2
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+[grpc]
+  address = "$dir/containerd/containerd.sock"
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$dir/containerd/opt"
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "$pause"
+    netns_mounts_under_state_dir = true
+    restrict_oom_score_adj = true
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "$dir/cni/net.d"
+      max_conf_num = 1
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          SystemdCgroup = false
+          BinaryName = "$(command -v runc)"
+EOF
+  cat >"$dir/cni/net.d/10-harness-mesh-lab.conflist" <<EOF
+{"cniVersion": "1.0.0", "name": "harness-mesh-lab", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "dataDir": "$dir/cni/ipam",
+            "ranges": [[{"subnet": "$pod_net_prefix.$i.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
+  # Pods get a resolver on their own loopback: nothing answers, and no query leaves the lab.
+  echo 'nameserver 127.0.0.1' >"$dir/resolv.conf"
+  cat >"$dir/kubelet-config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+cgroupRoot: /$lab_cgroup/$node
+cgroupsPerQOS: true
+enforceNodeAllocatable: []
+failCgroupV1: false
+failSwapOn: false
+containerRuntimeEndpoint: unix://$dir/containerd/containerd.sock
+staticPodPath: $dir/manifests
+podLogsDir: $dir/pod-logs
+authentication: {anonymous: {enabled: false}, webhook: {enabled: true}, x509: {clientCAFile: "$pki/ca.crt"}}
+authorization: {mode: Webhook}
+address: $node_net.$i
+healthzBindAddress: 127.0.0.1
+readOnlyPort: 0
+clusterDomain: cluster.local
+resolvConf: $dir/resolv.conf
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+# The nodes share the machine's disk and memory: eviction only when it is really short, not
+# at the default 10 % free disk that a busy build machine is often below.
+evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
+makeIPTablesUtilChains: false
+EOF
+  client_kubeconfig "kubelet-$node" "/O=system:nodes/CN=system:node:$node"
+}
+
+# Node $1 (number $2) as a Kubernetes node: holder, relays, routes, containerd with the images,
+# kubelet. Only what is missing is started.
+start_kubelet_node() {
+  local node="$1" i="$2" dir="$nodes_dir/$1" holder n
+  ensure_node_cgroups "$node"
+  write_node_config "$node" "$i"
+  if ! holder="$(holder_pid "$node")"; then
+    local pids=()
+    mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
+    [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
+    spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
+      unshare --mount --propagation private -- bash -c "$kubelet_holder_script" "$lab/holder/$node" "$dir"
+    holder="$(holder_pid "$node")"
+  fi
+  local enter=(nsenter -t "$holder" -n -m --)
+  node_relay_pid "$node" >/dev/null ||
+    spawn "apiserver-relay-$node" "$socat_bin" "${enter[@]}" "$socat_bin" \
+      "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
+  node_ip_relay_pid "$node" >/dev/null ||
+    spawn "apiserver-relay-ip-$node" "$socat_bin" "${enter[@]}" "$socat_bin" \
+      "TCP-LISTEN:$api_port,bind=$node_net.$i,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
+  # Pods reach the apiserver at the `kubernetes` Service address, as in-cluster clients expect.
+  "${enter[@]}" sysctl -qw net.ipv4.ip_forward=1
+  "${enter[@]}" ip route replace 10.96.0.0/16 dev eth0
+  printf '%s\n' "table ip harness_mesh_lab" "delete table ip harness_mesh_lab" "table ip harness_mesh_lab {" \
+    "  chain kubernetes_service { type nat hook prerouting priority dstnat; ip daddr 10.96.0.1 tcp dport 443 dnat to $node_net.$i:$api_port; }" \
+    "  chain kubernetes_service_local { type nat hook output priority -100; ip daddr 10.96.0.1 tcp dport 443 dnat to $node_net.$i:$api_port; }" \
+    "}" | "${enter[@]}" nft -f -
+  if ! containerd_pid "$node" >/dev/null; then
+    spawn "containerd-$node" containerd "${enter[@]}" containerd --config "$dir/containerd/config.toml"
+  fi
+  local ctr=("${enter[@]}" ctr --address "$dir/containerd/containerd.sock" -n k8s.io) deadline=$((SECONDS + wait_seconds))
+  # The kubelet exits when the runtime is not serving yet.
+  until "${ctr[@]}" version >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "containerd on $node does not answer; see $log_dir/containerd-$node.log"
+    sleep 0.1
+  done
+  local tar ref have
+  have="$("${ctr[@]}" images ls -q 2>/dev/null || true)"
+  while read -r tar; do
+    ref="$(image_ref "$tar")"
+    grep -qxF "$ref" <<<"$have" || "${ctr[@]}" images import "$tar" >/dev/null || die "importing $tar on $node failed"
+  done <"$lab/images.list"
+  if ! kubelet_pid "$node" >/dev/null; then
+    spawn "kubelet-$node" "$bin_dir/kubelet" "${enter[@]}" "$bin_dir/kubelet" \
+      --config="$dir/kubelet-config.yaml" --kubeconfig="$pki/kubelet-$node.kubeconfig" \
+      --root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" --hostname-override="$node" \
+      --node-ip="$node_net.$i" --v=1
+  fi
+  for n in $(lab_nodes); do
+    [ "$n" = "$node" ] || "${enter[@]}" ip route replace "$pod_net_prefix.${n#hm-node-}.0/24" via "$node_net.${n#hm-node-}"
+  done
+}
+
+# The nodes 1..$1 as Kubernetes nodes, in parallel (image import dominates), then Ready.
+start_kubelet_nodes() {
+  local nodes="$1" i pids=() pid failed=0
+  start_egress_proxy
+  build_images
+  for ((i = 1; i <= nodes; i++)); do
+    if is_ssh_node "hm-node-$i"; then continue; fi
+    mkdir -p "$nodes_dir/hm-node-$i"
+    chmod 700 "$nodes_dir" "$nodes_dir/hm-node-$i"
+    start_kubelet_node "hm-node-$i" "$i" >"$log_dir/node-up-hm-node-$i.log" 2>&1 &
+    pids+=("$!")
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  if [ $failed = 1 ]; then
+    for ((i = 1; i <= nodes; i++)); do tail -n 20 "$log_dir/node-up-hm-node-$i.log" >&2 || true; done
+    die "a kubelet node did not start (logs above, and in $log_dir)"
+  fi
+  # Routes to the pod networks of nodes that came up after a node did.
+  local n m holder
+  for n in $(lab_nodes); do
+    holder="$(holder_pid "$n")" || continue
+    for m in $(lab_nodes); do
+      [ "$n" = "$m" ] || nsenter -t "$holder" -n -- ip route replace "$pod_net_prefix.${m#hm-node-}.0/24" via "$node_net.${m#hm-node-}"
+    done
+  done
+  log "waiting for $nodes Node(s) to become Ready"
+  wait_for kube-apiserver nodes_ready "$nodes"
+}
+
+# True when $1 Nodes are Ready.
+nodes_ready() {
+  local ready
+  ready="$(lab_kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)"
+  [ "$ready" -ge "$1" ]
+}
+
+# True when $1 MeshNodes are Ready (the controller mirrors the Nodes; the agents report).
+meshnodes_ready() {
+  local ready
+  ready="$(lab_kubectl get meshnodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)"
+  [ "$ready" -ge "$1" ]
+}
+
+# The whole chart, with the images built for the nodes, and waits for its pods.
+install_chart_workloads() {
+  local agent controller
+  agent="$(lab_image mesh-agent)"
+  controller="$(lab_image mesh-controller)"
+  log "installing the chart (controller ${controller##*:}, agent ${agent##*:}) and waiting for its pods"
+  env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY "$bin_dir/helm" upgrade --install \
+    "$chart_release" "$repo/charts/harness-mesh" --kubeconfig "$kubeconfig" \
+    --namespace "$chart_namespace" --create-namespace --history-max 2 \
+    --set controller.image.repository="${controller%:*}" --set controller.image.tag="${controller##*:}" \
+    --set controller.image.pullPolicy=Never \
+    --set agent.image.repository="${agent%:*}" --set agent.image.tag="${agent##*:}" \
+    --set agent.image.pullPolicy=Never \
+    --wait --timeout 180s >/dev/null || {
+    lab_kubectl -n "$chart_namespace" get pods -o wide >&2 || true
+    die "the chart's pods did not become ready; kubectl -n $chart_namespace describe pods"
+  }
+  # The chart's objects are what plain mode's chart.sum stands for.
+  rm -f "$lab/chart.sum"
+}
+
+# `agent restart NODE` in kubelet mode: delete the node's agent pod and wait for its successor.
+kubelet_agent_restart() {
+  local node="$1" selector="app.kubernetes.io/component=agent"
+  lab_kubectl -n "$chart_namespace" delete pod -l "$selector" --field-selector "spec.nodeName=$node" \
+    --wait=true --timeout=60s >/dev/null
+  local deadline=$((SECONDS + wait_seconds))
+  until lab_kubectl -n "$chart_namespace" wait --for=condition=Ready --timeout=5s pod -l "$selector" \
+    --field-selector "spec.nodeName=$node" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "the agent pod on $node did not become Ready again"
+    sleep 0.5
+  done
+}
+
+# `down`, first step in kubelet mode: stop the kubelets (so they restart nothing), then kill
+# every process in the lab's cgroups (containers in pod network namespaces are in no hm-*
+# namespace).
+kubelet_down_workloads() {
+  local f name pid kubelets=()
+  for f in "$pid_dir"/kubelet-*.pid; do
+    [ -e "$f" ] || continue
+    name="$(basename "$f" .pid)"
+    if pid="$(pid_of "$name" "$bin_dir/kubelet")"; then kubelets+=("$pid"); fi
+  done
+  [ ${#kubelets[@]} -eq 0 ] || stop_pids "kubelets" "${kubelets[@]}"
+  local procs=()
+  if [ -d "/sys/fs/cgroup/pids/$lab_cgroup" ]; then
+    mapfile -t procs < <(find "/sys/fs/cgroup/pids/$lab_cgroup" -name cgroup.procs -exec cat {} + 2>/dev/null)
+  fi
+  if [ ${#procs[@]} -gt 0 ]; then
+    log "killing ${#procs[@]} container process(es)"
+    kill -KILL "${procs[@]}" 2>/dev/null || true
+    stopped_pids+=("${procs[@]}")
+  fi
+}
+
+# `down`, last step: the lab's cgroups, deepest first (they are empty by now).
+remove_lab_cgroups() {
+  local c _
+  for c in "${cgroup_controllers[@]}"; do
+    [ -d "/sys/fs/cgroup/$c/$lab_cgroup" ] || continue
+    for _ in 1 2 3 4 5; do
+      find "/sys/fs/cgroup/$c/$lab_cgroup" -depth -type d -exec rmdir {} + 2>/dev/null || true
+      [ -d "/sys/fs/cgroup/$c/$lab_cgroup" ] || break
+      sleep 0.2
+    done
+    [ ! -d "/sys/fs/cgroup/$c/$lab_cgroup" ] || log "warning: could not remove cgroup /sys/fs/cgroup/$c/$lab_cgroup"
+  done
+}
