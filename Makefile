@@ -8,7 +8,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench build crds check-crds fmt lint unit test meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench build crds check-crds fmt lint unit test kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,18 +32,26 @@ fmt: ## format the code
 
 lint: ## rustfmt, clippy (warnings are errors), shellcheck
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features harness-mesh-e2e/kubelet-lab -- -D warnings
 	shellcheck -x -P SCRIPTDIR e2e/lab/*.sh e2e/kind/*.sh images/*.sh
 
 unit: ## the fast tests: pure crates only, no lab
 	$(CARGO) test -p mesh-core -p mesh-api -p mesh-wireguard -p mesh-dataplane
 
-test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes)
+test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes), then kubelet-e2e
 	$(CARGO) build --workspace --bins
 	@set -e; was_up=0; $(LAB) status >/dev/null 2>&1 && was_up=1; \
+	  if [ $$was_up = 1 ] && grep -q '^MODE=kubelet' .lab/config; then $(LAB) down; was_up=0; fi; \
 	  trap '[ $$was_up = 1 ] || $(LAB) down' EXIT; \
-	  $(LAB) up --nodes 3; \
+	  $(LAB) up --nodes 3 --mode plain; \
 	  $(CARGO) test --workspace --no-fail-fast
+	$(MAKE) kubelet-e2e
+
+kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + mesh + discovery suites; takes the lab down
+	$(CARGO) build --workspace --bins
+	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
+	  $(LAB) up --mode kubelet --nodes 3; \
+	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test kubelet --test mesh --test discovery
 
 bench: deps ## benchmarks: prints tables, writes JSON under target/bench/
 	$(CARGO) build --workspace --bins

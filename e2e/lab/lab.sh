@@ -83,7 +83,8 @@ Commands:
                  Start the lab; a no-op for what is already running. Writes .lab/kubeconfig.
                  --nodes N   node namespaces hm-node-1..N (default: \$LAB_NODES or 0); only adds
                              what is missing, never removes a node (down does)
-                 --mode M    plain (default: \$LAB_MODE or plain): the lab runs mesh-controller
+                 --mode M    plain (default: \$LAB_MODE, else the running lab's mode, else
+                             plain): the lab runs mesh-controller
                              and an agent per node itself; kubelet: kube-controller-manager,
                              kube-scheduler, containerd and a kubelet per node, and the whole
                              chart (images built locally) runs as pods (e2e/lab/kubelet.sh)
@@ -803,7 +804,8 @@ EOF
 }
 
 cmd_up() {
-  local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-plain}" without_tun=()
+  # Without --mode (or $LAB_MODE), a running lab keeps its mode, and a new one is plain.
+  local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-}" without_tun=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes="$2"; shift 2 ;;
@@ -826,6 +828,10 @@ cmd_up() {
   # 0 (the default) means the control plane only.
   if [ "$nodes" != 0 ] && ! [[ "$nodes" =~ ^[1-9][0-9]{0,2}$ && "$nodes" -le $max_nodes ]]; then
     die "--nodes must be an integer from 0 to $max_nodes, got '$nodes'"
+  fi
+  if [ -z "$mode" ]; then
+    mode=plain
+    if component_pid etcd >/dev/null && [ -n "$(lab_mode)" ]; then mode="$(lab_mode)"; fi
   fi
   case "$mode" in plain | kubelet) ;; *) die "--mode must be plain or kubelet, got '$mode'" ;; esac
 

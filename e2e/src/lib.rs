@@ -154,6 +154,28 @@ pub fn start_lab_with_nodes(nodes: usize) -> anyhow::Result<PathBuf> {
     Ok(root.join(".lab/kubeconfig"))
 }
 
+/// The mode of the running lab (`plain` or `kubelet`, from `.lab/config`), if there is one.
+pub fn lab_mode() -> Option<String> {
+    let config = std::fs::read_to_string(repo_root().join(".lab/config")).ok()?;
+    config.lines().find_map(|line| line.strip_prefix("MODE=")).map(str::to_owned)
+}
+
+/// The reference of the lab's locally built image `name` (kubelet mode: `pause`, `mesh-agent`,
+/// `mesh-controller`, `busybox`), from the tarballs `.lab/images.list` names
+/// (`<cache>/<name>-<hash>.tar` is `harness-mesh.local/<name>:lab-<hash>`).
+pub fn lab_image(name: &str) -> anyhow::Result<String> {
+    let list = repo_root().join(".lab/images.list");
+    let text = std::fs::read_to_string(&list)
+        .with_context(|| format!("reading {} (is the lab up in kubelet mode?)", list.display()))?;
+    text.lines()
+        .filter_map(|line| Path::new(line).file_stem()?.to_str())
+        .find_map(|stem| {
+            let (image, hash) = stem.rsplit_once('-')?;
+            (image == name).then(|| format!("harness-mesh.local/{image}:lab-{hash}"))
+        })
+        .with_context(|| format!("{} lists no {name} image", list.display()))
+}
+
 /// The meshctl binary (with mesh-agent built next to it, enroll's default agent binary): `$MESHCTL`
 /// when set, else built once per test binary with `cargo build -p meshctl -p mesh-agent`.
 pub fn meshctl_binary() -> anyhow::Result<PathBuf> {

@@ -3,7 +3,7 @@
 //!
 //! - On the lab (the default): nodes are `hm-node-1..N`, and `e2e/lab/lab.sh exec NODE -- CMD`
 //!   runs a command in a node's network and mount namespaces; `lab.sh agent restart NODE`
-//!   restarts its agent.
+//!   restarts its agent (in kubelet mode by replacing the agent's pod).
 //! - On any other cluster: `HARNESS_MESH_NODES` lists the node names (comma-separated),
 //!   `HARNESS_MESH_NODE_EXEC` is the command prefix that runs a command on a node, with `{node}`
 //!   standing for its name (kind: `docker exec {node}`), and `HARNESS_MESH_AGENT_RESTART` the
@@ -53,7 +53,13 @@ impl Nodes {
             names: (1..=count).map(|i| format!("hm-node-{i}")).collect(),
             exec: vec![lab.clone(), "exec".into(), "{node}".into(), "--".into()],
             restart: vec![lab, "agent".into(), "restart".into(), "{node}".into()],
-            state_dir: repo_root().join(".lab/nodes/{node}").display().to_string(),
+            // Kubelet mode runs the chart's agents, with the chart's state dir (in the node's
+            // own /var); plain mode's agents keep their state in .lab/nodes/.
+            state_dir: if crate::lab_mode().as_deref() == Some("kubelet") {
+                "/var/lib/harness-mesh".into()
+            } else {
+                repo_root().join(".lab/nodes/{node}").display().to_string()
+            },
         })
     }
 

@@ -773,6 +773,7 @@ pub(crate) mod fixtures {
             node: Some(node.into()),
             observed_generation: Some(1),
             conditions: vec![cond("Ready", true, "Hosted", "ok")],
+            ..MeshServiceStatus::default()
         });
         s
     }
