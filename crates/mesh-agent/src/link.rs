@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::{AddressAttribute, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// What the interface should carry.
@@ -44,9 +44,11 @@ impl Links {
 
     /// The index of link `name`, if it exists.
     pub async fn index(&self, name: &str) -> anyhow::Result<Option<u32>> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
-        match links.try_next().await {
-            Ok(link) => Ok(link.map(|l| l.header.index)),
+        // Read the reply to its end: a stream dropped early makes netlink-proto warn that it
+        // "failed to forward response back to the handle".
+        let links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_collect::<Vec<_>>().await {
+            Ok(links) => Ok(links.first().map(|l| l.header.index)),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
             Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
         }
@@ -65,8 +67,10 @@ impl Links {
             .get()
             .match_index(index)
             .execute()
-            .try_next()
+            .try_collect::<Vec<_>>()
             .await?
+            .into_iter()
+            .next()
             .with_context(|| format!("link {interface} vanished"))?;
         let mtu = link.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None });
         let up = link.header.flags.contains(LinkFlags::Up);
@@ -127,9 +131,17 @@ impl Links {
         Ok(changed)
     }
 
+    /// The IPv4 routing table, read to its end (a dump stream dropped half-way makes
+    /// netlink-proto warn, once per unread message, that it "failed to forward response back to
+    /// the handle").
+    async fn ipv4_routes(&self) -> anyhow::Result<Vec<RouteMessage>> {
+        let routes = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        routes.try_collect().await.context("reading the IPv4 routing table")
+    }
+
     async fn has_route(&self, index: u32, wanted: &Wanted) -> anyhow::Result<bool> {
-        let mut routes = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
-        while let Some(route) = routes.try_next().await? {
+        let routes = self.ipv4_routes().await?;
+        for route in routes {
             if route.header.destination_prefix_length != wanted.subnet.prefix_len() {
                 continue;
             }
@@ -156,8 +168,7 @@ impl Links {
     /// route, else the first global address on any other link but `skip` and loopback.
     pub async fn underlay_ipv4(&self, skip: &str) -> anyhow::Result<Option<Ipv4Addr>> {
         let mut default_link = None;
-        let mut routes = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
-        while let Some(route) = routes.try_next().await? {
+        for route in self.ipv4_routes().await? {
             if route.header.destination_prefix_length == 0 {
                 default_link =
                     route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
