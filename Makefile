@@ -47,11 +47,11 @@ test: deps check-crds lint ## the whole suite: drift check, lints, unit, propert
 	  $(CARGO) test --workspace --no-fail-fast
 	$(MAKE) kubelet-e2e
 
-kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + mesh + discovery suites; takes the lab down
+kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + mesh + discovery + meshctl + enroll suites; takes the lab down
 	$(CARGO) build --workspace --bins
 	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
 	  $(LAB) up --mode kubelet --nodes 3; \
-	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test kubelet --test mesh --test discovery
+	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test kubelet --test mesh --test discovery --test meshctl --test enroll
 
 bench: deps ## benchmarks: prints tables, writes JSON under target/bench/
 	$(CARGO) build --workspace --bins

@@ -457,9 +457,10 @@ install_chart_workloads() {
     --set controller.image.pullPolicy=Never \
     --set agent.image.repository="${agent%:*}" --set agent.image.tag="${agent##*:}" \
     --set agent.image.pullPolicy=Never \
-    --wait --timeout 180s >/dev/null || {
+    --wait --timeout 180s >>"$log_dir/helm.log" 2>&1 || {
+    tail -n 20 "$log_dir/helm.log" >&2 || true
     lab_kubectl -n "$chart_namespace" get pods -o wide >&2 || true
-    die "the chart's pods did not become ready; kubectl -n $chart_namespace describe pods"
+    die "helm could not install the chart, or its pods did not become ready within 180 s (helm's output above and in $log_dir/helm.log; kubectl -n $chart_namespace describe pods)"
   }
   # The chart's objects are what plain mode's chart.sum stands for.
   rm -f "$lab/chart.sum"

@@ -10,7 +10,9 @@
 //!   mesh and back, resolves a service on hm-node-2 by name through its own agent and reaches it;
 //!   its kubeconfig is 0600 and its private key stays there; the supervisor restarts a killed
 //!   agent; a second enroll changes nothing; unenroll leaves nothing on the machine, drops it from
-//!   every peer list, deletes the MeshNode and the Pod, and the agent's token stops working;
+//!   every peer list, deletes the MeshNode and the machine's ServiceAccount (with its role
+//!   bindings), and the agent's token stops working; while enrolled, the machine's token may not
+//!   write another node's MeshNode (the chart's node restriction);
 //! - each failure has its message: unknown and changed host keys, failed authentication, an
 //!   unreachable host, a user without root, a taken name; unenroll refuses a node meshctl did not
 //!   enroll, and without `--force` a machine it cannot reach.
@@ -28,8 +30,9 @@ use anyhow::{Context, bail, ensure};
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::mesh::{Mesh, eventually};
 use harness_mesh_e2e::repo_root;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::MeshNode;
 use mesh_api::MeshService;
 use serde_json::json;
@@ -48,7 +51,7 @@ const RUNNER: &str = "hm-node-1";
 const NOWHERE: &str = "192.168.77.250";
 /// The name the machine is enrolled as.
 const NAME: &str = "e2e-enrolled";
-/// The namespace of the chart (placeholder Pods).
+/// The namespace of the chart (the machines' ServiceAccounts).
 const NAMESPACE: &str = "harness-mesh";
 const SERVICE: &str = "e2e-enroll-web";
 const SERVICE_PORT: u16 = 18400;
@@ -236,6 +239,11 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
     let mesh = Mesh::get(CONVERGE).await?;
     let nodes: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let pods: Api<Pod> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
+    let accounts: Api<ServiceAccount> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
+    let role_bindings: Api<RoleBinding> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(mesh.cluster.client.clone());
+    let account = format!("mesh-machine-{NAME}");
+    let cluster_binding = format!("{NAMESPACE}:{account}");
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
     let host = mesh.nodes.names[1].clone();
     let mut server = mesh.serve_tcp(&host, SERVICE_PORT, "enrolled-hello")?;
@@ -270,8 +278,13 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         let status = node.status.clone().context("no status")?;
         let key = status.public_key.clone().context("no public key")?;
         let mesh_ip: Ipv4Addr = status.mesh_ip.clone().context("no mesh IP")?.parse()?;
-        let pod = pods.get(&format!("mesh-agent-{NAME}")).await?;
-        ensure!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(NAME), "the Pod is not on {NAME}");
+        // The machine's identity is a ServiceAccount of its own, bound to the agent roles; no
+        // Pod anchors it (kube-controller-manager's pod GC would delete a Pod on a node that no
+        // Kubernetes Node backs, and the token with it).
+        ensure!(accounts.get_opt(&account).await?.is_some(), "no ServiceAccount {NAMESPACE}/{account}");
+        ensure!(role_bindings.get_opt(&account).await?.is_some(), "no RoleBinding {NAMESPACE}/{account}");
+        ensure!(cluster_bindings.get_opt(&cluster_binding).await?.is_some(), "no ClusterRoleBinding {cluster_binding}");
+        ensure!(pods.get_opt(&format!("mesh-agent-{NAME}")).await?.is_none(), "enroll made a placeholder Pod");
 
         // On the machine: the key was made there, the kubeconfig is private, the device is up.
         let device_key = mesh.nodes.exec_ok(SSH_NODE, &["wg", "show", "wg-harness", "public-key"])?;
@@ -287,6 +300,36 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
             "{modes}"
         );
         let token_kubeconfig = mesh.nodes.exec_ok(SSH_NODE, &["cat", "/etc/harness-mesh/kubeconfig"])?;
+        let copy = std::env::temp_dir().join(format!("hm-enroll-token-{}.kubeconfig", std::process::id()));
+        std::fs::write(&copy, &token_kubeconfig)?;
+        let machine_kubectl = |args: &[&str]| {
+            let mut all = vec!["--kubeconfig", path(&copy)?];
+            all.extend(args);
+            mesh.cluster.kubectl(&all)
+        };
+
+        // The node restriction: the machine's token may not touch another node's MeshNode (a
+        // server-side apply of its status, as the agent writes its own).
+        let machine = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::from_yaml(&token_kubeconfig)?,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?,
+        )?;
+        let other = &mesh.nodes.names[0];
+        let patch = json!({"apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+                           "status": {"endpoint": "192.168.77.250:51820"}});
+        let denied = Api::<MeshNode>::all(machine)
+            .patch_status(other, &PatchParams::apply("e2e-enroll").force(), &Patch::Apply(&patch))
+            .await
+            .err()
+            .map(|err| err.to_string())
+            .unwrap_or_default();
+        ensure!(
+            denied.contains(&format!("may write only MeshNode {NAME}")),
+            "the machine's token was not stopped by the node restriction when writing MeshNode {other}: {denied:?}"
+        );
 
         // Over the mesh, both ways.
         let info = mesh.info().await?;
@@ -347,7 +390,9 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         let gone = meshctl(&args, Duration::from_secs(120))?.ok()?;
         eprintln!("unenroll took {:.1} s:\n{}", gone.took.as_secs_f64(), gone.stdout);
         ensure!(nodes.get_opt(NAME).await?.is_none(), "MeshNode {NAME} is still there");
-        ensure!(pods.get_opt(&format!("mesh-agent-{NAME}")).await?.is_none(), "the placeholder Pod is still there");
+        ensure!(accounts.get_opt(&account).await?.is_none(), "ServiceAccount {account} is still there");
+        ensure!(role_bindings.get_opt(&account).await?.is_none(), "RoleBinding {account} is still there");
+        ensure!(cluster_bindings.get_opt(&cluster_binding).await?.is_none(), "{cluster_binding} is still there");
         let left = eventually(Duration::from_secs(30), || {
             for node in &mesh.nodes.names {
                 ensure!(!mesh.wg_peers(node)?.contains(&key), "{node} still has {NAME} as a peer");
@@ -359,10 +404,8 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         let leftovers = mesh.nodes.exec_ok(SSH_NODE, &["sh", "-c", LEFTOVERS])?;
         ensure!(leftovers.trim().is_empty(), "unenroll left behind on the machine:\n{leftovers}");
 
-        // The token died with its Pod.
-        let copy = std::env::temp_dir().join(format!("hm-enroll-token-{}.kubeconfig", std::process::id()));
-        std::fs::write(&copy, &token_kubeconfig)?;
-        let denied = mesh.cluster.kubectl(&["--kubeconfig", path(&copy)?, "get", "--raw", "/api"]);
+        // The token died with its ServiceAccount.
+        let denied = machine_kubectl(&["get", "--raw", "/api"]);
         let _ = std::fs::remove_file(&copy);
         let denied = denied?;
         ensure!(
@@ -475,7 +518,12 @@ async fn enroll_and_unenroll_fail_clearly() -> anyhow::Result<()> {
 
         // A taken name: a lab node's MeshNode.
         let text = meshctl(&enroll_args(&target, "hm-node-1", &ssh), Duration::from_secs(60))?.failed()?;
-        ensure!(text.contains("the name hm-node-1 is taken") && text.contains("not enrolled by meshctl"), "{text}");
+        // Plain lab: the lab wrote it; kubelet mode: mesh-controller mirrors the Node hm-node-1.
+        ensure!(
+            text.contains("the name hm-node-1 is taken")
+                && (text.contains("not enrolled by meshctl") || text.contains("mirrors the Kubernetes Node hm-node-1")),
+            "{text}"
+        );
 
         // None of these left anything in the cluster or on the machine.
         ensure!(nodes.get_opt(NAME).await?.is_none(), "a failed enroll left MeshNode {NAME}");

@@ -69,3 +69,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "harness-mesh.agentUser" -}}
 system:serviceaccount:{{ .Release.Namespace }}:{{ include "harness-mesh.agentName" . }}
 {{- end }}
+
+{{/* The user of every machine `meshctl enroll` adds, less the machine's name: its ServiceAccount
+is mesh-machine-NAME in the release namespace (crates/meshctl/src/enroll/api.rs). */}}
+{{- define "harness-mesh.machineUserPrefix" -}}
+system:serviceaccount:{{ .Release.Namespace }}:mesh-machine-
+{{- end }}

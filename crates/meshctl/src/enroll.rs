@@ -11,10 +11,10 @@
 //! 3. root, or passwordless sudo;
 //! 4. the machine: Linux, the agent binary's CPU, systemd or not, WireGuard, and that it is not
 //!    enrolled under another name;
-//! 5. the MeshNode NAME (annotated `mesh.harness.dev/enrolled-via: ssh://user@host[:port]`), a
-//!    placeholder Pod `mesh-agent-NAME` with `nodeName: NAME`, and a token of the agent
-//!    ServiceAccount bound to it, so the chart's node restriction confines the agent to its own
-//!    MeshNode and Lease ([`api`]);
+//! 5. the MeshNode NAME (annotated `mesh.harness.dev/enrolled-via: ssh://user@host[:port]`), the
+//!    machine's own ServiceAccount `mesh-machine-NAME` bound to the chart's agent roles, and a
+//!    token of it; the chart's node restriction confines that ServiceAccount to MeshNode NAME and
+//!    Lease `mesh-agent-NAME` ([`api`]);
 //! 6. the agent binary, at `/usr/local/bin/mesh-agent`;
 //! 7. its kubeconfig (0600), environment, and a systemd unit where systemd is PID 1, else a small
 //!    supervisor ([`remote`]);
@@ -22,7 +22,8 @@
 //! 9. a bounded wait until it has published its key, has a mesh IP and reaches its peers.
 //!
 //! unenroll: stops and removes everything on the machine (over SSH, with the same checks), then
-//! deletes the MeshNode (every other node drops the peer) and the Pod (which revokes the token).
+//! deletes the MeshNode (every other node drops the peer) and the machine's ServiceAccount (which
+//! revokes the token) with its role bindings.
 //! `--force` goes on with the cluster side when the machine cannot be reached.
 
 mod api;
@@ -118,12 +119,13 @@ pub struct EnrollArgs {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Agent credentials")]
 pub struct CredentialArgs {
-    /// The namespace harness-mesh is installed in: the agent ServiceAccount, the placeholder
-    /// Pods and the agents' Leases
+    /// The namespace harness-mesh is installed in: the agent ServiceAccount, the machines'
+    /// ServiceAccounts and the agents' Leases
     #[arg(long, default_value = "harness-mesh")]
     pub namespace: String,
 
-    /// The agent ServiceAccount whose token the machine gets
+    /// The chart's agent ServiceAccount: the machine's own ServiceAccount gets the roles named
+    /// like it
     #[arg(long, default_value = "harness-mesh-agent")]
     pub service_account: String,
 
@@ -156,7 +158,7 @@ pub struct UnenrollArgs {
     #[arg(short = 'p', long)]
     pub port: Option<u16>,
 
-    /// The namespace harness-mesh is installed in (where the placeholder Pod is)
+    /// The namespace harness-mesh is installed in (where the machine's ServiceAccount is)
     #[arg(long, default_value = "harness-mesh")]
     pub namespace: String,
 
@@ -207,7 +209,7 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
         None => None,
     };
     let creds = &args.credentials;
-    let pod_name = api::pod_name(name);
+    let account = api::machine_account(name);
     let mut progress = Progress::new(9);
 
     // 1. The cluster.
@@ -228,8 +230,8 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
                      into a MeshNode of that name. Choose another --name"
                 );
             }
-            let pod = cluster.pod(&creds.namespace, &pod_name).await?;
-            api::judge_pod(&pod_name, &creds.namespace, &via, pod.as_ref())?;
+            let existing = cluster.machine_account(&creds.namespace, name).await?;
+            api::judge_account(&account, &creds.namespace, &via, existing.as_ref())?;
             cluster.require_service_account(&creds.namespace, &creds.service_account).await?;
             let server = creds.api_server.clone().unwrap_or_else(|| cluster.server.clone());
             if !server.starts_with("https://") {
@@ -299,44 +301,43 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
     }
     let init = machine.init();
 
-    // 5. MeshNode, Pod, token.
+    // 5. MeshNode, ServiceAccount, token.
     progress.start(format!("creating MeshNode {name} and the agent's credential"));
     let (record, kubeconfig) = progress
         .run(async {
             let meshnode = cluster.apply_meshnode(name, &via, args.endpoint.as_deref()).await?;
-            let (pod_uid, pod) = cluster.apply_pod(&creds.namespace, name, &creds.service_account, &via).await?;
+            let (account_uid, sa) =
+                cluster.apply_machine_account(&creds.namespace, name, &creds.service_account, &via).await?;
             let ca_sha256 = ca_pem.as_deref().map(|ca| sha256_hex(ca.as_bytes())).unwrap_or_default();
             let now = Timestamp::now().as_second();
             let half_life = i64::try_from(creds.token_duration.as_secs() / 2).unwrap_or(i64::MAX);
             let kept = machine.record.as_ref().filter(|r| {
                 r.name == name
-                    && r.pod_uid == pod_uid
+                    && r.account_uid == account_uid
                     && r.api_server == server
                     && r.ca_sha256 == ca_sha256
                     && r.token_expires - now >= half_life
                     && machine.files.get(remote::KUBECONFIG_PATH) == Some(&r.kubeconfig_sha256)
             });
-            let summary = format!("MeshNode {}, Pod {}/{pod_name} {}", meshnode.word(), creds.namespace, pod.word());
+            let summary =
+                format!("MeshNode {}, ServiceAccount {}/{account} {}", meshnode.word(), creds.namespace, sa.word());
             if let Some(record) = kept {
                 let record = Record { enrolled_via: via.clone(), ..record.clone() };
                 let detail = format!("{summary}, token kept (valid until {})", unix_date(record.token_expires));
                 return Ok(((record, None), detail));
             }
-            let (token, expires) = cluster
-                .issue_token(&creds.namespace, &creds.service_account, &pod_name, &pod_uid, creds.token_duration)
-                .await?;
+            let (token, expires) = cluster.issue_token(&creds.namespace, name, creds.token_duration).await?;
             let kubeconfig = api::agent_kubeconfig(&server, ca_pem.as_deref(), &token, name)?;
             let record = Record {
                 name: name.to_owned(),
                 enrolled_via: via.clone(),
-                pod_uid,
+                account_uid,
                 token_expires: expires.as_second(),
                 api_server: server.clone(),
                 ca_sha256,
                 kubeconfig_sha256: sha256_hex(kubeconfig.as_bytes()),
             };
-            let detail =
-                format!("{summary}, token issued (bound to the Pod, valid until {})", unix_date(expires.as_second()));
+            let detail = format!("{summary}, token issued (valid until {})", unix_date(expires.as_second()));
             Ok(((record, Some(kubeconfig)), detail))
         })
         .await?;
@@ -475,12 +476,13 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
     Ok(())
 }
 
-/// Unenrolls the machine: removes everything from it, then the MeshNode and the Pod.
+/// Unenrolls the machine: removes everything from it, then the MeshNode and the machine's
+/// ServiceAccount.
 pub async fn unenroll(args: UnenrollArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let name = args.name.as_str();
     validate_name(name)?;
-    let pod_name = api::pod_name(name);
+    let account = api::machine_account(name);
     let namespace = args.namespace.as_str();
     let mut progress = Progress::new(5);
 
@@ -490,10 +492,10 @@ pub async fn unenroll(args: UnenrollArgs, cluster: &ClusterArgs) -> anyhow::Resu
         .run(async {
             let cluster = api::connect(cluster).await?;
             let meshnode = cluster.meshnode(name).await?;
-            let pod = cluster.pod(namespace, &pod_name).await?;
+            let sa = cluster.machine_account(namespace, name).await?;
             let recorded =
                 |annotations: &std::collections::BTreeMap<String, String>| annotations.get(api::ENROLLED_VIA).cloned();
-            let via = match (&meshnode, &pod) {
+            let via = match (&meshnode, &sa) {
                 (Some(node), _) => match recorded(node.metadata.annotations.as_ref().unwrap_or(&Default::default())) {
                     Some(via) => via,
                     None => bail!(
@@ -502,9 +504,11 @@ pub async fn unenroll(args: UnenrollArgs, cluster: &ClusterArgs) -> anyhow::Resu
                         api::ENROLLED_VIA
                     ),
                 },
-                (None, Some(pod)) => match recorded(pod.metadata.annotations.as_ref().unwrap_or(&Default::default())) {
+                (None, Some(sa)) => match recorded(sa.metadata.annotations.as_ref().unwrap_or(&Default::default())) {
                     Some(via) => via,
-                    None => bail!("no machine is enrolled as {name} (the Pod {namespace}/{pod_name} is not meshctl's)"),
+                    None => {
+                        bail!("no machine is enrolled as {name} (the ServiceAccount {namespace}/{account} is not meshctl's)")
+                    }
                 },
                 (None, None) => bail!(
                     "no machine is enrolled as {name}: there is no MeshNode {name} (`meshctl status` lists the nodes)"
@@ -535,15 +539,17 @@ pub async fn unenroll(args: UnenrollArgs, cluster: &ClusterArgs) -> anyhow::Resu
 
     // 5. The cluster.
     progress.last();
-    progress.start(format!("deleting MeshNode {name} and Pod {namespace}/{pod_name} (revokes the agent's token)"));
+    progress.start(format!(
+        "deleting MeshNode {name} and ServiceAccount {namespace}/{account} (revokes the agent's token)"
+    ));
     progress
         .run(async {
             let node = cluster.delete_meshnode(name, secs(30)).await?;
-            let pod = cluster.delete_pod(namespace, &pod_name).await?;
-            let detail = match (node, pod) {
+            let sa = cluster.delete_machine_account(namespace, name).await?;
+            let detail = match (node, sa) {
                 (true, true) => "both deleted".to_owned(),
-                (true, false) => "MeshNode deleted; the Pod was already gone".to_owned(),
-                (false, true) => "Pod deleted; the MeshNode was already gone".to_owned(),
+                (true, false) => "MeshNode deleted; the ServiceAccount was already gone".to_owned(),
+                (false, true) => "ServiceAccount deleted; the MeshNode was already gone".to_owned(),
                 (false, false) => "both were already gone".to_owned(),
             };
             Ok(((), detail))

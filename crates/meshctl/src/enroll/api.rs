@@ -1,19 +1,22 @@
 //! The cluster side of enroll and unenroll: the kubeconfig (whose API server and CA the machine
-//! gets too), the name check, the MeshNode, the placeholder Pod and the token bound to it, the
+//! gets too), the name check, the MeshNode, the machine's own ServiceAccount and its token, the
 //! wait for the agent, and the deletes.
 //!
-//! The credential: the chart's node restriction lets the agent ServiceAccount write only the
-//! MeshNode (status) and Lease of the node named in its token, and the API server puts a node
-//! name into a token bound to a Pod with `spec.nodeName`. So enroll creates a Pod
-//! `mesh-agent-NAME` with `nodeName: NAME` (it never runs: no kubelet has that node) and requests
-//! a token of the ServiceAccount bound to it; deleting the Pod revokes the token.
+//! The credential: every enrolled machine gets a ServiceAccount of its own,
+//! `mesh-machine-NAME` in the chart's namespace, bound to the chart's agent roles, and a token of
+//! it. The chart's node restriction reads the node from that name (as it reads a DaemonSet
+//! agent's from its pod-bound token), so the agent may write only MeshNode NAME's status and
+//! Lease `mesh-agent-NAME`. Deleting the ServiceAccount revokes the token. (A token bound to a
+//! placeholder Pod on node NAME, the earlier design, dies when kube-controller-manager's pod
+//! garbage collector deletes that Pod because no Node NAME exists.)
 
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use base64::Engine;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -31,6 +34,11 @@ pub const ENROLLED_VIA: &str = "mesh.harness.dev/enrolled-via";
 pub const FIELD_MANAGER: &str = "meshctl";
 /// The label meshctl puts on what it makes.
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshctl");
+/// The label that names the enrolled node on its ServiceAccount and bindings.
+const ENROLLED_NODE: &str = "mesh.harness.dev/enrolled-node";
+/// An enrolled machine's ServiceAccount is this plus its MeshNode name; the chart's node
+/// restriction (agent-node-restriction.yaml) reads the node from it.
+pub const MACHINE_ACCOUNT_PREFIX: &str = "mesh-machine-";
 
 /// The cluster, and what the machine needs to reach it.
 pub struct Cluster {
@@ -122,7 +130,10 @@ pub fn agent_kubeconfig(server: &str, ca_pem: Option<&str>, token: &str, name: &
         "current-context": "harness-mesh",
     });
     let yaml = serde_saphyr::to_string(&doc).map_err(|err| anyhow!("rendering the agent's kubeconfig: {err}"))?;
-    Ok(format!("# mesh-agent's kubeconfig, written by meshctl enroll: a token bound to Pod mesh-agent-{name}.\n{yaml}"))
+    Ok(format!(
+        "# mesh-agent's kubeconfig, written by meshctl enroll: a token of ServiceAccount {}.\n{yaml}",
+        machine_account(name)
+    ))
 }
 
 /// Whether the name is free or already this machine's.
@@ -168,14 +179,20 @@ pub fn judge_name(name: &str, via: &str, existing: Option<&MeshNode>) -> anyhow:
     }
 }
 
-/// Checks that the placeholder Pod's name is free or meshctl's own for this machine.
-pub fn judge_pod(pod_name: &str, namespace: &str, via: &str, existing: Option<&Pod>) -> anyhow::Result<()> {
-    let Some(pod) = existing else { return Ok(()) };
-    match pod.annotations().get(ENROLLED_VIA) {
+/// Checks that the machine's ServiceAccount name is free or meshctl's own for this machine.
+pub fn judge_account(
+    account: &str,
+    namespace: &str,
+    via: &str,
+    existing: Option<&ServiceAccount>,
+) -> anyhow::Result<()> {
+    let Some(sa) = existing else { return Ok(()) };
+    match sa.annotations().get(ENROLLED_VIA) {
         Some(recorded) if recorded == via => Ok(()),
         _ => bail!(
-            "the Pod {namespace}/{pod_name}, which would anchor the machine's credential, already exists and is not \
-             meshctl's for this machine: choose another --name (or delete that Pod if it is a leftover)"
+            "the ServiceAccount {namespace}/{account}, which would be the machine's identity, already exists and is \
+             not meshctl's for this machine: choose another --name (or delete that ServiceAccount if it is a \
+             leftover)"
         ),
     }
 }
@@ -187,8 +204,8 @@ impl Cluster {
             kube::Error::Api(status) => match status.code {
                 403 => anyhow!(
                     "{action}: RBAC denied at {}: {}. enroll needs to read, create and patch MeshNodes, create and \
-                     delete Pods in the harness-mesh namespace, and create serviceaccounts/token there (a cluster \
-                     admin has all of it): ask for them, or use another --context",
+                     delete ServiceAccounts and RoleBindings in the harness-mesh namespace and create serviceaccounts/token \
+                     there, and create and delete ClusterRoleBindings (a cluster admin has all of it): ask for them, or use another --context",
                     self.target,
                     status.message
                 ),
@@ -237,10 +254,13 @@ impl Cluster {
         matches!(api.get_opt(name).await, Ok(Some(_)))
     }
 
-    /// The placeholder Pod, if it exists.
-    pub async fn pod(&self, namespace: &str, name: &str) -> anyhow::Result<Option<Pod>> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        api.get_opt(name).await.map_err(|err| self.explain(&err, &format!("reading Pod {namespace}/{name}")))
+    /// The machine's ServiceAccount `mesh-machine-NAME`, if it exists.
+    pub async fn machine_account(&self, namespace: &str, name: &str) -> anyhow::Result<Option<ServiceAccount>> {
+        let account = machine_account(name);
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(&account)
+            .await
+            .map_err(|err| self.explain(&err, &format!("reading ServiceAccount {namespace}/{account}")))
     }
 
     /// Fails unless the agent ServiceAccount exists.
@@ -289,80 +309,87 @@ impl Cluster {
         })
     }
 
-    /// Creates the placeholder Pod `mesh-agent-NAME` on node NAME (or finds it); returns its uid
-    /// and whether it was created.
-    pub async fn apply_pod(
+    /// Creates (or finds) the machine's ServiceAccount `mesh-machine-NAME` and binds it to the
+    /// chart's agent roles (the ClusterRole and the Role named like the agent ServiceAccount,
+    /// `roles`); returns the ServiceAccount's uid and whether it was created.
+    pub async fn apply_machine_account(
         &self,
         namespace: &str,
         name: &str,
-        service_account: &str,
+        roles: &str,
         via: &str,
     ) -> anyhow::Result<(String, Change)> {
-        let pod_name = pod_name(name);
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let before = self.pod(namespace, &pod_name).await?;
-        let object = json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": pod_name,
-                "namespace": namespace,
-                "labels": {MANAGED_BY.0: MANAGED_BY.1, "mesh.harness.dev/enrolled-node": name},
-                "annotations": {
-                    ENROLLED_VIA: via,
-                    "mesh.harness.dev/purpose": "never runs: binds the token of the agent enrolled as this node; \
-                                                 deleting it revokes that token (meshctl unenroll does)",
-                },
-            },
-            "spec": {
-                "nodeName": name,
-                "serviceAccountName": service_account,
-                "automountServiceAccountToken": false,
-                "terminationGracePeriodSeconds": 0,
-                "containers": [{"name": "mesh-agent", "image": "harness-mesh.invalid/enrolled-machine-placeholder"}],
-            },
-        });
-        let after = api
-            .patch(&pod_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+        let account = machine_account(name);
+        let before = self.machine_account(namespace, name).await?;
+        let metadata = |namespaced: bool| {
+            let mut meta = json!({
+                "name": if namespaced { account.clone() } else { cluster_binding_name(namespace, name) },
+                "labels": {MANAGED_BY.0: MANAGED_BY.1, ENROLLED_NODE: name},
+                "annotations": {ENROLLED_VIA: via},
+            });
+            if namespaced {
+                meta["namespace"] = json!(namespace);
+            }
+            meta
+        };
+        let subject = json!([{"kind": "ServiceAccount", "name": account, "namespace": namespace}]);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(true),
+                        "automountServiceAccountToken": false});
+        let after = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
+            .patch(&account, &params, &Patch::Apply(&sa))
             .await
-            .map_err(|err| self.explain(&err, &format!("writing Pod {namespace}/{pod_name}")))?;
-        let uid = after.uid().ok_or_else(|| anyhow!("the API server returned Pod {pod_name} without a uid"))?;
+            .map_err(|err| self.explain(&err, &format!("writing ServiceAccount {namespace}/{account}")))?;
+        let role_binding = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata(true),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": roles},
+            "subjects": subject,
+        });
+        Api::<RoleBinding>::namespaced(self.client.clone(), namespace)
+            .patch(&account, &params, &Patch::Apply(&role_binding))
+            .await
+            .map_err(|err| self.explain(&err, &format!("writing RoleBinding {namespace}/{account}")))?;
+        let cluster_binding = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": metadata(false),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": roles},
+            "subjects": subject,
+        });
+        let binding = cluster_binding_name(namespace, name);
+        Api::<ClusterRoleBinding>::all(self.client.clone())
+            .patch(&binding, &params, &Patch::Apply(&cluster_binding))
+            .await
+            .map_err(|err| self.explain(&err, &format!("writing ClusterRoleBinding {binding}")))?;
+        let uid =
+            after.uid().ok_or_else(|| anyhow!("the API server returned ServiceAccount {account} without a uid"))?;
         let change = match before {
-            None => Change::Created,
-            Some(before) if before.uid() != after.uid() => Change::Created,
-            Some(_) => Change::Unchanged,
+            Some(before) if before.uid() == after.uid() => Change::Unchanged,
+            _ => Change::Created,
         };
         Ok((uid, change))
     }
 
-    /// A token of the ServiceAccount bound to the Pod (so it names node NAME); returns the token
-    /// and when it expires.
+    /// A token of the machine's ServiceAccount, valid for `duration` (or the API server's
+    /// maximum); returns the token and when it expires.
     pub async fn issue_token(
         &self,
         namespace: &str,
-        service_account: &str,
-        pod_name: &str,
-        pod_uid: &str,
+        name: &str,
         duration: Duration,
     ) -> anyhow::Result<(String, Timestamp)> {
+        let account = machine_account(name);
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: Vec::new(),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".to_owned()),
-                    kind: Some("Pod".to_owned()),
-                    name: Some(pod_name.to_owned()),
-                    uid: Some(pod_uid.to_owned()),
-                }),
+                bound_object_ref: None,
                 expiration_seconds: Some(i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)),
             },
             ..TokenRequest::default()
         };
         let issued: TokenRequest = api
-            .create_subresource("token", service_account, &PostParams::default(), &request)
+            .create_subresource("token", &account, &PostParams::default(), &request)
             .await
-            .map_err(|err| self.explain(&err, &format!("requesting a token of {namespace}/{service_account}")))?;
+            .map_err(|err| self.explain(&err, &format!("requesting a token of {namespace}/{account}")))?;
         let status = issued.status.ok_or_else(|| anyhow!("the API server issued no token"))?;
         Ok((status.token, status.expiration_timestamp.0))
     }
@@ -445,16 +472,30 @@ impl Cluster {
         Ok(true)
     }
 
-    /// Deletes the placeholder Pod at once (no grace: no kubelet would confirm), which revokes
-    /// every token bound to it. Returns false if it did not exist.
-    pub async fn delete_pod(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
-        match api.delete(name, &params).await {
-            Ok(_) => Ok(true),
+    /// Deletes the machine's ServiceAccount, which revokes every token of it, and its two role
+    /// bindings. Returns false if the ServiceAccount did not exist.
+    pub async fn delete_machine_account(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let account = machine_account(name);
+        let gone = |result: Result<(), kube::Error>, what: String| match result {
+            Ok(()) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-            Err(err) => Err(self.explain(&err, &format!("deleting Pod {namespace}/{name}"))),
-        }
+            Err(err) => Err(self.explain(&err, &format!("deleting {what}"))),
+        };
+        let params = DeleteParams::default();
+        let existed = gone(
+            Api::<ServiceAccount>::namespaced(self.client.clone(), namespace).delete(&account, &params).await.map(drop),
+            format!("ServiceAccount {namespace}/{account}"),
+        )?;
+        gone(
+            Api::<RoleBinding>::namespaced(self.client.clone(), namespace).delete(&account, &params).await.map(drop),
+            format!("RoleBinding {namespace}/{account}"),
+        )?;
+        let binding = cluster_binding_name(namespace, name);
+        gone(
+            Api::<ClusterRoleBinding>::all(self.client.clone()).delete(&binding, &params).await.map(drop),
+            format!("ClusterRoleBinding {binding}"),
+        )?;
+        Ok(existed)
     }
 }
 
@@ -506,12 +547,17 @@ fn meshnode(name: &str, via: &str, endpoint: Option<&str>) -> serde_json::Value 
     })
 }
 
-/// The placeholder Pod of node `name`.
-pub fn pod_name(name: &str) -> String {
-    format!("mesh-agent-{name}")
+/// The ServiceAccount of the machine enrolled as `name`.
+pub fn machine_account(name: &str) -> String {
+    format!("{MACHINE_ACCOUNT_PREFIX}{name}")
 }
 
-/// Annotations of a MeshNode or Pod, for tests.
+/// The ClusterRoleBinding of machine `name` (cluster-scoped, so the namespace is in its name).
+fn cluster_binding_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}:{MACHINE_ACCOUNT_PREFIX}{name}")
+}
+
+/// Annotations of a MeshNode or ServiceAccount, for tests.
 #[cfg(test)]
 fn annotated(via: Option<&str>) -> std::collections::BTreeMap<String, String> {
     via.map(|v| std::collections::BTreeMap::from([(ENROLLED_VIA.to_owned(), v.to_owned())])).unwrap_or_default()
@@ -551,13 +597,14 @@ mod tests {
     }
 
     #[test]
-    fn only_our_own_pod_is_reused() {
+    fn only_our_own_service_account_is_reused() {
         let via = "ssh://root@h";
-        let mut pod = Pod::default();
-        assert!(judge_pod("mesh-agent-x", "harness-mesh", via, None).is_ok());
-        assert!(judge_pod("mesh-agent-x", "harness-mesh", via, Some(&pod)).is_err());
-        pod.metadata.annotations = Some(annotated(Some(via)));
-        assert!(judge_pod("mesh-agent-x", "harness-mesh", via, Some(&pod)).is_ok());
+        let mut sa = ServiceAccount::default();
+        assert!(judge_account("mesh-machine-x", "harness-mesh", via, None).is_ok());
+        assert!(judge_account("mesh-machine-x", "harness-mesh", via, Some(&sa)).is_err());
+        sa.metadata.annotations = Some(annotated(Some(via)));
+        assert!(judge_account("mesh-machine-x", "harness-mesh", via, Some(&sa)).is_ok());
+        assert_eq!(machine_account("x"), "mesh-machine-x");
     }
 
     #[test]

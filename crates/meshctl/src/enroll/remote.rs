@@ -172,8 +172,8 @@ pub struct Record {
     pub name: String,
     /// `ssh://user@host:port` as enrolled.
     pub enrolled_via: String,
-    /// The uid of the placeholder Pod the token is bound to.
-    pub pod_uid: String,
+    /// The uid of the machine's ServiceAccount the token belongs to.
+    pub account_uid: String,
     /// When the token expires, Unix seconds.
     pub token_expires: i64,
     /// The API server URL in the kubeconfig.
@@ -190,7 +190,7 @@ impl Record {
         Some(Self {
             name: get("name")?,
             enrolled_via: get("enrolled_via").unwrap_or_default(),
-            pod_uid: get("pod_uid").unwrap_or_default(),
+            account_uid: get("account_uid").unwrap_or_default(),
             token_expires: get("token_expires").and_then(|v| v.parse().ok()).unwrap_or(0),
             api_server: get("api_server").unwrap_or_default(),
             ca_sha256: get("ca_sha256").unwrap_or_default(),
@@ -202,11 +202,11 @@ impl Record {
     pub fn render(&self) -> String {
         format!(
             "# Written by meshctl enroll, read by meshctl enroll and unenroll. No secret in here.\n\
-             name={}\nenrolled_via={}\npod_uid={}\ntoken_expires={}\napi_server={}\nca_sha256={}\n\
+             name={}\nenrolled_via={}\naccount_uid={}\ntoken_expires={}\napi_server={}\nca_sha256={}\n\
              kubeconfig_sha256={}\n",
             self.name,
             self.enrolled_via,
-            self.pod_uid,
+            self.account_uid,
             self.token_expires,
             self.api_server,
             self.ca_sha256,
@@ -470,7 +470,7 @@ mod tests {
     fn the_probe_is_read_back() {
         let text = "os=Linux\narch=x86_64\ntool=wireguard-go\ntool=nft\ntun=yes\n\
                     file=0a1b  /usr/local/bin/mesh-agent\nfile=ffee  /etc/harness-mesh/agent.env\n\
-                    record.name=edge-1\nrecord.enrolled_via=ssh://root@h:22\nrecord.pod_uid=u-1\n\
+                    record.name=edge-1\nrecord.enrolled_via=ssh://root@h:22\nrecord.account_uid=u-1\n\
                     record.token_expires=1900000000\nrecord.api_server=https://k:6443\nrecord.ca_sha256=cc\n\
                     agent=4242\nnoise without equals\n";
         let machine = parse_probe(text);
