@@ -404,15 +404,21 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         let leftovers = mesh.nodes.exec_ok(SSH_NODE, &["sh", "-c", LEFTOVERS])?;
         ensure!(leftovers.trim().is_empty(), "unenroll left behind on the machine:\n{leftovers}");
 
-        // The token died with its ServiceAccount.
-        let denied = machine_kubectl(&["get", "--raw", "/api"]);
+        // The token died with its ServiceAccount. The API server caches a token's successful
+        // authentication for a few seconds, so give it that long.
+        let revoked = eventually(Duration::from_secs(30), || {
+            let denied = machine_kubectl(&["get", "--raw", "/api"])?;
+            ensure!(
+                !denied.status.success() && String::from_utf8_lossy(&denied.stderr).contains("Unauthorized"),
+                "the unenrolled machine's token still works: {}",
+                String::from_utf8_lossy(&denied.stderr)
+            );
+            Ok(())
+        })
+        .await;
         let _ = std::fs::remove_file(&copy);
-        let denied = denied?;
-        ensure!(
-            !denied.status.success() && String::from_utf8_lossy(&denied.stderr).contains("Unauthorized"),
-            "the unenrolled machine's token still works: {}",
-            String::from_utf8_lossy(&denied.stderr)
-        );
+        let revoked = revoked?;
+        eprintln!("the machine's token was refused {revoked:?} after unenroll");
 
         // The lab's nodes are back to each other only.
         mesh.wait_connected(Duration::from_secs(60)).await?;
