@@ -969,6 +969,9 @@ cmd_controller() {
     start | stop | restart | kill) ;;
     *) die "unknown controller action '$action' (start, stop, restart or kill)" ;;
   esac
+  if grep -q '^MODE=kubelet$' "$config" 2>/dev/null; then
+    die "in kubelet mode mesh-controller is the chart's Deployment pod, not a lab process: delete its pod instead"
+  fi
   lock
   if [ "$action" != start ] && pid="$(component_pid mesh-controller)"; then
     case "$action" in
