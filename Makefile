@@ -8,7 +8,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench build crds check-crds fmt lint unit test kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench build crds check-crds fmt lint unit fuzz test kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ lint: ## rustfmt, clippy (warnings are errors), shellcheck
 
 unit: ## the fast tests: pure crates only, no lab
 	$(CARGO) test -p mesh-core -p mesh-api -p mesh-wireguard -p mesh-dataplane
+
+fuzz: ## the fuzz targets (proptest: endpoints, UAPI answers, keys, DNS) for longer: PROPTEST_CASES=N (10000)
+	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-core -p mesh-wireguard -p mesh-dataplane --test fuzz
+	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-agent --bin mesh-agent fuzz_
 
 test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes), then kubelet-e2e
 	$(CARGO) build --workspace --bins

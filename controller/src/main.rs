@@ -5,6 +5,7 @@
 //! Nodes into MeshNodes, and reports what it did in status conditions and events. With leader
 //! election, several replicas may run; only the leader writes.
 
+mod backoff;
 mod conditions;
 mod context;
 mod metrics;
@@ -28,6 +29,7 @@ use mesh_api::{MeshNode, MeshService};
 use mesh_core::{Owner, Pool, Subnet};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::backoff::WatchBackoff;
 use crate::context::Ctx;
 use crate::metrics::Metrics;
 
@@ -161,12 +163,15 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let pods_api: Api<Pod> = Api::all(client.clone());
 
     let (pods, pods_writer) = reflector::store();
-    let pod_events =
-        reflector::reflector(pods_writer, watcher(pods_api, watch.clone())).default_backoff().touched_objects();
+    let pod_events = reflector::reflector(pods_writer, watcher(pods_api, watch.clone()))
+        .backoff(WatchBackoff::default())
+        .touched_objects();
 
-    let node_controller = Controller::new(mesh_nodes_api.clone(), watch.clone());
-    let service_controller = Controller::new(mesh_services_api, watch.clone());
-    let mirror_controller = Controller::new(nodes_api.clone(), watch.clone());
+    // Short watch backoffs, so the controller catches up within seconds after an API outage.
+    let node_controller =
+        Controller::new(mesh_nodes_api.clone(), watch.clone()).trigger_backoff(WatchBackoff::default());
+    let service_controller = Controller::new(mesh_services_api, watch.clone()).trigger_backoff(WatchBackoff::default());
+    let mirror_controller = Controller::new(nodes_api.clone(), watch.clone()).trigger_backoff(WatchBackoff::default());
     let (node_trigger, node_triggers) = tokio::sync::mpsc::unbounded_channel();
     let (service_trigger, service_triggers) = tokio::sync::mpsc::unbounded_channel();
     let recorder =

@@ -10,6 +10,8 @@
 #   e2e/lab/lab.sh status                                  exit 0 if up, 3 if not
 #   e2e/lab/lab.sh exec NODE -- CMD...                     run CMD on a node
 #   e2e/lab/lab.sh agent start|stop|restart|kill NODE      control a node's mesh-agent
+#   e2e/lab/lab.sh controller start|stop|restart|kill      control the lab's mesh-controller
+#   e2e/lab/lab.sh apiserver stop|start                    stop/start kube-apiserver (etcd stays)
 #   e2e/lab/lab.sh ssh-node K                             node K runs sshd instead of an agent
 #
 # All state lives in <repo>/.lab/ (bin/, pki/, etcd/, logs/, pids/, run/, nodes/, config,
@@ -66,6 +68,7 @@ ssh_dir="$lab/ssh"
 # The unprivileged user every SSH node has besides root (same key; neither root nor sudo).
 ssh_user=hm-user
 agent_stop_seconds="${LAB_AGENT_STOP_SECONDS:-5}"
+apiserver_stop_seconds="${LAB_APISERVER_STOP_SECONDS:-5}"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -99,6 +102,11 @@ Commands:
                  Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
                  \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
                  In kubelet mode only restart: the node's agent pod is deleted and replaced.
+  controller start|stop|restart|kill
+                 The same for the lab's mesh-controller (its log: .lab/logs/mesh-controller.log).
+  apiserver stop|start
+                 Stop kube-apiserver (SIGTERM; etcd, the controller, the agents and the tunnels
+                 keep running) or start it again and wait until it is ready (fault tests).
   ssh-node K     Make hm-node-K a remote machine to enroll (meshctl enroll): Debian's sshd on
                  192.168.77.K:22 instead of an agent, no MeshNode, a private /run and
                  copy-on-write /etc, /usr/local and /var (changes stay in .lab/ssh/hm-node-K/).
@@ -120,6 +128,7 @@ Environment:
   LAB_WAIT_SECONDS    readiness timeout of \`up\`    (default 90)
   LAB_STOP_SECONDS    SIGTERM grace of \`down\`      (default 30)
   LAB_AGENT_STOP_SECONDS  SIGTERM grace of \`agent stop\` (default 5)
+  LAB_APISERVER_STOP_SECONDS  SIGTERM grace of \`apiserver stop\` (default 5)
   RUST_LOG            log filter of the controller and the agents (default info)
 
 Everything listens on and talks to 127.0.0.1 only, or to addresses inside the lab's namespaces.
@@ -491,7 +500,9 @@ write_token_kubeconfig() {
 }
 
 # Runs mesh-controller (leader election on, as in a cluster) when the workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
-# 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT.
+# 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT. Its election identity is fixed, as a pod's name is in a
+# cluster: a controller restarted after a crash (`lab.sh controller kill`, then `start`) takes
+# its own lease back at once, as a restarted container of the same pod does.
 start_controller() {
   local built="$repo/target/debug/mesh-controller"
   if [ ! -x "$built" ]; then
@@ -505,7 +516,8 @@ start_controller() {
   token="$(lab_kubectl -n "$chart_namespace" create token "$controller_sa" --duration=8760h)"
   write_token_kubeconfig "$controller_kubeconfig" "$token"
   KUBECONFIG="$controller_kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
-    --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace="$chart_namespace"
+    --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace="$chart_namespace" \
+    --identity=lab-mesh-controller
 }
 
 # --- nodes ----------------------------------------------------------------------------------
@@ -982,19 +994,78 @@ agent_stop() {
 }
 
 agent_kill() {
-  local node="$1" pid _
+  local node="$1" pid
   if ! pid="$(agent_pid "$node")"; then
     log "mesh-agent on $node is not running"
     return 0
   fi
-  log "killing mesh-agent on $node (pid $pid) with SIGKILL"
+  kill_now "mesh-agent on $node" "$pid"
+}
+
+# SIGKILL process $2 (described by $1) and wait until it is gone: no chance to finish anything.
+kill_now() {
+  local label="$1" pid="$2" _
+  log "killing $label (pid $pid) with SIGKILL"
   kill -KILL "$pid" 2>/dev/null || true
   for _ in $(seq 1 50); do
     alive "$pid" || break
     sleep 0.1
   done
-  ! alive "$pid" || die "mesh-agent on $node (pid $pid) survived SIGKILL"
+  ! alive "$pid" || die "$label (pid $pid) survived SIGKILL"
   await_reaped "$pid"
+}
+
+# --- controller, apiserver (fault tests) ------------------------------------------------------
+
+cmd_controller() {
+  [ $# -eq 1 ] || die "usage: lab.sh controller start|stop|restart|kill"
+  local action="$1" pid
+  case "$action" in
+    start | stop | restart | kill) ;;
+    *) die "unknown controller action '$action' (start, stop, restart or kill)" ;;
+  esac
+  if [ "$lab_run_mode" = kubelet ]; then
+    die "in kubelet mode mesh-controller is the chart's Deployment pod, not a lab process: delete its pod instead"
+  fi
+  lock
+  if [ "$action" != start ] && pid="$(component_pid mesh-controller)"; then
+    case "$action" in
+      kill) kill_now mesh-controller "$pid" ;;
+      *) stop_pids mesh-controller "$pid"; await_reaped "$pid" ;;
+    esac
+  elif [ "$action" != start ]; then
+    log "mesh-controller is not running"
+  fi
+  if [ "$action" = start ] || [ "$action" = restart ]; then
+    require_lab_up
+    [ -x "$repo/target/debug/mesh-controller" ] ||
+      die "$repo/target/debug/mesh-controller is not built (cargo build -p mesh-controller)"
+    start_controller
+  fi
+}
+
+cmd_apiserver() {
+  [ $# -eq 1 ] || die "usage: lab.sh apiserver stop|start"
+  local pid
+  lock
+  case "$1" in
+    stop)
+      if pid="$(component_pid kube-apiserver)"; then
+        # It stops listening at once, then drains long watches for up to a minute: no need to wait.
+        # shellcheck disable=SC2034 # read by stop_pids
+        local stop_seconds="$apiserver_stop_seconds"
+        stop_pids kube-apiserver "$pid"
+        await_reaped "$pid"
+      else
+        log "kube-apiserver is not running"
+      fi
+      ;;
+    start)
+      component_pid etcd >/dev/null || die "etcd is not running; start the lab with 'lab.sh up'"
+      start_apiserver
+      ;;
+    *) die "unknown apiserver action '$1' (stop or start)" ;;
+  esac
 }
 
 # --- SSH nodes --------------------------------------------------------------------------------
@@ -1333,6 +1404,8 @@ main() {
     status) cmd_status "$@" ;;
     exec) cmd_exec "$@" ;;
     agent) cmd_agent "$@" ;;
+    controller) cmd_controller "$@" ;;
+    apiserver) cmd_apiserver "$@" ;;
     ssh-node) cmd_ssh_node "$@" ;;
     help | -h | --help) usage ;;
     "") usage >&2; exit 2 ;;

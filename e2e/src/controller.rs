@@ -48,17 +48,9 @@ impl Controller {
         let _ = self.child.wait();
     }
 
-    async fn get(&self, path: &str) -> Option<String> {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-        conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await.ok()?;
-        Some(body)
-    }
-
     /// Whether /readyz answers 200 (leader, and the first full sync done).
     pub async fn is_ready(&self) -> bool {
-        self.get("/readyz").await.is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+        is_ready_at(self.port).await
     }
 
     /// Waits until ready; panics after `within`.
@@ -72,12 +64,35 @@ impl Controller {
 
     /// Sum of a metric's samples (all label sets).
     pub async fn metric(&self, name: &str) -> f64 {
-        let body = self.get("/metrics").await.unwrap_or_default();
+        metric_at(self.port, name).await.unwrap_or_default()
+    }
+}
+
+/// `GET path` from a controller's metrics server on 127.0.0.1:`port`: the whole HTTP answer.
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// Whether the controller with its metrics on 127.0.0.1:`port` answers 200 on /readyz (leader,
+/// and the first full sync done). The lab's controller uses port 18080.
+pub async fn is_ready_at(port: u16) -> bool {
+    http_get(port, "/readyz").await.is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+}
+
+/// Sum of a metric's samples (all label sets) on the controller with its metrics on
+/// 127.0.0.1:`port`; `None` when it does not answer.
+pub async fn metric_at(port: u16, name: &str) -> Option<f64> {
+    let body = http_get(port, "/metrics").await?;
+    Some(
         body.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
+            .sum(),
+    )
 }
 
 impl Drop for Controller {

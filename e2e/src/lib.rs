@@ -202,3 +202,23 @@ pub fn meshctl_binary() -> anyhow::Result<PathBuf> {
         .clone()
         .map_err(anyhow::Error::msg)
 }
+
+/// Runs `e2e/lab/lab.sh ARGS` (the lab only) and returns its stdout; fails with its output when
+/// it fails.
+pub fn lab_sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(repo_root().join("e2e/lab/lab.sh"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .with_context(|| format!("running e2e/lab/lab.sh {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "e2e/lab/lab.sh {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -282,3 +282,99 @@ impl Mesh {
         Ok((out.status.success() && !text.is_empty()).then_some(text))
     }
 }
+
+/// One WireGuard peer, as a device has it or as the directory wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgPeer {
+    /// Its endpoint (`ip:port`), if any.
+    pub endpoint: Option<String>,
+    /// Its allowed IPs (`a.b.c.d/32`), sorted.
+    pub allowed_ips: std::collections::BTreeSet<String>,
+}
+
+/// Parses `wg show INTERFACE dump`: public key (base64) → peer. The first line (the interface's
+/// own keys and port) is skipped.
+pub fn parse_wg_dump(text: &str) -> anyhow::Result<BTreeMap<String, WgPeer>> {
+    let mut peers = BTreeMap::new();
+    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [key, _psk, endpoint, allowed, ..] = fields[..] else { bail!("unexpected wg dump line {line:?}") };
+        let none = |v: &str| v == "(none)" || v.is_empty();
+        peers.insert(
+            key.to_owned(),
+            WgPeer {
+                endpoint: (!none(endpoint)).then(|| endpoint.to_owned()),
+                allowed_ips: if none(allowed) {
+                    Default::default()
+                } else {
+                    allowed.split(',').map(str::to_owned).collect()
+                },
+            },
+        );
+    }
+    Ok(peers)
+}
+
+impl Mesh {
+    /// The peers on `node`'s `wg-harness`, from `wg show wg-harness dump`.
+    pub fn wg_dump(&self, node: &str) -> anyhow::Result<BTreeMap<String, WgPeer>> {
+        parse_wg_dump(&self.nodes.exec_ok(node, &["wg", "show", "wg-harness", "dump"]).context("wg show dump")?)
+    }
+
+    /// The peers the directory asks `node` to have: the peer entry the controller published in
+    /// every other MeshNode's status (entries with `node`'s own key aside).
+    pub async fn desired_peers(&self, node: &str) -> anyhow::Result<BTreeMap<String, WgPeer>> {
+        let api: Api<MeshNode> = Api::all(self.cluster.client.clone());
+        let all = api.list(&Default::default()).await?;
+        let own_key = all
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node))
+            .and_then(|n| n.status.as_ref()?.public_key.clone());
+        Ok(all
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() != Some(node))
+            .filter_map(|n| n.status.as_ref()?.peer.clone())
+            .filter(|p| Some(&p.public_key) != own_key.as_ref())
+            .map(|p| (p.public_key, WgPeer { endpoint: p.endpoint, allowed_ips: p.allowed_ips.into_iter().collect() }))
+            .collect())
+    }
+
+    /// Fails, naming the differences, unless `node`'s device has exactly the peers the directory
+    /// asks for (keys, allowed IPs and endpoints).
+    pub async fn check_device_matches_directory(&self, node: &str) -> anyhow::Result<()> {
+        let want = self.desired_peers(node).await?;
+        let have = self.wg_dump(node)?;
+        let mut problems = Vec::new();
+        for (key, peer) in &want {
+            match have.get(key) {
+                None => problems.push(format!("missing peer {key}")),
+                Some(got) if got != peer => problems.push(format!("peer {key} is {got:?}, wanted {peer:?}")),
+                Some(_) => {}
+            }
+        }
+        for key in have.keys().filter(|k| !want.contains_key(*k)) {
+            problems.push(format!("extra peer {key} {:?}", have[key]));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("{node}'s device differs from the directory: {}", problems.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod wg_dump_tests {
+    use super::*;
+
+    #[test]
+    fn parses_wg_show_dump() {
+        let text = "cHJpdmF0ZQ==\tcHVibGlj\t51820\toff\nQUFB=\t(none)\t192.168.77.2:51820\t10.42.0.1/32,10.42.0.4/32\t1700000000\t10\t20\toff\nQkJC=\t(none)\t(none)\t(none)\t0\t0\t0\t25\n";
+        let peers = parse_wg_dump(text).unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers["QUFB="].endpoint.as_deref(), Some("192.168.77.2:51820"));
+        assert_eq!(peers["QUFB="].allowed_ips.len(), 2);
+        assert_eq!(peers["QkJC="], WgPeer { endpoint: None, allowed_ips: Default::default() });
+        assert!(parse_wg_dump("iface\nnot a dump line\n").is_err());
+    }
+}

@@ -460,4 +460,96 @@ mod tests {
         let err = DnsServer::start(&["127.0.0.1:0".parse().unwrap()], ".").await.err().unwrap();
         assert!(err.to_string().contains("must not be the root"), "{err:#}");
     }
+
+    /// A runtime with worker threads for the fuzz targets below, which drive the server from
+    /// proptest's synchronous runner.
+    fn fuzz_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    /// Fuzz target: datagrams and TCP messages from the network — arbitrary bytes, and real
+    /// queries with random bytes changed and cut short — never stop the server or change what
+    /// it serves: after each one, a real query is answered as before. `PROPTEST_CASES` sets the
+    /// number of cases (`make fuzz`).
+    #[test]
+    fn fuzz_dns_server_survives_arbitrary_queries() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        let rt = fuzz_runtime();
+        let server = rt.block_on(server());
+        let addr = server.local_addrs()[0];
+        let sender = rt.block_on(UdpSocket::bind("127.0.0.1:0")).unwrap();
+        let valid = query("db.default.mesh.local.", RecordType::A).to_vec().unwrap();
+        let damaged = (
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(move |(flips, cut)| {
+                let mut q = valid.clone();
+                for (at, byte) in flips {
+                    let i = at.index(q.len());
+                    q[i] = byte;
+                }
+                q.truncate(cut.index(q.len() + 1).max(1));
+                q
+            });
+        let message = prop_oneof![proptest::collection::vec(any::<u8>(), 0..600), damaged];
+        let mut runner = TestRunner::new(Config::default());
+        runner
+            .run(&(message, any::<bool>()), |(bytes, over_tcp)| {
+                rt.block_on(async {
+                    if over_tcp {
+                        if let Ok(Ok(mut stream)) = timeout(WAIT, TcpStream::connect(addr)).await {
+                            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+                            framed.extend_from_slice(&bytes);
+                            let _ = timeout(WAIT, stream.write_all(&framed)).await;
+                        }
+                    } else {
+                        let _ = sender.send_to(&bytes, addr).await;
+                    }
+                    let answer = udp(addr, "db.default.mesh.local.", RecordType::A).await;
+                    prop_assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+                    prop_assert_eq!(a_records(&answer), [Ipv4Addr::new(10, 42, 1, 5)]);
+                    Ok(())
+                })
+            })
+            .unwrap();
+        assert!(server.is_running());
+        rt.block_on(server.shutdown()).unwrap();
+    }
+
+    /// Fuzz target: record names of any shape (they come from MeshService and MeshNode names)
+    /// are served or reported, never a panic, and the zone's own records stay.
+    #[test]
+    fn fuzz_dns_update_with_arbitrary_names() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        let rt = fuzz_runtime();
+        let server = rt.block_on(server());
+        let addr = server.local_addrs()[0];
+        let name = prop_oneof![
+            any::<String>(),
+            "[a-z0-9.*_-]{0,70}\\.mesh\\.local\\.?",
+            "([a-z0-9-]{0,64}\\.){0,5}mesh\\.local",
+        ];
+        let records = proptest::collection::btree_map(name, proptest::collection::vec(any::<[u8; 4]>(), 0..3), 0..6);
+        let mut runner = TestRunner::new(Config::default());
+        runner
+            .run(&records, |records| {
+                let records: BTreeMap<String, Vec<Ipv4Addr>> =
+                    records.into_iter().map(|(n, ips)| (n, ips.into_iter().map(Ipv4Addr::from).collect())).collect();
+                let updated = rt.block_on(server.update(&records));
+                prop_assert!(updated.rejected.len() <= records.len());
+                for rejected in &updated.rejected {
+                    prop_assert!(records.keys().any(|n| rejected.starts_with(&format!("{n}: "))), "{}", rejected);
+                }
+                let soa = rt.block_on(udp(addr, "mesh.local.", RecordType::SOA));
+                prop_assert_eq!(soa.metadata.response_code, ResponseCode::NoError);
+                Ok(())
+            })
+            .unwrap();
+        rt.block_on(server.shutdown()).unwrap();
+    }
 }

@@ -500,4 +500,131 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        /// A pool hands out every usable address exactly once, then reports exhaustion; the
+        /// addresses released (no hold-back) are exactly the ones handed out next; a held-back
+        /// address goes to no one else until its time is up.
+        #[test]
+        fn exhaustion_release_and_reallocation(
+            prefix in 26u8..=30,
+            released in proptest::collection::vec(any::<proptest::sample::Index>(), 0..20),
+            hold in 0u64..3,
+        ) {
+            let subnet = Subnet::parse(&format!("10.42.0.0/{prefix}")).unwrap();
+            let mut p = Pool::new(subnet, hold).unwrap();
+            let cap = p.capacity();
+            prop_assert_eq!(cap, (1usize << (32 - prefix)) - 2);
+            let mut given = Vec::new();
+            for i in 0..cap {
+                let ip = p.allocate(&Owner::node(format!("a{i}")), None, 0).unwrap();
+                prop_assert!(subnet.contains(ip) && ip != subnet.network() && ip != subnet.broadcast());
+                given.push(ip);
+            }
+            let distinct: std::collections::BTreeSet<_> = given.iter().collect();
+            prop_assert_eq!(distinct.len(), cap);
+            prop_assert_eq!(p.allocate(&Owner::node("late"), None, 0), Err(IpamError::Exhausted { subnet, used: cap }));
+
+            let freed: std::collections::BTreeSet<usize> = released.iter().map(|i| i.index(cap)).collect();
+            for i in &freed {
+                prop_assert_eq!(p.release(&Owner::node(format!("a{i}")), 10), Some(given[*i]));
+            }
+            let freed_ips: std::collections::BTreeSet<Ipv4Addr> = freed.iter().map(|i| given[*i]).collect();
+            if hold > 0 && !freed.is_empty() {
+                // Held back: no one new gets them before 10 + hold, their previous owners may.
+                let early = p.allocate(&Owner::node("new"), None, 10 + hold - 1);
+                prop_assert!(matches!(early, Err(IpamError::Exhausted { used: _, subnet: _ })), "{:?}", early);
+                let back = *freed.iter().next().unwrap();
+                prop_assert_eq!(p.allocate(&Owner::node(format!("a{back}")), Some(given[back]), 10), Ok(given[back]));
+                p.release(&Owner::node(format!("a{back}")), 10);
+            }
+            let mut again = std::collections::BTreeSet::new();
+            for i in 0..freed.len() {
+                again.insert(p.allocate(&Owner::node(format!("b{i}")), None, 10 + hold).unwrap());
+            }
+            prop_assert_eq!(again, freed_ips);
+            let late = p.allocate(&Owner::node("late"), None, 10 + hold);
+            prop_assert!(matches!(late, Err(IpamError::Exhausted { used: _, subnet: _ })), "{:?}", late);
+        }
+
+        /// Restoring arbitrary recorded allocations (duplicates, outsiders, reserved addresses,
+        /// owners recorded twice) keeps the first valid claim of each address and owner, and
+        /// what is allocated afterwards never collides with what was restored.
+        #[test]
+        fn restore_from_arbitrary_records(records in proptest::collection::vec((0u8..40, 0u8..40), 0..60)) {
+            let subnet = Subnet::parse("10.42.0.0/27").unwrap();
+            let mut p = Pool::new(subnet, 300).unwrap();
+            let mut by_ip: BTreeMap<Ipv4Addr, Owner> = BTreeMap::new();
+            let mut by_owner: BTreeMap<Owner, Ipv4Addr> = BTreeMap::new();
+            for (o, last) in records {
+                let (o, ip) = (owner(o), Ipv4Addr::new(10, 42, 0, last));
+                let result = p.restore(o.clone(), ip);
+                if last >= 32 {
+                    let outside = matches!(result, Err(IpamError::OutsideSubnet { ip: _, subnet: _ }));
+                    prop_assert!(outside, "{:?}", result);
+                } else if last == 0 || last == 31 {
+                    let reserved = matches!(result, Err(IpamError::Reserved { ip: _, subnet: _ }));
+                    prop_assert!(reserved, "{:?}", result);
+                } else if let Some(holder) = by_ip.get(&ip).filter(|h| **h != o) {
+                    prop_assert_eq!(result, Err(IpamError::Taken { ip, holder: holder.clone() }));
+                } else {
+                    prop_assert_eq!(result, Ok(()));
+                    if !by_owner.contains_key(&o) {
+                        by_owner.insert(o.clone(), ip);
+                        by_ip.insert(ip, o);
+                    }
+                }
+            }
+            let restored: Vec<(Ipv4Addr, Owner)> = p.allocations().map(|(ip, o)| (ip, o.clone())).collect();
+            prop_assert_eq!(restored, by_ip.clone().into_iter().collect::<Vec<_>>());
+            let mut fresh = 0;
+            for i in 0..40 {
+                match p.allocate(&Owner::service("new", format!("s{i}")), None, 0) {
+                    Ok(ip) => {
+                        prop_assert!(!by_ip.contains_key(&ip), "{ip} handed out again after its restore");
+                        fresh += 1;
+                    }
+                    Err(IpamError::Exhausted { .. }) => {}
+                    Err(other) => prop_assert!(false, "unexpected {other}"),
+                }
+            }
+            prop_assert_eq!(fresh, p.capacity() - by_ip.len());
+        }
+
+        /// Within one pool's life, an address released at t goes to no other owner before
+        /// t + hold, whatever the sequence of requests, releases and time.
+        #[test]
+        fn a_released_address_goes_to_no_one_else_while_held(ops in proptest::collection::vec(op(), 1..200)) {
+            let mut p = Pool::new(Subnet::parse("10.42.0.0/28").unwrap(), 20).unwrap();
+            let mut released: BTreeMap<Ipv4Addr, (Owner, u64)> = BTreeMap::new();
+            let mut now = 0u64;
+            for op in ops {
+                match op {
+                    Op::Allocate { owner: o, request } => {
+                        let requested = request.map(|r| Ipv4Addr::new(10, 42, 0, r));
+                        let had = p.address_of(&owner(o));
+                        if let Ok(ip) = p.allocate(&owner(o), requested, now) {
+                            if let Some((previous, until)) = released.get(&ip) {
+                                prop_assert!(
+                                    *previous == owner(o) || *until <= now,
+                                    "{ip}, released by {previous} until t={until}, went to {} at t={now}", owner(o)
+                                );
+                            }
+                            if had.is_some_and(|old| old != ip) {
+                                released.insert(had.unwrap(), (owner(o), now + 20));
+                            }
+                        }
+                    }
+                    Op::Release { owner: o } => {
+                        if let Some(ip) = p.release(&owner(o), now) {
+                            released.insert(ip, (owner(o), now + 20));
+                        }
+                    }
+                    Op::Tick { secs } => now += u64::from(secs),
+                    // The hold-back lives in memory only (see `Pool::restore`): not part of this property.
+                    Op::Restart => {}
+                }
+            }
+        }
+    }
 }

@@ -47,7 +47,8 @@ impl Key {
     /// Decodes the lowercase or uppercase hex form of the UAPI protocol.
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
         let err = || KeyError::Hex(text.to_owned());
-        if text.len() != 64 || !text.is_ascii() {
+        // Hex digits only: `u8::from_str_radix` alone would also take a sign ("+f" as 0x0f).
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err());
         }
         let mut bytes = [0u8; 32];
