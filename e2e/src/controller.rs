@@ -42,6 +42,11 @@ impl Controller {
         Self { child, port }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -70,9 +75,14 @@ impl Controller {
         }
     }
 
+    /// The text of /metrics (empty when it does not answer).
+    pub async fn metrics_text(&self) -> String {
+        self.get("/metrics").await.unwrap_or_default()
+    }
+
     /// Sum of a metric's samples (all label sets).
     pub async fn metric(&self, name: &str) -> f64 {
-        let body = self.get("/metrics").await.unwrap_or_default();
+        let body = self.metrics_text().await;
         body.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
