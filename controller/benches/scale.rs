@@ -256,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut all_agents, mut per_agent) = (Vec::new(), Vec::new());
     let (mut all_routed, mut per_agent_routed) = (Vec::new(), Vec::new());
     let sync_before = fleet.totals();
+    let cpu_before = measure::cpu_time(std::process::id())?;
     for k in 0..tries {
         let (name, host) = (format!("converge-{k}"), node_name((k * 37) % nodes));
         fleet.track(Target {
@@ -278,6 +279,8 @@ async fn main() -> anyhow::Result<()> {
         measure::settle(&cluster, Duration::from_secs(1), Duration::from_secs(60)).await?;
     }
     let sync_after = fleet.totals();
+    let cpu_per_sync_ms = (measure::cpu_time(std::process::id())? - cpu_before).as_secs_f64() * 1000.0
+        / (sync_after.syncs - sync_before.syncs).max(1) as f64;
     let mean_sync_ms = (sync_after.sync_micros - sync_before.sync_micros) as f64
         / (sync_after.syncs - sync_before.syncs).max(1) as f64
         / 1000.0;
@@ -414,6 +417,7 @@ async fn main() -> anyhow::Result<()> {
         "converge_per_agent_seconds": {"median": percentile(&per_agent, 50.0), "p99": percentile(&per_agent, 99.0), "samples": per_agent.len()},
         "sim_sync_mean_ms": mean_sync_ms,
         "sim_snapshot_mean_ms": mean_snapshot_ms,
+        "sim_cpu_per_sync_ms": cpu_per_sync_ms,
         "api_cost_create": cost_json(&create_cost),
         "api_cost_update": cost_json(&update_cost),
         "controller_rss_mib": {"steady": mib(steady.rss_kib), "steady_peak": mib(steady.peak_kib), "after_resync": mib(after_resync.rss_kib), "after_resync_peak": mib(after_resync.peak_kib)},
