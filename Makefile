@@ -57,11 +57,13 @@ kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kube
 	  $(LAB) up --mode kubelet --nodes 3; \
 	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test kubelet --test mesh --test discovery --test meshctl --test enroll
 
-bench: deps ## benchmarks: prints tables, writes JSON under target/bench/
+bench: deps ## benchmarks (3-node lab, then 500 simulated nodes): one table at the end, JSON under target/bench/
 	$(CARGO) build --workspace --bins
 	$(LAB) up --nodes 3
 	$(CARGO) bench -p mesh-controller --bench allocation
 	$(CARGO) bench -p harness-mesh-e2e --bench mesh
+	$(CARGO) bench -p mesh-controller --bench scale
+	$(CARGO) run -q -p harness-mesh-e2e --bin bench-report
 
 meshctl: ## build meshctl, with the kubectl plugin link kubectl-mesh beside it
 	$(CARGO) build -q -p meshctl

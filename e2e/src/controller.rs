@@ -62,6 +62,16 @@ impl Controller {
         }
     }
 
+    /// The controller's process id (to read its memory and CPU from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The text of /metrics (empty when it does not answer).
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.port, "/metrics").await.unwrap_or_default()
+    }
+
     /// Sum of a metric's samples (all label sets).
     pub async fn metric(&self, name: &str) -> f64 {
         metric_at(self.port, name).await.unwrap_or_default()

@@ -10,13 +10,11 @@
 
 mod agent;
 mod backend;
-mod directory;
 mod dns;
 mod keystore;
 mod link;
 mod metrics;
 mod probe;
-mod status;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -30,6 +28,8 @@ use kube::Client;
 
 use crate::agent::{Agent, Config};
 use crate::backend::{Choice, userspace};
+// Shared with the library (mesh-sim reuses them); `crate::directory` and `crate::status` resolve here.
+use mesh_agent::{directory, status};
 
 /// The harness-mesh node agent: WireGuard, service IPs, port rules and peer health for one node.
 ///

@@ -1,0 +1,436 @@
+//! `make bench` at simulated scale: hundreds of nodes and thousands of services on the lab's
+//! real kube-apiserver, with the real mesh-controller (this workspace's release build) and
+//! simulated agents (`mesh-sim`: the agent's own directory watch, status writes and
+//! desired-state code, with a WireGuard backend that records plans).
+//!
+//! 1. The lab's agents are stopped and its objects wiped; `NODES` MeshNodes and `SERVICES`
+//!    MeshServices (placed on them, 10 namespaces) are created and allocated by the controller.
+//! 2. The simulated fleet starts (one agent per MeshNode, in this process, sharing a few
+//!    directory watches) and converges: every node has every other node as a peer.
+//! 3. Convergence: a MeshService is created `TRIES` times; each time, the time from the create
+//!    until every simulated agent has applied it (its DNS zone answers the name, and its device
+//!    routes the IP to the host, or the host hosts it).
+//! 4. API cost of one service change (a create, then an update of its ports): the API server's
+//!    own write and watch-event counters, before and after, once the writes have settled.
+//! 5. Controller memory (VmRSS) at that scale, and its full resync: the controller is killed
+//!    and started afresh; the time until it is ready (caches listed) and until it has
+//!    reconciled as many MeshNodes and MeshServices as exist, and what it wrote meanwhile.
+//!
+//! Afterwards the objects are removed and the lab is brought back (its controller and agents).
+//! The table goes to stdout and the figures to target/bench/scale.json. Sizes can be changed
+//! with HM_BENCH_NODES, HM_BENCH_SERVICES, HM_BENCH_TRIES and HM_BENCH_DIRECTORIES.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use harness_mesh_e2e::controller::{Controller, clean_slate, service};
+use harness_mesh_e2e::measure::{self, ApiCounters};
+use harness_mesh_e2e::{Cluster, repo_root, start_lab_with_nodes};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use mesh_api::{MeshNode, MeshService};
+use mesh_sim::{Fleet, Target};
+use serde_json::{Value, json};
+
+const NAMESPACES: usize = 10;
+const PORT: u16 = 18193;
+const IN_FLIGHT: usize = 32;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn node_name(i: usize) -> String {
+    format!("sim-{i:04}")
+}
+
+fn namespace(i: usize) -> String {
+    format!("bench-scale-{}", i % NAMESPACES)
+}
+
+/// The node count of the running lab (from .lab/config), 0 if none.
+fn lab_nodes() -> usize {
+    std::fs::read_to_string(repo_root().join(".lab/config"))
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("NODES=")?.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+fn lab_agent(action: &str, node: &str) -> anyhow::Result<()> {
+    let out = Command::new(repo_root().join("e2e/lab/lab.sh")).args(["agent", action, node]).output()?;
+    anyhow::ensure!(out.status.success(), "lab.sh agent {action} {node}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Runs `count` requests made by `request`, `IN_FLIGHT` at a time; fails on the first error.
+async fn concurrently<F, Fut>(count: usize, request: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    stream::iter(0..count).map(request).buffer_unordered(IN_FLIGHT).try_collect::<()>().await
+}
+
+/// Waits until `expected` objects listed by `count` have a mesh IP.
+async fn wait_for<F, Fut>(what: &str, expected: usize, within: Duration, count: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<usize>>,
+{
+    let started = Instant::now();
+    loop {
+        let n = count().await?;
+        if n >= expected {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(started.elapsed() < within, "only {n} of {expected} {what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn allocated_nodes(api: &Api<MeshNode>) -> anyhow::Result<usize> {
+    let list = api.list(&ListParams::default()).await?;
+    Ok(list.iter().filter(|n| n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some())).count())
+}
+
+async fn allocated_services(api: &Api<MeshService>) -> anyhow::Result<usize> {
+    let list = api.list(&ListParams::default()).await?;
+    Ok(list.iter().filter(|n| n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some())).count())
+}
+
+/// Removes every MeshService and MeshNode — one delete-collection request per namespace, then
+/// each finalizer removed, `IN_FLIGHT` at a time (thousands of them) — then stops the lab
+/// controller and waits until none is left (`clean_slate`).
+async fn wipe(cluster: &Cluster) -> anyhow::Result<()> {
+    let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    let all: Api<MeshService> = Api::all(cluster.client.clone());
+    let mut namespaces: Vec<String> =
+        all.list(&ListParams::default()).await?.iter().filter_map(|s| s.metadata.namespace.clone()).collect();
+    namespaces.sort();
+    namespaces.dedup();
+    // One request per namespace marks them deleted; then removing the finalizer deletes each.
+    for ns in &namespaces {
+        let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), ns);
+        api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
+    }
+    let services = all.list(&ListParams::default()).await?.items;
+    concurrently(services.len(), |i| {
+        let s = &services[i];
+        let api: Api<MeshService> =
+            Api::namespaced(cluster.client.clone(), s.metadata.namespace.as_deref().unwrap_or_default());
+        let (name, unfinalize) = (s.metadata.name.clone().unwrap_or_default(), unfinalize.clone());
+        async move {
+            let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
+            Ok(())
+        }
+    })
+    .await?;
+    let node_api: Api<MeshNode> = Api::all(cluster.client.clone());
+    node_api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
+    let nodes = node_api.list(&ListParams::default()).await?.items;
+    concurrently(nodes.len(), |i| {
+        let (api, unfinalize) = (node_api.clone(), unfinalize.clone());
+        let name = nodes[i].metadata.name.clone().unwrap_or_default();
+        async move {
+            let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
+            Ok(())
+        }
+    })
+    .await?;
+    clean_slate(cluster).await
+}
+
+/// One service change's cost: API writes and watch events from `before` until the writes settle.
+async fn cost(cluster: &Cluster, before: &ApiCounters) -> anyhow::Result<ApiCounters> {
+    let (after, quiet) = measure::settle(cluster, Duration::from_secs(2), Duration::from_secs(60)).await?;
+    anyhow::ensure!(quiet, "the API server kept seeing writes for 60 s after one service change");
+    Ok(after.since(before))
+}
+
+fn cost_json(c: &ApiCounters) -> Value {
+    json!({
+        "writes_without_leases": c.writes_without_leases(),
+        "writes": c.writes,
+        "mesh_watch_events": c.mesh_watch_events(),
+        "watch_events": c.watch_events,
+        "watchers": c.watchers,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let nodes = env_or("HM_BENCH_NODES", 500);
+    let services = env_or("HM_BENCH_SERVICES", 5000);
+    let tries = env_or("HM_BENCH_TRIES", 5);
+    let directories = env_or("HM_BENCH_DIRECTORIES", 4).max(1);
+    let bench_started = Instant::now();
+
+    let cluster = Cluster::get().await?;
+    let lab = lab_nodes();
+    for i in 1..=lab {
+        lab_agent("stop", &format!("hm-node-{i}"))?;
+    }
+    wipe(&cluster).await?;
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    for i in 0..NAMESPACES {
+        let ns = namespace(i);
+        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        namespaces.patch(&ns, &PatchParams::apply("harness-mesh-bench"), &Patch::Apply(&body)).await?;
+    }
+    let binary = Path::new(env!("CARGO_BIN_EXE_mesh-controller"));
+    let ctl = Controller::start(&cluster, binary, PORT, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+
+    // 1. The objects.
+    let node_api: Api<MeshNode> = Api::all(cluster.client.clone());
+    let all_services: Api<MeshService> = Api::all(cluster.client.clone());
+    let setup = Instant::now();
+    concurrently(nodes, |i| {
+        let api = node_api.clone();
+        async move {
+            let node: MeshNode = serde_json::from_value(json!({
+                "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+                "metadata": {"name": node_name(i)}, "spec": {},
+            }))?;
+            api.create(&PostParams::default(), &node).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    concurrently(services, |i| {
+        let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), &namespace(i));
+        async move {
+            let spec = json!({"node": node_name(i % nodes), "network": {"type": "mesh", "ports": [80]}});
+            api.create(&PostParams::default(), &service(&format!("svc-{i}"), spec)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    wait_for("MeshNodes allocated", nodes, Duration::from_secs(300), || allocated_nodes(&node_api)).await?;
+    wait_for("MeshServices allocated", services, Duration::from_secs(300), || allocated_services(&all_services))
+        .await?;
+    let setup_seconds = setup.elapsed().as_secs_f64();
+    println!("created and allocated {nodes} MeshNodes and {services} MeshServices in {setup_seconds:.1} s");
+
+    // 2. The fleet.
+    let config = mesh_sim::Config {
+        nodes: (0..nodes).map(node_name).collect(),
+        directories,
+        debounce: Duration::from_millis(50),
+        resync: Duration::from_secs(30),
+    };
+    let fleet = Fleet::start(cluster.client.clone(), config).await?;
+    let fleet_converged = loop {
+        let totals = fleet.totals();
+        if totals.min_peers as usize + 1 >= nodes && totals.hosted as usize >= services {
+            break fleet.started.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            fleet.started.elapsed() < Duration::from_secs(300),
+            "the simulated fleet did not converge in 300 s: {totals:?}"
+        );
+        if fleet.started.elapsed().as_secs() % 10 == 0 {
+            println!("  fleet: {totals:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    };
+    let (_, quiet) = measure::settle(&cluster, Duration::from_secs(3), Duration::from_secs(180)).await?;
+    anyhow::ensure!(quiet, "the fleet kept writing for 180 s after converging");
+    let steady = measure::memory(ctl.pid())?;
+    println!("simulated fleet converged in {fleet_converged:.1} s");
+
+    // 3. Convergence.
+    let bench_api: Api<MeshService> = Api::namespaced(cluster.client.clone(), &namespace(0));
+    let (mut all_agents, mut per_agent) = (Vec::new(), Vec::new());
+    let (mut all_routed, mut per_agent_routed) = (Vec::new(), Vec::new());
+    let sync_before = fleet.totals();
+    let cpu_before = measure::cpu_time(std::process::id())?;
+    for k in 0..tries {
+        let (name, host) = (format!("converge-{k}"), node_name((k * 37) % nodes));
+        fleet.track(Target {
+            id: k as u64 + 1,
+            fqdn: format!("{name}.{}.mesh.local", namespace(0)),
+            host: host.clone(),
+        });
+        let spec = json!({"node": host, "network": {"type": "mesh", "ports": [80]}});
+        let started = tokio::time::Instant::now();
+        bench_api.create(&PostParams::default(), &service(&name, spec)).await?;
+        let applied = fleet.wait_applied(Duration::from_secs(120)).await?;
+        let times: Vec<f64> = applied.iter().map(|at| (*at - started).as_secs_f64()).collect();
+        all_agents.push(times.iter().copied().fold(0.0, f64::max));
+        per_agent.extend(times);
+        let routed: Vec<f64> = fleet.routed().iter().map(|at| (*at - started).as_secs_f64()).collect();
+        anyhow::ensure!(routed.len() == fleet.len(), "{name}: only {} agents reported a route", routed.len());
+        all_routed.push(routed.iter().copied().fold(0.0, f64::max));
+        per_agent_routed.extend(routed);
+        println!("  try {k}: routed by all in {:.2} s, applied by all in {:.2} s", all_routed[k], all_agents[k]);
+        measure::settle(&cluster, Duration::from_secs(1), Duration::from_secs(60)).await?;
+    }
+    let sync_after = fleet.totals();
+    let cpu_per_sync_ms = (measure::cpu_time(std::process::id())? - cpu_before).as_secs_f64() * 1000.0
+        / (sync_after.syncs - sync_before.syncs).max(1) as f64;
+    let mean_sync_ms = (sync_after.sync_micros - sync_before.sync_micros) as f64
+        / (sync_after.syncs - sync_before.syncs).max(1) as f64
+        / 1000.0;
+    let mean_snapshot_ms = (sync_after.snapshot_micros - sync_before.snapshot_micros) as f64
+        / (sync_after.snapshots - sync_before.snapshots).max(1) as f64
+        / 1000.0;
+
+    // 4. API cost of one change.
+    let before = ApiCounters::read(&cluster)?;
+    fleet.track(Target { id: 1_000_000, fqdn: format!("cost.{}.mesh.local", namespace(0)), host: node_name(1) });
+    let spec = json!({"node": node_name(1), "network": {"type": "mesh", "ports": [80]}});
+    bench_api.create(&PostParams::default(), &service("cost", spec)).await?;
+    fleet.wait_applied(Duration::from_secs(120)).await?;
+    let create_cost = cost(&cluster, &before).await?;
+    let before = ApiCounters::read(&cluster)?;
+    let update = Patch::Merge(json!({"spec": {"network": {"ports": [80, 81]}}}));
+    bench_api.patch("cost", &PatchParams::default(), &update).await?;
+    let update_cost = cost(&cluster, &before).await?;
+
+    // 5. Full resync of a fresh controller.
+    let objects_nodes = nodes as f64;
+    let objects_services = all_services.list(&ListParams::default()).await?.items.len() as f64;
+    // SIGKILL, then a fresh process: it lists everything and reconciles every object again.
+    drop(ctl);
+    let resync_started = Instant::now();
+    let ctl = Controller::start(&cluster, binary, PORT, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(120)).await;
+    let ready_seconds = resync_started.elapsed().as_secs_f64();
+    let reconciled = |body: &str, kind: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("mesh_controller_reconciles_total") && l.contains(&format!("kind=\"{kind}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Two marks: when it has run as many reconciles of each kind as there are objects, and when
+    // its reconciles stop (the last increase before 2 s without one).
+    let (mut all_reconciled, mut last_count, mut last_change) = (None, -1.0, resync_started.elapsed());
+    loop {
+        let body = ctl.metrics_text().await;
+        let (n, s) = (reconciled(&body, "MeshNode"), reconciled(&body, "MeshService"));
+        let now = resync_started.elapsed();
+        if all_reconciled.is_none() && n >= objects_nodes && s >= objects_services {
+            all_reconciled = Some(now.as_secs_f64());
+        }
+        if n + s != last_count {
+            (last_count, last_change) = (n + s, now);
+        } else if all_reconciled.is_some() && now - last_change >= Duration::from_secs(2) {
+            break;
+        }
+        anyhow::ensure!(now < Duration::from_secs(300), "the controller did not finish its resync in 300 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resync_seconds = all_reconciled.unwrap_or(f64::NAN);
+    let resync_quiet_seconds = last_change.as_secs_f64();
+    let resync_reconciles = last_count;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let resync_writes = ctl.metric("mesh_controller_api_writes_total").await;
+    let resync_node_writes = ctl.metric("mesh_controller_api_writes_total{kind=\"MeshNode\"}").await;
+    let after_resync = measure::memory(ctl.pid())?;
+    let sim_memory = measure::memory(std::process::id())?;
+    let totals = fleet.totals();
+    drop(fleet);
+
+    // Clean up, then the lab as it was.
+    drop(ctl);
+    wipe(&cluster).await?;
+    if lab > 0 {
+        tokio::task::spawn_blocking(move || start_lab_with_nodes(lab)).await??;
+    }
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let rows: Vec<(String, String)> = vec![
+        (
+            "simulated agents / MeshServices / shared directory watches".to_owned(),
+            format!("{nodes} / {services} / {directories}"),
+        ),
+        (
+            "create -> routed by every simulated agent's device, median / p99".into(),
+            format!("{:.2} / {:.2} s", percentile(&all_routed, 50.0), percentile(&all_routed, 99.0)),
+        ),
+        (
+            "create -> applied by every simulated agent, median".into(),
+            format!("{:.2} s", percentile(&all_agents, 50.0)),
+        ),
+        (
+            format!("create -> applied by every simulated agent, p99 ({tries} tries)"),
+            format!("{:.2} s", percentile(&all_agents, 99.0)),
+        ),
+        (
+            "create -> applied by one simulated agent, median / p99".into(),
+            format!("{:.2} / {:.2} s", percentile(&per_agent, 50.0), percentile(&per_agent, 99.0)),
+        ),
+        (
+            "one agent's own sync steps (peers, plan, digest, hosted, rules, status writes), mean".into(),
+            format!("{mean_sync_ms:.1} ms"),
+        ),
+        (
+            "shared directory snapshot (peer entries, placements, DNS zone), mean".into(),
+            format!("{mean_snapshot_ms:.1} ms"),
+        ),
+        (
+            "API writes per service create / update".into(),
+            format!("{} / {}", create_cost.writes_without_leases(), update_cost.writes_without_leases()),
+        ),
+        (
+            "mesh watch events per service create / update".into(),
+            format!("{} / {}", create_cost.mesh_watch_events(), update_cost.mesh_watch_events()),
+        ),
+        (
+            "mesh-controller RSS at steady state / after a full resync".into(),
+            format!("{:.0} / {:.0} MiB", mib(steady.rss_kib), mib(after_resync.rss_kib)),
+        ),
+        (
+            "mesh-controller full resync: ready / every object reconciled / last reconcile".into(),
+            format!("{ready_seconds:.2} / {resync_seconds:.2} / {resync_quiet_seconds:.2} s"),
+        ),
+        (
+            "mesh-controller API writes during the full resync (of them to MeshNodes)".into(),
+            format!("{resync_writes} ({resync_node_writes})"),
+        ),
+        ("simulation process RSS (all agents, shared watches)".into(), format!("{:.0} MiB", mib(sim_memory.rss_kib))),
+    ];
+    println!("\n{:<72} value", format!("benchmark (simulated scale, {nodes} nodes)"));
+    for (name, value) in &rows {
+        println!("{name:<72} {value}");
+    }
+    let json = json!({
+        "nodes": nodes, "services": services, "directories": directories, "tries": tries,
+        "setup_seconds": setup_seconds,
+        "fleet_converged_seconds": fleet_converged,
+        "converge_all_agents_seconds": {"median": percentile(&all_agents, 50.0), "p99": percentile(&all_agents, 99.0), "tries": all_agents},
+        "routed_all_agents_seconds": {"median": percentile(&all_routed, 50.0), "p99": percentile(&all_routed, 99.0), "tries": all_routed},
+        "routed_per_agent_seconds": {"median": percentile(&per_agent_routed, 50.0), "p99": percentile(&per_agent_routed, 99.0)},
+        "converge_per_agent_seconds": {"median": percentile(&per_agent, 50.0), "p99": percentile(&per_agent, 99.0), "samples": per_agent.len()},
+        "sim_sync_mean_ms": mean_sync_ms,
+        "sim_snapshot_mean_ms": mean_snapshot_ms,
+        "sim_cpu_per_sync_ms": cpu_per_sync_ms,
+        "api_cost_create": cost_json(&create_cost),
+        "api_cost_update": cost_json(&update_cost),
+        "controller_rss_mib": {"steady": mib(steady.rss_kib), "steady_peak": mib(steady.peak_kib), "after_resync": mib(after_resync.rss_kib), "after_resync_peak": mib(after_resync.peak_kib)},
+        "controller_resync_seconds": {"ready": ready_seconds, "all_reconciled": resync_seconds, "last_reconcile": resync_quiet_seconds, "reconciles": resync_reconciles, "objects": {"meshnodes": objects_nodes, "meshservices": objects_services}},
+        "controller_resync_writes": resync_writes,
+        "controller_resync_meshnode_writes": resync_node_writes,
+        "sim_process_rss_mib": mib(sim_memory.rss_kib),
+        "sim_totals": {"syncs": totals.syncs, "errors": totals.errors, "status_writes": totals.writes, "plans": totals.plans, "peer_changes": totals.peer_changes, "firewall_changes": totals.firewall_changes, "snapshots": totals.snapshots},
+        "wall_seconds": bench_started.elapsed().as_secs_f64(),
+    });
+    let dir = repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("scale.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", dir.join("scale.json").display());
+    Ok(())
+}
