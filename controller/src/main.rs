@@ -12,6 +12,7 @@ mod metrics;
 mod node;
 mod service;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use mesh_core::{Owner, Pool, Subnet};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::backoff::WatchBackoff;
-use crate::context::Ctx;
+use crate::context::{Ctx, Hosted};
 use crate::metrics::Metrics;
 
 /// Allocates mesh IPs and writes WireGuard peer entries for harness-mesh.
@@ -155,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Rebuilds the allocator from the API, then runs the controllers until one stops.
 async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let pool = restore_pool(&client, args).await?;
+    let (pool, hosting) = restore_pool(&client, args).await?;
     let watch = watcher::Config::default().any_semantic();
     let mesh_nodes_api: Api<MeshNode> = Api::all(client.clone());
     let mesh_services_api: Api<MeshService> = Api::all(client.clone());
@@ -188,6 +189,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         recorder,
         metrics.clone(),
     ));
+    ctx.hosting().extend(hosting);
 
     let services_for_pods = service_controller.store();
     let services_for_nodes = service_controller.store();
@@ -258,7 +260,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
 /// Rebuilds the pool from the mesh IPs recorded in status, oldest object first, before
 /// anything is allocated. A duplicate (which only a bug or a hand edit can cause) keeps the
 /// older owner; the newer one is re-allocated by its reconcile.
-async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<Pool> {
+async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, HashMap<Owner, Hosted>)> {
     let mut pool = Pool::new(args.subnet, args.ip_hold_seconds).context("the mesh subnet (--subnet)")?;
     let nodes = Api::<MeshNode>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshNodes")?;
     let services =
@@ -285,5 +287,80 @@ async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<Pool> {
         }
     }
     tracing::info!(subnet = %args.subnet, used = pool.used(), capacity = pool.capacity(), "allocator rebuilt from the API");
-    Ok(pool)
+    let hosting = recorded_hosting(&services.items, &pool);
+    Ok((pool, hosting))
+}
+
+/// Which node hosts which service IP, as the services' status recorded it (only addresses the
+/// pool gave back to their owner). A restarted controller starts from it, so that a MeshNode
+/// reconciled before its services keeps their IPs in its peer entry: with an empty index it
+/// would write the entry without them, and every peer would drop their routes until the
+/// services' own reconciles put them back.
+fn recorded_hosting(services: &[MeshService], pool: &Pool) -> HashMap<Owner, Hosted> {
+    services
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none() && s.spec.network.type_ != mesh_api::NetworkType::Host)
+        .filter_map(|s| {
+            let status = s.status.as_ref()?;
+            let ip = mesh_core::parse_mesh_ip(status.mesh_ip.as_deref()?).ok()?;
+            let node = status.node.clone()?;
+            let owner = Owner::service(s.namespace().unwrap_or_default(), s.name_any());
+            (pool.address_of(&owner) == Some(ip)).then_some((owner, Hosted { node, ip }))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::MeshServiceStatus;
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str, type_: &str, ip: &str, node: &str, deleting: bool) -> MeshService {
+        let mut service: MeshService = serde_json::from_value(json!({
+            "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"node": node, "network": {"type": type_, "ports": [80]}},
+        }))
+        .expect("a valid MeshService");
+        service.status = Some(MeshServiceStatus {
+            mesh_ip: Some(ip.into()),
+            node: Some(node.into()),
+            ..MeshServiceStatus::default()
+        });
+        if deleting {
+            service.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        }
+        service
+    }
+
+    #[test]
+    fn a_restart_starts_from_the_recorded_hosting_of_live_restored_services() {
+        let mut pool = Pool::new("10.42.0.0/16".parse().expect("a subnet"), 300).expect("a pool");
+        let services = [
+            service("web", "mesh", "10.42.0.5", "n1", false),
+            service("dual", "dual", "10.42.0.6", "n2", false),
+            service("going", "mesh", "10.42.0.7", "n1", true),
+            // Its recorded address went to another owner at restore: not hosted under it.
+            service("dup", "mesh", "10.42.0.8", "n1", false),
+        ];
+        for s in &services[..3] {
+            let ip = s.status.as_ref().and_then(|st| st.mesh_ip.as_deref()).expect("an ip").parse().expect("an ip");
+            pool.restore(Owner::service("ns", s.name_any()), ip).expect("restored");
+        }
+        pool.restore(Owner::node("n9"), "10.42.0.8".parse().expect("an ip")).expect("restored");
+        let hosting = recorded_hosting(&services, &pool);
+        let mut got: Vec<(String, String, String)> =
+            hosting.iter().map(|(o, h)| (o.to_string(), h.node.clone(), h.ip.to_string())).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("MeshService ns/dual".into(), "n2".into(), "10.42.0.6".into()),
+                ("MeshService ns/web".into(), "n1".into(), "10.42.0.5".into())
+            ]
+        );
+    }
 }
