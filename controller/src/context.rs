@@ -58,6 +58,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// Whether every watch cache has had its first full list (see [`Ctx::caches_synced`]).
+    pub synced: tokio::sync::watch::Sender<bool>,
     started: Instant,
 }
 
@@ -89,6 +91,7 @@ impl Ctx {
             service_trigger,
             recorder,
             metrics,
+            synced: tokio::sync::watch::Sender::new(false),
             started: Instant::now(),
         }
     }
@@ -96,6 +99,21 @@ impl Ctx {
     /// Seconds since the controller started: the pool's clock.
     pub fn now(&self) -> u64 {
         self.started.elapsed().as_secs()
+    }
+
+    /// Waits until every watch cache the reconcilers read has its first full list (the
+    /// readiness task in main.rs says so through `synced`). Until then a reconcile would judge
+    /// from a partial picture: right after a (re)start the MeshNode cache may still be empty,
+    /// and every node-backed service would be marked NodeNotFound, lose its hosting and have its
+    /// IP dropped from its node's peer entry. (A tokio watch, not `Store::wait_until_ready`
+    /// from every reconcile: many concurrent waiters on one store were seen never to wake.)
+    pub async fn caches_synced(&self) -> Result<(), Error> {
+        let mut synced = self.synced.subscribe();
+        synced
+            .wait_for(|synced| *synced)
+            .await
+            .map(drop)
+            .map_err(|_| Error::Permanent("the watch caches never synced: the controller is shutting down".into()))
     }
 
     /// The pool, locked. Never held across an await.

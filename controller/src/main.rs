@@ -241,6 +241,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             )
             .await;
             if matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()))) {
+                ctx.synced.send_replace(true);
                 metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("first full sync done: ready");
             }

@@ -27,6 +27,7 @@ const OWNED: [&str; 4] = [READY, ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED];
 
 /// Reconciles one MeshNode.
 pub async fn reconcile(node: Arc<MeshNode>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.caches_synced().await?;
     ctx.metrics.reconciles.get_or_create(&KindLabel { kind: KIND }).inc();
     let api: Api<MeshNode> = Api::all(ctx.client.clone());
     if node.meta().deletion_timestamp.is_none() && mirrored_node_is_gone(&node, &ctx).await {
@@ -181,6 +182,7 @@ pub fn error_policy(node: Arc<MeshNode>, error: &Error, ctx: Arc<Ctx>) -> Action
 /// Gives a Kubernetes Node its MeshNode, owned by the Node so that deleting one deletes the
 /// other. Does nothing when the MeshNode already carries the owner reference.
 pub async fn mirror(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.caches_synced().await?;
     ctx.metrics.reconciles.get_or_create(&KindLabel { kind: "Node" }).inc();
     let name = node.name_any();
     let Some(uid) = node.uid() else { return Ok(Action::await_change()) };

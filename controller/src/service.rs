@@ -26,6 +26,7 @@ pub const RETRY_ALLOCATION_SECS: u64 = 10;
 
 /// Reconciles one MeshService (behind the IP-release finalizer).
 pub async fn reconcile(service: Arc<MeshService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.caches_synced().await?;
     ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabel { kind: KIND }).inc();
     let namespace = service.namespace().unwrap_or_default();
     let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), &namespace);
