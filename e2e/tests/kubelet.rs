@@ -4,8 +4,8 @@
 //! mesh IP and by name.
 //!
 //! Needs the lab in kubelet mode, so it is built only with the `kubelet-lab` feature; `make
-//! test` brings that lab up after the plain-mode suite and runs this file (with the mesh and
-//! discovery suites) against it: `make kubelet-e2e`.
+//! test` brings that lab up after the plain-mode suite and runs this file (with the mesh,
+//! discovery, meshctl and enroll suites) against it: `make kubelet-e2e`.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
