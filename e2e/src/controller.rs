@@ -101,7 +101,8 @@ pub async fn metric_at(port: u16, name: &str) -> Option<f64> {
         body.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
+            // An empty f64 sum is -0.0; a metric with no samples is plainly 0.
+            .fold(0.0, |sum, value| sum + value),
     )
 }
 
