@@ -354,11 +354,7 @@ start_kubelet_node() {
   ensure_node_cgroups "$node"
   write_node_config "$node" "$i"
   if ! holder="$(holder_pid "$node")"; then
-    local pids=()
-    mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
-    [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
-    spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
-      unshare --mount --propagation private -- bash -c "$kubelet_holder_script" "$lab/holder/$node" "$dir"
+    spawn_holder "$node" private "$kubelet_holder_script" "$dir"
     holder="$(holder_pid "$node")"
   fi
   local enter=(nsenter -t "$holder" -n -m --)

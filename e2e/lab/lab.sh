@@ -675,12 +675,22 @@ ensure_node_net() {
 # A node listed by --without-tun (marker file $nodes_dir/$node.without-tun) gets an empty /dev/net
 # in its mount namespace: no /dev/net/tun, so its agent cannot run userspace WireGuard.
 start_holder() {
-  local node="$1" pids=() tun=with-tun
+  local node="$1" tun=with-tun
+  if [ -e "$nodes_dir/$node.without-tun" ]; then tun=without-tun; fi
+  spawn_holder "$node" slave "$holder_script" "$tun"
+}
+
+# Starts node $1's holder: `bash -c "$3" ARGV0 "$4"...` in the node's network namespace and a
+# mount namespace of its own with propagation $2 (slave, or private in kubelet mode), named
+# $lab/holder/NODE. Whatever still runs in the node without a holder lives in a lost mount
+# namespace and is stopped first.
+spawn_holder() {
+  local node="$1" propagation="$2" script="$3" pids=()
+  shift 3
   mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
   [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
-  if [ -e "$nodes_dir/$node.without-tun" ]; then tun=without-tun; fi
   spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
-    unshare --mount --propagation slave -- bash -c "$holder_script" "$lab/holder/$node" "$tun"
+    unshare --mount --propagation "$propagation" -- bash -c "$script" "$lab/holder/$node" "$@"
 }
 
 # True when something listens on 127.0.0.1:$api_port in the network namespace of process $1.
@@ -1176,11 +1186,7 @@ cmd_ssh_node() {
     awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
   ensure_node_net "$k" "$ports"
   if ! holder="$(holder_pid "$node")"; then
-    local pids=()
-    mapfile -t pids < <(ip netns pids "$node" 2>/dev/null || true)
-    [ ${#pids[@]} -eq 0 ] || stop_pids "what is left in $node without a holder" "${pids[@]}"
-    spawn "node-$node" "$lab/holder/$node" ip netns exec "$node" \
-      unshare --mount --propagation slave -- bash -c "$ssh_holder_script" "$lab/holder/$node" "$ssh_dir/$node"
+    spawn_holder "$node" slave "$ssh_holder_script" "$ssh_dir/$node"
     holder="$(holder_pid "$node")"
   fi
   if ! node_relay_pid "$node" >/dev/null; then
