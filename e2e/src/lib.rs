@@ -135,24 +135,12 @@ fn start_lab() -> anyhow::Result<PathBuf> {
 /// Brings the lab up with at least `nodes` node namespaces and their agents (idempotent: only
 /// what is missing is started, including a controller or MeshNodes an earlier suite removed).
 pub fn start_lab_with_nodes(nodes: usize) -> anyhow::Result<PathBuf> {
-    let root = repo_root();
     let lock = File::create(std::env::temp_dir().join("harness-mesh-lab.lock"))?;
     lock.lock().context("locking the lab start")?;
-    let out = Command::new(root.join("e2e/lab/lab.sh"))
-        .arg("up")
-        .args(if nodes > 0 { vec!["--nodes".to_owned(), nodes.to_string()] } else { vec![] })
-        .current_dir(&root)
-        .output()
-        .context("running e2e/lab/lab.sh up")?;
-    if !out.status.success() {
-        bail!(
-            "e2e/lab/lab.sh up failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(root.join(".lab/kubeconfig"))
+    let count = nodes.to_string();
+    let args: &[&str] = if nodes > 0 { &["up", "--nodes", &count] } else { &["up"] };
+    lab_sh(args)?;
+    Ok(repo_root().join(".lab/kubeconfig"))
 }
 
 /// The mode of the running lab (`plain` or `kubelet`, from `.lab/config`), if there is one.

@@ -249,6 +249,23 @@ pub async fn eventually<F: FnMut() -> anyhow::Result<()>>(within: Duration, mut 
     }
 }
 
+/// Retries the async `check` every 100 ms until it succeeds or `within` passes; returns its
+/// value.
+pub async fn eventually_async<T, F, Fut>(within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Waits (at most 30 s) until the MeshService `name` has a mesh IP, and returns it.
 pub async fn wait_mesh_ip(api: &Api<mesh_api::MeshService>, name: &str) -> anyhow::Result<Ipv4Addr> {
     let start = Instant::now();

@@ -27,7 +27,7 @@ use anyhow::{Context, bail, ensure};
 use futures::{StreamExt, stream};
 use harness_mesh_e2e::controller::{is_ready_at, metric_at, service};
 use harness_mesh_e2e::lab_sh;
-use harness_mesh_e2e::mesh::{Mesh, PingStats, eventually};
+use harness_mesh_e2e::mesh::{Mesh, PingStats, eventually, eventually_async};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -545,22 +545,6 @@ async fn recover_after_outage(
         "the controller took {allocated:?} to allocate a new service after the API came back (at most {ALLOCATED_AFTER_OUTAGE:?})"
     );
     Ok(done)
-}
-
-/// Retries the async `check` every 100 ms until it succeeds or `within` passes; returns its value.
-async fn eventually_async<T, F, Fut>(within: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return Ok(value),
-            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 #[tokio::test]

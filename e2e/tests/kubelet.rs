@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::mesh::{Mesh, eventually, wait_mesh_ip};
+use harness_mesh_e2e::mesh::{Mesh, eventually, eventually_async, wait_mesh_ip};
 use harness_mesh_e2e::{lab_image, lab_mode};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -69,35 +69,17 @@ async fn delete_pod(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
     .await
 }
 
-async fn eventually_async<F, Fut>(within: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => return Ok(()),
-            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
 /// Waits until pod `name` is Ready and returns its pod IP.
 async fn ready_pod_ip(pods: &Api<Pod>, name: &str) -> anyhow::Result<Ipv4Addr> {
-    let start = std::time::Instant::now();
-    loop {
+    eventually_async(CONVERGE, || async {
         let status = pods.get(name).await?.status.unwrap_or_default();
         let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
-        if ready && let Some(ip) = status.pod_ip {
-            return Ok(ip.parse()?);
+        match (ready, status.pod_ip) {
+            (true, Some(ip)) => Ok(ip.parse()?),
+            _ => bail!("pod {name} is not Ready with a pod IP: phase {:?}", status.phase),
         }
-        if start.elapsed() > CONVERGE {
-            bail!("pod {name} is not Ready with a pod IP after {CONVERGE:?}: phase {:?}", status.phase);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// `curl` from `node` to `http://ip:port/`: the body, or `None` when nothing answered in 2 s.

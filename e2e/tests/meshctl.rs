@@ -10,16 +10,15 @@
 //! first (a no-op when it is up to date).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::mesh::Mesh;
+use harness_mesh_e2e::mesh::{Mesh, eventually_async};
 use harness_mesh_e2e::repo_root;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::config::Kubeconfig;
@@ -68,22 +67,6 @@ fn meshctl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Run> {
     run_program(&harness_mesh_e2e::meshctl_binary()?, &all)
 }
 
-/// Retries `check` every 500 ms until it succeeds or `within` passes.
-async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<T>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return Ok(value),
-            Err(err) if start.elapsed() > within => return Err(err.context(format!("still failing after {within:?}"))),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
 /// Whether this is the lab (userspace WireGuard everywhere) rather than a cluster named by the
 /// environment.
 fn on_lab() -> bool {
@@ -100,7 +83,7 @@ async fn status_shows_every_node_ready_connected_and_converged() -> anyhow::Resu
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let peers = mesh.nodes.names.len() - 1;
-    eventually(SETTLE, || async {
+    eventually_async(SETTLE, || async {
         let info = mesh.info().await?;
         let text = meshctl(&mesh.cluster.kubeconfig, &["status"])?.ok()?;
         let nodes = section(&text, "NODES");
@@ -151,7 +134,7 @@ async fn status_as_json_and_yaml_matches_the_api() -> anyhow::Result<()> {
     let mesh = Mesh::get(CONVERGE).await?;
     let nodes_api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let services_api: Api<MeshService> = Api::all(mesh.cluster.client.clone());
-    eventually(SETTLE, || async {
+    eventually_async(SETTLE, || async {
         let json: Value = serde_json::from_str(&meshctl(&mesh.cluster.kubeconfig, &["status", "-o", "json"])?.ok()?)?;
         let nodes = nodes_api.list(&ListParams::default()).await?.items;
         let shown = json["nodes"].as_array().context("nodes is not a list")?;
@@ -238,7 +221,7 @@ async fn showconf_has_one_peer_per_other_node_and_no_private_key() -> anyhow::Re
     let mesh = Mesh::get(CONVERGE).await?;
     let me = mesh.nodes.names[0].clone();
     let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
-    eventually(SETTLE, || async {
+    eventually_async(SETTLE, || async {
         let conf = meshctl(&mesh.cluster.kubeconfig, &["showconf", &me])?.ok()?;
         let nodes = api.list(&ListParams::default()).await?.items;
         let mine = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(me.as_str())).context("own node")?;
@@ -369,7 +352,7 @@ async fn graph_draws_every_node_and_healthy_edges() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
-    eventually(SETTLE, || async {
+    eventually_async(SETTLE, || async {
         let svg = meshctl(&mesh.cluster.kubeconfig, &["graph"])?.ok()?;
         well_formed(&svg).context("the SVG is not well-formed")?;
         ensure!(svg.contains("<svg xmlns=\"http://www.w3.org/2000/svg\""), "not an SVG document");
@@ -414,7 +397,7 @@ async fn a_service_shows_up_in_status_showconf_and_graph() -> anyhow::Result<()>
     let other = mesh.nodes.names[0].clone();
     if api.get_opt(SERVICE).await?.is_some() {
         api.delete(SERVICE, &DeleteParams::default()).await?;
-        eventually(SETTLE, || async {
+        eventually_async(SETTLE, || async {
             ensure!(api.get_opt(SERVICE).await?.is_none(), "an old {SERVICE} is still there");
             Ok(())
         })
@@ -426,7 +409,7 @@ async fn a_service_shows_up_in_status_showconf_and_graph() -> anyhow::Result<()>
     )
     .await?;
     let result = async {
-        let ip: String = eventually(SETTLE, || async {
+        let ip: String = eventually_async(SETTLE, || async {
             let json: Value =
                 serde_json::from_str(&meshctl(&mesh.cluster.kubeconfig, &["status", "-o", "json"])?.ok()?)?;
             let shown = json["services"]
@@ -438,7 +421,7 @@ async fn a_service_shows_up_in_status_showconf_and_graph() -> anyhow::Result<()>
             Ok(shown["meshIP"].as_str().context("no mesh IP yet")?.to_owned())
         })
         .await?;
-        eventually(SETTLE, || async {
+        eventually_async(SETTLE, || async {
             let text = meshctl(&mesh.cluster.kubeconfig, &["status", "-n", "default"])?.ok()?;
             let line = section(&text, "SERVICES")
                 .into_iter()
