@@ -2,7 +2,9 @@
 # Builds the lab's pinned Kubernetes binaries from the Go module proxy and caches them outside
 # the repo (default ~/.cache/harness-mesh), so later runs on the same machine reuse them.
 #
-#   e2e/lab/build-binaries.sh [kube-apiserver|kubectl|etcd|helm ...]   (default: all of them)
+#   e2e/lab/build-binaries.sh [NAME ...]   (default: etcd kube-apiserver kubectl)
+#
+# NAME: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm actionlint
 #
 # Versions live in e2e/lab/versions.env. Each binary is built in its own throwaway consumer
 # module: k8s.io/kubernetes cannot be required as-is because its go.mod points every
@@ -10,7 +12,9 @@
 # `replace` to the matching v0.X.Y tag. The version ldflags are set so `/version` and
 # `--version` tell the truth.
 #
-# Prints the path of each binary, one per line, on stdout; progress goes to stderr.
+# Prints the path of each binary, one per line, on stdout. Progress goes to stderr, a few lines a
+# binary (which one, about how long, a heartbeat every 30 s, how long it took); the Go tool's
+# own output goes to $cache/logs/NAME.log, and its last lines are shown when a build fails.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +26,46 @@ export GOFLAGS="-mod=mod -buildvcs=false"
 export CGO_ENABLED=0
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
+
+# About how long a cold build of each binary takes on a 2-core machine with an empty module
+# cache (measured; the later k8s binaries reuse the modules and packages the first one fetched).
+declare -A typical=(
+  [etcd]="1-2 min" [kube-apiserver]="4-6 min" [kubectl]="1-2 min" [helm]="1-2 min"
+  [kubelet]="2-6 min" [kube-controller-manager]="1-2 min" [kube-scheduler]="under 1 min"
+  [actionlint]="under 1 min"
+)
+
+# logged NAME CMD...: runs CMD (a build) with its output in $cache/logs/$1.log, printing a line every 30 s so a
+# long first run is not silent; on failure shows the log's last lines and exits.
+logged() {
+  local name="$1" log_file="$cache/logs/$1.log" start=$SECONDS pid rc=0 tick=0
+  shift
+  mkdir -p "$cache/logs"
+  "$@" >"$log_file" 2>&1 </dev/null &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    tick=$((tick + 1))
+    if [ $((tick % 30)) = 0 ] && kill -0 "$pid" 2>/dev/null; then
+      log "  ... still building $name ($(elapsed $start); $(grep -c '^go: downloading' "$log_file" || true) modules downloaded so far)"
+    fi
+  done
+  wait "$pid" || rc=$?
+  if [ "$rc" != 0 ]; then
+    log "building $name failed after $(elapsed $start) (exit $rc); the last lines of $log_file:"
+    tail -n 25 "$log_file" >&2
+    exit 1
+  fi
+  log "built $name in $(elapsed $start)"
+}
+
+elapsed() { local s=$((SECONDS - $1)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+
+# Announces a build: what, where to, about how long, and where its output goes.
+announce() { # $1 = name, $2 = version, $3 = output path
+  log "building $1 $2 from the Go module proxy (once per machine; a cold build takes ${typical[$1]:-a few minutes} on 2 cores)"
+  log "  -> $3 (output: $cache/logs/$1.log)"
+}
 
 # Writes a consumer go.mod for k8s.io/kubernetes@$K8S_VERSION into $1.
 k8s_consumer_module() {
@@ -39,7 +83,8 @@ k8s_consumer_module() {
     echo "replace ("
     sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\t\1 => \1 '"$staging_version"'#p' "$upstream"
     echo ")"
-  } >"$dir/go.mod"
+  } >"$dir/go.mod.tmp"
+  mv "$dir/go.mod.tmp" "$dir/go.mod"
 }
 
 k8s_ldflags() {
@@ -54,22 +99,32 @@ k8s_ldflags() {
   echo "-s -w$flags"
 }
 
+go_k8s() { # $1 = consumer module, $2 = command name, $3 = output
+  cd "$1" && go get "k8s.io/kubernetes/cmd/$2@$K8S_VERSION" \
+    && go build -trimpath -ldflags "$(k8s_ldflags)" -o "$3" "k8s.io/kubernetes/cmd/$2"
+}
+
 build_k8s() { # $1 = command name under k8s.io/kubernetes/cmd
   local name="$1" out="$cache/k8s-$K8S_VERSION/$1" work="$cache/src/k8s-$K8S_VERSION"
   if [ -x "$out" ]; then echo "$out"; return; fi
-  log "building $name $K8S_VERSION (cold builds take several minutes on 2 cores)"
+  announce "$name" "$K8S_VERSION" "$out"
   mkdir -p "$work" "$(dirname "$out")"
-  [ -f "$work/go.mod" ] || k8s_consumer_module "$work"
-  (cd "$work" && go get "k8s.io/kubernetes/cmd/$name@$K8S_VERSION" >&2 \
-    && go build -trimpath -ldflags "$(k8s_ldflags)" -o "$out.tmp" "k8s.io/kubernetes/cmd/$name")
+  [ -f "$work/go.mod" ] || logged "$name" k8s_consumer_module "$work"
+  logged "$name" go_k8s "$work" "$name" "$out.tmp"
   mv "$out.tmp" "$out"
   echo "$out"
+}
+
+go_etcd() { # $1 = module, $2 = output
+  cd "$1" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" "go.etcd.io/etcd/api/v3@$ETCD_VERSION" \
+    && go mod tidy \
+    && go build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" -o "$2" .
 }
 
 build_etcd() {
   local out="$cache/etcd-$ETCD_VERSION/etcd" work="$cache/src/etcd-$ETCD_VERSION"
   if [ -x "$out" ]; then echo "$out"; return; fi
-  log "building etcd $ETCD_VERSION"
+  announce etcd "$ETCD_VERSION" "$out"
   mkdir -p "$work" "$(dirname "$out")"
   # The same entry point as etcd's own main.go.
   cat >"$work/main.go" <<'EOF'
@@ -84,33 +139,61 @@ import (
 func main() { etcdmain.Main(os.Args) }
 EOF
   printf 'module harness-mesh.dev/etcdbuild\n\ngo 1.26\n' >"$work/go.mod"
-  (cd "$work" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" "go.etcd.io/etcd/api/v3@$ETCD_VERSION" >&2 \
-    && go mod tidy >&2 \
-    && go build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" -o "$out.tmp" .)
+  logged etcd go_etcd "$work" "$out.tmp"
   mv "$out.tmp" "$out"
   echo "$out"
+}
+
+go_tool() { # $1 = module, $2 = package@version, $3 = output, $4 = ldflags
+  cd "$1" && go get "$2" && go build -trimpath -ldflags "$4" -o "$3" "${2%@*}"
 }
 
 build_helm() {
   local out="$cache/helm-$HELM_VERSION/helm" work="$cache/src/helm-$HELM_VERSION"
   if [ -x "$out" ]; then echo "$out"; return; fi
-  log "building helm $HELM_VERSION"
+  announce helm "$HELM_VERSION" "$out"
   mkdir -p "$work" "$(dirname "$out")"
   printf 'module harness-mesh.dev/helmbuild\n\ngo 1.26\n' >"$work/go.mod"
-  (cd "$work" && go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2 \
-    && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-      -o "$out.tmp" helm.sh/helm/v3/cmd/helm)
+  logged helm go_tool "$work" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "$out.tmp" \
+    "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+build_actionlint() { # the GitHub Actions workflow linter that `make lint` runs
+  local out="$cache/actionlint-$ACTIONLINT_VERSION/actionlint" work="$cache/src/actionlint-$ACTIONLINT_VERSION"
+  if [ -x "$out" ]; then echo "$out"; return; fi
+  announce actionlint "$ACTIONLINT_VERSION" "$out"
+  mkdir -p "$work" "$(dirname "$out")"
+  printf 'module harness-mesh.dev/actionlintbuild\n\ngo 1.26\n' >"$work/go.mod"
+  logged actionlint go_tool "$work" "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" "$out.tmp" \
+    "-s -w -X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION"
   mv "$out.tmp" "$out"
   echo "$out"
 }
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(etcd kube-apiserver kubectl)
+# Say up front what a first run is in for, and where the results are kept.
+missing=()
+for t in "${targets[@]}"; do
+  case "$t" in
+    etcd) [ -x "$cache/etcd-$ETCD_VERSION/etcd" ] || missing+=("$t") ;;
+    helm) [ -x "$cache/helm-$HELM_VERSION/helm" ] || missing+=("$t") ;;
+    actionlint) [ -x "$cache/actionlint-$ACTIONLINT_VERSION/actionlint" ] || missing+=("$t") ;;
+    *) [ -x "$cache/k8s-$K8S_VERSION/$t" ] || missing+=("$t") ;;
+  esac
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "${#missing[@]} of ${#targets[@]} binaries are not cached yet: ${missing[*]}"
+  log "building them once into $cache (\$HARNESS_MESH_CACHE); later runs reuse them"
+fi
 for t in "${targets[@]}"; do
   case "$t" in
     etcd) build_etcd ;;
     helm) build_helm ;;
+    actionlint) build_actionlint ;;
     kube-apiserver | kubectl | kube-controller-manager | kube-scheduler | kubelet) build_k8s "$t" ;;
-    *) log "unknown binary '$t' (known: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm)"; exit 2 ;;
+    *) log "unknown binary '$t' (known: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm actionlint)"; exit 2 ;;
   esac
 done
