@@ -30,10 +30,12 @@ check-crds: ## fail when crds/ or the chart's copy differs from the mesh-api typ
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-lint: ## rustfmt, clippy (warnings are errors), shellcheck
+lint: ## rustfmt, clippy (warnings are errors), shellcheck, actionlint (the GitHub workflows)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --features harness-mesh-e2e/kubelet-lab -- -D warnings
 	shellcheck -x -P SCRIPTDIR e2e/lab/*.sh e2e/kind/*.sh images/*.sh
+	@actionlint="$$(e2e/lab/build-binaries.sh actionlint)" && echo "$$actionlint .github/workflows/*.yml" && \
+	  "$$actionlint" -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
 
 unit: ## the fast tests: pure crates only, no lab
 	$(CARGO) test -p mesh-core -p mesh-api -p mesh-wireguard -p mesh-dataplane
@@ -79,13 +81,14 @@ graph: meshctl ## the lab's topology as target/mesh.svg
 chart: ## the Helm chart's tests on the lab: lint, dry run, install/upgrade/uninstall, RBAC proofs
 	$(CARGO) test -p harness-mesh-e2e --test chart
 
-images: ## build the controller and agent images (docker, podman or buildah; pulls rust and alpine)
+images: ## build the controller and agent images (docker, podman or buildah; pulls rust and alpine): REGISTRY=, TAG=
 	images/build.sh
 
 kind-e2e: ## the e2e suite on a kind cluster (needs Docker, kind, kubectl, helm)
 	e2e/kind/run.sh
 
 lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet
+	@[ -x target/debug/mesh-agent ] || echo "[make] building mesh-controller, mesh-agent and meshctl into target/debug (cargo; the first build on 2 cores takes about 5 min, later ones seconds)"
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
 	$(LAB) up --nodes $(NODES) --mode $(MODE)
 
