@@ -100,6 +100,7 @@ k8s_ldflags() {
 }
 
 go_k8s() { # $1 = consumer module, $2 = command name, $3 = output
+  [ -f "$1/go.mod" ] || k8s_consumer_module "$1"
   cd "$1" && go get "k8s.io/kubernetes/cmd/$2@$K8S_VERSION" \
     && go build -trimpath -ldflags "$(k8s_ldflags)" -o "$3" "k8s.io/kubernetes/cmd/$2"
 }
@@ -109,7 +110,6 @@ build_k8s() { # $1 = command name under k8s.io/kubernetes/cmd
   if [ -x "$out" ]; then echo "$out"; return; fi
   announce "$name" "$K8S_VERSION" "$out"
   mkdir -p "$work" "$(dirname "$out")"
-  [ -f "$work/go.mod" ] || logged "$name" k8s_consumer_module "$work"
   logged "$name" go_k8s "$work" "$name" "$out.tmp"
   mv "$out.tmp" "$out"
   echo "$out"
