@@ -47,7 +47,7 @@ logged() {
     sleep 1
     tick=$((tick + 1))
     if [ $((tick % 30)) = 0 ] && kill -0 "$pid" 2>/dev/null; then
-      log "  ... still building $name ($(elapsed $start); $(grep -c '^go: downloading' "$log_file" || true) modules downloaded so far)"
+      log "  ... still building $name: $(elapsed $start) so far (typically ${typical[$name]:-a few minutes}; $(grep -c '^go: downloading' "$log_file" || true) modules downloaded)"
     fi
   done
   wait "$pid" || rc=$?
@@ -181,19 +181,29 @@ for t in "${targets[@]}"; do
     etcd) [ -x "$cache/etcd-$ETCD_VERSION/etcd" ] || missing+=("$t") ;;
     helm) [ -x "$cache/helm-$HELM_VERSION/helm" ] || missing+=("$t") ;;
     actionlint) [ -x "$cache/actionlint-$ACTIONLINT_VERSION/actionlint" ] || missing+=("$t") ;;
-    *) [ -x "$cache/k8s-$K8S_VERSION/$t" ] || missing+=("$t") ;;
+    kube-apiserver | kubectl | kube-controller-manager | kube-scheduler | kubelet)
+      [ -x "$cache/k8s-$K8S_VERSION/$t" ] || missing+=("$t") ;;
+    *) log "unknown binary '$t' (known: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm actionlint)"; exit 2 ;;
   esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "${#missing[@]} of ${#targets[@]} binaries are not cached yet: ${missing[*]}"
   log "building them once into $cache (\$HARNESS_MESH_CACHE); later runs reuse them"
 fi
+mkdir -p "$cache"
 for t in "${targets[@]}"; do
+  # Two labs (e2e/lab/ns.sh) may ask for the same binary at once: one builds, the other waits
+  # for it and then finds it cached.
+  exec {lock}>"$cache/.build-$t.lock"
+  if ! flock -n "$lock"; then
+    log "waiting for another build of $t to finish"
+    flock "$lock"
+  fi
   case "$t" in
     etcd) build_etcd ;;
     helm) build_helm ;;
     actionlint) build_actionlint ;;
-    kube-apiserver | kubectl | kube-controller-manager | kube-scheduler | kubelet) build_k8s "$t" ;;
-    *) log "unknown binary '$t' (known: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm actionlint)"; exit 2 ;;
+    *) build_k8s "$t" ;;
   esac
+  exec {lock}>&-
 done
