@@ -47,7 +47,7 @@ logged() {
     sleep 1
     tick=$((tick + 1))
     if [ $((tick % 30)) = 0 ] && kill -0 "$pid" 2>/dev/null; then
-      log "  ... still building $name: $(elapsed $start) so far (typically ${typical[$name]:-a few minutes}; $(grep -c '^go: downloading' "$log_file" || true) modules downloaded)"
+      log "  ... still building $name: $(elapsed $start) so far (typically ${typical[$name]:-a few minutes})"
     fi
   done
   wait "$pid" || rc=$?
