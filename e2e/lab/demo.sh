@@ -30,20 +30,33 @@ for port in 8080 8081; do
     "SYSTEM:echo hello from $host port $port" </dev/null >/dev/null 2>&1 &
 done
 
-echo 'waiting until every node reports all its peers reachable ...'
+# Each step below checks its outcome and stops the demo with the reason when the mesh does not
+# do what it shows (so `make demo` fails, and CI runs it before `make test`).
+fail() {
+  printf '\nmake demo failed: %s\n' "$*" >&2
+  "$repo/target/debug/meshctl" --kubeconfig "$repo/.lab/kubeconfig" status >&2 || true
+  exit 1
+}
+
+# Connected's message is "K of K peers reachable" when every peer answers.
+all_reachable() { [[ "$1" =~ ^([0-9]+)\ of\ ([0-9]+)\ peers\ reachable ]] && [ "${BASH_REMATCH[1]}" = "${BASH_REMATCH[2]}" ]; }
+
+echo 'waiting until every node reports all its peers reachable (at most 60 s) ...'
+ip=""
 for _ in $(seq 1 120); do
   ok=0
   for n in 1 2 3; do
     msg="$("${kubectl[@]}" get mn "hm-node-$n" -o jsonpath='{.status.conditions[?(@.type=="Connected")].message}' 2>/dev/null || true)"
-    [[ "$msg" == "2 of 2 peers reachable"* ]] && ok=$((ok + 1))
+    all_reachable "$msg" && ok=$((ok + 1))
   done
-  [ $ok = 3 ] && break
+  ip="$("${kubectl[@]}" get ms hello -o jsonpath='{.status.meshIP}' 2>/dev/null || true)"
+  [ "$ok" = 3 ] && [ -n "$ip" ] && break
   sleep 0.5
 done
-ip="$("${kubectl[@]}" get ms hello -o jsonpath='{.status.meshIP}')"
+[ "$ok" = 3 ] || fail "after 60 s only $ok of 3 nodes report all their peers reachable"
+[ -n "$ip" ] || fail "MeshService default/hello has no mesh IP after 60 s (kubectl describe ms hello)"
 node3="$("${kubectl[@]}" get mn hm-node-3 -o jsonpath='{.status.meshIP}')"
 node1="$("${kubectl[@]}" get mn hm-node-1 -o jsonpath='{.status.meshIP}')"
-
 say 'kubectl get mesh -A'
 "${kubectl[@]}" get mesh -A
 say "kubectl get mn hm-node-1 -o jsonpath='{.status.conditions}'"
@@ -59,11 +72,19 @@ for _ in $(seq 1 20); do
   sleep 0.3
 done
 echo "$answer"
+[ "$answer" = "$ip" ] || fail "hm-node-1's agent answered '$answer' for hello.default.mesh.local, not $ip"
 say "e2e/lab/lab.sh exec hm-node-1 -- dig +short @$node1 hm-node-3.node.mesh.local"
 on hm-node-1 -- dig +short +time=1 "@$node1" hm-node-3.node.mesh.local
 for n in 1 3; do
   say "e2e/lab/lab.sh exec hm-node-$n -- socat -u TCP:$ip:8080 -      # hello, listed port"
-  for _ in $(seq 1 20); do on "hm-node-$n" -- socat -T 2 -u "TCP:$ip:8080,connect-timeout=1" - 2>/dev/null && break; sleep 0.5; done
+  reply=""
+  for _ in $(seq 1 20); do
+    reply="$(on "hm-node-$n" -- socat -T 2 -u "TCP:$ip:8080,connect-timeout=1" - 2>/dev/null || true)"
+    [ -n "$reply" ] && break
+    sleep 0.5
+  done
+  [ -n "$reply" ] || fail "hm-node-$n got no answer from $ip:8080 in 10 s"
+  echo "$reply"
 done
 say "e2e/lab/lab.sh exec hm-node-1 -- socat -u TCP:$ip:8081 -      # not listed: dropped"
 if on hm-node-1 -- socat -T 2 -u "TCP:$ip:8081,connect-timeout=2" - 2>&1; then
