@@ -88,7 +88,7 @@ kind-e2e: ## the e2e suite on a kind cluster (needs Docker, kind, kubectl, helm)
 	e2e/kind/run.sh
 
 lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet
-	@[ -x target/debug/mesh-agent ] || echo "[make] building mesh-controller, mesh-agent and meshctl into target/debug (cargo; the first build on 2 cores takes about 5 min, later ones seconds)"
+	@[ -x target/debug/mesh-agent ] || echo "[make] building mesh-controller, mesh-agent and meshctl into target/debug (cargo; the first build on 2 cores takes about 3 min, later ones seconds)"
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
 	$(LAB) up --nodes $(NODES) --mode $(MODE)
 
