@@ -149,26 +149,15 @@ go_tool() { # $1 = module, $2 = package@version, $3 = output, $4 = ldflags
   cd "$1" && go get "$2" && go build -trimpath -ldflags "$4" -o "$3" "${2%@*}"
 }
 
-build_helm() {
-  local out="$cache/helm-$HELM_VERSION/helm" work="$cache/src/helm-$HELM_VERSION"
+# build_tool NAME VERSION PACKAGE LDFLAGS: a Go command built from its own module at VERSION in a
+# throwaway consumer module (helm, actionlint).
+build_tool() {
+  local name="$1" version="$2" out="$cache/$1-$2/$1" work="$cache/src/$1-$2"
   if [ -x "$out" ]; then echo "$out"; return; fi
-  announce helm "$HELM_VERSION" "$out"
+  announce "$name" "$version" "$out"
   mkdir -p "$work" "$(dirname "$out")"
-  printf 'module harness-mesh.dev/helmbuild\n\ngo 1.26\n' >"$work/go.mod"
-  logged helm go_tool "$work" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "$out.tmp" \
-    "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-  mv "$out.tmp" "$out"
-  echo "$out"
-}
-
-build_actionlint() { # the GitHub Actions workflow linter that `make lint` runs
-  local out="$cache/actionlint-$ACTIONLINT_VERSION/actionlint" work="$cache/src/actionlint-$ACTIONLINT_VERSION"
-  if [ -x "$out" ]; then echo "$out"; return; fi
-  announce actionlint "$ACTIONLINT_VERSION" "$out"
-  mkdir -p "$work" "$(dirname "$out")"
-  printf 'module harness-mesh.dev/actionlintbuild\n\ngo 1.26\n' >"$work/go.mod"
-  logged actionlint go_tool "$work" "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" "$out.tmp" \
-    "-s -w -X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION"
+  printf 'module harness-mesh.dev/%sbuild\n\ngo 1.26\n' "$name" >"$work/go.mod"
+  logged "$name" go_tool "$work" "$3@$version" "$out.tmp" "-s -w $4"
   mv "$out.tmp" "$out"
   echo "$out"
 }
@@ -202,8 +191,11 @@ for t in "${targets[@]}"; do
   fi
   case "$t" in
     etcd) build_etcd ;;
-    helm) build_helm ;;
-    actionlint) build_actionlint ;;
+    helm) build_tool helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
+      "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" ;;
+    actionlint) # the GitHub Actions workflow linter that `make lint` runs
+      build_tool actionlint "$ACTIONLINT_VERSION" github.com/rhysd/actionlint/cmd/actionlint \
+        "-X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION" ;;
     *) build_k8s "$t" ;;
   esac
   exec {lock}>&-
