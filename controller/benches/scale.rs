@@ -3,8 +3,9 @@
 //! simulated agents (`mesh-sim`: the agent's own directory watch, status writes and
 //! desired-state code, with a WireGuard backend that records plans).
 //!
-//! 1. The lab's agents are stopped and its objects wiped; `NODES` MeshNodes and `SERVICES`
-//!    MeshServices (placed on them, 10 namespaces) are created and allocated by the controller.
+//! 1. The lab's agents and controller are stopped (its objects, and any others the bench did not
+//!    make, stay); `NODES` MeshNodes `sim-*` and `SERVICES` MeshServices (placed on them, in 10
+//!    namespaces `bench-scale-*` of the bench's own) are created and allocated by the controller.
 //! 2. The simulated fleet starts (one agent per MeshNode, in this process, sharing a few
 //!    directory watches) and converges: every node has every other node as a peer.
 //! 3. Convergence: a MeshService is created `TRIES` times; each time, the time from the create
@@ -16,7 +17,8 @@
 //!    and started afresh; the time until it is ready (caches listed) and until it has
 //!    reconciled as many MeshNodes and MeshServices as exist, and what it wrote meanwhile.
 //!
-//! Afterwards the objects are removed and the lab is brought back (its controller and agents).
+//! Afterwards the bench's objects are removed and the lab is brought back (its controller and
+//! agents).
 //! The table goes to stdout and the figures to target/bench/scale.json. Sizes can be changed
 //! with HM_BENCH_NODES, HM_BENCH_SERVICES, HM_BENCH_TRIES and HM_BENCH_DIRECTORIES.
 
@@ -25,11 +27,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt, stream};
-use harness_mesh_e2e::controller::{Controller, clean_slate, service};
+use harness_mesh_e2e::controller::{Controller, LabControllerPaused, remove_own_objects, service};
 use harness_mesh_e2e::measure::{self, ApiCounters};
 use harness_mesh_e2e::{Cluster, repo_root, start_lab_with_nodes};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
 use mesh_sim::{Fleet, Target};
 use serde_json::{Value, json};
@@ -58,6 +60,16 @@ fn node_name(i: usize) -> String {
 
 fn namespace(i: usize) -> String {
     format!("bench-scale-{}", i % NAMESPACES)
+}
+
+/// Whether a MeshNode is one of the bench's simulated ones.
+fn is_sim_node(name: &str) -> bool {
+    name.starts_with("sim-")
+}
+
+/// Whether a MeshService is one of the bench's.
+fn is_bench_service(s: &MeshService) -> bool {
+    s.metadata.namespace.as_deref().is_some_and(|ns| ns.starts_with("bench-scale-"))
 }
 
 /// The node count of the running lab (from .lab/config), 0 if none.
@@ -100,56 +112,31 @@ where
     }
 }
 
+/// The bench's MeshNodes with a mesh IP (others in the cluster are not counted).
 async fn allocated_nodes(api: &Api<MeshNode>) -> anyhow::Result<usize> {
     let list = api.list(&ListParams::default()).await?;
-    Ok(list.iter().filter(|n| n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some())).count())
+    Ok(list
+        .iter()
+        .filter(|n| n.metadata.name.as_deref().is_some_and(is_sim_node))
+        .filter(|n| n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some()))
+        .count())
 }
 
+/// The bench's MeshServices with a mesh IP (others in the cluster are not counted).
 async fn allocated_services(api: &Api<MeshService>) -> anyhow::Result<usize> {
     let list = api.list(&ListParams::default()).await?;
-    Ok(list.iter().filter(|n| n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some())).count())
+    Ok(list
+        .iter()
+        .filter(|s| is_bench_service(s))
+        .filter(|s| s.status.as_ref().is_some_and(|s| s.mesh_ip.is_some()))
+        .count())
 }
 
-/// Removes every MeshService and MeshNode — one delete-collection request per namespace, then
-/// each finalizer removed, `IN_FLIGHT` at a time (thousands of them) — then stops the lab
-/// controller and waits until none is left (`clean_slate`).
+/// Removes the bench's MeshServices (its namespaces) and MeshNodes (`sim-*`), thousands of them,
+/// finalizers included, and waits until none is left. Nothing else in the cluster is touched.
 async fn wipe(cluster: &Cluster) -> anyhow::Result<()> {
-    let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
-    let all: Api<MeshService> = Api::all(cluster.client.clone());
-    let mut namespaces: Vec<String> =
-        all.list(&ListParams::default()).await?.iter().filter_map(|s| s.metadata.namespace.clone()).collect();
-    namespaces.sort();
-    namespaces.dedup();
-    // One request per namespace marks them deleted; then removing the finalizer deletes each.
-    for ns in &namespaces {
-        let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), ns);
-        api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
-    }
-    let services = all.list(&ListParams::default()).await?.items;
-    concurrently(services.len(), |i| {
-        let s = &services[i];
-        let api: Api<MeshService> =
-            Api::namespaced(cluster.client.clone(), s.metadata.namespace.as_deref().unwrap_or_default());
-        let (name, unfinalize) = (s.metadata.name.clone().unwrap_or_default(), unfinalize.clone());
-        async move {
-            let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
-            Ok(())
-        }
-    })
-    .await?;
-    let node_api: Api<MeshNode> = Api::all(cluster.client.clone());
-    node_api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
-    let nodes = node_api.list(&ListParams::default()).await?.items;
-    concurrently(nodes.len(), |i| {
-        let (api, unfinalize) = (node_api.clone(), unfinalize.clone());
-        let name = nodes[i].metadata.name.clone().unwrap_or_default();
-        async move {
-            let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
-            Ok(())
-        }
-    })
-    .await?;
-    clean_slate(cluster).await
+    let namespaces: Vec<String> = (0..NAMESPACES).map(namespace).collect();
+    remove_own_objects(cluster, &namespaces, is_sim_node, Duration::from_secs(300)).await
 }
 
 /// One service change's cost: API writes and watch events from `before` until the writes settle.
@@ -182,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 1..=lab {
         lab_agent("stop", &format!("hm-node-{i}"))?;
     }
+    let lab_controller = LabControllerPaused::new()?;
     wipe(&cluster).await?;
     let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
     for i in 0..NAMESPACES {
@@ -300,8 +288,9 @@ async fn main() -> anyhow::Result<()> {
     bench_api.patch("cost", &PatchParams::default(), &update).await?;
     let update_cost = cost(&cluster, &before).await?;
 
-    // 5. Full resync of a fresh controller.
-    let objects_nodes = nodes as f64;
+    // 5. Full resync of a fresh controller: it reconciles every object in the cluster, the
+    // bench's and any others.
+    let objects_nodes = node_api.list(&ListParams::default()).await?.items.len() as f64;
     let objects_services = all_services.list(&ListParams::default()).await?.items.len() as f64;
     // SIGKILL, then a fresh process: it lists everything and reconciles every object again.
     drop(ctl);
@@ -347,6 +336,7 @@ async fn main() -> anyhow::Result<()> {
     // Clean up, then the lab as it was.
     drop(ctl);
     wipe(&cluster).await?;
+    drop(lab_controller);
     if lab > 0 {
         tokio::task::spawn_blocking(move || start_lab_with_nodes(lab)).await??;
     }

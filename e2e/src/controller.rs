@@ -1,6 +1,7 @@
 //! Running the real mesh-controller binary in tests and benchmarks: start it against the
-//! cluster under test, read its /readyz and /metrics, kill it (SIGKILL), and wipe the
-//! cluster's MeshNodes and MeshServices between runs.
+//! cluster under test, read its /readyz and /metrics, kill it (SIGKILL), pause the lab's own
+//! controller meanwhile, and remove the objects a test or benchmark made itself between runs
+//! (or, for the controller's own lab tests only, every MeshNode and MeshService).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -112,8 +113,119 @@ impl Drop for Controller {
     }
 }
 
+/// The lab's own mesh-controller, stopped while a test or benchmark runs a controller of its
+/// own (two writers of allocations would fight), and started again when this is dropped. The
+/// objects in the cluster stay as they are.
+pub struct LabControllerPaused {
+    was_running: bool,
+}
+
+impl LabControllerPaused {
+    /// Stops the lab's controller if it runs (`make demo` and `make lab-up` leave it running);
+    /// on a cluster that is not the lab, does nothing.
+    pub fn new() -> anyhow::Result<Self> {
+        let pid_file = repo_root().join(".lab/pids/mesh-controller.pid");
+        let running = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if running {
+            crate::lab_sh(&["controller", "stop"])?;
+        }
+        Ok(Self { was_running: running })
+    }
+}
+
+impl Drop for LabControllerPaused {
+    fn drop(&mut self) {
+        if self.was_running
+            && let Err(err) = crate::lab_sh(&["controller", "start"])
+        {
+            eprintln!("starting the lab's mesh-controller again: {err:#}");
+        }
+    }
+}
+
+/// Deletes what a test or benchmark made itself, and nothing else: every MeshService in
+/// `namespaces` (namespaces of its own) and every MeshNode whose name `own_node` accepts. Their
+/// finalizers are removed too, so they go whether or not a controller runs; waits (at most
+/// `within`) until they are gone. Many objects are fine: `IN_FLIGHT` requests at a time.
+pub async fn remove_own_objects(
+    cluster: &Cluster,
+    namespaces: &[String],
+    own_node: impl Fn(&str) -> bool,
+    within: Duration,
+) -> anyhow::Result<()> {
+    const IN_FLIGHT: usize = 32;
+    let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    for ns in namespaces {
+        let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), ns);
+        if api.list(&ListParams::default()).await?.items.is_empty() {
+            continue;
+        }
+        // One request marks them all deleted; removing each finalizer then deletes it.
+        api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
+        let names: Vec<String> =
+            api.list(&ListParams::default()).await?.items.into_iter().filter_map(|s| s.metadata.name).collect();
+        stream::iter(names)
+            .map(|name| {
+                let (api, unfinalize) = (api.clone(), unfinalize.clone());
+                async move {
+                    let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
+    }
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let own_nodes = || async {
+        anyhow::Ok(
+            nodes
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .filter(|n| own_node(n))
+                .collect::<Vec<String>>(),
+        )
+    };
+    stream::iter(own_nodes().await?)
+        .map(|name| {
+            let (api, unfinalize) = (nodes.clone(), unfinalize.clone());
+            async move {
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                let _ = api.patch(&name, &PatchParams::default(), &unfinalize).await;
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<()>>()
+        .await;
+    let deadline = Instant::now() + within;
+    loop {
+        let mut left = own_nodes().await?.len();
+        for ns in namespaces {
+            left += Api::<MeshService>::namespaced(cluster.client.clone(), ns)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .len();
+        }
+        if left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{left} objects of our own still there after {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Stops a controller that `make demo` left running in the lab, then removes every MeshService
 /// and MeshNode (finalizers included) so that each test starts from an empty pool.
+///
+/// This deletes objects the caller did not make (the demo's, the lab's MeshNodes) and leaves the
+/// lab's controller stopped: only for tests that must own the whole cluster. Benchmarks and
+/// suites that share a running lab use [`LabControllerPaused`] and [`remove_own_objects`].
 pub async fn clean_slate(cluster: &Cluster) -> anyhow::Result<()> {
     let pid_file = repo_root().join(".lab/pids/mesh-controller.pid");
     if let Ok(pid) = std::fs::read_to_string(&pid_file) {
@@ -141,6 +253,21 @@ pub async fn clean_slate(cluster: &Cluster) -> anyhow::Result<()> {
     {
         anyhow::ensure!(Instant::now() < deadline, "objects did not go away");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Deletes the MeshService `name` in `api`'s namespace, if there is one, and waits (at most 30 s)
+/// until it is gone (the controller removes its finalizer), so that a test can create it afresh.
+pub async fn delete_service_and_wait(api: &Api<MeshService>, name: &str) -> anyhow::Result<()> {
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.get_opt(name).await?.is_some() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "MeshService {name} was not deleted within 30 s (is mesh-controller running?)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
 }

@@ -80,9 +80,11 @@ impl Mesh {
                     .and_then(|n| n.status.as_ref())
                     .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONNECTED))
                     .map(|c| (c.status.clone(), c.message.clone()));
+                // All its peers reachable: the suite's other nodes, and any other node that has
+                // joined (the cluster may have more than the suite's).
                 match connected {
                     Some((status, message))
-                        if status == "True" && message.contains(&format!("{0} of {0}", NODES - 1)) => {}
+                        if status == "True" && all_reachable(&message).is_some_and(|k| k as usize >= NODES - 1) => {}
                     other => waiting.push(format!("{name}: {other:?}")),
                 }
             }
@@ -125,6 +127,15 @@ impl Mesh {
     }
 }
 
+/// `K` when a `Connected` message says that all `K` of `K` peers are reachable
+/// (`2 of 2 peers reachable through the tunnel`), else `None`.
+pub fn all_reachable(message: &str) -> Option<u32> {
+    let (reachable, rest) = message.split_once(" of ")?;
+    let (total, rest) = rest.split_once(" peers reachable")?;
+    let (reachable, total): (u32, u32) = (reachable.trim().parse().ok()?, total.trim().parse().ok()?);
+    (reachable == total && !rest.starts_with(';')).then_some(total)
+}
+
 /// What ping's summary says.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PingStats {
@@ -164,6 +175,14 @@ mod tests {
         let none = "--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 2040ms\n";
         assert_eq!(PingStats::parse(none).unwrap(), PingStats { sent: 3, received: 0, avg_ms: None });
         assert!(PingStats::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn reads_all_reachable_from_connected_messages() {
+        assert_eq!(all_reachable("2 of 2 peers reachable through the tunnel"), Some(2));
+        assert_eq!(all_reachable("12 of 12 peers reachable"), Some(12));
+        assert_eq!(all_reachable("2 of 3 peers reachable; not reachable: x (no handshake)"), None);
+        assert_eq!(all_reachable("no other node is in the mesh yet"), None);
     }
 }
 

@@ -59,7 +59,10 @@ async fn valid_objects_are_accepted_and_defaulted() -> anyhow::Result<()> {
         json!({"network": {"ports": [1, 65535]}, "selector": {"app.kubernetes.io/name": "x", "tier": ""}}),
     ];
     for spec in services {
-        let created = dry_run_create(&cluster, "MeshService", &object("MeshService", "graph-node", spec.clone())).await;
+        // A name of the test's own: a dry-run create still fails when the name is taken (by the
+        // examples' graph-node, say).
+        let created =
+            dry_run_create(&cluster, "MeshService", &object("MeshService", "e2e-api-graph-node", spec.clone())).await;
         let created = created.map_err(|e| anyhow::anyhow!("{spec} was refused: {e}"))?;
         let typed: MeshService = serde_json::from_value(serde_json::to_value(&created)?)?;
         assert!(!typed.spec.network.type_.eq(&mesh_api::NetworkType::Host) || typed.spec.mesh_ip.is_none());
@@ -75,7 +78,7 @@ async fn valid_objects_are_accepted_and_defaulted() -> anyhow::Result<()> {
         if let Some(endpoint) = spec.get("endpoint").and_then(Value::as_str) {
             assert!(mesh_core::Endpoint::parse(endpoint).is_ok(), "mesh-core must accept {endpoint}");
         }
-        let created = dry_run_create(&cluster, "MeshNode", &object("MeshNode", "worker-1", spec.clone())).await;
+        let created = dry_run_create(&cluster, "MeshNode", &object("MeshNode", "e2e-api-worker-1", spec.clone())).await;
         let created = created.map_err(|e| anyhow::anyhow!("{spec} was refused: {e}"))?;
         let typed: MeshNode = serde_json::from_value(serde_json::to_value(&created)?)?;
         let expected_port = spec.get("listenPort").and_then(Value::as_i64).unwrap_or(51820);
@@ -94,11 +97,11 @@ struct Malformed {
 }
 
 fn service(spec: Value, expect: &'static [&'static str]) -> Malformed {
-    Malformed { kind: "MeshService", name: "bad-service", spec, expect }
+    Malformed { kind: "MeshService", name: "e2e-api-bad-service", spec, expect }
 }
 
 fn node(spec: Value, expect: &'static [&'static str]) -> Malformed {
-    Malformed { kind: "MeshNode", name: "bad-node", spec, expect }
+    Malformed { kind: "MeshNode", name: "e2e-api-bad-node", spec, expect }
 }
 
 fn malformed_objects() -> Vec<Malformed> {
@@ -215,7 +218,7 @@ async fn kubectl_shows_printer_columns_and_explains_fields() -> anyhow::Result<(
             &object(
                 "MeshService",
                 name,
-                json!({"network": {"type": "mesh", "ports": [8000, 8020]}, "selector": {"app": "graph-node"}}),
+                json!({"network": {"type": "mesh", "ports": [8000, 8020]}, "selector": {"app": name}}),
             ),
         )
         .await?;

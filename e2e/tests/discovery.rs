@@ -17,7 +17,13 @@ use serde_json::json;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(90);
-const OTHER_NS: &str = "e2e-discovery";
+/// The suite's own namespaces and service names: short names (`<service>.mesh.local`) are
+/// cluster-wide, so the names are ones no other suite (or `make demo`) uses.
+const NS: &str = "e2e-discovery";
+const OTHER_NS: &str = "e2e-discovery-2";
+const WEB: &str = "e2e-disc-web";
+const SOLO: &str = "e2e-disc-solo";
+const SHIFTY: &str = "e2e-disc-shifty";
 
 async fn ensure_namespace(mesh: &Mesh, name: &str) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(mesh.cluster.client.clone());
@@ -83,28 +89,32 @@ async fn every_node_resolves_services_and_nodes_and_follows_changes() -> anyhow:
     let mesh = Mesh::get(CONVERGE).await?;
     let info = mesh.info().await?;
     let [first, second, third] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
+    ensure_namespace(&mesh, NS).await?;
     ensure_namespace(&mesh, OTHER_NS).await?;
-    let default: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    let own: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), NS);
     let other: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), OTHER_NS);
-    recreate(&default, "web", json!({"node": second, "network": {"type": "mesh", "ports": [80]}})).await?;
-    recreate(&default, "solo", json!({"node": third, "network": {"type": "host", "ports": [80]}})).await?;
-    recreate(&other, "web", json!({"node": third, "network": {"type": "mesh", "ports": [80]}})).await?;
-    let web = wait_mesh_ip(&default, "web").await?;
+    recreate(&own, WEB, json!({"node": second, "network": {"type": "mesh", "ports": [80]}})).await?;
+    recreate(&own, SOLO, json!({"node": third, "network": {"type": "host", "ports": [80]}})).await?;
+    recreate(&other, WEB, json!({"node": third, "network": {"type": "mesh", "ports": [80]}})).await?;
+    let web = wait_mesh_ip(&own, WEB).await?;
     let third_host: Ipv4Addr = info[&third].endpoint.split(':').next().unwrap_or_default().parse()?;
+    let web_long = format!("{WEB}.{NS}.mesh.local");
+    let web_short = format!("{WEB}.mesh.local");
+    let solo_long = format!("{SOLO}.{NS}.mesh.local");
 
-    resolves_everywhere(&mesh, "web.default.mesh.local", &[web], Duration::from_secs(10)).await?;
-    resolves_everywhere(&mesh, "solo.default.mesh.local", &[third_host], Duration::from_secs(10)).await?;
-    resolves_everywhere(&mesh, "solo.mesh.local", &[third_host], Duration::from_secs(10)).await?;
+    resolves_everywhere(&mesh, &web_long, &[web], Duration::from_secs(10)).await?;
+    resolves_everywhere(&mesh, &solo_long, &[third_host], Duration::from_secs(10)).await?;
+    resolves_everywhere(&mesh, &format!("{SOLO}.mesh.local"), &[third_host], Duration::from_secs(10)).await?;
     for (node, me) in &info {
         resolves_everywhere(&mesh, &format!("{node}.node.mesh.local"), &[me.mesh_ip], Duration::from_secs(10)).await?;
     }
-    nxdomain_everywhere(&mesh, "nothing-here.default.mesh.local", Duration::from_secs(5)).await?;
-    // Two namespaces have a `web`: the short name is withheld, and both services say why.
-    nxdomain_everywhere(&mesh, "web.mesh.local", Duration::from_secs(10)).await?;
-    for api in [&default, &other] {
+    nxdomain_everywhere(&mesh, &format!("nothing-here.{NS}.mesh.local"), Duration::from_secs(5)).await?;
+    // Two namespaces have a `WEB`: the short name is withheld, and both services say why.
+    nxdomain_everywhere(&mesh, &web_short, Duration::from_secs(10)).await?;
+    for api in [&own, &other] {
         let start = Instant::now();
         loop {
-            let status = api.get("web").await?.status.unwrap_or_default();
+            let status = api.get(WEB).await?.status.unwrap_or_default();
             let cond = status.conditions.iter().find(|c| c.type_ == SHORT_NAME).cloned();
             if cond.as_ref().is_some_and(|c| c.status == "False" && c.reason == "Ambiguous") {
                 break;
@@ -114,7 +124,7 @@ async fn every_node_resolves_services_and_nodes_and_follows_changes() -> anyhow:
         }
     }
     // TCP too.
-    let tcp = mesh.dig(&first, info[&first].mesh_ip, "web.default.mesh.local", true)?;
+    let tcp = mesh.dig(&first, info[&first].mesh_ip, &web_long, true)?;
     assert_eq!(tcp.addresses, vec![web], "over TCP: {tcp:?}");
     // Names outside the zone are refused, not forwarded anywhere.
     let outside = mesh.dig(&first, info[&first].mesh_ip, "example.org", false)?;
@@ -122,14 +132,14 @@ async fn every_node_resolves_services_and_nodes_and_follows_changes() -> anyhow:
 
     // An API change reaches every node's answer within a second or so.
     let changed = Instant::now();
-    delete_and_wait(&other, "web").await?;
-    let took = resolves_everywhere(&mesh, "web.mesh.local", &[web], Duration::from_secs(10)).await?;
-    eprintln!("web.mesh.local resolved on every node {:?} after the delete began", changed.elapsed());
+    delete_and_wait(&other, WEB).await?;
+    let took = resolves_everywhere(&mesh, &web_short, &[web], Duration::from_secs(10)).await?;
+    eprintln!("{web_short} resolved on every node {:?} after the delete began", changed.elapsed());
     assert!(took < Duration::from_secs(5), "the short name took {took:?} to appear everywhere");
-    for name in ["web", "solo"] {
-        delete_and_wait(&default, name).await?;
+    for name in [WEB, SOLO] {
+        delete_and_wait(&own, name).await?;
     }
-    nxdomain_everywhere(&mesh, "solo.default.mesh.local", Duration::from_secs(10)).await?;
+    nxdomain_everywhere(&mesh, &solo_long, Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -140,18 +150,19 @@ async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::
     let info = mesh.info().await?;
     let [client, host] = [0, 1].map(|i| mesh.nodes.names[i].clone());
     let host_address: Ipv4Addr = info[&host].endpoint.split(':').next().unwrap_or_default().parse()?;
-    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    ensure_namespace(&mesh, NS).await?;
+    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), NS);
     let mut server = mesh.serve_tcp(&host, 18200, "shifty")?;
     let result = async {
-        recreate(&api, "shifty", json!({"node": host, "network": {"type": "mesh", "ports": [18200]}})).await?;
-        let ip = wait_mesh_ip(&api, "shifty").await?;
-        let name = "shifty.default.mesh.local";
+        recreate(&api, SHIFTY, json!({"node": host, "network": {"type": "mesh", "ports": [18200]}})).await?;
+        let ip = wait_mesh_ip(&api, SHIFTY).await?;
+        let name = &format!("{SHIFTY}.{NS}.mesh.local");
         resolves_everywhere(&mesh, name, &[ip], Duration::from_secs(10)).await?;
         eventually(Duration::from_secs(10), || mesh.fetch(&client, ip, 18200)?.map(|_| ()).context("mesh IP")).await?;
 
         for type_ in ["dual", "host"] {
             let patch = json!({"spec": {"network": {"type": type_, "ports": [18200]}}});
-            api.patch("shifty", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            api.patch(SHIFTY, &PatchParams::default(), &Patch::Merge(&patch)).await?;
             let want = if type_ == "host" { host_address } else { ip };
             let took = resolves_everywhere(&mesh, name, &[want], Duration::from_secs(15)).await?;
             eprintln!("type {type_}: {name} -> {want} on every node after {took:?}");
@@ -162,7 +173,7 @@ async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::
         }
         // A host service has no mesh IP: the old one is released and no longer reaches the host.
         let start = Instant::now();
-        while mesh_ip(&api, "shifty").await?.is_some() {
+        while mesh_ip(&api, SHIFTY).await?.is_some() {
             anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "type host kept its mesh IP");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -176,6 +187,6 @@ async fn a_type_change_changes_what_resolves_and_what_is_reachable() -> anyhow::
     .await;
     let _ = server.kill();
     let _ = server.wait();
-    delete_and_wait(&api, "shifty").await?;
+    delete_and_wait(&api, SHIFTY).await?;
     result
 }

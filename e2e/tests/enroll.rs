@@ -226,8 +226,8 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
     let _serial = SERIAL.lock().await;
     require_lab()?;
     let ssh = lab_ssh_flags()?;
-    // A machine left enrolled by an earlier, interrupted run would keep the lab's nodes at "3 of 3
-    // peers", and Mesh::get waits for "2 of 2": the guard's cleanup runs first, too.
+    // A machine left enrolled by an earlier, interrupted run (its agent perhaps no longer running,
+    // so that no node reports all its peers reachable) goes first: the guard's cleanup runs first, too.
     let cleanup = tokio::task::spawn_blocking(|| {
         ssh_node_up()?;
         let mut cleanup = Cleanup { names: vec![NAME], armed: true };

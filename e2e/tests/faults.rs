@@ -167,6 +167,27 @@ async fn all_mesh_ips(mesh: &Mesh) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
     Ok(out)
 }
 
+/// The highest address the churn requests (it counts down from there): the top of the subnet,
+/// unless an object holds an address near it; then the address below the highest one in use,
+/// since automatic allocation continues after that one (upwards, then from the bottom).
+fn request_top(held: &BTreeSet<Ipv4Addr>) -> u32 {
+    let top = u32::from(Ipv4Addr::new(10, 42, 255, 254));
+    match held.iter().map(|ip| u32::from(*ip)).max() {
+        Some(highest) if highest > top - 1024 => highest - 1,
+        _ => top,
+    }
+}
+
+/// The next address to request, counting down from `next`, that no object held when last looked.
+fn free_request(next: &mut u32, held: &BTreeSet<Ipv4Addr>) -> Ipv4Addr {
+    while held.contains(&Ipv4Addr::from(*next)) {
+        *next -= 1;
+    }
+    let ip = Ipv4Addr::from(*next);
+    *next -= 1;
+    ip
+}
+
 /// Fails, naming them, if two owners share a mesh IP.
 fn check_distinct(ips: &[(String, Ipv4Addr)]) -> anyhow::Result<()> {
     let mut by_ip: BTreeMap<Ipv4Addr, Vec<&str>> = BTreeMap::new();
@@ -237,6 +258,15 @@ async fn controller_sigkilled_during_a_churn_leaves_no_duplicate_no_leak_and_con
     let mesh = Mesh::get(CONVERGE).await?;
     controller_ready().await?;
     let api = fresh_namespace(&mesh, "faults-churn").await?;
+    // A restarted controller continues allocating after the highest address in use. Restart it
+    // once before the churn, so that where it allocates next follows from the objects that are
+    // there now (the lab may hold addresses this test did not hand out, and an earlier run may
+    // have left the controller allocating anywhere), and its hold-backs of addresses that others
+    // released are forgotten: the addresses requested below are then never ones it hands out.
+    tokio::task::spawn_blocking(|| lab_sh(&["controller", "restart"])).await??;
+    controller_ready().await?;
+    let mut held: BTreeSet<Ipv4Addr> = all_mesh_ips(&mesh).await?.into_iter().map(|(_, ip)| ip).collect();
+    let mut next_request = request_top(&held);
     let mut rng = Rng::new("controller_sigkilled_during_a_churn");
     let nodes = mesh.nodes.names.clone();
 
@@ -265,11 +295,12 @@ async fn controller_sigkilled_during_a_churn_leaves_no_duplicate_no_leak_and_con
                         port: 1000 + rng.below(1000) as u16,
                         requested: None,
                     };
-                    // Every fifth asks for an address of its own: distinct, and from the top of
-                    // the subnet down, where automatic allocation (next-fit, which after a restart
-                    // resumes after the highest address in use, here wrapping round) never comes.
-                    let requested = (w.type_ != "host" && rng.below(5) == 0)
-                        .then(|| Ipv4Addr::new(10, 42, 255, (254 - step * 3 - i) as u8));
+                    // Every fifth asks for an address of its own: distinct, free, and from the
+                    // top of the subnet down, where automatic allocation (next-fit, which after a
+                    // restart resumes after the highest address in use, here wrapping round) never
+                    // comes.
+                    let requested =
+                        (w.type_ != "host" && rng.below(5) == 0).then(|| free_request(&mut next_request, &held));
                     (format!("churn-{step}-{i}"), Want { requested, ..w })
                 })
                 .collect();
@@ -326,6 +357,7 @@ async fn controller_sigkilled_during_a_churn_leaves_no_duplicate_no_leak_and_con
         // At no moment do two live objects (MeshNodes, MeshServices) hold the same address.
         let now = all_mesh_ips(&mesh).await?;
         check_distinct(&now).with_context(|| format!("after step {step}"))?;
+        held.extend(now.iter().map(|(_, ip)| *ip));
         for (owner, ip) in now.into_iter().filter(|(o, _)| o.starts_with("service/faults-churn/")) {
             seen.entry(ip).or_default().insert(owner);
         }

@@ -31,6 +31,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(90);
 const SETTLE: Duration = Duration::from_secs(30);
 const SERVICE: &str = "meshctl-test-svc";
+/// The service's port: one of its own (`make demo` serves 8080 and 8081 on hm-node-2).
+const SERVICE_PORT: u16 = 18600;
 
 /// What one run of meshctl did.
 #[derive(Debug)]
@@ -103,7 +105,12 @@ async fn status_shows_every_node_ready_connected_and_converged() -> anyhow::Resu
                 ensure!(cols[3] == "kernel" || cols[3] == "userspace", "{name}: backend in {line:?}");
             }
             ensure!(cols[4] == "True", "{name} not Ready: {line:?}");
-            ensure!(line.contains(&format!("{peers}/{peers} reachable")), "{name} not connected: {line:?}");
+            // All its peers reachable: the suite's other nodes, and any other node that joined.
+            let reached = cols.windows(2).find(|w| w[1] == "reachable").and_then(|w| w[0].split_once('/'));
+            ensure!(
+                reached.is_some_and(|(k, of)| k == of && of.parse::<usize>().is_ok_and(|n| n >= peers)),
+                "{name} not connected to its {peers} peers: {line:?}"
+            );
             ensure!(line.ends_with(" yes"), "{name} not converged: {line:?}");
             ensure!(cols.contains(&"alive"), "{name}'s agent is not alive: {line:?}");
         }
@@ -147,7 +154,10 @@ async fn status_as_json_and_yaml_matches_the_api() -> anyhow::Result<()> {
             let field = |v: &Value| if v.is_null() { None } else { Some(v.clone()) };
             ensure!(field(&view["meshIP"]) == status.mesh_ip.map(Value::from), "{name}: meshIP {view}");
             ensure!(field(&view["publicKey"]) == status.public_key.map(Value::from), "{name}: publicKey {view}");
-            ensure!(field(&view["endpoint"]) == status.endpoint.map(Value::from), "{name}: endpoint {view}");
+            // The effective endpoint: the agent's, else (no agent has published one yet, as for a
+            // node someone else added) the one the spec asks for.
+            let endpoint = status.endpoint.or_else(|| node.spec.endpoint.clone());
+            ensure!(field(&view["endpoint"]) == endpoint.map(Value::from), "{name}: endpoint {view}");
             ensure!(field(&view["listenPort"]) == status.listen_port.map(Value::from), "{name}: listenPort {view}");
             ensure!(field(&view["backend"]) == status.backend.map(|b| json!(b)), "{name}: backend {view}");
             ensure!(field(&view["peer"]) == status.peer.map(|p| json!(p)), "{name}: peer {view}");
@@ -405,7 +415,7 @@ async fn a_service_shows_up_in_status_showconf_and_graph() -> anyhow::Result<()>
     }
     api.create(
         &PostParams::default(),
-        &service(SERVICE, json!({"network": {"type": "mesh", "ports": [8080]}, "node": host})),
+        &service(SERVICE, json!({"network": {"type": "mesh", "ports": [SERVICE_PORT]}, "node": host})),
     )
     .await?;
     let result = async {
@@ -437,8 +447,25 @@ async fn a_service_shows_up_in_status_showconf_and_graph() -> anyhow::Result<()>
                 "True".into(),
             ];
             ensure!(cols == expected, "service row {line:?}, expected {expected:?}");
+            // The host's [Interface] lists its own address and those of every service it hosts
+            // (other services may be hosted there too): the service is one entry of the lists.
             let own = meshctl(&mesh.cluster.kubeconfig, &["showconf", &host])?.ok()?;
-            ensure!(own.contains(&format!("Address = {ip}/32\n")), "{host}'s config does not hold {ip}:\n{own}");
+            let addresses: Vec<String> = sections(&own)?
+                .into_iter()
+                .filter(|(s, _)| s == "Interface")
+                .filter_map(|(_, e)| e.get("Address").cloned())
+                .flat_map(|a| a.split(", ").map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            ensure!(addresses.contains(&format!("{ip}/32")), "{host}'s config does not hold {ip}:\n{own}");
+            let hosted: Vec<&str> = own
+                .lines()
+                .filter_map(|l| l.strip_prefix("# the services hosted here: "))
+                .flat_map(|names| names.split(", "))
+                .collect();
+            ensure!(
+                hosted.contains(&format!("default/{SERVICE}").as_str()),
+                "{host}'s config does not name {SERVICE}:\n{own}"
+            );
             let peer_view = meshctl(&mesh.cluster.kubeconfig, &["showconf", &other])?.ok()?;
             let allowed = sections(&peer_view)?
                 .into_iter()
@@ -448,7 +475,7 @@ async fn a_service_shows_up_in_status_showconf_and_graph() -> anyhow::Result<()>
             ensure!(allowed, "{other}'s peer for {host} does not route {ip}:\n{peer_view}");
             let svg = meshctl(&mesh.cluster.kubeconfig, &["graph"])?.ok()?;
             ensure!(svg.contains(&format!(">default/{SERVICE}</text>")), "the service is not drawn");
-            ensure!(svg.contains(&format!(">{ip} :8080</text>")), "the service's address is not drawn");
+            ensure!(svg.contains(&format!(">{ip} :{SERVICE_PORT}</text>")), "the service's address is not drawn");
             let bare = meshctl(&mesh.cluster.kubeconfig, &["graph", "--no-services"])?.ok()?;
             ensure!(!bare.contains("class=\"service\""), "--no-services still draws services");
             Ok(())
