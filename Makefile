@@ -8,10 +8,10 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench build crds check-crds fmt lint unit fuzz test kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench build crds check-crds fmt lint unit fuzz test e2e-controller kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 deps: ## install what a fresh machine lacks (Debian packages, rustfmt, clippy)
 	e2e/lab/install-deps.sh
@@ -44,14 +44,22 @@ fuzz: ## the fuzz targets (proptest: endpoints, UAPI answers, keys, DNS) for lon
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-core -p mesh-wireguard -p mesh-dataplane --test fuzz
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-agent --bin mesh-agent fuzz_
 
-test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes), then kubelet-e2e
+test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes, or the running lab), then e2e-controller and kubelet-e2e
 	$(CARGO) build --workspace --bins
 	@set -e; was_up=0; $(LAB) status >/dev/null 2>&1 && was_up=1; \
 	  if [ $$was_up = 1 ] && grep -q '^MODE=kubelet' .lab/config; then $(LAB) down; was_up=0; fi; \
 	  trap '[ $$was_up = 1 ] || $(LAB) down' EXIT; \
 	  $(LAB) up --nodes 3 --mode plain; \
-	  $(CARGO) test --workspace --no-fail-fast
+	  $(CARGO) test --workspace --no-fail-fast --exclude mesh-controller; \
+	  $(CARGO) test -p mesh-controller --no-fail-fast --bins
+	$(MAKE) e2e-controller
 	$(MAKE) kubelet-e2e
+
+e2e-controller: deps ## the controller suite (controller/tests/lab.rs) on a lab of its own with no nodes: its controller acts on every object; takes the lab down
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
+	  $(LAB) up --nodes 0 --mode plain; \
+	  $(CARGO) test -p mesh-controller --no-fail-fast --test lab
 
 kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + mesh + discovery + meshctl + enroll suites; takes the lab down
 	$(CARGO) build --workspace --bins

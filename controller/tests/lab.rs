@@ -2,6 +2,12 @@
 //! conflicts, pool exhaustion and recovery, SIGKILL in the middle of a burst, leader election,
 //! and the Node mirror. Each test runs its own controller process (the real binary) and the
 //! tests take turns, since a controller acts on every object in the cluster.
+//!
+//! That is also why this suite does not share a lab: its controller would re-address other
+//! people's objects (the small-pool test runs with another subnet) and its pool figures count
+//! every object. It runs on a lab of its own with no nodes (`make e2e-controller`, part of
+//! `make test`), and on a lab holding mesh objects it did not make (after `make demo`, say) it
+//! refuses with a message instead of deleting them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
@@ -17,9 +23,52 @@ use serde_json::json;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Empties the cluster's mesh objects, then starts a controller and waits until it is ready.
+/// The namespaces (MeshServices) and names (MeshNodes) of this suite's own objects.
+const OWN_PREFIX: &str = "ctl-";
+
+/// Makes sure the cluster holds no mesh objects but this suite's own (see the module doc), then
+/// removes those left by an earlier test, and the lab's controller, so the test starts from an
+/// empty pool.
+async fn take_over(cluster: &Cluster) -> anyhow::Result<()> {
+    let services: Api<MeshService> = Api::all(cluster.client.clone());
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let mut foreign: Vec<String> = services
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| !s.metadata.namespace.as_deref().unwrap_or_default().starts_with(OWN_PREFIX))
+        .map(|s| {
+            format!("MeshService {}/{}", s.metadata.namespace.unwrap_or_default(), s.metadata.name.unwrap_or_default())
+        })
+        .collect();
+    foreign.extend(
+        nodes
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .filter(|n| !n.starts_with(OWN_PREFIX))
+            .map(|n| format!("MeshNode {n}")),
+    );
+    if !foreign.is_empty() {
+        let more = foreign.len().saturating_sub(5);
+        foreign.truncate(5);
+        anyhow::bail!(
+            "this suite runs a mesh-controller of its own, which acts on every mesh object in the cluster, \
+             so it needs a lab that holds none but its own ({OWN_PREFIX}*), and it deletes nothing it did not \
+             make; found {}{}. Run it on a lab of its own: `make e2e-controller` (or `make lab-down` first)",
+            foreign.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        );
+    }
+    clean_slate(cluster).await
+}
+
+/// Takes the cluster over ([`take_over`]), then starts a controller and waits until it is ready.
 async fn fresh_controller(cluster: &Cluster, port: u16, args: &[&str]) -> anyhow::Result<Controller> {
-    clean_slate(cluster).await?;
+    take_over(cluster).await?;
     let ctl = controller(cluster, port, args);
     ctl.wait_ready(Duration::from_secs(30)).await;
     Ok(ctl)
@@ -173,7 +222,7 @@ async fn a_small_pool_exhausts_clearly_and_recovers() -> anyhow::Result<()> {
 async fn sigkill_in_the_middle_of_a_burst_leaves_no_duplicate_and_no_leak() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
-    clean_slate(&cluster).await?;
+    take_over(&cluster).await?;
     let api = namespace(&cluster, "ctl-sigkill").await?;
     let mut ctl = controller(&cluster, 18184, &["--leader-elect=false"]);
     ctl.wait_ready(Duration::from_secs(30)).await;
@@ -207,7 +256,7 @@ async fn sigkill_in_the_middle_of_a_burst_leaves_no_duplicate_and_no_leak() -> a
 async fn of_two_replicas_only_the_leader_writes() -> anyhow::Result<()> {
     let _turn = SERIAL.lock().await;
     let cluster = Cluster::get().await?;
-    clean_slate(&cluster).await?;
+    take_over(&cluster).await?;
     let api = namespace(&cluster, "ctl-leader").await?;
     let lease = ["--lease-name=mesh-controller-test", "--lease-seconds=4"];
     let mut first = controller(&cluster, 18187, &[&lease[..], &["--identity=first"]].concat());
