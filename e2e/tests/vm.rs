@@ -232,12 +232,14 @@ async fn a_peer_with_hundreds_of_allowed_ips_reads_back_exactly_on_the_kernel() 
     let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
     let label = "e2e-vm-many";
     let cleanup = || async {
-        let _ = api.delete_collection(&DeleteParams::default(), &ListParams::default().labels(&format!("{label}=1"))).await;
+        let _ =
+            api.delete_collection(&DeleteParams::default(), &ListParams::default().labels(&format!("{label}=1"))).await;
     };
     cleanup().await;
     let result = async {
         for i in 0..SERVICES {
-            let mut svc = service(&format!("e2e-vm-many-{i}"), json!({"node": host, "network": {"type": "mesh", "ports": [80]}}));
+            let mut svc =
+                service(&format!("e2e-vm-many-{i}"), json!({"node": host, "network": {"type": "mesh", "ports": [80]}}));
             svc.metadata.labels = Some([(label.to_owned(), "1".to_owned())].into());
             api.create(&PostParams::default(), &svc).await?;
         }

@@ -222,7 +222,9 @@ fn run(addr: &str, token_file: &str, timeout: Duration, argv: &[String]) -> io::
                 io::stderr().write_all(&data)?;
                 return Ok(127);
             }
-            Some((b'X', data)) if data.len() == 4 => return Ok(i32::from_be_bytes([data[0], data[1], data[2], data[3]])),
+            Some((b'X', data)) if data.len() == 4 => {
+                return Ok(i32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+            }
             Some(_) => {}
             None => {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the VM closed the connection"));
