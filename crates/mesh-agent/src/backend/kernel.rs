@@ -1355,7 +1355,7 @@ mod tests {
         link_kind(&handle, name).await.unwrap().is_some()
     }
 
-    async fn in_the_namespace() -> &'static str {
+    async fn in_the_namespace() -> String {
         // A link without a kind is never taken, on any kernel.
         let lo = KernelDevice::open("lo").await.unwrap_err();
         assert!(matches!(lo, KernelError::Failed { .. }), "{lo}");
@@ -1375,7 +1375,7 @@ mod tests {
                 assert!(!kernel_required(), "{REQUIRE_KERNEL}=1, but the kernel backend says: {why}");
                 eprintln!("{}", KernelError::Unsupported(why.clone()));
                 assert!(!link_exists(IFACE).await, "nothing is left behind: {why}");
-                return "unsupported";
+                return "unsupported".into();
             }
             Err(err) => panic!("{err}"),
             Ok(device) => device,
@@ -1397,8 +1397,9 @@ mod tests {
             ]
             .into(),
         };
-        // And enough peers that the kernel's dump of the device takes several messages.
-        for n in 10..70u8 {
+        // And enough peers that the kernel's dump of the device takes several messages (the
+        // kernel fills messages up to the reader's buffer size, 32 KiB at most).
+        for n in 10..250u8 {
             let ips: Vec<String> = (0..8).map(|i| format!("10.{n}.{i}.0/24")).collect();
             let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
             desired.peers.insert(key(n), peer_config(&ips, Some(&format!("192.168.77.{n}:51820")), None));
@@ -1413,8 +1414,8 @@ mod tests {
         let read: BTreeMap<Key, PeerConfig> = state.peers.iter().map(|(k, p)| (*k, p.config.clone())).collect();
         assert_eq!(read, desired.peers, "the device does not read back as it was set");
         let (parts, _) = Genl::connect(IFACE).unwrap().dump().await.unwrap();
-        eprintln!("the device ({} peers) came in {} dump messages", state.peers.len(), parts.len());
-        assert!(parts.len() > 2, "the dump took only {} message(s): nothing was split", parts.len());
+        let split = parts.len();
+        assert!(split > 2, "the dump took only {split} message(s): nothing was split");
 
         // Adopted on a second open; a change touches only what changed.
         let device = KernelDevice::open(IFACE).await.unwrap();
@@ -1425,6 +1426,6 @@ mod tests {
         assert_eq!(change.peers_touched(), 3);
         device.apply(&change).await.unwrap();
         assert!(plan(&device.get().await.unwrap(), &desired).is_empty());
-        "kernel"
+        format!("kernel ({} peers read back exactly, from a dump of {split} messages)", state.peers.len())
     }
 }
