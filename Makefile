@@ -64,6 +64,7 @@ VM_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-vm-1,hm-node-2 \
 
 e2e-vm: deps ## the mixed mesh: lab with 2 namespace nodes + 1 VM node (kernel WireGuard); mesh, discovery and vm suites; takes the lab down
 	$(CARGO) build --workspace --bins
+	$(CARGO) test -q -p mesh-agent --bin mesh-agent --no-run # vm.rs runs its kernel tests in the VM
 	e2e/lab/vm-kernel.sh >/dev/null
 	@set -e; start=$$SECONDS; $(LAB) down; trap '$(LAB) down; echo "[e2e-vm] took $$((SECONDS - start)) s"' EXIT; \
 	  $(LAB) up --nodes 2 --vm-nodes 1; \

@@ -33,7 +33,8 @@ vm_qemu=/usr/bin/qemu-system-x86_64
 # What the VMs get from the host (with their shared libraries, per ldd): what the agent runs
 # (ip, nft, wg, modprobe) and what tests and people run on nodes.
 vm_tools=(/usr/bin/ip /usr/bin/wg /usr/sbin/nft /usr/bin/ping /usr/bin/socat /usr/bin/tcpdump /usr/bin/dig
-  /usr/bin/iperf3 /usr/bin/kmod /usr/bin/unshare /usr/bin/nsenter /usr/bin/dash /usr/bin/timeout)
+  /usr/bin/iperf3 /usr/bin/kmod /usr/bin/unshare /usr/bin/nsenter /usr/bin/dash /usr/bin/timeout
+  /usr/bin/pkill /usr/bin/pgrep)
 # Modules the initrd loads before /usr is mounted (the rest comes from /usr/lib/modules).
 vm_early_modules=(virtio_pci virtio_blk)
 
@@ -78,6 +79,7 @@ vm_copy_binary() {
   real="$(realpath "$src")"
   rel="${real#/usr/}"
   [ "$rel" != "$real" ] || rel="bin/${real##*/}"
+  rel="$(dirname "$rel")/${src##*/}" # pkill is a link to pgrep: it needs its own name
   mkdir -p "$usr/$(dirname "$rel")"
   cp -L "$real" "$usr/$rel"
   while read -r lib; do
