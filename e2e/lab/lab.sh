@@ -1344,7 +1344,7 @@ cmd_status() {
   [ $# -eq 0 ] || die "status takes no arguments"
   if [ -f "$config" ]; then
     api_port="$(sed -n 's/^API_PORT=//p' "$config")"
-    printf 'config:          %s\n' "$(grep -E '^(NODES|MODE)=' "$config" | tr '\n' ' ')"
+    printf 'config:          %s\n' "$(grep -E '^(NODES|MODE|VM_NODES)=' "$config" | tr '\n' ' ')"
   fi
   local name pid up=0
   for name in "${components[@]}"; do
@@ -1409,6 +1409,14 @@ cmd_status() {
       "$holder" "$relay" "$agent"
   done
   local vm k
+  if [ -n "$(lab_vms)" ]; then
+    if pid="$(vm_relay_pid)"; then
+      printf '%-16s running (pid %s), %s:%s in %s\n' "vm-relay:" "$pid" "$bridge_addr" "$api_port" "$bridge_ns"
+    else
+      printf '%-16s stopped\n' "vm-relay:"
+      up=3
+    fi
+  fi
   for vm in $(lab_vms); do
     k="$(vm_index "$vm")"
     agent=stopped
