@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::mesh::{Mesh, PingStats, eventually_async};
 use harness_mesh_e2e::repo_root;
@@ -90,8 +91,16 @@ async fn the_mesh_mixes_kernel_and_userspace_and_every_pair_pings_both_ways() ->
     Ok(())
 }
 
-/// The mesh-agent unit tests' binary (built with cargo, stripped for the VM's memory).
+/// The mesh-agent unit tests' binary, stripped for the VM's memory: `$MESH_AGENT_TEST_BINARY`
+/// (`make e2e-vm` builds it before the lab: cargo run from inside a test sees another
+/// environment and rebuilds half the workspace), else built here with cargo.
 fn agent_test_binary() -> anyhow::Result<std::path::PathBuf> {
+    let stripped = repo_root().join("target/vm-mesh-agent-tests");
+    if let Some(built) = std::env::var_os("MESH_AGENT_TEST_BINARY") {
+        let status = Command::new("objcopy").arg("--strip-all").arg(&built).arg(&stripped).status()?;
+        anyhow::ensure!(status.success(), "objcopy --strip-all {built:?} failed");
+        return Ok(stripped);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .args(["test", "--quiet", "-p", "mesh-agent", "--bin", "mesh-agent", "--no-run", "--message-format=json"])
@@ -107,7 +116,6 @@ fn agent_test_binary() -> anyhow::Result<std::path::PathBuf> {
         .filter(|m| m["target"]["name"] == "mesh-agent")
         .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
         .context("cargo reported no mesh-agent test binary")?;
-    let stripped = repo_root().join("target/vm-mesh-agent-tests");
     let status = Command::new("objcopy").arg("--strip-all").arg(&built).arg(&stripped).status()?;
     anyhow::ensure!(status.success(), "objcopy --strip-all {} failed", built.display());
     Ok(stripped)
@@ -243,11 +251,22 @@ async fn a_peer_with_hundreds_of_allowed_ips_reads_back_exactly_on_the_kernel() 
     };
     cleanup().await;
     let result = async {
-        for i in 0..SERVICES {
-            let mut svc =
-                service(&format!("e2e-vm-many-{i}"), json!({"node": host, "network": {"type": "mesh", "ports": [80]}}));
-            svc.metadata.labels = Some([(label.to_owned(), "1".to_owned())].into());
-            api.create(&PostParams::default(), &svc).await?;
+        // 16 creates in flight: the point is the size of the peer, not the API's latency.
+        let created: Vec<_> = futures::stream::iter(0..SERVICES)
+            .map(|i| {
+                let api = api.clone();
+                let mut svc = service(
+                    &format!("e2e-vm-many-{i}"),
+                    json!({"node": host, "network": {"type": "mesh", "ports": [80]}}),
+                );
+                svc.metadata.labels = Some([(label.to_owned(), "1".to_owned())].into());
+                async move { api.create(&PostParams::default(), &svc).await }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for result in created {
+            result?;
         }
         let start = Instant::now();
         // Every VM's kernel device has the host's peer with all its IPs, exactly as the
