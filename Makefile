@@ -65,10 +65,10 @@ VM_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-vm-1,hm-node-2 \
 e2e-vm: deps ## the mixed mesh: lab with 2 namespace nodes + 1 VM node (kernel WireGuard); mesh, discovery and vm suites; takes the lab down
 	$(CARGO) build --workspace --bins
 	e2e/lab/vm-kernel.sh >/dev/null
-	@set -e; start=$$SECONDS; \
+	@set -e; \
 	  tests="$$($(CARGO) test -p mesh-agent --bin mesh-agent --no-run 2>&1 | sed -n 's|.*Executable unittests src/main.rs (\(.*\))$$|\1|p')"; \
 	  [ -n "$$tests" ] || { echo "[e2e-vm] cargo named no mesh-agent test binary" >&2; exit 1; }; \
-	  $(LAB) down; trap '$(LAB) down; echo "[e2e-vm] took $$((SECONDS - start)) s"' EXIT; \
+	  start=$$SECONDS; $(LAB) down; trap '$(LAB) down; echo "[e2e-vm] took $$((SECONDS - start)) s"' EXIT; \
 	  $(LAB) up --nodes 2 --vm-nodes 1; \
 	  MESH_AGENT_TEST_BINARY="$(CURDIR)/$$tests" $(VM_SUITE_ENV) $(CARGO) test -p harness-mesh-e2e --features vm-lab --no-fail-fast --test vm --test mesh --test discovery
 
