@@ -93,11 +93,16 @@ Commands:
                              chart (images built locally) runs as pods (e2e/lab/kubelet.sh)
                  --without-tun K   node K (new) has no /dev/net/tun: its agent falls back to
                              no WireGuard (repeatable)
+                 --vm-nodes K  VM nodes hm-vm-1..K (0-9, default \$LAB_VM_NODES or 0): QEMU
+                             VMs with Debian's cloud kernel, on the lab bridge at
+                             192.168.77.(220+K), each running mesh-agent --wireguard=kernel
+                             (plain mode only; e2e/lab/vm.sh, e2e/lab/README.md)
   down           Stop every lab process, delete every hm-* network namespace and .lab/.
   status         Show each component, the apiserver version and the nodes; exit 0 if up, 3 if not.
   exec NODE [--] CMD [ARG...]
                  Run CMD on NODE (hm-node-N, or just N): in its network namespace and its private
                  mount namespace (own /run/wireguard, the node's /sys). Exit status is CMD's.
+                 On a VM node (hm-vm-K) CMD runs in the VM, through lab-vm-exec.
   agent start|stop|restart|kill NODE
                  Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
                  \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
@@ -538,6 +543,8 @@ socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
 
 # shellcheck source=e2e/lab/kubelet.sh
 . "$here/kubelet.sh"
+# shellcheck source=e2e/lab/vm.sh
+. "$here/vm.sh"
 
 # The holder's script: $0 becomes its argv[0] ("$lab/holder/hm-node-i"), which names the lab, so
 # `down` finds a holder even without its pid file. The holder's mount namespace is a slave of the
@@ -818,6 +825,7 @@ write_config() {
   cat >"$config.tmp" <<EOF
 NODES=$1
 MODE=$2
+VM_NODES=${3:-0}
 API_PORT=$api_port
 ETCD_PORT=$etcd_port
 ETCD_PEER_PORT=$etcd_peer_port
@@ -827,7 +835,7 @@ EOF
 
 cmd_up() {
   # Without --mode (or $LAB_MODE), a running lab keeps its mode, and a new one is plain.
-  local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-}" without_tun=()
+  local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-}" without_tun=() vms="${LAB_VM_NODES:-0}"
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes="$2"; shift 2 ;;
@@ -836,6 +844,8 @@ cmd_up() {
       --mode=*) mode="${1#*=}"; shift ;;
       --without-tun) [ $# -ge 2 ] || die "--without-tun needs a node number"; without_tun+=("$2"); shift 2 ;;
       --without-tun=*) without_tun+=("${1#*=}"); shift ;;
+      --vm-nodes) [ $# -ge 2 ] || die "--vm-nodes needs a value"; vms="$2"; shift 2 ;;
+      --vm-nodes=*) vms="${1#*=}"; shift ;;
       -h | --help) usage; exit 0 ;;
       *) usage >&2; die "unknown argument to up: $1" ;;
     esac
@@ -856,6 +866,11 @@ cmd_up() {
     if component_pid etcd >/dev/null && [ -n "$(lab_mode)" ]; then mode="$(lab_mode)"; fi
   fi
   case "$mode" in plain | kubelet) ;; *) die "--mode must be plain or kubelet, got '$mode'" ;; esac
+  [[ "$vms" =~ ^[0-9]$ ]] || die "--vm-nodes must be an integer from 0 to $vm_max, got '$vms'"
+  if [ "$vms" -gt 0 ] && [ "$mode" = kubelet ]; then die "VM nodes run in plain mode only"; fi
+  if [ "$vms" -gt 0 ] && [ "$nodes" -gt $vm_net_offset ]; then
+    die "with VM nodes at most $vm_net_offset namespace nodes (192.168.77.$((vm_net_offset + 1))+ are the VMs')"
+  fi
 
   lock
   # `up` only adds: nodes that exist beyond the ones asked for stay (`down` removes them).
@@ -867,6 +882,7 @@ cmd_up() {
     fi
     nodes="$present"
   fi
+  if [ "$(vms_present)" -gt "$vms" ]; then vms="$(vms_present)"; fi
   mkdir -p "$lab"
   if [ ${#without_tun[@]} -gt 0 ]; then
     mkdir -p "$nodes_dir"
@@ -880,7 +896,7 @@ cmd_up() {
   if [ "$mode" = kubelet ]; then kubelet_preflight; fi
   ensure_binaries
   if [ "$mode" = kubelet ]; then ensure_kubelet_binaries; fi
-  write_config "$nodes" "$mode"
+  write_config "$nodes" "$mode" "$vms"
   ensure_pki
   start_etcd
   start_apiserver
@@ -894,8 +910,10 @@ cmd_up() {
     start_nodes "$nodes"
     start_controller
     start_agents "$nodes"
+    start_vms "$vms"
   fi
-  log "lab is up ($mode mode): KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)"
+  log "lab is up ($mode mode): KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)" \
+    "$([ "$vms" = 0 ] || echo "and $vms VM node(s)")"
 }
 
 # Refuses to switch the mode of a lab that is already running.
@@ -932,7 +950,16 @@ up_kubelet_mode() {
 # working directory, with proxy variables unset (nothing outside the lab is reachable from there).
 cmd_exec() {
   [ $# -ge 1 ] || die "usage: lab.sh exec NODE [--] CMD [ARG...]"
-  local node holder
+  local node holder k
+  if is_vm_name "$1"; then
+    node="$1"
+    shift
+    if [ "${1:-}" = -- ]; then shift; fi
+    [ $# -ge 1 ] || die "usage: lab.sh exec $node [--] CMD [ARG...]"
+    [ -d "$vm_dir/$node" ] || die "no VM node $node"
+    k="$(vm_index "$node")"
+    exec ip netns exec "$bridge_ns" "$bin_dir/lab-vm-exec" run "$(vm_addr "$k"):$vm_exec_port" "$vm_token" -- "$@"
+  fi
   node="$(node_name "$1")"
   shift
   if [ "${1:-}" = -- ]; then shift; fi
@@ -949,6 +976,11 @@ cmd_agent() {
     start | stop | restart | kill) ;;
     *) die "unknown agent action '$action' (start, stop, restart or kill)" ;;
   esac
+  if is_vm_name "$2"; then
+    lock
+    vm_agent "$action" "$2"
+    return
+  fi
   node="$(node_name "$2")"
   lock
   if [ "$action" = start ] || [ "$action" = restart ]; then require_lab_up; fi
@@ -1242,6 +1274,8 @@ cmd_down() {
     if pid="$(pid_of "$name" "$bin_dir/mesh-agent")"; then agents+=("$pid"); fi
   done
   [ ${#agents[@]} -eq 0 ] || stop_pids "mesh-agents" "${agents[@]}"
+  # VM nodes: their agents, then poweroff.
+  stop_vms
   # Kubelet mode: the kubelets, then every container (in pod namespaces, not in hm-* ones).
   kubelet_down_workloads
 
@@ -1310,7 +1344,7 @@ cmd_status() {
   [ $# -eq 0 ] || die "status takes no arguments"
   if [ -f "$config" ]; then
     api_port="$(sed -n 's/^API_PORT=//p' "$config")"
-    printf 'config:          %s\n' "$(grep -E '^(NODES|MODE)=' "$config" | tr '\n' ' ')"
+    printf 'config:          %s\n' "$(grep -E '^(NODES|MODE|VM_NODES)=' "$config" | tr '\n' ' ')"
   fi
   local name pid up=0
   for name in "${components[@]}"; do
@@ -1373,6 +1407,26 @@ cmd_status() {
     fi
     printf '%-16s %-15s holder %s, relay %s, agent %s\n' "$node:" "$node_net.${node#hm-node-}" \
       "$holder" "$relay" "$agent"
+  done
+  local vm k
+  if [ -n "$(lab_vms)" ]; then
+    if pid="$(vm_relay_pid)"; then
+      printf '%-16s running (pid %s), %s:%s in %s\n' "vm-relay:" "$pid" "$bridge_addr" "$api_port" "$bridge_ns"
+    else
+      printf '%-16s stopped\n' "vm-relay:"
+      up=3
+    fi
+  fi
+  for vm in $(lab_vms); do
+    k="$(vm_index "$vm")"
+    agent=stopped
+    if ! pid="$(vm_pid "$vm")"; then
+      printf '%-16s %-15s VM stopped\n' "$vm:" "$(vm_addr "$k")"
+      up=3
+      continue
+    fi
+    if vm_exec_within 10 "$vm" /hm/agent-ctl status </dev/null >/dev/null 2>&1; then agent=running; fi
+    printf '%-16s %-15s VM (qemu pid %s), agent %s\n' "$vm:" "$(vm_addr "$k")" "$pid" "$agent"
   done
   if [ $up = 0 ]; then printf 'kubeconfig:      %s\n' "$kubeconfig"; fi
   return $up
