@@ -34,6 +34,9 @@ use crate::backoff::WatchBackoff;
 use crate::context::{Ctx, Hosted};
 use crate::metrics::Metrics;
 
+/// How long after a Node event its MeshNode is reconciled a second time (see `run`).
+const NODE_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Allocates mesh IPs and writes WireGuard peer entries for harness-mesh.
 ///
 /// Every flag can also be set through the environment variable shown with it.
@@ -219,8 +222,21 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         .shutdown_on_signal()
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
+    // A Node event reconciles the MeshNode of the same name at once, and again a moment later:
+    // the reconcile reads the Node from the mirror controller's cache, which another watch fills,
+    // and a deletion seen here first would otherwise find the Node still cached and keep its
+    // MeshNode until something else changes it.
+    let recheck = ctx.node_trigger.clone();
     let nodes = node_controller
-        .watches(nodes_api, watch.clone(), |node: Node| Some(ObjectRef::new(&node.name_any())))
+        .watches(nodes_api, watch.clone(), move |node: Node| {
+            let name = ObjectRef::new(&node.name_any());
+            let (recheck, again) = (recheck.clone(), name.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(NODE_RECHECK).await;
+                let _ = recheck.send(again);
+            });
+            Some(name)
+        })
         .reconcile_on(UnboundedReceiverStream::new(node_triggers))
         .shutdown_on_signal()
         .run(node::reconcile, node::error_policy, ctx.clone())
