@@ -14,7 +14,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use harness_mesh_e2e::Cluster;
-use harness_mesh_e2e::controller::{Controller, clean_slate, create_services, service, wait_allocated};
+use harness_mesh_e2e::controller::{
+    Controller, clean_slate, create_services, mesh_node_names, service, wait_allocated,
+};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -31,7 +33,6 @@ const OWN_PREFIX: &str = "ctl-";
 /// empty pool.
 async fn take_over(cluster: &Cluster) -> anyhow::Result<()> {
     let services: Api<MeshService> = Api::all(cluster.client.clone());
-    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
     let mut foreign: Vec<String> = services
         .list(&ListParams::default())
         .await?
@@ -43,14 +44,7 @@ async fn take_over(cluster: &Cluster) -> anyhow::Result<()> {
         })
         .collect();
     foreign.extend(
-        nodes
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|n| n.metadata.name)
-            .filter(|n| !n.starts_with(OWN_PREFIX))
-            .map(|n| format!("MeshNode {n}")),
+        mesh_node_names(cluster, |n| !n.starts_with(OWN_PREFIX)).await?.into_iter().map(|n| format!("MeshNode {n}")),
     );
     if !foreign.is_empty() {
         let more = foreign.len().saturating_sub(5);

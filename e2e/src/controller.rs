@@ -179,18 +179,7 @@ pub async fn remove_own_objects(
             .await;
     }
     let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
-    let own_nodes = || async {
-        anyhow::Ok(
-            nodes
-                .list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .filter_map(|n| n.metadata.name)
-                .filter(|n| own_node(n))
-                .collect::<Vec<String>>(),
-        )
-    };
+    let own_nodes = || mesh_node_names(cluster, &own_node);
     stream::iter(own_nodes().await?)
         .map(|name| {
             let (api, unfinalize) = (nodes.clone(), unfinalize.clone());
@@ -255,6 +244,19 @@ pub async fn clean_slate(cluster: &Cluster) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
+}
+
+/// The names of the cluster's MeshNodes that `wanted` accepts.
+pub async fn mesh_node_names(cluster: &Cluster, wanted: impl Fn(&str) -> bool) -> anyhow::Result<Vec<String>> {
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    Ok(nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .filter(|n| wanted(n))
+        .collect())
 }
 
 /// Deletes the MeshService `name` in `api`'s namespace, if there is one, and waits (at most 30 s)
