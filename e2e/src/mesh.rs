@@ -164,6 +164,70 @@ impl PingStats {
     }
 }
 
+/// A 10 pps ping from one node that runs until [`Pinger::stop`]: what a user's traffic sees while
+/// something restarts. Only replies decide: a request is lost when a later one was answered and
+/// it was not, so a request still in flight when the ping is stopped does not count.
+pub struct Pinger {
+    node: String,
+    target: Ipv4Addr,
+    count: String,
+    child: std::process::Child,
+}
+
+/// What a [`Pinger`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Losses {
+    /// The highest sequence number answered.
+    pub last_answered: u32,
+    /// Requests sent.
+    pub sent: u32,
+    /// Sequence numbers at or below `last_answered` that got no reply.
+    pub lost: Vec<u32>,
+}
+
+impl Losses {
+    /// Reads iputils ping's per-reply lines (`icmp_seq=N`) and its summary.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let sent = PingStats::parse(text)?.sent;
+        let answered: std::collections::BTreeSet<u32> = text
+            .lines()
+            .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
+            .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        let last_answered = answered.last().copied().unwrap_or(0);
+        let lost = (1..=last_answered).filter(|seq| !answered.contains(seq)).collect();
+        Ok(Self { last_answered, sent, lost })
+    }
+}
+
+/// Tells pingers apart on a node (their count is unique), so that stopping one stops no other.
+static PINGERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Mesh {
+    /// Starts pinging `target` from `node` ten times a second, for at most `max` (a bound: call
+    /// [`Pinger::stop`] when done).
+    pub fn start_ping(&self, node: &str, target: Ipv4Addr, max: Duration) -> anyhow::Result<Pinger> {
+        let unique = PINGERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        let count = (max.as_secs() as u32 * 10 / 100 * 100 + 100 + unique).to_string();
+        let target_text = target.to_string();
+        let child = self.nodes.spawn(node, &["ping", "-n", "-i", "0.1", "-W", "1", "-c", &count, &target_text])?;
+        Ok(Pinger { node: node.to_owned(), target, count, child })
+    }
+}
+
+impl Pinger {
+    /// Stops the ping (SIGINT, so that it prints its summary) and reads what it saw.
+    pub fn stop(mut self, mesh: &Mesh) -> anyhow::Result<Losses> {
+        use std::io::Read as _;
+        let pattern = format!("^ping -n -i 0.1 -W 1 -c {} {}$", self.count, self.target);
+        let _ = mesh.nodes.exec(&self.node, &["pkill", "-INT", "-f", &pattern]);
+        let mut text = String::new();
+        let _ = self.child.wait();
+        self.child.stdout.take().context("ping stdout")?.read_to_string(&mut text)?;
+        Losses::parse(&text).with_context(|| format!("ping from {} to {}: {text}", self.node, self.target))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +239,19 @@ mod tests {
         let none = "--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 2040ms\n";
         assert_eq!(PingStats::parse(none).unwrap(), PingStats { sent: 3, received: 0, avg_ms: None });
         assert!(PingStats::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn a_ping_loses_only_what_a_later_reply_proves_lost() {
+        let text = "PING 10.42.0.2 (10.42.0.2) 56(84) bytes of data.\n\
+            64 bytes from 10.42.0.2: icmp_seq=1 ttl=64 time=0.5 ms\n\
+            64 bytes from 10.42.0.2: icmp_seq=3 ttl=64 time=0.5 ms\n\
+            64 bytes from 10.42.0.2: icmp_seq=3 ttl=64 time=0.6 ms (DUP!)\n\
+            64 bytes from 10.42.0.2: icmp_seq=4 ttl=64 time=0.5 ms\n\n\
+            --- 10.42.0.2 ping statistics ---\n5 packets transmitted, 3 received, 40% packet loss, time 400ms\n";
+        assert_eq!(Losses::parse(text).unwrap(), Losses { last_answered: 4, sent: 5, lost: vec![2] });
+        let silent = "--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 2040ms\n";
+        assert_eq!(Losses::parse(silent).unwrap(), Losses { last_answered: 0, sent: 3, lost: vec![] });
     }
 
     #[test]
