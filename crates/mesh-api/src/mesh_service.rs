@@ -89,7 +89,8 @@ pub struct NetworkSpec {
     pub type_: NetworkType,
 
     /// TCP/UDP ports reachable on the mesh IP, each 1..65535 and listed once (at most 64).
-    /// Everything else sent to the mesh IP is dropped. Required for types mesh and dual.
+    /// Any other connection to the mesh IP is refused (ICMP echo is answered). Required for types
+    /// mesh and dual.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(range(min = 1, max = 65535)), length(max = 64), extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<i32>,
