@@ -217,6 +217,13 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> anyhow::Result<&'a Value> {
     docs.iter().find(|d| d["kind"] == kind).with_context(|| format!("no {kind} rendered"))
 }
 
+/// The rendered object of `kind` whose name ends with `suffix`.
+fn find_named<'a>(docs: &'a [Value], kind: &str, suffix: &str) -> anyhow::Result<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"].as_str().is_some_and(|n| n.ends_with(suffix)))
+        .with_context(|| format!("no {kind} *{suffix} rendered"))
+}
+
 #[tokio::test]
 async fn workloads_are_least_privilege() -> anyhow::Result<()> {
     bounded(async {
@@ -243,7 +250,7 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
             ensure!(env.contains(&name), "controller env lacks {name}: {env:?}");
         }
 
-        let agent = &find(&docs, "DaemonSet")?["spec"]["template"]["spec"];
+        let agent = &find_named(&docs, "DaemonSet", "-agent")?["spec"]["template"]["spec"];
         let a = &agent["containers"][0];
         ensure!(agent["hostNetwork"] == true && agent["dnsPolicy"] == "ClusterFirstWithHostNet");
         ensure!(agent["tolerations"] == json!([{"operator": "Exists"}]), "the agent runs on every node");
@@ -253,7 +260,7 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
                 && sc["allowPrivilegeEscalation"] == false
                 && sc["readOnlyRootFilesystem"] == true
         );
-        // NET_ADMIN for netlink, nftables and the tun device; NET_BIND_SERVICE for DNS on port 53.
+        // NET_ADMIN for netlink and nftables; NET_BIND_SERVICE for DNS on port 53.
         let caps = json!({"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]});
         ensure!(sc["capabilities"] == caps, "agent capabilities: {sc}");
         let env = |name: &str| a["env"].as_array().and_then(|e| e.iter().find(|e| e["name"] == name)).cloned();
@@ -261,26 +268,49 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
         ensure!(
             env("MESH_ADVERTISE_ADDRESS").is_some_and(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP")
         );
+        // The agent adopts the device DaemonSet's wireguard-go, and tells an uninstall by its own
+        // DaemonSet.
+        ensure!(env("MESH_EXTERNAL_DEVICE").is_some_and(|e| e["value"] == "true"));
+        ensure!(env("MESH_DAEMONSET").is_some_and(|e| e["value"] == "chart-test-w-harness-mesh-agent"));
         let node_name =
             a["env"].as_array().context("env")?.iter().find(|e| e["name"] == "NODE_NAME").context("NODE_NAME")?;
         ensure!(node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName");
         let volumes = agent["volumes"].as_array().context("volumes")?;
         let host_path = |name: &str| volumes.iter().find(|v| v["name"] == name).map(|v| v["hostPath"].clone());
         ensure!(host_path("state") == Some(json!({"path": "/var/lib/harness-mesh", "type": "DirectoryOrCreate"})));
-        ensure!(host_path("dev-net-tun") == Some(json!({"path": "/dev/net/tun", "type": "CharDevice"})));
+        ensure!(host_path("dev-net-tun").is_none(), "the agent needs no tun device: the device DaemonSet holds it");
         ensure!(a["readinessProbe"]["httpGet"]["path"] == "/healthz" && a["livenessProbe"]["tcpSocket"].is_object());
 
+        // The device DaemonSet: wireguard-go on the tun device, updated only on delete (a chart
+        // upgrade never restarts it), no API token, NET_ADMIN only.
+        let device_set = find_named(&docs, "DaemonSet", "-agent-device")?;
+        ensure!(device_set["spec"]["updateStrategy"] == json!({"type": "OnDelete"}));
+        let device = &device_set["spec"]["template"]["spec"];
+        let d = &device["containers"][0];
+        ensure!(d["args"] == json!(["device"]) && device["hostNetwork"] == true);
+        ensure!(device["automountServiceAccountToken"] == false);
+        ensure!(d["securityContext"]["capabilities"] == json!({"drop": ["ALL"], "add": ["NET_ADMIN"]}));
+        ensure!(device["tolerations"] == agent["tolerations"], "the device runs wherever the agent does");
+        let volumes = device["volumes"].as_array().context("volumes")?;
+        ensure!(volumes.iter().any(|v| v["hostPath"] == json!({"path": "/dev/net/tun", "type": "CharDevice"})));
+
         // DNS on an unprivileged port, or none, needs no NET_BIND_SERVICE; kernel WireGuard and
-        // fallback need no tun device.
+        // fallback need no device DaemonSet (the kernel's link outlives every pod).
         for sets in [
             &["agent.dns.port=5353", "agent.wireguard=kernel"][..],
             &["agent.dns.enabled=false", "agent.wireguard=off"],
         ] {
             let docs = documents(&helm.template("chart-test-w", "chart-test-w", sets, false)?)?;
-            let agent = &find(&docs, "DaemonSet")?["spec"]["template"]["spec"];
+            let agent = &find_named(&docs, "DaemonSet", "-agent")?["spec"]["template"]["spec"];
             let caps = &agent["containers"][0]["securityContext"]["capabilities"]["add"];
             ensure!(*caps == json!(["NET_ADMIN"]), "{sets:?}: {caps}");
-            ensure!(!agent["volumes"].as_array().context("volumes")?.iter().any(|v| v["name"] == "dev-net-tun"));
+            ensure!(find_named(&docs, "DaemonSet", "-agent-device").is_err(), "{sets:?}: a device DaemonSet");
+            let external = agent["containers"][0]["env"]
+                .as_array()
+                .context("env")?
+                .iter()
+                .any(|e| e["name"] == "MESH_EXTERNAL_DEVICE");
+            ensure!(!external, "{sets:?}: the agent waits for an external device");
         }
 
         // The CoreDNS stub domain forwards to the DNS Service's pinned address by default.
@@ -715,7 +745,11 @@ async fn rbac_grants_each_serviceaccount_exactly_its_verbs() -> anyhow::Result<(
             grants(mesh, "meshnodes/status", "", &["patch"]),
         ]
         .concat();
-        let in_namespace_agent = grants("coordination.k8s.io", "leases", "", &["create", "patch"]);
+        let in_namespace_agent = [
+            grants("coordination.k8s.io", "leases", "", &["create", "patch"]),
+            grants("apps", "daemonsets", &sandbox.agent_sa(), &["get"]),
+        ]
+        .concat();
 
         for (who, client, cluster_wide, namespaced) in [
             ("controller", &controller, &cluster_wide_controller, &in_namespace_controller),

@@ -46,6 +46,8 @@ pub struct Config {
     pub userspace: userspace::Options,
     /// The mesh subnet.
     pub subnet: Ipv4Net,
+    /// Source-NAT what the node forwards into the mesh (its pods' traffic) to its mesh IP.
+    pub masquerade: bool,
     /// MTU of the interface.
     pub mtu: u32,
     /// The underlay address to advertise, instead of the detected one.
@@ -156,7 +158,7 @@ impl Agent {
         loop {
             tokio::select! {
                 () = &mut shutdown => {
-                    tracing::info!("shutting down; the WireGuard device stays up so that traffic keeps flowing");
+                    tracing::info!("stopping");
                     return Ok(());
                 }
                 () = changed.notified() => {
@@ -189,6 +191,11 @@ impl Agent {
                     probing = false;
                     if let Err(err) = self.report_health(results).await {
                         tracing::warn!("reporting health: {err:#}");
+                        // The device may be gone (its wireguard-go restarted): a sync opens it
+                        // again and sets it up, now rather than at the next resync.
+                        if self.device.get().await.is_err() {
+                            self.sync_logged().await;
+                        }
                     }
                 }
             }
@@ -311,7 +318,12 @@ impl Agent {
             tracing::info!(changes = %changed.join(", "), "configured {}", self.config.interface);
         }
         self.metrics.applied_services.set(hosted.len() as i64);
-        self.enforce(&hosted).await?;
+        let masquerade = self.config.masquerade.then(|| firewall::Masquerade {
+            interface: self.config.interface.clone(),
+            subnet: self.config.subnet,
+            node_ip,
+        });
+        self.enforce(&hosted, masquerade.as_ref()).await?;
         self.ensure_echo(node_ip);
         let mut listen = vec![node_ip];
         if self.config.dns_on_underlay
@@ -367,8 +379,8 @@ impl Agent {
     }
 
     /// Applies the port rules when they changed.
-    async fn enforce(&mut self, hosted: &[Hosted]) -> anyhow::Result<()> {
-        let script = firewall::render(hosted);
+    async fn enforce(&mut self, hosted: &[Hosted], masquerade: Option<&firewall::Masquerade>) -> anyhow::Result<()> {
+        let script = firewall::render(hosted, masquerade);
         if self.firewall.as_ref() == Some(&script) {
             return Ok(());
         }

@@ -54,6 +54,16 @@ impl Links {
         }
     }
 
+    /// Deletes link `name` (with it go its addresses and routes); false when there was none.
+    pub async fn delete(&self, name: &str) -> anyhow::Result<bool> {
+        let Some(index) = self.index(name).await? else { return Ok(false) };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("deleting link {name}")),
+        }
+    }
+
     /// Brings `interface` to the wanted state; returns what it changed (empty: nothing).
     pub async fn configure(&self, interface: &str, wanted: &Wanted) -> anyhow::Result<Vec<String>> {
         let Some(index) = self.index(interface).await? else {

@@ -7,9 +7,15 @@
 //! entry as a diff, hosts the service IPs placed on this node and enforces their ports with
 //! nftables, probes every peer through the tunnel, and reports health in a `Connected`
 //! condition, a liveness Lease and Prometheus metrics.
+//!
+//! Two subcommands serve the agent: `mesh-agent device` holds the WireGuard device in a process
+//! that outlives agent restarts (the chart's device DaemonSet), and `mesh-agent cleanup` removes
+//! everything the agent put on a node.
 
 mod agent;
 mod backend;
+mod cleanup;
+mod device;
 mod dns;
 mod keystore;
 mod link;
@@ -22,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use kube::Client;
 
@@ -33,15 +39,72 @@ use mesh_agent::{directory, status};
 
 /// The harness-mesh node agent: WireGuard, service IPs, port rules and peer health for one node.
 ///
-/// Every flag can also be set through the environment variable shown with it. The agent needs
-/// CAP_NET_ADMIN in the node's network namespace, /dev/net/tun for userspace WireGuard, and a
-/// kubeconfig (in a pod: its ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config).
+/// Without a subcommand, runs the agent. Every flag can also be set through the environment
+/// variable shown with it. The agent needs CAP_NET_ADMIN in the node's network namespace,
+/// /dev/net/tun for userspace WireGuard, and a kubeconfig (in a pod: its ServiceAccount;
+/// elsewhere: $KUBECONFIG or ~/.kube/config).
 #[derive(Parser, Debug)]
-#[command(name = "mesh-agent", version, about, long_about)]
+#[command(name = "mesh-agent", version, about, long_about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Args,
+    /// Log format.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hold the node's WireGuard device in a process of its own, so that restarting or upgrading
+    /// the agent never takes it down (the chart runs this as its device DaemonSet; the agent then
+    /// runs with --external-device). Kernel WireGuard: makes the link and waits. Userspace: runs
+    /// wireguard-go in the foreground until SIGTERM.
+    Device(DeviceArgs),
+    /// Remove everything the agent put on this node: the WireGuard link with its addresses and
+    /// route, the nftables table inet harness_mesh, wireguard-go's socket and (unless
+    /// --keep-state) the state dir with the private key. Stop the agent first; a running one puts
+    /// it all back.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DeviceArgs {
+    /// Which WireGuard: auto (the kernel's if it has it, else wireguard-go), kernel, userspace,
+    /// or off (hold nothing). Use the agent's value.
+    #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value_t = Choice::Auto)]
+    wireguard: Choice,
+    /// The WireGuard interface.
+    #[arg(long, env = "MESH_INTERFACE", default_value = "wg-harness")]
+    interface: String,
+    /// The wireguard-go binary.
+    #[arg(long, env = "MESH_WIREGUARD_GO", default_value = "wireguard-go")]
+    wireguard_go: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct CleanupArgs {
+    /// The WireGuard interface.
+    #[arg(long, env = "MESH_INTERFACE", default_value = "wg-harness")]
+    interface: String,
+    /// The agent's state dir.
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/harness-mesh")]
+    state_dir: PathBuf,
+    /// Keep the state dir (and with it the node's key, so a reinstall keeps its identity).
+    #[arg(long)]
+    keep_state: bool,
+    /// The nft binary.
+    #[arg(long, env = "MESH_NFT", default_value = "nft")]
+    nft: PathBuf,
+}
+
+/// The agent's own flags.
+#[derive(clap::Args, Debug)]
 struct Args {
-    /// This node's MeshNode name (in a DaemonSet: spec.nodeName from the downward API).
+    /// This node's MeshNode name (in a DaemonSet: spec.nodeName from the downward API). Required.
     #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    node_name: Option<String>,
 
     /// Where the node's private key (private.key, mode 0600) and the wireguard-go log live.
     /// Keep it across restarts: a new key means a new identity for the other nodes.
@@ -62,6 +125,30 @@ struct Args {
     /// The wireguard-go binary for the userspace backend.
     #[arg(long, env = "MESH_WIREGUARD_GO", default_value = "wireguard-go")]
     wireguard_go: PathBuf,
+
+    /// Userspace WireGuard runs in another process that outlives the agent (`mesh-agent device`,
+    /// the chart's device DaemonSet): adopt its device, wait up to 60 s for it, never start
+    /// wireguard-go here.
+    #[arg(long, env = "MESH_EXTERNAL_DEVICE")]
+    external_device: bool,
+
+    /// Send what this node forwards into the mesh (traffic of its pods and containers) from the
+    /// node's own mesh IP: peers accept from each node only its own addresses, so without it a
+    /// pod cannot reach the mesh. false: only the node and its services use the mesh.
+    #[arg(long, env = "MESH_MASQUERADE", action = ArgAction::Set, default_value_t = true)]
+    masquerade: bool,
+
+    /// The DaemonSet this agent runs in (the chart sets it), in the --lease-namespace. On
+    /// SIGTERM the agent reads it: when it is gone or being deleted (helm uninstall), the agent
+    /// removes everything it put on the node before it exits (see `mesh-agent cleanup`);
+    /// otherwise (a restart, a rollout, an upgrade) it leaves the device, addresses and rules in
+    /// place, so that no packet is lost. Unset: never clean up on exit.
+    #[arg(long, env = "MESH_DAEMONSET")]
+    daemonset: Option<String>,
+
+    /// With --daemonset: keep the state dir (the node's key) when cleaning up after an uninstall.
+    #[arg(long, env = "MESH_KEEP_STATE_ON_UNINSTALL")]
+    keep_state_on_uninstall: bool,
 
     /// The mesh subnet, routed into the interface; must match mesh-controller's --subnet.
     #[arg(long, env = "MESH_SUBNET", default_value = "10.42.0.0/16")]
@@ -112,10 +199,6 @@ struct Args {
     /// Address of the /metrics and /healthz endpoints.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: SocketAddr,
-
-    /// Log format.
-    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -126,16 +209,42 @@ enum LogFormat {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hickory_server=warn".into());
-    match args.log_format {
+    match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
+    match cli.command {
+        Some(Command::Device(args)) => {
+            device::hold(args.wireguard, &args.interface, &args.wireguard_go, shutdown_signal()).await
+        }
+        Some(Command::Cleanup(args)) => {
+            let cleanup = cleanup::Cleanup {
+                interface: args.interface,
+                nft: args.nft,
+                state_dir: (!args.keep_state).then_some(args.state_dir),
+            };
+            let removed = cleanup.run().await?;
+            if removed.is_empty() {
+                println!("nothing of harness-mesh was left on this node");
+            }
+            for what in removed {
+                println!("removed {what}");
+            }
+            Ok(())
+        }
+        None => run(cli.run).await,
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+async fn run(args: Args) -> anyhow::Result<()> {
+    let node_name = args.node_name.context("--node-name (NODE_NAME) is required: this node's MeshNode name")?;
     if !(0.1..=60.0).contains(&args.probe_interval) {
         anyhow::bail!("--probe-interval must be between 0.1 and 60 seconds, got {}", args.probe_interval);
     }
@@ -153,25 +262,55 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    // Whether this agent may read its DaemonSet: only then can it tell an uninstall on SIGTERM.
+    let daemonset = match args.daemonset {
+        Some(name) => {
+            let readable = cleanup::readable(&client, &args.lease_namespace, &name).await;
+            Some((name, readable))
+        }
+        None => None,
+    };
     let config = Config {
-        node: args.node_name,
-        interface: args.interface,
+        node: node_name,
+        interface: args.interface.clone(),
         wireguard: args.wireguard,
-        userspace: userspace::Options { binary: args.wireguard_go, log_file: args.state_dir.join("wireguard-go.log") },
+        userspace: userspace::Options {
+            binary: args.wireguard_go,
+            log_file: args.state_dir.join("wireguard-go.log"),
+            external: args.external_device,
+        },
+        masquerade: args.masquerade,
         subnet: args.subnet,
         mtu: args.mtu,
         advertise_address: args.advertise_address,
         probe_port: args.probe_port,
         probe_interval: Duration::from_secs_f64(args.probe_interval),
         resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
-        lease_namespace: args.lease_namespace,
-        nft: args.nft,
+        lease_namespace: args.lease_namespace.clone(),
+        nft: args.nft.clone(),
         dns_port: args.dns_port,
         dns_on_underlay: args.dns_on_underlay,
     };
-    let agent = Agent::start(config, client, key, metrics, health_tx).await?;
+    let agent = Agent::start(config, client.clone(), key, metrics, health_tx).await?;
     let result = agent.run(shutdown_signal()).await;
     server.abort();
+    if let Some((name, readable)) = daemonset {
+        match cleanup::departure(&client, &args.lease_namespace, &name, readable).await {
+            cleanup::Departure::Restart => {}
+            cleanup::Departure::Uninstall(why) => {
+                tracing::info!("{why}: the mesh is being uninstalled; removing everything it put on this node");
+                let cleanup = cleanup::Cleanup {
+                    interface: args.interface,
+                    nft: args.nft,
+                    state_dir: (!args.keep_state_on_uninstall).then_some(args.state_dir),
+                };
+                match cleanup.run().await {
+                    Ok(removed) => tracing::info!(?removed, "this node is clean"),
+                    Err(err) => tracing::error!("{err:#}; run `mesh-agent cleanup` on the node"),
+                }
+            }
+        }
+    }
     result
 }
 

@@ -7,6 +7,11 @@
 //! the UAPI protocol defines them (boringtun 0.7 reports "seconds since") and includes its
 //! own private key in `get`; and it is the implementation the WireGuard authors maintain.
 //!
+//! In a DaemonSet the agent's container takes every process in it along when it goes, so there
+//! the chart runs wireguard-go in a pod of its own (`mesh-agent device`) and the agent only adopts
+//! it ([`Options::external`]). Elsewhere (a plain process, an enrolled machine) the agent starts
+//! it, and it outlives the agent as a daemon.
+//!
 //! wireguard-go is started in its own daemon mode: the process the agent spawns forks the
 //! device and exits once the device is up, so the agent waits for and reaps it right away and
 //! never leaves a zombie. Its output goes to a log file in the state dir, never to the agent's
@@ -29,6 +34,8 @@ pub const SOCKET_DIR: &str = "/var/run/wireguard";
 const UAPI_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long wireguard-go may take to bring the device up.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the agent waits for an external device (its pod may start after the agent's).
+const EXTERNAL_WAIT: Duration = Duration::from_secs(60);
 
 /// How to start wireguard-go.
 #[derive(Clone, Debug)]
@@ -37,6 +44,14 @@ pub struct Options {
     pub binary: PathBuf,
     /// Where its output goes (appended).
     pub log_file: PathBuf,
+    /// wireguard-go runs in another process that outlives the agent (`mesh-agent device`):
+    /// adopt it, wait for it, never start one.
+    pub external: bool,
+}
+
+/// Whether a wireguard-go answers on `socket`.
+pub async fn answers(socket: &Path) -> bool {
+    UserspaceDevice { socket: socket.to_owned() }.get().await.is_ok()
 }
 
 /// A wireguard-go device.
@@ -59,6 +74,24 @@ impl UserspaceDevice {
                 return Ok(device);
             }
             Err(err) => tracing::debug!("no running wireguard-go device: {err:#}"),
+        }
+        if options.external {
+            tracing::info!(socket = %device.socket.display(), "waiting for the device that `mesh-agent device` holds");
+            let deadline = tokio::time::Instant::now() + EXTERNAL_WAIT;
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                match device.get().await {
+                    Ok(_) => return Ok(device),
+                    Err(err) if tokio::time::Instant::now() > deadline => {
+                        return Err(err.context(format!(
+                            "no wireguard-go answers on {} after {EXTERNAL_WAIT:?}: is the device DaemonSet's pod \
+                             (mesh-agent device) running on this node? Its log says why not",
+                            device.socket.display()
+                        )));
+                    }
+                    Err(_) => {}
+                }
+            }
         }
         device.start(interface, options).await?;
         Ok(device)
