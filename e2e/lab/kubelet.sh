@@ -214,9 +214,13 @@ build_image() {
     "${b[@]}" push -q "$ref" "docker-archive:$tar.tmp:$ref" >/dev/null
     "${b[@]}" rm "$c" >/dev/null
     mv "$tar.tmp" "$tar"
-    # Older builds of this image are of no use any more.
-    find "$image_cache" -name "$name-*.tar" ! -name "$name-$hash.tar" -delete
   fi
+  # The cache is shared by every checkout's lab (a CI clone in e2e/lab/ns.sh beside a working
+  # tree, each with its own build): keep the 4 builds of this image used last, not just this one,
+  # so that one lab never deletes the image another is importing.
+  touch "$tar"
+  find "$image_cache" -name "$name-*.tar" -printf '%T@ %p\n' | sort -rn | tail -n +5 | cut -d' ' -f2- |
+    xargs -r rm -f
   rm -rf "$root"
   echo "$tar"
 }

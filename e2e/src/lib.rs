@@ -127,7 +127,8 @@ fn kubectl_binary() -> PathBuf {
 }
 
 /// Brings the lab up (idempotent) and returns its admin kubeconfig. Several test binaries may
-/// call this at once, so the start is serialized by a lock file.
+/// call this at once, so the start is serialized by a lock file of this checkout's (a lab of
+/// another checkout, say in `e2e/lab/ns.sh`, is not waited for; `.lab` itself goes on `down`).
 fn start_lab() -> anyhow::Result<PathBuf> {
     start_lab_with_nodes(0)
 }
@@ -135,7 +136,9 @@ fn start_lab() -> anyhow::Result<PathBuf> {
 /// Brings the lab up with at least `nodes` node namespaces and their agents (idempotent: only
 /// what is missing is started, including a controller or MeshNodes an earlier suite removed).
 pub fn start_lab_with_nodes(nodes: usize) -> anyhow::Result<PathBuf> {
-    let lock = File::create(std::env::temp_dir().join("harness-mesh-lab.lock"))?;
+    let dir = repo_root().join("target");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = File::create(dir.join("harness-mesh-lab.lock"))?;
     lock.lock().context("locking the lab start")?;
     let count = nodes.to_string();
     let args: &[&str] = if nodes > 0 { &["up", "--nodes", &count] } else { &["up"] };
