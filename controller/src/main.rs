@@ -50,7 +50,10 @@ struct Args {
     subnet: Subnet,
 
     /// Seconds a released mesh IP is held back before it is handed to another object, so that
-    /// peers still holding the old entry never receive another service's traffic.
+    /// peers still holding the old entry never receive another service's traffic. The hold is
+    /// kept in this process's memory and covers the deletions it sees: an object deleted while
+    /// no controller runs (uninstalled, crashed, scaled to 0) is not held back, and its address
+    /// is free as soon as the controller starts (it then knows only the live objects).
     #[arg(long, env = "MESH_IP_HOLD_SECONDS", default_value_t = 300)]
     ip_hold_seconds: u64,
 

@@ -392,8 +392,7 @@ async fn with_the_controller_stopped_mesh_objects_and_their_namespace_are_delete
     let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
     let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
     nodes.create(&PostParams::default(), &mesh_node(node_name, &[])?).await?;
-    api.create(&PostParams::default(), &service("web", json!({"network": {"ports": [80]}, "node": node_name})))
-        .await?;
+    api.create(&PostParams::default(), &service("web", json!({"network": {"ports": [80]}, "node": node_name}))).await?;
     let ip = wait_for(&api, "web", Duration::from_secs(20), "a mesh IP", |s| mesh_ip_of(s).is_some()).await?;
     let ip = mesh_ip_of(&ip).unwrap_or_default().to_owned();
     wait_node_ip(&nodes, node_name, Duration::from_secs(20)).await?;
@@ -442,7 +441,10 @@ async fn with_the_controller_stopped_mesh_objects_and_their_namespace_are_delete
     ctl.wait_ready(Duration::from_secs(30)).await;
     let after = namespace(&cluster, "ctl-down-after").await?;
     after
-        .create(&PostParams::default(), &service("taker", json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip})))
+        .create(
+            &PostParams::default(),
+            &service("taker", json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip})),
+        )
         .await?;
     wait_for(&after, "taker", Duration::from_secs(20), "the address deleted while no controller ran", |s| {
         mesh_ip_of(s) == Some(ip.as_str())
@@ -552,6 +554,10 @@ async fn the_finalizer_of_an_older_controller_is_removed() -> anyhow::Result<()>
     api.patch("live", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})))
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(ctl.metric("mesh_controller_api_writes_total").await, writes, "writes for objects without the old finalizer");
+    assert_eq!(
+        ctl.metric("mesh_controller_api_writes_total").await,
+        writes,
+        "writes for objects without the old finalizer"
+    );
     clean_slate(&cluster).await
 }
