@@ -205,6 +205,16 @@ impl Error {
     }
 }
 
+/// Whether the object `name` exists, read from the API server's storage rather than its watch
+/// cache: a list with a field selector, since the controller's role may list but not get.
+pub async fn is_there<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let params = kube::api::ListParams::default().fields(&format!("metadata.name={name}"));
+    Ok(!api.list_metadata(&params).await?.items.is_empty())
+}
+
 /// The JSON patch that removes every [`LEGACY_FINALIZER`] entry from `finalizers`, or `None`
 /// when there is none (then nothing is written). Each removal is preceded by a test of the
 /// entry at that index, so a list changed meanwhile fails the patch instead of losing another

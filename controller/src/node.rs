@@ -17,7 +17,7 @@ use mesh_core::Owner;
 use serde_json::json;
 
 use crate::conditions::refused;
-use crate::context::{Ctx, Error, FIELD_MANAGER, remove_legacy_finalizer};
+use crate::context::{Ctx, Error, FIELD_MANAGER, is_there, remove_legacy_finalizer};
 use crate::metrics::KindLabel;
 use crate::service::RETRY_ALLOCATION_SECS;
 
@@ -76,13 +76,13 @@ pub fn on_watch_event(ctx: &Arc<Ctx>, event: &watcher::Event<MeshNode>) {
 }
 
 /// After a re-list that lacks a node the controller holds an address for: forgets it once a
-/// read from the API server confirms that it is gone (a list served from a lagging cache may
-/// lack a live object), and only if the watch has not brought it back meanwhile.
+/// consistent read ([`is_there`]) confirms that it is gone (a re-list served from a lagging
+/// cache may lack a live object), and only if the watch has not brought it back meanwhile.
 async fn confirm_gone(owner: Owner, ctx: Arc<Ctx>) {
     let Owner::Node(name) = &owner else { return };
     let api: Api<MeshNode> = Api::all(ctx.client.clone());
-    match api.get_opt(name).await {
-        Ok(None) if ctx.mesh_nodes.get(&ObjectRef::new(name)).is_none() => {
+    match is_there(&api, name).await {
+        Ok(false) if ctx.mesh_nodes.get(&ObjectRef::new(name)).is_none() => {
             tracing::info!(node = %owner, "deleted while the watch was down");
             forget(&owner, &ctx);
         }

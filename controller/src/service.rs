@@ -19,7 +19,7 @@ use mesh_core::Owner;
 use serde_json::json;
 
 use crate::conditions::refused;
-use crate::context::{Ctx, Error, FIELD_MANAGER, Hosted, remove_legacy_finalizer};
+use crate::context::{Ctx, Error, FIELD_MANAGER, Hosted, is_there, remove_legacy_finalizer};
 
 const KIND: &str = "MeshService";
 /// How often a service whose address is refused (conflict, exhaustion) looks again.
@@ -72,13 +72,13 @@ pub fn on_watch_event(ctx: &Arc<Ctx>, event: &watcher::Event<MeshService>) {
 }
 
 /// After a re-list that lacks a service the controller holds an address for: forgets it once a
-/// read from the API server confirms that it is gone (a list served from a lagging cache may
-/// lack a live object), and only if the watch has not brought it back meanwhile.
+/// consistent read ([`is_there`]) confirms that it is gone (a re-list served from a lagging
+/// cache may lack a live object), and only if the watch has not brought it back meanwhile.
 async fn confirm_gone(owner: Owner, ctx: Arc<Ctx>) {
     let Owner::Service { namespace, name } = &owner else { return };
     let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), namespace);
-    match api.get_opt(name).await {
-        Ok(None) if ctx.mesh_services.get(&ObjectRef::new(name).within(namespace)).is_none() => {
+    match is_there(&api, name).await {
+        Ok(false) if ctx.mesh_services.get(&ObjectRef::new(name).within(namespace)).is_none() => {
             tracing::info!(service = %owner, "deleted while the watch was down");
             forget(&owner, &ctx);
         }
