@@ -561,3 +561,66 @@ async fn the_finalizer_of_an_older_controller_is_removed() -> anyhow::Result<()>
     );
     clean_slate(&cluster).await
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to the process `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid} failed: {status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deletion_missed_while_the_watch_was_down_is_released_after_the_relist() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    let ctl = fresh_controller(&cluster, 18194, &["--leader-elect=false", "--ip-hold-seconds=600"]).await?;
+    let api = namespace(&cluster, "ctl-relist").await?;
+    api.create(&PostParams::default(), &service("missed", json!({"network": {"ports": [80]}, "node": "nowhere"})))
+        .await?;
+    let missed = wait_for(&api, "missed", Duration::from_secs(20), "a mesh IP", |s| mesh_ip_of(s).is_some()).await?;
+    let ip = mesh_ip_of(&missed).unwrap_or_default().to_owned();
+
+    // The controller stops (SIGSTOP) and kube-apiserver restarts, which ends its watches; the
+    // service is deleted before the controller runs again. Its watches resume from a resource
+    // version older than the new server's watch cache, so they start over with a list, and no
+    // Delete event ever comes. (Deleted before the restart, the event would already wait in the
+    // stopped controller's socket.)
+    signal(ctl.pid(), "STOP")?;
+    let deleted = async {
+        harness_mesh_e2e::lab_sh(&["apiserver", "stop"])?;
+        harness_mesh_e2e::lab_sh(&["apiserver", "start"])?;
+        let cluster = Cluster::get().await?;
+        let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), "ctl-relist");
+        api.delete("missed", &DeleteParams::default()).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.get_opt("missed").await?.is_some() {
+            anyhow::ensure!(Instant::now() < deadline, "missed not deleted within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    signal(ctl.pid(), "CONT")?;
+    deleted?;
+    let cluster = Cluster::get().await?;
+    let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), "ctl-relist");
+
+    // After the re-list the controller holds no address for the service (no leak), and holds it
+    // back from anyone else.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctl.metric("mesh_controller_pool_used").await != 0.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the deleted service's {ip} is still allocated after the re-list");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let spec = json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip});
+    api.create(&PostParams::default(), &service("taker", spec)).await?;
+    let refused = wait_for(&api, "taker", Duration::from_secs(20), "IPConflict", |s| {
+        condition(s, "IPConflict").is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+    let (_, _, message) = condition(&refused, "IPConflict").unwrap_or_default();
+    assert!(message.contains("held back") && message.contains("MeshService ctl-relist/missed"), "{message}");
+    let log = std::fs::read_to_string(std::env::temp_dir().join("mesh-controller-test-18194.log"))?;
+    assert!(log.contains("deleted while the watch was down"), "the release did not come from the re-list");
+    clean_slate(&cluster).await
+}
