@@ -8,21 +8,24 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::finalizer::Error as FinalizerError;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use mesh_api::{MeshNode, MeshService};
 use mesh_core::{Owner, Pool};
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
 
 /// The field manager of every write the controller makes (server-side apply).
 pub const FIELD_MANAGER: &str = "mesh-controller";
-/// The finalizer that keeps an object until its mesh IP is released.
-pub const FINALIZER: &str = "mesh.harness.dev/release-ip";
+/// The finalizer that controllers before issue 16 put on every MeshService and MeshNode. This
+/// one puts none (it learns of deletions from its watches: docs/adr/0002) and removes this one
+/// where it finds it, so that nothing an older controller made stays undeletable without it.
+pub const LEGACY_FINALIZER: &str = "mesh.harness.dev/release-ip";
 
 /// A service IP and the node that hosts it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,9 +180,12 @@ pub enum Error {
     /// The API server refused or failed a request.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    /// Adding or removing the finalizer failed.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Removing [`LEGACY_FINALIZER`] failed.
+    #[error(
+        "removing the finalizer {LEGACY_FINALIZER} that an older mesh-controller left: {0}; retrying (it is safe to \
+         remove by hand: kubectl patch with --type=json and a remove of its entry in /metadata/finalizers)"
+    )]
+    LegacyFinalizer(#[source] kube::Error),
     /// The object itself is wrong in a way only a change to it can fix.
     #[error("{0}")]
     Permanent(String),
@@ -192,12 +198,99 @@ impl Error {
         match self {
             Self::Permanent(_) => Action::await_change(),
             Self::Kube(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => Action::await_change(),
-            Self::Finalizer(err) => match err.as_ref() {
-                FinalizerError::ApplyFailed(inner) | FinalizerError::CleanupFailed(inner) => inner.action(),
-                // Adding or removing the finalizer raced another writer: try again shortly.
-                _ => Action::requeue(Duration::from_secs(1)),
-            },
+            // Most likely the list changed under the patch (its test failed): look again shortly.
+            Self::LegacyFinalizer(_) => Action::requeue(Duration::from_secs(1)),
             Self::Kube(_) => Action::requeue(Duration::from_secs(5)),
         }
+    }
+}
+
+/// Whether the object `name` exists, read from the API server's storage rather than its watch
+/// cache: a list with a field selector, since the controller's role may list but not get.
+pub async fn is_there<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let params = kube::api::ListParams::default().fields(&format!("metadata.name={name}"));
+    Ok(!api.list_metadata(&params).await?.items.is_empty())
+}
+
+/// The JSON patch that removes every [`LEGACY_FINALIZER`] entry from `finalizers`, or `None`
+/// when there is none (then nothing is written). Each removal is preceded by a test of the
+/// entry at that index, so a list changed meanwhile fails the patch instead of losing another
+/// controller's finalizer; entries are removed from the last, so the earlier indices hold.
+pub fn legacy_finalizer_patch(finalizers: &[String]) -> Option<serde_json::Value> {
+    let ops: Vec<serde_json::Value> = finalizers
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, f)| *f == LEGACY_FINALIZER)
+        .flat_map(|(i, _)| {
+            let path = format!("/metadata/finalizers/{i}");
+            [
+                serde_json::json!({"op": "test", "path": path, "value": LEGACY_FINALIZER}),
+                serde_json::json!({"op": "remove", "path": path}),
+            ]
+        })
+        .collect();
+    (!ops.is_empty()).then_some(serde_json::Value::Array(ops))
+}
+
+/// Removes [`LEGACY_FINALIZER`] from `obj` if it carries it (one patch), and says whether it
+/// wrote. An object an older controller made keeps it otherwise, and with it the object, its
+/// namespace and the CRD could not be deleted once no controller runs.
+pub async fn remove_legacy_finalizer<K>(api: &Api<K>, obj: &K) -> Result<bool, Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let Some(ops) = legacy_finalizer_patch(obj.finalizers()) else { return Ok(false) };
+    let ops =
+        serde_json::from_value(ops).map_err(|e| Error::Permanent(format!("a JSON patch that does not parse: {e}")))?;
+    api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Json::<()>(ops))
+        .await
+        .map_err(Error::LegacyFinalizer)?;
+    tracing::info!(object = %obj.name_any(), "removed the finalizer {LEGACY_FINALIZER} that an older mesh-controller left");
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn list(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn no_legacy_finalizer_no_patch() {
+        assert_eq!(legacy_finalizer_patch(&[]), None);
+        assert_eq!(legacy_finalizer_patch(&list(&["example.com/keep"])), None);
+    }
+
+    #[test]
+    fn the_legacy_finalizer_is_removed_where_it_stands_and_nothing_else() {
+        let patch = legacy_finalizer_patch(&list(&["example.com/keep", LEGACY_FINALIZER])).expect("a patch");
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/1", "value": LEGACY_FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/1"},
+            ])
+        );
+    }
+
+    #[test]
+    fn repeated_entries_are_removed_from_the_last_so_indices_hold() {
+        let patch = legacy_finalizer_patch(&list(&[LEGACY_FINALIZER, "a/b", LEGACY_FINALIZER])).expect("a patch");
+        let paths: Vec<&str> = patch.as_array().expect("ops").iter().filter_map(|op| op["path"].as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/metadata/finalizers/2", "/metadata/finalizers/2", "/metadata/finalizers/0", "/metadata/finalizers/0"]
+        );
+        // And it is a JSON patch kube accepts.
+        let parsed: Result<Patch<()>, _> = serde_json::from_value(patch).map(Patch::Json);
+        assert!(parsed.is_ok());
     }
 }

@@ -8,6 +8,7 @@
 mod backoff;
 mod conditions;
 mod context;
+mod gone;
 mod metrics;
 mod node;
 mod service;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use futures::{StreamExt, future};
+use futures::{StreamExt, TryStreamExt, future};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
@@ -49,7 +50,10 @@ struct Args {
     subnet: Subnet,
 
     /// Seconds a released mesh IP is held back before it is handed to another object, so that
-    /// peers still holding the old entry never receive another service's traffic.
+    /// peers still holding the old entry never receive another service's traffic. The hold is
+    /// kept in this process's memory and covers the deletions it sees: an object deleted while
+    /// no controller runs (uninstalled, crashed, scaled to 0) is not held back, and its address
+    /// is free as soon as the controller starts (it then knows only the live objects).
     #[arg(long, env = "MESH_IP_HOLD_SECONDS", default_value_t = 300)]
     ip_hold_seconds: u64,
 
@@ -170,11 +174,10 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let pod_events = reflector::reflector(pods_writer, watcher(pods_api, watch.clone()))
         .backoff(WatchBackoff::default())
         .touched_objects();
+    let (mesh_nodes, mesh_nodes_writer) = reflector::store();
+    let (mesh_services, mesh_services_writer) = reflector::store();
 
     // Short watch backoffs, so the controller catches up within seconds after an API outage.
-    let node_controller =
-        Controller::new(mesh_nodes_api.clone(), watch.clone()).trigger_backoff(WatchBackoff::default());
-    let service_controller = Controller::new(mesh_services_api, watch.clone()).trigger_backoff(WatchBackoff::default());
     let mirror_controller = Controller::new(nodes_api.clone(), watch.clone()).trigger_backoff(WatchBackoff::default());
     let (node_trigger, node_triggers) = tokio::sync::mpsc::unbounded_channel();
     let (service_trigger, service_triggers) = tokio::sync::mpsc::unbounded_channel();
@@ -183,8 +186,8 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let ctx = Arc::new(Ctx::new(
         client,
         pool,
-        node_controller.store(),
-        service_controller.store(),
+        mesh_nodes.clone(),
+        mesh_services.clone(),
         pods,
         mirror_controller.store(),
         node_trigger,
@@ -194,8 +197,28 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     ));
     ctx.hosting().extend(hosting);
 
-    let services_for_pods = service_controller.store();
-    let services_for_nodes = service_controller.store();
+    // The MeshNode and MeshService controllers run on watch streams of their own making, so that
+    // the same streams also tell the controller which objects are gone (no finalizer does: see
+    // gone.rs). Each event reaches the handler after the watch cache has taken it in.
+    let node_events = {
+        let ctx = ctx.clone();
+        reflector::reflector(mesh_nodes_writer, watcher(mesh_nodes_api.clone(), watch.clone()))
+            .inspect_ok(move |event| node::on_watch_event(&ctx, event))
+            .applied_objects()
+    };
+    let service_events = {
+        let ctx = ctx.clone();
+        reflector::reflector(mesh_services_writer, watcher(mesh_services_api, watch.clone()))
+            .inspect_ok(move |event| service::on_watch_event(&ctx, event))
+            .applied_objects()
+    };
+    // The trigger backoff covers these streams and every other watch of the controller.
+    let node_controller = Controller::for_stream(node_events, mesh_nodes).trigger_backoff(WatchBackoff::default());
+    let service_controller =
+        Controller::for_stream(service_events, mesh_services.clone()).trigger_backoff(WatchBackoff::default());
+
+    let services_for_pods = mesh_services.clone();
+    let services_for_nodes = mesh_services;
     let services = service_controller
         .watches_stream(pod_events, move |pod: Pod| {
             let namespace = pod.namespace();

@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED, READY, Want, merge, same};
 use mesh_api::{Backend, MeshNode, MeshNodeStatus, PeerEntry};
@@ -17,7 +17,7 @@ use mesh_core::Owner;
 use serde_json::json;
 
 use crate::conditions::refused;
-use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER};
+use crate::context::{Ctx, Error, FIELD_MANAGER, is_there, remove_legacy_finalizer};
 use crate::metrics::KindLabel;
 use crate::service::RETRY_ALLOCATION_SECS;
 
@@ -25,7 +25,8 @@ const KIND: &str = "MeshNode";
 /// The condition types this controller owns on a MeshNode (the agent owns the others).
 const OWNED: [&str; 4] = [READY, ALLOCATED, IP_CONFLICT, POOL_EXHAUSTED];
 
-/// Reconciles one MeshNode.
+/// Reconciles one MeshNode. Its deletion is not the reconciler's business: the watch reports it
+/// ([`on_watch_event`]).
 pub async fn reconcile(node: Arc<MeshNode>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.caches_synced().await?;
     ctx.metrics.reconciles.get_or_create(&KindLabel { kind: KIND }).inc();
@@ -38,26 +39,67 @@ pub async fn reconcile(node: Arc<MeshNode>, ctx: Arc<Ctx>) -> Result<Action, Err
         ctx.metrics.wrote(KIND);
         return Ok(Action::await_change());
     }
-    let adds_finalizer = !node.finalizers().iter().any(|f| f == FINALIZER);
-    let result = finalizer(&api, FINALIZER, node, |event| async {
-        match event {
-            Finalizer::Apply(node) => apply(&node, &ctx).await,
-            Finalizer::Cleanup(node) => {
-                let owner = Owner::node(node.name_any());
-                if let Some(ip) = ctx.pool().release(&owner, ctx.now()) {
-                    tracing::info!(node = %node.name_any(), %ip, "released mesh IP");
-                }
-                ctx.observe_pool();
-                Ok(Action::await_change())
-            }
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    if adds_finalizer {
+    if remove_legacy_finalizer(&api, node.as_ref()).await? {
         ctx.metrics.wrote(KIND);
     }
-    result
+    if node.meta().deletion_timestamp.is_some() {
+        // Kept by someone else's finalizer: it keeps its address until it is gone.
+        return Ok(Action::await_change());
+    }
+    apply(&node, &ctx).await
+}
+
+/// The owner of a node's address.
+fn owner_of(node: &MeshNode) -> Owner {
+    Owner::node(node.name_any())
+}
+
+/// What a MeshNode watch event means for the nodes that are gone (see [`crate::gone::gone`]):
+/// each one's address is released (held back), at once for a deletion, after a check for what a
+/// re-list lacks. The services it hosted hear of it through their own watch of MeshNodes.
+pub fn on_watch_event(ctx: &Arc<Ctx>, event: &watcher::Event<MeshNode>) {
+    let tracked = || {
+        ctx.pool()
+            .allocations()
+            .filter(|(_, owner)| matches!(owner, Owner::Node(_)))
+            .map(|(_, owner)| owner.clone())
+            .collect()
+    };
+    let relisted = matches!(event, watcher::Event::InitDone);
+    for owner in crate::gone::gone(event, owner_of, || ctx.mesh_nodes.state(), tracked) {
+        if relisted {
+            tokio::spawn(confirm_gone(owner, ctx.clone()));
+        } else {
+            forget(&owner, ctx);
+        }
+    }
+}
+
+/// After a re-list that lacks a node the controller holds an address for: forgets it once a
+/// consistent read ([`is_there`]) confirms that it is gone (a re-list served from a lagging
+/// cache may lack a live object), and only if the watch has not brought it back meanwhile.
+async fn confirm_gone(owner: Owner, ctx: Arc<Ctx>) {
+    let Owner::Node(name) = &owner else { return };
+    let api: Api<MeshNode> = Api::all(ctx.client.clone());
+    match is_there(&api, name).await {
+        Ok(false) if ctx.mesh_nodes.get(&ObjectRef::new(name)).is_none() => {
+            tracing::info!(node = %owner, "deleted while the watch was down");
+            forget(&owner, &ctx);
+        }
+        Ok(_) => tracing::debug!(node = %owner, "missing from a re-list, but there: kept"),
+        Err(err) => tracing::warn!(
+            node = %owner,
+            "missing from a re-list, and reading it failed: {err}; its address stays allocated until a later re-list shows it gone"
+        ),
+    }
+}
+
+/// The node is gone: release its address (held back).
+fn forget(owner: &Owner, ctx: &Ctx) {
+    if let Some(ip) = ctx.pool().release(owner, ctx.now()) {
+        tracing::info!(node = %owner, %ip, "released mesh IP");
+    }
+    ctx.observe_pool();
 }
 
 /// Whether `node` mirrors a Kubernetes Node (owner reference) that no longer exists.
@@ -94,6 +136,12 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
             (ctx.pool().address_of(&owner), Some((reason, err.to_string())))
         }
     };
+    if ctx.mesh_nodes.get(&ObjectRef::from_obj(node)).is_none() {
+        // Deleted while this reconcile ran: the watch may have released the address before it
+        // was allocated above, so release it again rather than leak it.
+        forget(&owner, ctx);
+        return Ok(Action::await_change());
+    }
     if ip.is_some() && node.status.as_ref().and_then(|s| s.mesh_ip.as_ref()).is_none() {
         ctx.metrics.allocations.inc();
     }

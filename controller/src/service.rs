@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{
     ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY, SHORT_NAME, Want, merge, same,
@@ -18,73 +19,114 @@ use mesh_core::Owner;
 use serde_json::json;
 
 use crate::conditions::refused;
-use crate::context::{Ctx, Error, FIELD_MANAGER, FINALIZER, Hosted};
+use crate::context::{Ctx, Error, FIELD_MANAGER, Hosted, is_there, remove_legacy_finalizer};
 
 const KIND: &str = "MeshService";
 /// How often a service whose address is refused (conflict, exhaustion) looks again.
 pub const RETRY_ALLOCATION_SECS: u64 = 10;
 
-/// Reconciles one MeshService (behind the IP-release finalizer).
+/// Reconciles one MeshService. Its deletion is not the reconciler's business: the watch reports
+/// it ([`on_watch_event`]).
 pub async fn reconcile(service: Arc<MeshService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.caches_synced().await?;
     ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabel { kind: KIND }).inc();
     let namespace = service.namespace().unwrap_or_default();
     let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), &namespace);
-    let adds_finalizer = !service.finalizers().iter().any(|f| f == FINALIZER);
-    let result = finalizer(&api, FINALIZER, service, |event| async {
-        match event {
-            Finalizer::Apply(service) => apply(&service, &ctx).await,
-            Finalizer::Cleanup(service) => cleanup(&service, &ctx),
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    if adds_finalizer {
+    if remove_legacy_finalizer(&api, service.as_ref()).await? {
         ctx.metrics.wrote(KIND);
     }
-    result
+    if service.meta().deletion_timestamp.is_some() {
+        // Kept by someone else's finalizer: it keeps its address until it is gone.
+        return Ok(Action::await_change());
+    }
+    apply(&service, &ctx).await
 }
 
-fn owner_of(service: &MeshService) -> Owner {
+/// The owner of a service's address.
+pub fn owner_of(service: &MeshService) -> Owner {
     Owner::service(service.namespace().unwrap_or_default(), service.name_any())
 }
 
-/// The object is going away: release its address (held back) and its hosting.
-fn cleanup(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
-    let owner = owner_of(service);
-    if let Some(ip) = ctx.pool().release(&owner, ctx.now()) {
+/// What a MeshService watch event means for the services that are gone (see
+/// [`crate::gone::gone`]): each one's address is released (held back) and its hosting dropped;
+/// at once for a deletion, after a check for what a re-list lacks.
+pub fn on_watch_event(ctx: &Arc<Ctx>, event: &watcher::Event<MeshService>) {
+    let tracked = || {
+        let mut owners: std::collections::BTreeSet<Owner> = ctx
+            .pool()
+            .allocations()
+            .filter(|(_, owner)| matches!(owner, Owner::Service { .. }))
+            .map(|(_, owner)| owner.clone())
+            .collect();
+        owners.extend(ctx.hosting().keys().cloned());
+        owners
+    };
+    let relisted = matches!(event, watcher::Event::InitDone);
+    for owner in crate::gone::gone(event, owner_of, || ctx.mesh_services.state(), tracked) {
+        if relisted {
+            tokio::spawn(confirm_gone(owner, ctx.clone()));
+        } else {
+            forget(&owner, ctx);
+        }
+    }
+}
+
+/// After a re-list that lacks a service the controller holds an address for: forgets it once a
+/// consistent read ([`is_there`]) confirms that it is gone (a re-list served from a lagging
+/// cache may lack a live object), and only if the watch has not brought it back meanwhile.
+async fn confirm_gone(owner: Owner, ctx: Arc<Ctx>) {
+    let Owner::Service { namespace, name } = &owner else { return };
+    let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), namespace);
+    match is_there(&api, name).await {
+        Ok(false) if ctx.mesh_services.get(&ObjectRef::new(name).within(namespace)).is_none() => {
+            tracing::info!(service = %owner, "deleted while the watch was down");
+            forget(&owner, &ctx);
+        }
+        Ok(_) => tracing::debug!(service = %owner, "missing from a re-list, but there: kept"),
+        Err(err) => tracing::warn!(
+            service = %owner,
+            "missing from a re-list, and reading it failed: {err}; its address stays allocated until a later re-list shows it gone"
+        ),
+    }
+}
+
+/// The service is gone: release its address (held back) and its hosting.
+fn forget(owner: &Owner, ctx: &Ctx) {
+    if let Some(ip) = ctx.pool().release(owner, ctx.now()) {
         tracing::info!(service = %owner, %ip, "released mesh IP");
     }
-    ctx.set_hosting(&owner, None);
+    ctx.set_hosting(owner, None);
     ctx.observe_pool();
     // A same-named service elsewhere may now own the short name alone.
-    wake_namesakes(service, ctx);
-    Ok(Action::await_change())
+    if let Owner::Service { namespace, name } = owner {
+        wake_namesakes(name, namespace, ctx);
+    }
 }
 
 /// The short name a service is not reachable by, whatever happens: `node.mesh.local` would be the
 /// parent of every node's name.
 const RESERVED_SHORT_NAMES: [&str; 1] = ["node"];
 
-/// Other live services with the same name in other namespaces, as `namespace` strings.
-fn namesakes(service: &MeshService, ctx: &Ctx) -> Vec<String> {
-    let (name, namespace) = (service.name_any(), service.namespace());
+/// Other live services named `name` in namespaces other than `namespace`, as `namespace`
+/// strings.
+fn namesakes(name: &str, namespace: &str, ctx: &Ctx) -> Vec<String> {
     let mut others: Vec<String> = ctx
         .mesh_services
         .state()
         .iter()
-        .filter(|s| s.name_any() == name && s.namespace() != namespace && s.meta().deletion_timestamp.is_none())
+        .filter(|s| s.name_any() == name && s.meta().deletion_timestamp.is_none())
         .filter_map(|s| s.namespace())
+        .filter(|ns| ns != namespace)
         .collect();
     others.sort();
     others
 }
 
-/// Asks the controller to reconcile every same-named service in other namespaces.
-fn wake_namesakes(service: &MeshService, ctx: &Ctx) {
-    let name = service.name_any();
-    for namespace in namesakes(service, ctx) {
-        let _ = ctx.service_trigger.send(kube::runtime::reflector::ObjectRef::new(&name).within(&namespace));
+/// Asks the controller to reconcile every service named `name` in other namespaces than
+/// `namespace`.
+fn wake_namesakes(name: &str, namespace: &str, ctx: &Ctx) {
+    for other in namesakes(name, namespace, ctx) {
+        let _ = ctx.service_trigger.send(ObjectRef::new(name).within(&other));
     }
 }
 
@@ -98,7 +140,7 @@ fn short_name(service: &MeshService, ctx: &Ctx) -> Want {
             format!("{name}.mesh.local is reserved (node names live under it); use {name}.{namespace}.mesh.local"),
         );
     }
-    let others = namesakes(service, ctx);
+    let others = namesakes(&name, &namespace, ctx);
     if others.is_empty() {
         Want::yes(SHORT_NAME, "Unique", format!("{name}.mesh.local resolves to this service"))
     } else {
@@ -125,7 +167,7 @@ struct Host {
 /// Where the service runs now, or the (true) condition that says why it runs nowhere.
 fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<Host, Want> {
     if let Some(node) = &service.spec.node {
-        return if ctx.mesh_nodes.get(&kube::runtime::reflector::ObjectRef::new(node)).is_some() {
+        return if ctx.mesh_nodes.get(&ObjectRef::new(node)).is_some() {
             Ok(Host { node: node.clone(), pod_ip: None })
         } else {
             Err(Want::yes(
@@ -228,6 +270,12 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
             _ => None,
         },
     );
+    if ctx.mesh_services.get(&ObjectRef::from_obj(service)).is_none() {
+        // Deleted while this reconcile ran: the watch may have released the address before it
+        // was allocated above, so release it (and the hosting) again rather than leak it.
+        forget(&owner, ctx);
+        return Ok(Action::await_change());
+    }
     let ready = match (&host, &warning) {
         (Err(why), _) => {
             let message = why.message.clone();
@@ -289,7 +337,7 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
         conditions.iter().find(|c| c.type_ == SHORT_NAME).map(|c| (c.status.clone(), c.message.clone()))
     };
     if short_name_of(&current.conditions) != short_name_of(&desired.conditions) {
-        wake_namesakes(service, ctx);
+        wake_namesakes(&name, &namespace, ctx);
     }
 
     for type_ in [IP_CONFLICT, POOL_EXHAUSTED] {

@@ -306,3 +306,321 @@ async fn kubernetes_nodes_are_mirrored_into_mesh_nodes() -> anyhow::Result<()> {
     assert_eq!(ctl.metric("mesh_controller_pool_used").await, 0.0, "the node's IP was released");
     clean_slate(&cluster).await
 }
+
+/// The finalizer an older controller put on every MeshService and MeshNode (the controller no
+/// longer uses one; it removes this one where it finds it).
+const OLD_FINALIZER: &str = "mesh.harness.dev/release-ip";
+
+/// Kubernetes' namespace controller (kube-controller-manager with only that controller), killed
+/// when dropped. The lab runs without kube-controller-manager in plain mode, and without it no
+/// namespace ever finishes deleting, whatever the mesh objects in it do.
+struct NamespaceController(std::process::Child);
+
+impl NamespaceController {
+    fn start(cluster: &Cluster) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        // Cached after the first build (1-2 min, from the Go module proxy); prints its path.
+        let script = harness_mesh_e2e::repo_root().join("e2e/lab/build-binaries.sh");
+        let out = std::process::Command::new(&script)
+            .arg("kube-controller-manager")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} kube-controller-manager failed (a first build needs the network: run it once outside \
+             e2e/lab/ns.sh)",
+            script.display()
+        );
+        let binary = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().to_owned();
+        let log = std::fs::File::create(std::env::temp_dir().join("ctl-namespace-controller.log"))?;
+        let child = std::process::Command::new(&binary)
+            .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+            .args(["--controllers=namespace-controller", "--leader-elect=false", "--secure-port=0"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for NamespaceController {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn finalizers<K: kube::Resource>(obj: &K) -> Vec<String> {
+    obj.meta().finalizers.clone().unwrap_or_default()
+}
+
+/// A MeshNode named `name` with an empty spec and the given finalizers.
+fn mesh_node(name: &str, finalizers: &[&str]) -> anyhow::Result<MeshNode> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+        "metadata": {"name": name, "finalizers": finalizers}, "spec": {},
+    }))?)
+}
+
+async fn wait_node_ip(nodes: &Api<MeshNode>, name: &str, within: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(ip) = nodes.get_opt(name).await?.and_then(|n| n.status?.mesh_ip) {
+            return Ok(ip);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "MeshNode {name} got no mesh IP within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn mesh_ip_of(s: &MeshService) -> Option<&str> {
+    s.status.as_ref().and_then(|st| st.mesh_ip.as_deref())
+}
+
+#[tokio::test]
+async fn with_the_controller_stopped_mesh_objects_and_their_namespace_are_deleted_promptly() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    let hold = ["--leader-elect=false", "--ip-hold-seconds=600"];
+    let ctl = fresh_controller(&cluster, 18190, &hold).await?;
+    // A namespace of this run's own: one that an earlier, failed run left terminating takes no
+    // new objects.
+    let (ns, node_name) = (format!("ctl-down-{}", std::process::id()), "ctl-down-node");
+    let api = namespace(&cluster, &ns).await?;
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    nodes.create(&PostParams::default(), &mesh_node(node_name, &[])?).await?;
+    api.create(&PostParams::default(), &service("web", json!({"network": {"ports": [80]}, "node": node_name}))).await?;
+    let ip = wait_for(&api, "web", Duration::from_secs(20), "a mesh IP", |s| mesh_ip_of(s).is_some()).await?;
+    let ip = mesh_ip_of(&ip).unwrap_or_default().to_owned();
+    wait_node_ip(&nodes, node_name, Duration::from_secs(20)).await?;
+
+    // The controller goes away (uninstalled, crashed, scaled to 0), then everything is deleted.
+    drop(ctl);
+    let _namespace_controller = NamespaceController::start(&cluster)?;
+    let started = Instant::now();
+    api.delete("web", &DeleteParams::default()).await?;
+    nodes.delete(node_name, &DeleteParams::default()).await?;
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    let within = Duration::from_secs(30);
+    let mut gone: BTreeMap<&str, f64> = BTreeMap::new();
+    loop {
+        let left = [
+            ("MeshService", api.get_opt("web").await?.map(|s| format!("finalizers {:?}", finalizers(&s)))),
+            ("MeshNode", nodes.get_opt(node_name).await?.map(|n| format!("finalizers {:?}", finalizers(&n)))),
+            (
+                "Namespace",
+                namespaces.get_opt(&ns).await?.map(|n| {
+                    let conditions = n.status.and_then(|s| s.conditions).unwrap_or_default();
+                    conditions.into_iter().filter_map(|c| c.message).collect::<Vec<_>>().join("; ")
+                }),
+            ),
+        ];
+        for (kind, obj) in &left {
+            if obj.is_none() {
+                gone.entry(kind).or_insert_with(|| started.elapsed().as_secs_f64());
+            }
+        }
+        if gone.len() == left.len() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < within,
+            "with no controller running, not deleted within {within:?}: {:?}",
+            left.iter().filter(|(_, obj)| obj.is_some()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("deleted with no controller running, seconds after the requests: {gone:?}");
+
+    // A deletion the controller never saw is not held back: a controller started afterwards
+    // sees only live objects, so another service may take the address at once.
+    let ctl = controller(&cluster, 18191, &hold);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let after = namespace(&cluster, "ctl-down-after").await?;
+    after
+        .create(
+            &PostParams::default(),
+            &service("taker", json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip})),
+        )
+        .await?;
+    wait_for(&after, "taker", Duration::from_secs(20), "the address deleted while no controller ran", |s| {
+        mesh_ip_of(s) == Some(ip.as_str())
+    })
+    .await?;
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn with_the_controller_running_a_deleted_objects_ip_is_held_back() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    let ctl = fresh_controller(&cluster, 18192, &["--leader-elect=false", "--ip-hold-seconds=600"]).await?;
+    let api = namespace(&cluster, "ctl-hold").await?;
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    let spec = |ip: Option<&str>| match ip {
+        Some(ip) => json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip}),
+        None => json!({"network": {"ports": [80]}, "node": "nowhere"}),
+    };
+    api.create(&PostParams::default(), &service("first", spec(None))).await?;
+    let first = wait_for(&api, "first", Duration::from_secs(20), "a mesh IP", |s| mesh_ip_of(s).is_some()).await?;
+    let ip = mesh_ip_of(&first).unwrap_or_default().to_owned();
+    nodes.create(&PostParams::default(), &mesh_node("ctl-hold-node", &[])?).await?;
+    let node_ip = wait_node_ip(&nodes, "ctl-hold-node", Duration::from_secs(20)).await?;
+
+    let started = Instant::now();
+    api.delete("first", &DeleteParams::default()).await?;
+    nodes.delete("ctl-hold-node", &DeleteParams::default()).await?;
+    while api.get_opt("first").await?.is_some() || nodes.get_opt("ctl-hold-node").await?.is_some() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "not deleted within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deleted = started.elapsed();
+    // Both addresses are held back from anyone else...
+    for (name, wanted, previous) in
+        [("second", &ip, "MeshService ctl-hold/first"), ("third", &node_ip, "MeshNode ctl-hold-node")]
+    {
+        api.create(&PostParams::default(), &service(name, spec(Some(wanted)))).await?;
+        let refused = wait_for(&api, name, Duration::from_secs(20), "IPConflict", |s| {
+            condition(s, "IPConflict").is_some_and(|c| c.0 == "True")
+        })
+        .await?;
+        let (_, _, message) = condition(&refused, "IPConflict").unwrap_or_default();
+        assert!(message.contains("held back") && message.contains(previous), "{name}: {message}");
+        assert_eq!(mesh_ip_of(&refused), None, "{name} got a held-back address");
+    }
+    // ...but the previous owner, asking for it, takes its own back at once.
+    api.create(&PostParams::default(), &service("first", spec(Some(&ip)))).await?;
+    wait_for(&api, "first", Duration::from_secs(20), "its old address back", |s| mesh_ip_of(s) == Some(ip.as_str()))
+        .await?;
+    println!("deleted in {:.2} s with the controller running; {ip} and {node_ip} held back", deleted.as_secs_f64());
+    assert_eq!(ctl.metric("mesh_controller_pool_used").await, 1.0, "only the recreated first holds an address");
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn the_finalizer_of_an_older_controller_is_removed() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    take_over(&cluster).await?;
+    let api = namespace(&cluster, "ctl-upgrade").await?;
+    let nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+    // What an older controller left: live objects carrying its finalizer, and one deleted while
+    // no controller ran, which the finalizer keeps.
+    let with_finalizer = |name: &str| -> anyhow::Result<MeshService> {
+        let mut s = service(name, json!({"network": {"ports": [80]}, "node": "nowhere"}));
+        s.metadata.finalizers = Some(vec![OLD_FINALIZER.into(), "example.com/keep".into()]);
+        Ok(s)
+    };
+    api.create(&PostParams::default(), &with_finalizer("live")?).await?;
+    api.create(&PostParams::default(), &with_finalizer("deleted")?).await?;
+    nodes.create(&PostParams::default(), &mesh_node("ctl-upgrade-node", &[OLD_FINALIZER])?).await?;
+    api.delete("deleted", &DeleteParams::default()).await?;
+
+    let ctl = controller(&cluster, 18193, &["--leader-elect=false"]);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    let started = Instant::now();
+    let within = Duration::from_secs(30);
+    loop {
+        let live = api.get("live").await?;
+        let node = nodes.get("ctl-upgrade-node").await?;
+        let deleted = api.get("deleted").await?;
+        let done = [&live, &deleted].iter().all(|s| finalizers(*s) == ["example.com/keep"])
+            && finalizers(&node).is_empty()
+            && mesh_ip_of(&live).is_some();
+        if done {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < within,
+            "the old finalizer is still there after {within:?}: live {:?}, deleted {:?}, node {:?}",
+            finalizers(&live),
+            finalizers(&deleted),
+            finalizers(&node)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("old finalizers removed {:.2} s after the controller was ready", started.elapsed().as_secs_f64());
+    // Once the other finalizer goes too, nothing holds the deleted one back.
+    let unkeep = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    api.patch("deleted", &PatchParams::default(), &unkeep).await?;
+    api.patch("live", &PatchParams::default(), &unkeep).await?;
+    let writes = ctl.metric("mesh_controller_api_writes_total").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(api.get_opt("deleted").await?.is_none(), "the deleted service is still there");
+    // Removing a finalizer that is not there is no write.
+    api.patch("live", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ctl.metric("mesh_controller_api_writes_total").await,
+        writes,
+        "writes for objects without the old finalizer"
+    );
+    clean_slate(&cluster).await
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to the process `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid} failed: {status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deletion_missed_while_the_watch_was_down_is_released_after_the_relist() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    let ctl = fresh_controller(&cluster, 18194, &["--leader-elect=false", "--ip-hold-seconds=600"]).await?;
+    let api = namespace(&cluster, "ctl-relist").await?;
+    api.create(&PostParams::default(), &service("missed", json!({"network": {"ports": [80]}, "node": "nowhere"})))
+        .await?;
+    let missed = wait_for(&api, "missed", Duration::from_secs(20), "a mesh IP", |s| mesh_ip_of(s).is_some()).await?;
+    let ip = mesh_ip_of(&missed).unwrap_or_default().to_owned();
+
+    // The controller stops (SIGSTOP) and kube-apiserver restarts, which ends its watches; the
+    // service is deleted before the controller runs again. Its watches resume from a resource
+    // version older than the new server's watch cache, so they start over with a list, and no
+    // Delete event ever comes. (Deleted before the restart, the event would already wait in the
+    // stopped controller's socket.)
+    signal(ctl.pid(), "STOP")?;
+    let deleted = async {
+        harness_mesh_e2e::lab_sh(&["apiserver", "stop"])?;
+        harness_mesh_e2e::lab_sh(&["apiserver", "start"])?;
+        let cluster = Cluster::get().await?;
+        let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), "ctl-relist");
+        api.delete("missed", &DeleteParams::default()).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.get_opt("missed").await?.is_some() {
+            anyhow::ensure!(Instant::now() < deadline, "missed not deleted within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    signal(ctl.pid(), "CONT")?;
+    deleted?;
+    let cluster = Cluster::get().await?;
+    let api: Api<MeshService> = Api::namespaced(cluster.client.clone(), "ctl-relist");
+
+    // After the re-list the controller holds no address for the service (no leak), and holds it
+    // back from anyone else.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctl.metric("mesh_controller_pool_used").await != 0.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the deleted service's {ip} is still allocated after the re-list");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let spec = json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip});
+    api.create(&PostParams::default(), &service("taker", spec)).await?;
+    let refused = wait_for(&api, "taker", Duration::from_secs(20), "IPConflict", |s| {
+        condition(s, "IPConflict").is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+    let (_, _, message) = condition(&refused, "IPConflict").unwrap_or_default();
+    assert!(message.contains("held back") && message.contains("MeshService ctl-relist/missed"), "{message}");
+    let log = std::fs::read_to_string(std::env::temp_dir().join("mesh-controller-test-18194.log"))?;
+    assert!(log.contains("deleted while the watch was down"), "the release did not come from the re-list");
+    clean_slate(&cluster).await
+}
