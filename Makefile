@@ -59,6 +59,7 @@ test: deps check-crds lint ## the whole suite: drift check, lints, unit, propert
 
 e2e-controller: deps ## the controller suite (controller/tests/lab.rs) on a lab of its own with no nodes: its controller acts on every object; takes the lab down
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	e2e/lab/build-binaries.sh kube-controller-manager >/dev/null
 	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
 	  $(LAB) up --nodes 0 --mode plain; \
 	  $(CARGO) test -p mesh-controller --no-fail-fast --test lab
