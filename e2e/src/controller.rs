@@ -147,8 +147,8 @@ impl Drop for LabControllerPaused {
 }
 
 /// Deletes what a test or benchmark made itself, and nothing else: every MeshService in
-/// `namespaces` (namespaces of its own) and every MeshNode whose name `own_node` accepts. Their
-/// finalizers are removed too, so they go whether or not a controller runs; waits (at most
+/// `namespaces` (namespaces of its own) and every MeshNode whose name `own_node` accepts. Any
+/// finalizer on them (an older controller's) is removed too, so they go in any case; waits (at most
 /// `within`) until they are gone. Many objects are fine: `IN_FLIGHT` requests at a time.
 pub async fn remove_own_objects(
     cluster: &Cluster,
@@ -260,7 +260,7 @@ pub async fn mesh_node_names(cluster: &Cluster, wanted: impl Fn(&str) -> bool) -
 }
 
 /// Deletes the MeshService `name` in `api`'s namespace, if there is one, and waits (at most 30 s)
-/// until it is gone (the controller removes its finalizer), so that a test can create it afresh.
+/// until it is gone, so that a test can create it afresh.
 pub async fn delete_service_and_wait(api: &Api<MeshService>, name: &str) -> anyhow::Result<()> {
     let _ = api.delete(name, &DeleteParams::default()).await;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -8,6 +8,7 @@
 //!
 //! - enroll: the machine joins (key published, mesh IP, Connected), pings every node over the
 //!   mesh and back, resolves a service on hm-node-2 by name through its own agent and reaches it;
+//!   in kubelet mode a pod on the pod network reaches a service on the machine;
 //!   its kubeconfig is 0600 and its private key stays there; the supervisor restarts a killed
 //!   agent; a second enroll changes nothing; unenroll leaves nothing on the machine, drops it from
 //!   every peer list, deletes the MeshNode and the machine's ServiceAccount (with its role
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::mesh::{Mesh, eventually};
+use harness_mesh_e2e::mesh::{Mesh, eventually, eventually_async, wait_mesh_ip};
 use harness_mesh_e2e::repo_root;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
@@ -55,6 +56,74 @@ const NAME: &str = "e2e-enrolled";
 const NAMESPACE: &str = "harness-mesh";
 const SERVICE: &str = "e2e-enroll-web";
 const SERVICE_PORT: u16 = 18400;
+
+/// A service on the enrolled machine, for a pod to reach (kubelet mode).
+const MACHINE_SERVICE: &str = "e2e-enroll-machine-web";
+const MACHINE_SERVICE_PORT: u16 = 18401;
+const CLIENT_POD: &str = "e2e-enroll-client";
+
+/// A MeshService on the machine, served there by socat, and a busybox pod on `RUNNER`'s pod
+/// network that must reach it over the mesh (its traffic leaves the node from the node's mesh
+/// IP). Returns how long the first answer took; removes all of it again.
+async fn a_pod_reaches_a_service_on_the_machine(mesh: &Mesh) -> anyhow::Result<Duration> {
+    let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    let mut server = mesh.serve_tcp(SSH_NODE, MACHINE_SERVICE_PORT, "machine-hello")?;
+    let result = async {
+        let _ = services.delete(MACHINE_SERVICE, &DeleteParams::default()).await;
+        let _ = pods.delete(CLIENT_POD, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+        eventually_async(Duration::from_secs(60), || async {
+            ensure!(services.get_opt(MACHINE_SERVICE).await?.is_none(), "old {MACHINE_SERVICE} still exists");
+            ensure!(pods.get_opt(CLIENT_POD).await?.is_none(), "old pod {CLIENT_POD} still exists");
+            Ok(())
+        })
+        .await?;
+        services
+            .create(
+                &PostParams::default(),
+                &service(
+                    MACHINE_SERVICE,
+                    json!({"node": NAME, "network": {"type": "mesh", "ports": [MACHINE_SERVICE_PORT]}}),
+                ),
+            )
+            .await?;
+        let ip = wait_mesh_ip(&services, MACHINE_SERVICE).await?;
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": CLIENT_POD, "namespace": "default"},
+            "spec": {
+                "nodeName": RUNNER, "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "client", "image": harness_mesh_e2e::lab_image("busybox")?,
+                                "imagePullPolicy": "Never", "command": ["/bin/busybox", "sleep", "3600"]}],
+            },
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        eventually_async(Duration::from_secs(90), || async {
+            let status = pods.get(CLIENT_POD).await?.status.unwrap_or_default();
+            ensure!(status.phase.as_deref() == Some("Running"), "pod {CLIENT_POD} is {:?}", status.phase);
+            Ok(())
+        })
+        .await?;
+        let script = format!("timeout 5 nc {ip} {MACHINE_SERVICE_PORT} </dev/null");
+        eventually(Duration::from_secs(60), || {
+            let out = mesh.cluster.kubectl(&["exec", CLIENT_POD, "--", "/bin/busybox", "sh", "-c", &script])?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                text.trim() == "machine-hello",
+                "pod {CLIENT_POD} on {RUNNER} -> {MACHINE_SERVICE} on {NAME} ({ip}:{MACHINE_SERVICE_PORT}): {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        })
+        .await
+    }
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = services.delete(MACHINE_SERVICE, &DeleteParams::default()).await;
+    let _ = pods.delete(CLIENT_POD, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    result
+}
 
 fn lab_sh() -> PathBuf {
     repo_root().join("e2e/lab/lab.sh")
@@ -357,6 +426,12 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         })
         .await?;
         eprintln!("{NAME} resolved {fqdn} to {service_ip} and reached it after {took:?}");
+
+        // With real pods (kubelet mode), a pod on the pod network reaches a service on the machine.
+        if harness_mesh_e2e::lab_mode().as_deref() == Some("kubelet") {
+            let took = a_pod_reaches_a_service_on_the_machine(&mesh).await?;
+            eprintln!("a pod on {RUNNER} reached a service on {NAME} after {took:?}");
+        }
 
         // The supervisor starts a killed agent again, with the same key.
         let pid = machine_agent_pid(&mesh)?;
