@@ -143,22 +143,28 @@ pub async fn departure(client: &Client, namespace: &str, name: &str, readable: b
         return Departure::Restart;
     }
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
-    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
-        Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {
-            Departure::Uninstall(format!("DaemonSet {namespace}/{name} is being deleted"))
-        }
-        Ok(Ok(Some(_))) => Departure::Restart,
-        Ok(Ok(None)) => Departure::Uninstall(format!("DaemonSet {namespace}/{name} is gone")),
-        Ok(Err(kube::Error::Api(status))) if status.code == 401 || status.code == 403 => Departure::Uninstall(format!(
-            "the API refuses the agent's credentials now ({}): its ServiceAccount or role was deleted",
-            status.code
-        )),
-        Ok(Err(err)) => {
-            tracing::warn!("reading DaemonSet {namespace}/{name}: {err}; taking this stop for a restart");
+    let answer = tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await.ok();
+    match judge(answer) {
+        Departure::Uninstall(why) => Departure::Uninstall(format!("DaemonSet {namespace}/{name}: {why}")),
+        Departure::Restart => Departure::Restart,
+    }
+}
+
+/// What an answer to the DaemonSet read means (`None`: no answer in time).
+fn judge(answer: Option<Result<Option<DaemonSet>, kube::Error>>) -> Departure {
+    match answer {
+        Some(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => Departure::Uninstall("being deleted".into()),
+        Some(Ok(Some(_))) => Departure::Restart,
+        Some(Ok(None)) => Departure::Uninstall("gone".into()),
+        Some(Err(kube::Error::Api(status))) if status.code == 401 || status.code == 403 => Departure::Uninstall(
+            format!("the API refuses the agent now ({}): its ServiceAccount or role was deleted", status.code),
+        ),
+        Some(Err(err)) => {
+            tracing::warn!("reading the agent's DaemonSet: {err}; taking this stop for a restart");
             Departure::Restart
         }
-        Err(_) => {
-            tracing::warn!("reading DaemonSet {namespace}/{name} timed out; taking this stop for a restart");
+        None => {
+            tracing::warn!("reading the agent's DaemonSet timed out; taking this stop for a restart");
             Departure::Restart
         }
     }
@@ -180,5 +186,36 @@ pub async fn readable(client: &Client, namespace: &str, name: &str) -> bool {
             );
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            serde_json::from_value(
+                serde_json::json!({"status": "Failure", "message": "m", "reason": "r", "code": code}),
+            )
+            .expect("a Status"),
+        )
+    }
+
+    #[test]
+    fn only_a_gone_or_deleted_daemonset_or_refused_credentials_mean_an_uninstall() {
+        let live = DaemonSet::default();
+        let mut deleted = DaemonSet::default();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(judge(Some(Ok(Some(live)))), Departure::Restart);
+        assert!(matches!(judge(Some(Ok(Some(deleted)))), Departure::Uninstall(_)));
+        assert!(matches!(judge(Some(Ok(None))), Departure::Uninstall(_)));
+        assert!(matches!(judge(Some(Err(api_error(401)))), Departure::Uninstall(_)));
+        assert!(matches!(judge(Some(Err(api_error(403)))), Departure::Uninstall(_)));
+        // An API that fails otherwise, or does not answer, never wipes a node.
+        assert_eq!(judge(Some(Err(api_error(500)))), Departure::Restart);
+        assert_eq!(judge(Some(Err(api_error(429)))), Departure::Restart);
+        assert_eq!(judge(None), Departure::Restart);
     }
 }
