@@ -248,7 +248,7 @@ image_ref() {
   echo "$image_prefix/${file%-*}:lab-${file##*-}"
 }
 
-# The image reference of $1 (pause, mesh-agent, mesh-controller, busybox) in this lab.
+# The image reference of $1 (pause, mesh-agent, mesh-controller, coredns, busybox) in this lab.
 lab_image() {
   local tar
   tar="$(grep -E "/$1-[0-9a-f]{12}\.tar\$" "$lab/images.list")" || die "no $1 image built: lab.sh up --mode kubelet"
@@ -271,7 +271,10 @@ build_images() {
       "$wg_go=/usr/local/bin/wireguard-go" "$(command -v nft)=/usr/sbin/nft" \
       "$(command -v wg)=/usr/bin/wg" "$(command -v ip)=/usr/sbin/ip"
     build_image mesh-controller /usr/local/bin/mesh-controller "$controller=/usr/local/bin/mesh-controller"
-    build_image busybox /bin/sh /bin/busybox=/bin/busybox /bin/busybox=/bin/sh
+    # With openssl: busybox wget runs `openssl s_client` for https when it finds it; its own TLS
+    # fails the handshake with Go servers (the apiserver: alert 40).
+    build_image busybox /bin/sh /bin/busybox=/bin/busybox /bin/busybox=/bin/sh \
+      "$(command -v openssl)=/usr/bin/openssl"
     # A static Go binary: the image is the binary alone.
     build_image coredns /usr/local/bin/coredns "$bin_dir/coredns=/usr/local/bin/coredns"
   } >"$lab/images.list.tmp"
@@ -527,15 +530,15 @@ install_chart_workloads() {
 # kube-dns ($cluster_dns_ip) in kube-system, the one the kubelets name (clusterDNS). Its Corefile
 # answers cluster.local (the kubernetes plugin) and refuses every other name (nothing is
 # forwarded: the lab has no network beyond itself), and imports every *.server key of the
-# ConfigMap coredns-custom: the chart's stub domain, mesh.local. CoreDNS reads imports only
-# when it starts, so the pod template carries a checksum of that ConfigMap: a change (the chart
-# installed after CoreDNS, or with other values) rolls CoreDNS, whatever the order. Run after
-# install_chart_workloads, a fresh lab starts CoreDNS once, with the block.
+# ConfigMap coredns-custom: the chart's stub domain, mesh.local. CoreDNS reads its files only
+# when it starts, so the pod template carries a checksum of the Corefile and of that ConfigMap: a
+# change (the chart installed after CoreDNS, or with other values) rolls CoreDNS, whatever the
+# order. Run after install_chart_workloads, a fresh lab starts CoreDNS once, with the block.
 install_cluster_dns() {
   local image custom manifest sum
   image="$(lab_image coredns)"
   custom="$(lab_kubectl -n kube-system get configmap coredns-custom -o jsonpath='{.data}' --ignore-not-found)"
-  manifest="$(coredns_manifest "$image" "$(printf '%s' "$custom" | sha256sum | cut -c1-16)")"
+  manifest="$(coredns_manifest "$image" "$(printf '%s\n' "$(coredns_corefile)" "$custom" | sha256sum | cut -c1-16)")"
   sum="$(printf '%s' "$manifest" | sha256sum)"
   if [ -f "$lab/cluster-dns.sum" ] && [ "$(cat "$lab/cluster-dns.sum")" = "$sum" ] &&
     lab_kubectl -n kube-system wait --for=condition=Available --timeout=2s deployment/coredns >/dev/null 2>&1; then
@@ -551,7 +554,33 @@ install_cluster_dns() {
   echo "$sum" >"$lab/cluster-dns.sum"
 }
 
-# CoreDNS's objects: $1 = image, $2 = checksum of the imported ConfigMap (a pod annotation).
+# CoreDNS's configuration.
+coredns_corefile() {
+  cat <<'EOF'
+cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {
+    errors
+    health :8080
+    ready :8181
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        pods insecure
+        ttl 30
+    }
+    cache 30
+    loadbalance
+}
+# Any other name: refused. There is nothing to forward to.
+.:53 {
+    errors
+    acl {
+        block
+    }
+}
+# The chart's stub domain (mesh.local), and any other *.server block put there.
+import /etc/coredns/custom/*.server
+EOF
+}
+
+# CoreDNS's objects: $1 = image, $2 = checksum of its configuration (a pod annotation).
 coredns_manifest() {
   cat <<EOF
 apiVersion: v1
@@ -581,26 +610,7 @@ kind: ConfigMap
 metadata: {name: coredns, namespace: kube-system}
 data:
   Corefile: |
-    cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {
-        errors
-        health :8080
-        ready :8181
-        kubernetes cluster.local in-addr.arpa ip6.arpa {
-            pods insecure
-            ttl 30
-        }
-        cache 30
-        loadbalance
-    }
-    # Any other name: refused. There is nothing to forward to.
-    .:53 {
-        errors
-        acl {
-            block
-        }
-    }
-    # The chart's stub domain (mesh.local), and any other *.server block put there.
-    import /etc/coredns/custom/*.server
+$(coredns_corefile | sed 's/^/    /')
 ---
 apiVersion: v1
 kind: Service
@@ -627,7 +637,7 @@ spec:
   template:
     metadata:
       labels: {k8s-app: kube-dns}
-      annotations: {harness-mesh.dev/coredns-custom-checksum: "$2"}
+      annotations: {harness-mesh.dev/config-checksum: "$2"}
     spec:
       serviceAccountName: coredns
       priorityClassName: system-cluster-critical
