@@ -380,7 +380,10 @@ EOF
   # client certificate (CN system:kube-proxy, made by start_kubelet_nodes) gets the bootstrap
   # role system:node-proxier. Conntrack: 0 everywhere means "leave the kernel's setting alone"
   # (it would write sysctls).
-  cat >"$dir/kube-proxy-config.yaml" <<EOF
+  # kube-proxy exits when its config file changes (even rewritten the same): a new file replaces
+  # it only when it differs, and then the running kube-proxy is stopped here, so that `up`
+  # starts it again (rather than finding it still alive a moment before it exits).
+  cat >"$dir/kube-proxy-config.yaml.new" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: nftables
@@ -393,6 +396,13 @@ healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s, udpTimeout: 0s, udpStreamTimeout: 0s}
 EOF
+  if cmp -s "$dir/kube-proxy-config.yaml.new" "$dir/kube-proxy-config.yaml"; then
+    rm -f "$dir/kube-proxy-config.yaml.new"
+  else
+    local pid
+    if pid="$(kube_proxy_pid "$node")"; then stop_pids "kube-proxy on $node (new configuration)" "$pid"; fi
+    mv "$dir/kube-proxy-config.yaml.new" "$dir/kube-proxy-config.yaml"
+  fi
 }
 
 # Node $1 (number $2) as a Kubernetes node: holder, the apiserver relay, kube-proxy, containerd
