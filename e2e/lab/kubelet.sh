@@ -38,6 +38,8 @@ service_cidr="10.96.0.0/16"
 # The cluster DNS (CoreDNS) Service's address, and the one the chart's Service in front of the
 # agents' DNS is pinned to (the CoreDNS stub domain forwards mesh.local there).
 cluster_dns_ip="10.96.0.10"
+# CoreDNS runs on this node (its image is imported there only).
+cluster_dns_node="hm-node-1"
 mesh_dns_ip="10.96.0.53"
 egress_sock="$run_dir/egress.sock"
 # Image references; the tag is the content hash of what went in, so a rebuilt binary is a new
@@ -441,6 +443,9 @@ start_kubelet_node() {
   have="$("${ctr[@]}" images ls -q 2>/dev/null || true)"
   while read -r tar; do
     ref="$(image_ref "$tar")"
+    # CoreDNS's image (80 MB) only where CoreDNS runs, as a registry pull would: three imports at
+    # once slow etcd's fsyncs down to timeouts on this shared disk.
+    if [[ "$ref" == "$image_prefix/coredns:"* ]] && [ "$node" != "$cluster_dns_node" ]; then continue; fi
     grep -qxF "$ref" <<<"$have" || "${ctr[@]}" images import "$tar" >/dev/null || die "importing $tar on $node failed"
   done <"$lab/images.list"
   if ! kubelet_pid "$node" >/dev/null; then
@@ -655,6 +660,7 @@ spec:
       dnsPolicy: Default
       terminationGracePeriodSeconds: 5
       tolerations: [{operator: Exists}]
+      nodeSelector: {kubernetes.io/hostname: $cluster_dns_node}
       containers:
       - name: coredns
         image: $1

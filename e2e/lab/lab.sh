@@ -943,6 +943,9 @@ up_kubelet_mode() {
     is_ssh_node "hm-node-$i" || ensure_node_net "$i" "$ports"
   done
   start_kubelet_nodes "$nodes"
+  # kube-controller-manager exits when etcd times out while it starts its controllers, which a
+  # slow shared disk does while the nodes import their images: start it again if so.
+  start_control_plane_extras
   install_chart_workloads
   install_cluster_dns
   log "waiting for $nodes MeshNode(s) to become Ready"
