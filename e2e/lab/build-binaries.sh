@@ -4,7 +4,8 @@
 #
 #   e2e/lab/build-binaries.sh [NAME ...]   (default: etcd kube-apiserver kubectl)
 #
-# NAME: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm actionlint
+# NAME: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy helm
+#       actionlint coredns
 #
 # Versions live in e2e/lab/versions.env. Each binary is built in its own throwaway consumer
 # module: k8s.io/kubernetes cannot be required as-is because its go.mod points every
@@ -29,11 +30,12 @@ log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
 # About how long a cold build of each binary takes on a 2-core machine with empty Go caches, in
 # this order (measured: kube-apiserver 13m28s while a cargo build ran beside it; the later k8s
-# binaries reuse the modules and packages the first one fetched).
+# binaries reuse the modules and packages the first one fetched; kube-proxy after the kubelet
+# 27 s; coredns 4m36s with its modules not yet downloaded, while a cargo build ran beside it).
 declare -A typical=(
   [etcd]="about 1 min" [kube-apiserver]="8-14 min" [kubectl]="1-2 min" [helm]="2-3 min"
   [kubelet]="3-7 min" [kube-controller-manager]="1-2 min" [kube-scheduler]="under 1 min"
-  [actionlint]="under 1 min"
+  [kube-proxy]="under 1 min" [actionlint]="under 1 min" [coredns]="4-5 min"
 )
 
 # logged NAME CMD...: runs CMD (a build) with its output in $cache/logs/$1.log, printing a line every 30 s so a
@@ -150,7 +152,7 @@ go_tool() { # $1 = module, $2 = package@version, $3 = output, $4 = ldflags
 }
 
 # build_tool NAME VERSION PACKAGE LDFLAGS: a Go command built from its own module at VERSION in a
-# throwaway consumer module (helm, actionlint).
+# throwaway consumer module (helm, actionlint, coredns).
 build_tool() {
   local name="$1" version="$2" out="$cache/$1-$2/$1" work="$cache/src/$1-$2"
   if [ -x "$out" ]; then echo "$out"; return; fi
@@ -171,9 +173,10 @@ for t in "${targets[@]}"; do
     etcd) [ -x "$cache/etcd-$ETCD_VERSION/etcd" ] || missing+=("$t") ;;
     helm) [ -x "$cache/helm-$HELM_VERSION/helm" ] || missing+=("$t") ;;
     actionlint) [ -x "$cache/actionlint-$ACTIONLINT_VERSION/actionlint" ] || missing+=("$t") ;;
-    kube-apiserver | kubectl | kube-controller-manager | kube-scheduler | kubelet)
+    coredns) [ -x "$cache/coredns-$COREDNS_VERSION/coredns" ] || missing+=("$t") ;;
+    kube-apiserver | kubectl | kube-controller-manager | kube-scheduler | kubelet | kube-proxy)
       [ -x "$cache/k8s-$K8S_VERSION/$t" ] || missing+=("$t") ;;
-    *) log "unknown binary '$t' (known: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet helm actionlint)"; exit 2 ;;
+    *) log "unknown binary '$t' (known: etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy helm actionlint coredns)"; exit 2 ;;
   esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -196,6 +199,9 @@ for t in "${targets[@]}"; do
     actionlint) # the GitHub Actions workflow linter that `make lint` runs
       build_tool actionlint "$ACTIONLINT_VERSION" github.com/rhysd/actionlint/cmd/actionlint \
         "-X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION" ;;
+    coredns) # the kubelet lab's cluster DNS; the plugins are CoreDNS's default set (plugin.cfg)
+      build_tool coredns "$COREDNS_VERSION" github.com/coredns/coredns \
+        "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" ;;
     *) build_k8s "$t" ;;
   esac
   exec {lock}>&-

@@ -12,20 +12,35 @@
 #   - containerd (Debian 1.6, cgroupfs, restrict_oom_score_adj because these VMs lack
 #     CAP_SYS_RESOURCE), with the bridge CNI from Debian's containernetworking-plugins: pod
 #     network 10.244.N.0/24 on cni0, routes to the other nodes' pod networks;
-#   - a kubelet (cgroupfs driver, failCgroupV1: false, its cgroups under /<lab cgroup>/hm-node-N);
-#   - apiserver relays: 127.0.0.1:$api_port for the kubelet, and the node address for pods, which
-#     reach the `kubernetes` Service (10.96.0.1:443) through a DNAT there (there is no
-#     kube-proxy).
+#   - a kubelet (cgroupfs driver, failCgroupV1: false, its cgroups under /<lab cgroup>/hm-node-N,
+#     clusterDNS 10.96.0.10, clusterDomain cluster.local);
+#   - kube-proxy (the pinned K8S_VERSION) in nftables mode, a process like the kubelet (see
+#     write_node_config for why not a DaemonSet), with its own client certificate;
+#   - an apiserver relay on 127.0.0.1:$api_port (the kubelet, kube-proxy, hostNetwork pods).
+# The `kubernetes` Service (10.96.0.1:443) is a Service like any other: the apiserver advertises
+# the bridge address $node_net.254 (lease reconciler), where a relay in hm-lab feeds its socket,
+# and kube-proxy translates. The hand-made DNAT of 10.96.0.1 that stood in for kube-proxy is gone.
+# CoreDNS (pinned, COREDNS_VERSION) is the cluster DNS, Service kube-dns at 10.96.0.10 in
+# kube-system: cluster.local, every other name refused (nothing is forwarded), plus the chart's
+# mesh.local stub domain, imported from the ConfigMap coredns-custom (install_cluster_dns).
 # Images come from no registry: buildah builds them from scratch out of local binaries and their
-# shared libraries (pause, mesh-agent, mesh-controller, and busybox for test pods), and
+# shared libraries (pause, mesh-agent, mesh-controller, coredns, and busybox for test pods), and
 # `ctr images import` loads them on every node. The chart is installed whole, with those images.
 # kubectl logs/exec reach the kubelets through a CONNECT proxy in hm-lab (egress-proxy.py).
 
-kubelet_binaries=(kubelet kube-controller-manager kube-scheduler)
-# Addresses: the bridge's own address in hm-lab (the egress proxy dials from there), and each
-# node's pod network.
+kubelet_binaries=(kubelet kube-controller-manager kube-scheduler kube-proxy coredns)
+# Addresses: the bridge's own address in hm-lab (the egress proxy dials from there, and the
+# apiserver is advertised there: the `kubernetes` Service's endpoint), and each node's pod network.
 bridge_addr="$node_net.254"
 pod_net_prefix="10.244"
+pod_cidr="$pod_net_prefix.0.0/16"
+service_cidr="10.96.0.0/16"
+# The cluster DNS (CoreDNS) Service's address, and the one the chart's Service in front of the
+# agents' DNS is pinned to (the CoreDNS stub domain forwards mesh.local there).
+cluster_dns_ip="10.96.0.10"
+# CoreDNS runs on this node (its image is imported there only).
+cluster_dns_node="hm-node-1"
+mesh_dns_ip="10.96.0.53"
 egress_sock="$run_dir/egress.sock"
 # Image references; the tag is the content hash of what went in, so a rebuilt binary is a new
 # image that the chart rolls out.
@@ -135,7 +150,14 @@ egressSelections:
       uds:
         udsName: $egress_sock
 EOF
+  # The `kubernetes` Service's endpoint is the bridge address in hm-lab, where a relay
+  # (apiserver-relay-hm-lab) feeds the apiserver's socket: pods and nodes reach it through
+  # kube-proxy like any Service. The apiserver keeps it itself (lease reconciler), as in a real
+  # cluster; it only publishes the address and never dials it. These flags come after
+  # start_apiserver's --advertise-address=127.0.0.1 --endpoint-reconciler-type=none: the last
+  # one wins.
   printf '%s\n' --authorization-mode=Node,RBAC \
+    --advertise-address="$bridge_addr" --endpoint-reconciler-type=lease \
     --kubelet-client-certificate="$pki/admin.crt" --kubelet-client-key="$pki/admin.key" \
     --kubelet-preferred-address-types=InternalIP \
     --egress-selector-config-file="$lab/egress-selector.yaml"
@@ -232,7 +254,7 @@ image_ref() {
   echo "$image_prefix/${file%-*}:lab-${file##*-}"
 }
 
-# The image reference of $1 (pause, mesh-agent, mesh-controller, busybox) in this lab.
+# The image reference of $1 (pause, mesh-agent, mesh-controller, coredns, busybox) in this lab.
 lab_image() {
   local tar
   tar="$(grep -E "/$1-[0-9a-f]{12}\.tar\$" "$lab/images.list")" || die "no $1 image built: lab.sh up --mode kubelet"
@@ -255,7 +277,12 @@ build_images() {
       "$wg_go=/usr/local/bin/wireguard-go" "$(command -v nft)=/usr/sbin/nft" \
       "$(command -v wg)=/usr/bin/wg" "$(command -v ip)=/usr/sbin/ip"
     build_image mesh-controller /usr/local/bin/mesh-controller "$controller=/usr/local/bin/mesh-controller"
-    build_image busybox /bin/sh /bin/busybox=/bin/busybox /bin/busybox=/bin/sh
+    # With openssl: busybox wget runs `openssl s_client` for https when it finds it; its own TLS
+    # fails the handshake with Go servers (the apiserver: alert 40).
+    build_image busybox /bin/sh /bin/busybox=/bin/busybox /bin/busybox=/bin/sh \
+      "$(command -v openssl)=/usr/bin/openssl"
+    # A static Go binary: the image is the binary alone.
+    build_image coredns /usr/local/bin/coredns "$bin_dir/coredns=/usr/local/bin/coredns"
   } >"$lab/images.list.tmp"
   mv "$lab/images.list.tmp" "$lab/images.list"
 }
@@ -264,7 +291,7 @@ build_images() {
 
 containerd_pid() { pid_of "containerd-$1" containerd; }
 kubelet_pid() { pid_of "kubelet-$1" "$bin_dir/kubelet"; }
-node_ip_relay_pid() { pid_of "apiserver-relay-ip-$1" "$socat_bin"; }
+kube_proxy_pid() { pid_of "kube-proxy-$1" "$bin_dir/kube-proxy"; }
 
 # Node $1's cgroup root in every v1 hierarchy (cpuset needs its cpus and mems filled in).
 ensure_node_cgroups() {
@@ -320,7 +347,9 @@ EOF
             "ranges": [[{"subnet": "$pod_net_prefix.$i.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 EOF
-  # Pods get a resolver on their own loopback: nothing answers, and no query leaves the lab.
+  # The node's resolver, which pods with dnsPolicy Default (CoreDNS among them) inherit: their own
+  # loopback, where nothing answers, so no query leaves the lab. Pods with ClusterFirst get
+  # CoreDNS ($cluster_dns_ip) instead.
   echo 'nameserver 127.0.0.1' >"$dir/resolv.conf"
   cat >"$dir/kubelet-config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -341,6 +370,7 @@ healthzBindAddress: 127.0.0.1
 readOnlyPort: 0
 clusterDomain: cluster.local
 resolvConf: $dir/resolv.conf
+clusterDNS: [$cluster_dns_ip]
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 # The nodes share the machine's disk and memory: eviction only when it is really short, not
@@ -349,10 +379,40 @@ evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available:
 makeIPTablesUtilChains: false
 EOF
   client_kubeconfig "kubelet-$node" "/O=system:nodes/CN=system:node:$node"
+  # kube-proxy runs as a process on the node, as the kubelet does, not as a DaemonSet: it is
+  # node plumbing that pods (CoreDNS, the chart's controller) need before they can start, it
+  # drives the node's own nft binary (nftables mode execs nft), and as a pod it would still need
+  # this kubeconfig to reach the apiserver without the Service it is about to program. Its own
+  # client certificate (CN system:kube-proxy, made by start_kubelet_nodes) gets the bootstrap
+  # role system:node-proxier. Conntrack: 0 everywhere means "leave the kernel's setting alone"
+  # (it would write sysctls).
+  # kube-proxy exits when its config file changes (even rewritten the same): a new file replaces
+  # it only when it differs, and then the running kube-proxy is stopped here, so that `up`
+  # starts it again (rather than finding it still alive a moment before it exits).
+  cat >"$dir/kube-proxy-config.yaml.new" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+clientConnection: {kubeconfig: "$pki/kube-proxy.kubeconfig"}
+hostnameOverride: $node
+clusterCIDR: $pod_cidr
+nodePortAddresses: [primary]
+bindAddress: $node_net.$i
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s, udpTimeout: 0s, udpStreamTimeout: 0s}
+EOF
+  if cmp -s "$dir/kube-proxy-config.yaml.new" "$dir/kube-proxy-config.yaml"; then
+    rm -f "$dir/kube-proxy-config.yaml.new"
+  else
+    local pid
+    if pid="$(kube_proxy_pid "$node")"; then stop_pids "kube-proxy on $node (new configuration)" "$pid"; fi
+    mv "$dir/kube-proxy-config.yaml.new" "$dir/kube-proxy-config.yaml"
+  fi
 }
 
-# Node $1 (number $2) as a Kubernetes node: holder, relays, the kubernetes Service DNAT,
-# containerd with the images, kubelet. Only what is missing is started; the routes to the other
+# Node $1 (number $2) as a Kubernetes node: holder, the apiserver relay, kube-proxy, containerd
+# with the images, kubelet. Only what is missing is started; the routes to the other
 # nodes' pod networks are start_kubelet_nodes's, once every node exists.
 start_kubelet_node() {
   local node="$1" i="$2" dir="$nodes_dir/$1" holder
@@ -366,16 +426,14 @@ start_kubelet_node() {
   node_relay_pid "$node" >/dev/null ||
     spawn "apiserver-relay-$node" "$socat_bin" "${enter[@]}" "$socat_bin" \
       "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
-  node_ip_relay_pid "$node" >/dev/null ||
-    spawn "apiserver-relay-ip-$node" "$socat_bin" "${enter[@]}" "$socat_bin" \
-      "TCP-LISTEN:$api_port,bind=$node_net.$i,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
-  # Pods reach the apiserver at the `kubernetes` Service address, as in-cluster clients expect.
+  # The node forwards its pods' traffic. A Service address needs a route before kube-proxy's
+  # output hook can translate it (the node has no default route): any will do, the DNAT reroutes.
   "${enter[@]}" sysctl -qw net.ipv4.ip_forward=1
-  "${enter[@]}" ip route replace 10.96.0.0/16 dev eth0
-  printf '%s\n' "table ip harness_mesh_lab" "delete table ip harness_mesh_lab" "table ip harness_mesh_lab {" \
-    "  chain kubernetes_service { type nat hook prerouting priority dstnat; ip daddr 10.96.0.1 tcp dport 443 dnat to $node_net.$i:$api_port; }" \
-    "  chain kubernetes_service_local { type nat hook output priority -100; ip daddr 10.96.0.1 tcp dport 443 dnat to $node_net.$i:$api_port; }" \
-    "}" | "${enter[@]}" nft -f -
+  "${enter[@]}" ip route replace "$service_cidr" dev eth0
+  # kube-proxy before the kubelet, so the node's own pods find their Services at once.
+  kube_proxy_pid "$node" >/dev/null ||
+    spawn "kube-proxy-$node" "$bin_dir/kube-proxy" "${enter[@]}" "$bin_dir/kube-proxy" \
+      --config="$dir/kube-proxy-config.yaml" --v=1
   if ! containerd_pid "$node" >/dev/null; then
     spawn "containerd-$node" containerd "${enter[@]}" containerd --config "$dir/containerd/config.toml"
   fi
@@ -389,6 +447,9 @@ start_kubelet_node() {
   have="$("${ctr[@]}" images ls -q 2>/dev/null || true)"
   while read -r tar; do
     ref="$(image_ref "$tar")"
+    # CoreDNS's image (80 MB) only where CoreDNS runs, as a registry pull would: three imports at
+    # once slow etcd's fsyncs down to timeouts on this shared disk.
+    if [[ "$ref" == "$image_prefix/coredns:"* ]] && [ "$node" != "$cluster_dns_node" ]; then continue; fi
     grep -qxF "$ref" <<<"$have" || "${ctr[@]}" images import "$tar" >/dev/null || die "importing $tar on $node failed"
   done <"$lab/images.list"
   if ! kubelet_pid "$node" >/dev/null; then
@@ -403,7 +464,11 @@ start_kubelet_node() {
 start_kubelet_nodes() {
   local nodes="$1" i pids=() pid failed=0
   start_egress_proxy
+  # The `kubernetes` Service's endpoint: $bridge_addr:$api_port in hm-lab, a relay to the
+  # apiserver's socket (the one VM nodes use, vm.sh).
+  vm_relay_ready
   build_images
+  client_kubeconfig kube-proxy "/CN=system:kube-proxy"
   for ((i = 1; i <= nodes; i++)); do
     if is_ssh_node "hm-node-$i"; then continue; fi
     mkdir -p "$nodes_dir/hm-node-$i"
@@ -416,8 +481,12 @@ start_kubelet_nodes() {
     for ((i = 1; i <= nodes; i++)); do tail -n 20 "$log_dir/node-up-hm-node-$i.log" >&2 || true; done
     die "a kubelet node did not start (logs above, and in $log_dir)"
   fi
-  # Every node routes to every other node's pod network (also to nodes added by a later `up`).
+  # Every node routes to every other node's pod network (also to nodes added by a later `up`),
+  # and so does hm-lab: pods talk to the `kubernetes` Service's endpoint there ($bridge_addr).
   local n m holder
+  for m in $(lab_nodes); do
+    ip -n "$bridge_ns" route replace "$pod_net_prefix.${m#hm-node-}.0/24" via "$node_net.${m#hm-node-}"
+  done
   for n in $(lab_nodes); do
     holder="$(holder_pid "$n")" || continue
     for m in $(lab_nodes); do
@@ -442,7 +511,10 @@ meshnodes_ready() {
   [ "$ready" -ge "$1" ]
 }
 
-# The whole chart, with the images built for the nodes, and waits for its pods.
+# The whole chart, with the images built for the nodes, and waits for its pods. The agents serve
+# mesh.local on the node addresses too, behind the Service $mesh_dns_ip, and the chart's CoreDNS
+# stub domain (ConfigMap coredns-custom in kube-system, the k3s convention) forwards mesh.local
+# there; install_cluster_dns imports it.
 install_chart_workloads() {
   local agent controller sum
   agent="$(lab_image mesh-agent)"
@@ -462,12 +534,165 @@ install_chart_workloads() {
     --set controller.image.pullPolicy=Never \
     --set agent.image.repository="${agent%:*}" --set agent.image.tag="${agent##*:}" \
     --set agent.image.pullPolicy=Never \
+    --set agent.dns.onUnderlay=true --set agent.dns.service.enabled=true \
+    --set agent.dns.service.clusterIP="$mesh_dns_ip" --set coreDNS.stubDomain.enabled=true \
+    --set coreDNS.stubDomain.configMapName=coredns-custom --set coreDNS.stubDomain.namespace=kube-system \
     --wait --timeout 180s >>"$log_dir/helm.log" 2>&1 || {
     tail -n 20 "$log_dir/helm.log" >&2 || true
     lab_kubectl -n "$chart_namespace" get pods -o wide >&2 || true
     die "helm could not install the chart, or its pods did not become ready within 180 s (helm's output above and in $log_dir/helm.log; kubectl -n $chart_namespace describe pods)"
   }
   echo "$sum" >"$lab/chart-workloads.sum"
+}
+
+# The cluster DNS: CoreDNS (the image built from the pinned binary) as the Deployment and Service
+# kube-dns ($cluster_dns_ip) in kube-system, the one the kubelets name (clusterDNS). Its Corefile
+# answers cluster.local (the kubernetes plugin) and refuses every other name (nothing is
+# forwarded: the lab has no network beyond itself), and imports every *.server key of the
+# ConfigMap coredns-custom: the chart's stub domain, mesh.local. CoreDNS reads its files only
+# when it starts, so the pod template carries a checksum of the Corefile and of that ConfigMap: a
+# change (the chart installed after CoreDNS, or with other values) rolls CoreDNS, whatever the
+# order. Run after install_chart_workloads, a fresh lab starts CoreDNS once, with the block.
+install_cluster_dns() {
+  local image custom manifest sum
+  image="$(lab_image coredns)"
+  custom="$(lab_kubectl -n kube-system get configmap coredns-custom -o jsonpath='{.data}' --ignore-not-found)"
+  manifest="$(coredns_manifest "$image" "$(printf '%s\n' "$(coredns_corefile)" "$custom" | sha256sum | cut -c1-16)")"
+  sum="$(printf '%s' "$manifest" | sha256sum)"
+  if [ -f "$lab/cluster-dns.sum" ] && [ "$(cat "$lab/cluster-dns.sum")" = "$sum" ] &&
+    lab_kubectl -n kube-system wait --for=condition=Available --timeout=2s deployment/coredns >/dev/null 2>&1; then
+    return 0
+  fi
+  log "starting the cluster DNS (CoreDNS ${image##*:}, Service kube-dns $cluster_dns_ip)"
+  printf '%s\n' "$manifest" | lab_kubectl apply --server-side --force-conflicts \
+    --field-manager=harness-mesh-lab -f - >/dev/null
+  lab_kubectl -n kube-system rollout status deployment/coredns --timeout=120s >/dev/null || {
+    lab_kubectl -n kube-system get pods -l k8s-app=kube-dns -o wide >&2 || true
+    die "CoreDNS did not become ready within 120 s (kubectl -n kube-system describe pods -l k8s-app=kube-dns)"
+  }
+  echo "$sum" >"$lab/cluster-dns.sum"
+}
+
+# CoreDNS's configuration.
+coredns_corefile() {
+  cat <<'EOF'
+cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {
+    errors
+    health :8080
+    ready :8181
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        pods insecure
+        ttl 30
+    }
+    cache 30
+    loadbalance
+}
+# Any other name: refused. There is nothing to forward to.
+.:53 {
+    errors
+    acl {
+        block
+    }
+}
+# The chart's stub domain (mesh.local), and any other *.server block put there.
+import /etc/coredns/custom/*.server
+EOF
+}
+
+# CoreDNS's objects: $1 = image, $2 = checksum of its configuration (a pod annotation).
+coredns_manifest() {
+  cat <<EOF
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: coredns, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:coredns"}
+rules:
+- apiGroups: [""]
+  resources: [endpoints, services, pods, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects:
+- {kind: ServiceAccount, name: coredns, namespace: kube-system}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: coredns, namespace: kube-system}
+data:
+  Corefile: |
+$(coredns_corefile | sed 's/^/    /')
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: {k8s-app: kube-dns, kubernetes.io/name: CoreDNS}
+spec:
+  clusterIP: $cluster_dns_ip
+  selector: {k8s-app: kube-dns}
+  ports:
+  - {name: dns, port: 53, targetPort: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, targetPort: 53, protocol: TCP}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: coredns
+  namespace: kube-system
+  labels: {k8s-app: kube-dns}
+spec:
+  replicas: 1
+  selector: {matchLabels: {k8s-app: kube-dns}}
+  template:
+    metadata:
+      labels: {k8s-app: kube-dns}
+      annotations: {harness-mesh.dev/config-checksum: "$2"}
+    spec:
+      serviceAccountName: coredns
+      priorityClassName: system-cluster-critical
+      # The node's resolver (nothing): CoreDNS must not query itself.
+      dnsPolicy: Default
+      terminationGracePeriodSeconds: 5
+      tolerations: [{operator: Exists}]
+      nodeSelector: {kubernetes.io/hostname: $cluster_dns_node}
+      containers:
+      - name: coredns
+        image: $1
+        imagePullPolicy: Never
+        args: [-conf, /etc/coredns/Corefile]
+        ports:
+        - {name: dns, containerPort: 53, protocol: UDP}
+        - {name: dns-tcp, containerPort: 53, protocol: TCP}
+        readinessProbe:
+          httpGet: {path: /ready, port: 8181}
+          periodSeconds: 1
+        livenessProbe:
+          httpGet: {path: /health, port: 8080}
+          periodSeconds: 10
+          failureThreshold: 5
+        securityContext:
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities: {drop: [ALL], add: [NET_BIND_SERVICE]}
+        volumeMounts:
+        - {name: config, mountPath: /etc/coredns, readOnly: true}
+        - {name: custom, mountPath: /etc/coredns/custom, readOnly: true}
+      volumes:
+      - name: config
+        configMap: {name: coredns, items: [{key: Corefile, path: Corefile}]}
+      - name: custom
+        configMap: {name: coredns-custom, optional: true}
+EOF
 }
 
 # `agent restart NODE` in kubelet mode: delete the node's agent pod and wait for its successor.

@@ -333,7 +333,9 @@ ensure_pki() {
   (
     umask 077
     cd "$tmp"
-    cat >openssl.cnf <<'EOF'
+    # $node_net.254 (the bridge in hm-lab) is where kubelet mode advertises the apiserver: the
+    # `kubernetes` Service's endpoint.
+    cat >openssl.cnf <<EOF
 [req]
 distinguished_name = dn
 prompt = no
@@ -347,7 +349,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, IP:10.96.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
+subjectAltName = IP:127.0.0.1, IP:10.96.0.1, IP:$node_net.254, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
 authorityKeyIdentifier = keyid
 [client]
 basicConstraints = critical, CA:FALSE
@@ -408,7 +410,9 @@ etcd_healthy() {
 
 # --endpoint-reconciler-type=none: the apiserver refuses a loopback advertise address with the
 # lease/master-count reconcilers (Endpoints may not hold 127.0.0.0/8), and the network rule
-# forbids advertising anything else. So the `kubernetes` Service has no endpoints in the lab.
+# forbids advertising anything else. So the `kubernetes` Service has no endpoints in the plain
+# lab. Kubelet mode overrides both (kubelet_apiserver_args): there the endpoint is a relay on the
+# lab bridge, inside the lab's own namespaces.
 start_apiserver() {
   local pid
   if [ "$lab_run_mode" = kubelet ]; then mapfile -t apiserver_extra_args < <(kubelet_apiserver_args); fi
@@ -939,7 +943,11 @@ up_kubelet_mode() {
     is_ssh_node "hm-node-$i" || ensure_node_net "$i" "$ports"
   done
   start_kubelet_nodes "$nodes"
+  # kube-controller-manager exits when etcd times out while it starts its controllers, which a
+  # slow shared disk does while the nodes import their images: start it again if so.
+  start_control_plane_extras
   install_chart_workloads
+  install_cluster_dns
   log "waiting for $nodes MeshNode(s) to become Ready"
   wait_for kube-apiserver meshnodes_ready "$nodes"
 }
@@ -1394,10 +1402,11 @@ cmd_status() {
       continue
     fi
     if [ "$lab_run_mode" = kubelet ]; then
-      local kubelet=stopped
+      local kubelet=stopped proxy=stopped
       if pid="$(kubelet_pid "$node")"; then kubelet="pid $pid"; else up=3; fi
-      printf '%-16s %-15s holder %s, relay %s, kubelet %s\n' "$node:" "$node_net.${node#hm-node-}" \
-        "$holder" "$relay" "$kubelet"
+      if pid="$(kube_proxy_pid "$node")"; then proxy="pid $pid"; else up=3; fi
+      printf '%-16s %-15s holder %s, relay %s, kubelet %s, kube-proxy %s\n' "$node:" \
+        "$node_net.${node#hm-node-}" "$holder" "$relay" "$kubelet" "$proxy"
       continue
     fi
     if pid="$(agent_pid "$node")"; then
@@ -1409,11 +1418,13 @@ cmd_status() {
       "$holder" "$relay" "$agent"
   done
   local vm k
-  if [ -n "$(lab_vms)" ]; then
+  # The relay on the lab bridge: the VMs' way to the apiserver, and in kubelet mode the
+  # `kubernetes` Service's endpoint.
+  if [ -n "$(lab_vms)" ] || { [ "$lab_run_mode" = kubelet ] && [ -n "$nodes" ]; }; then
     if pid="$(vm_relay_pid)"; then
-      printf '%-16s running (pid %s), %s:%s in %s\n' "vm-relay:" "$pid" "$bridge_addr" "$api_port" "$bridge_ns"
+      printf '%-16s running (pid %s), %s:%s in %s\n' "bridge-relay:" "$pid" "$bridge_addr" "$api_port" "$bridge_ns"
     else
-      printf '%-16s stopped\n' "vm-relay:"
+      printf '%-16s stopped\n' "bridge-relay:"
       up=3
     fi
   fi

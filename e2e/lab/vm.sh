@@ -297,10 +297,11 @@ EOF
 }
 
 # The relay VMs reach the apiserver through: $bridge_addr:$api_port in hm-lab -> the unix socket.
+# In kubelet mode it is the `kubernetes` Service's endpoint (kubelet.sh).
 vm_relay_ready() {
   ip -n "$bridge_ns" addr replace "$bridge_addr/24" dev "$bridge"
   vm_relay_pid >/dev/null && return 0
-  log "starting the apiserver relay for VM nodes ($bridge_addr:$api_port in $bridge_ns)"
+  log "starting the apiserver relay on the lab bridge ($bridge_addr:$api_port in $bridge_ns)"
   spawn apiserver-relay-hm-lab "$socat_bin" ip netns exec "$bridge_ns" "$socat_bin" \
     "TCP-LISTEN:$api_port,bind=$bridge_addr,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
 }
