@@ -200,6 +200,34 @@ impl Losses {
     }
 }
 
+/// The UDP payloads of the IPv4 packets in a pcap capture (libpcap format, Ethernet link type)
+/// sent to or from `port`.
+pub fn udp_payloads(pcap: &[u8], port: u16) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    if pcap.len() < 24 || pcap[..4] != [0xd4, 0xc3, 0xb2, 0xa1] || pcap[20..24] != [1, 0, 0, 0] {
+        return out;
+    }
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let len = u32::from_le_bytes([pcap[at + 8], pcap[at + 9], pcap[at + 10], pcap[at + 11]]) as usize;
+        let Some(frame) = pcap.get(at + 16..at + 16 + len) else { break };
+        at += 16 + len;
+        // Ethernet, IPv4, UDP.
+        if frame.len() < 14 + 20 + 8 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 17 {
+            continue;
+        }
+        let ip_header = usize::from(frame[14] & 0x0f) * 4;
+        let udp = 14 + ip_header;
+        let Some(header) = frame.get(udp..udp + 8) else { continue };
+        let (source, destination) =
+            (u16::from_be_bytes([header[0], header[1]]), u16::from_be_bytes([header[2], header[3]]));
+        if source == port || destination == port {
+            out.push(&frame[udp + 8..]);
+        }
+    }
+    out
+}
+
 /// Tells pingers apart on a node (their count is unique), so that stopping one stops no other.
 static PINGERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -216,9 +244,18 @@ impl Mesh {
 }
 
 impl Pinger {
-    /// Stops the ping (SIGINT, so that it prints its summary) and reads what it saw.
+    /// Stops the ping (SIGINT, so that it prints its summary) and reads what it saw. Fails when
+    /// the ping had ended by itself: then it did not watch the whole event.
     pub fn stop(mut self, mesh: &Mesh) -> anyhow::Result<Losses> {
         use std::io::Read as _;
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "the ping from {} to {} ended by itself ({status}) before it was stopped: the event outlasted the \
+                 window given to start_ping",
+                self.node,
+                self.target
+            );
+        }
         let pattern = format!("^ping -n -i 0.1 -W 1 -c {} {}$", self.count, self.target);
         let _ = mesh.nodes.exec(&self.node, &["pkill", "-INT", "-f", &pattern]);
         let mut text = String::new();
@@ -239,6 +276,27 @@ mod tests {
         let none = "--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 2040ms\n";
         assert_eq!(PingStats::parse(none).unwrap(), PingStats { sent: 3, received: 0, avg_ms: None });
         assert!(PingStats::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn udp_payloads_are_read_from_a_pcap_capture() {
+        let mut pcap = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 1, 0, 0, 0];
+        let mut frame = vec![0u8; 12];
+        frame.extend([0x08, 0x00]);
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 192, 168, 77, 1, 192, 168, 77, 2];
+        ip.extend(51820u16.to_be_bytes());
+        ip.extend(51820u16.to_be_bytes());
+        ip.extend([0, 12, 0, 0, 4, 0, 0, 0]);
+        frame.extend(ip);
+        let len = (frame.len() as u32).to_le_bytes();
+        pcap.extend([0; 8]);
+        pcap.extend(len);
+        pcap.extend(len);
+        pcap.extend(&frame);
+        assert_eq!(udp_payloads(&pcap, 51820), vec![&[4u8, 0, 0, 0][..]]);
+        assert!(udp_payloads(&pcap, 53).is_empty());
+        // The file header alone (which holds 4, 0 too) has no packet.
+        assert!(udp_payloads(&pcap[..24], 51820).is_empty());
     }
 
     #[test]

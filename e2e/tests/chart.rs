@@ -747,7 +747,7 @@ async fn rbac_grants_each_serviceaccount_exactly_its_verbs() -> anyhow::Result<(
         .concat();
         let in_namespace_agent = [
             grants("coordination.k8s.io", "leases", "", &["create", "patch"]),
-            grants("apps", "daemonsets", &sandbox.agent_sa(), &["get"]),
+            grants("apps", "daemonsets", &sandbox.agent_sa(), &["get", "list", "watch"]),
         ]
         .concat();
 

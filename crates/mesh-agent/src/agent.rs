@@ -111,7 +111,22 @@ impl Agent {
         metrics: Arc<Metrics>,
         health: watch::Sender<Result<(), String>>,
     ) -> anyhow::Result<Self> {
-        let device = Device::open(config.wireguard, &config.interface, &config.userspace).await?;
+        // An external device (the device DaemonSet's pod) may come after this agent: wait for it
+        // (the caller stops waiting at SIGTERM; /healthz says "starting" meanwhile).
+        let mut waited = 0u32;
+        let device = loop {
+            match Device::open(config.wireguard, &config.interface, &config.userspace).await {
+                Ok(device) => break device,
+                Err(err) if config.userspace.external => {
+                    if waited.is_multiple_of(30) {
+                        tracing::warn!("waiting for the WireGuard device: {err:#}");
+                    }
+                    waited += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        };
         tracing::info!(backend = ?device.backend(), interface = %config.interface, public_key = %key.public_key(), "WireGuard device ready");
         let links = Links::connect()?;
         let directory = Directory::watch(client.clone());
@@ -147,7 +162,10 @@ impl Agent {
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
-        self.directory.ready().await.context("listing MeshNodes and MeshServices")?;
+        tokio::select! {
+            ready = self.directory.ready() => ready.context("listing MeshNodes and MeshServices")?,
+            () = &mut shutdown => return Ok(()),
+        }
         let mut resync = tokio::time::interval(self.config.resync_interval);
         let mut lease = tokio::time::interval(Duration::from_secs(10));
         let mut probes = tokio::time::interval(self.config.probe_interval);
@@ -318,11 +336,7 @@ impl Agent {
             tracing::info!(changes = %changed.join(", "), "configured {}", self.config.interface);
         }
         self.metrics.applied_services.set(hosted.len() as i64);
-        let masquerade = self.config.masquerade.then(|| firewall::Masquerade {
-            interface: self.config.interface.clone(),
-            subnet: self.config.subnet,
-            node_ip,
-        });
+        let masquerade = if self.config.masquerade { self.masquerade(node_ip).await? } else { None };
         self.enforce(&hosted, masquerade.as_ref()).await?;
         self.ensure_echo(node_ip);
         let mut listen = vec![node_ip];
@@ -376,6 +390,34 @@ impl Agent {
                 self.device.get().await
             }
         }
+    }
+
+    /// The source NAT of forwarded traffic, with the underlay interface (the one that has the
+    /// node's underlay address) left out; none, with a warning, where there is no such interface.
+    async fn masquerade(&self, node_ip: Ipv4Addr) -> anyhow::Result<Option<firewall::Masquerade>> {
+        let underlay_ip = match self.config.advertise_address {
+            Some(ip) => Some(ip),
+            None => self.links.underlay_ipv4(&self.config.interface).await?,
+        };
+        let underlay = match underlay_ip {
+            Some(ip) => self.links.interface_with(ip).await?,
+            None => None,
+        };
+        let Some(underlay) = underlay else {
+            if self.firewall.is_none() {
+                tracing::warn!(
+                    ?underlay_ip,
+                    "no interface has the node's underlay address: pods' traffic is not let into the mesh"
+                );
+            }
+            return Ok(None);
+        };
+        Ok(Some(firewall::Masquerade {
+            interface: self.config.interface.clone(),
+            underlay,
+            subnet: self.config.subnet,
+            node_ip,
+        }))
     }
 
     /// Applies the port rules when they changed.

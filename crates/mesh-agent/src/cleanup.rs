@@ -5,14 +5,18 @@
 //!
 //! A DaemonSet's agent cannot tell from SIGTERM alone whether it is restarting (a rollout, an
 //! upgrade, `kubectl delete pod`: everything must stay so that no packet is lost) or leaving for
-//! good (`helm uninstall`). It asks the API: [`departure`] reads its DaemonSet, which `helm
-//! uninstall` deletes before the pods go.
+//! good (`helm uninstall`). It watches its own DaemonSet for its whole life ([`DaemonSetWatch`]):
+//! `helm uninstall` deletes the DaemonSet before the pods go, and the watch sees that while the
+//! agent's credentials still work (the ServiceAccount and RBAC go right after). On SIGTERM,
+//! [`departure`] decides from what the watch saw, and from one more read of the DaemonSet.
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use mesh_dataplane::firewall;
 use tokio::io::AsyncWriteExt;
@@ -37,12 +41,31 @@ impl Cleanup {
     pub async fn run(&self) -> anyhow::Result<Vec<String>> {
         let mut removed = Vec::new();
         let mut failed = Vec::new();
+        // wireguard-go stops when its socket goes (it watches the file) and takes its tun device
+        // with it; a tun device cannot be deleted from outside while it is held.
+        let socket = Path::new(userspace::SOCKET_DIR).join(format!("{}.sock", self.interface));
+        if tokio::fs::remove_file(&socket).await.is_ok() {
+            removed.push(format!("socket {} (wireguard-go stops)", socket.display()));
+        }
+        let _ = tokio::fs::remove_file(userspace::fallback_marker(&self.interface)).await;
         match Links::connect() {
-            Ok(links) => match links.delete(&self.interface).await {
-                Ok(true) => removed.push(format!("link {} with its addresses and routes", self.interface)),
-                Ok(false) => {}
-                Err(err) => failed.push(format!("{err:#}")),
-            },
+            Ok(links) => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while links.index(&self.interface).await.ok().flatten().is_some()
+                    && tokio::time::Instant::now() < deadline
+                    && removed.iter().any(|r| r.starts_with("socket"))
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                match links.delete(&self.interface).await {
+                    Ok(true) => removed.push(format!("link {} with its addresses and routes", self.interface)),
+                    Ok(false) if removed.iter().any(|r| r.starts_with("socket")) => {
+                        removed.push(format!("link {} with its addresses and routes", self.interface));
+                    }
+                    Ok(false) => {}
+                    Err(err) => failed.push(format!("{err:#}")),
+                }
+            }
             Err(err) => failed.push(format!("{err:#}")),
         }
         match self.remove_table().await {
@@ -50,17 +73,18 @@ impl Cleanup {
             Ok(false) => {}
             Err(err) => failed.push(format!("{err:#}")),
         }
-        let socket = Path::new(userspace::SOCKET_DIR).join(format!("{}.sock", self.interface));
-        if tokio::fs::remove_file(&socket).await.is_ok() {
-            removed.push(format!("socket {}", socket.display()));
-        }
         if let Some(dir) = &self.state_dir {
-            match remove_dir_contents(dir).await {
-                Ok(n) if n > 0 => removed.push(format!("{n} file(s) of the state dir {}", dir.display())),
-                Ok(_) => {}
-                Err(err) => failed.push(format!("{err:#}")),
+            // Only the agent's own files: the directory is whatever --state-dir names.
+            for file in STATE_FILES {
+                let path = dir.join(file);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => removed.push(path.display().to_string()),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => failed.push(format!("removing {}: {err}", path.display())),
+                }
             }
-            // Outside a container the directory goes too; a pod's hostPath mount point cannot.
+            // Outside a container the (now empty) directory goes too; a pod's hostPath mount
+            // point cannot, and a directory with other files in it stays.
             if tokio::fs::remove_dir(dir).await.is_ok() {
                 removed.push(format!("the state dir {}", dir.display()));
             }
@@ -103,26 +127,8 @@ impl Cleanup {
     }
 }
 
-/// Removes what is in `dir` (files and directories); returns how many entries went.
-async fn remove_dir_contents(dir: &Path) -> anyhow::Result<usize> {
-    let mut entries = match tokio::fs::read_dir(dir).await {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(err).with_context(|| format!("reading {}", dir.display())),
-    };
-    let mut n = 0;
-    while let Some(entry) = entries.next_entry().await? {
-        let path = entry.path();
-        let result = if entry.file_type().await?.is_dir() {
-            tokio::fs::remove_dir_all(&path).await
-        } else {
-            tokio::fs::remove_file(&path).await
-        };
-        result.with_context(|| format!("removing {}", path.display()))?;
-        n += 1;
-    }
-    Ok(n)
-}
+/// The files the agent keeps in its state dir: the key and wireguard-go's log.
+const STATE_FILES: [&str; 2] = [crate::keystore::KEY_FILE, "wireguard-go.log"];
 
 /// Why the agent is stopping.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,14 +139,17 @@ pub enum Departure {
     Uninstall(String),
 }
 
-/// Reads the agent's DaemonSet `namespace/name`: gone or being deleted means an uninstall, and
-/// so does a refusal (its ServiceAccount or role went with the release). Only when `readable`
-/// (the agent read that DaemonSet at its start), so that a wrong name or missing permission never
-/// wipes a node. Anything else (a timeout, an unreachable API) is taken for a restart: a node
-/// left configured is harmless, one cleaned by mistake loses its tunnels.
-pub async fn departure(client: &Client, namespace: &str, name: &str, readable: bool) -> Departure {
+/// Decides on SIGTERM: an uninstall when the watch saw the agent's DaemonSet deleted, or when it
+/// is gone or being deleted now. Only when `readable` (the agent read that DaemonSet at its
+/// start), so that a wrong name or missing permission never wipes a node. Anything else (a
+/// refusal, a timeout, an unreachable API) is taken for a restart: a node left configured is
+/// harmless, one cleaned by mistake loses its tunnels and its key.
+pub async fn departure(client: &Client, namespace: &str, name: &str, readable: bool, seen_deleted: bool) -> Departure {
     if !readable {
         return Departure::Restart;
+    }
+    if seen_deleted {
+        return Departure::Uninstall(format!("DaemonSet {namespace}/{name} was deleted"));
     }
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
     let answer = tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await.ok();
@@ -150,15 +159,51 @@ pub async fn departure(client: &Client, namespace: &str, name: &str, readable: b
     }
 }
 
+/// Watches the agent's own DaemonSet for the agent's whole life and remembers whether it was
+/// deleted (or marked for deletion).
+pub struct DaemonSetWatch {
+    deleted: tokio::sync::watch::Receiver<bool>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl DaemonSetWatch {
+    /// Starts watching `namespace/name` (list and watch, by name only).
+    pub fn start(client: &Client, namespace: &str, name: &str) -> Self {
+        let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let (tx, deleted) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut events = watcher(api, config).default_backoff().boxed();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::Delete(_)) => {
+                        let _ = tx.send(true);
+                    }
+                    Ok(watcher::Event::Apply(ds) | watcher::Event::InitApply(ds))
+                        if ds.metadata.deletion_timestamp.is_some() =>
+                    {
+                        let _ = tx.send(true);
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::debug!("watching the agent's DaemonSet: {err}"),
+                }
+            }
+        });
+        Self { deleted, _task: tokio_util::task::AbortOnDropHandle::new(task) }
+    }
+
+    /// Whether the DaemonSet was seen deleted.
+    pub fn seen_deleted(&self) -> bool {
+        *self.deleted.borrow()
+    }
+}
+
 /// What an answer to the DaemonSet read means (`None`: no answer in time).
 fn judge(answer: Option<Result<Option<DaemonSet>, kube::Error>>) -> Departure {
     match answer {
         Some(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => Departure::Uninstall("being deleted".into()),
         Some(Ok(Some(_))) => Departure::Restart,
         Some(Ok(None)) => Departure::Uninstall("gone".into()),
-        Some(Err(kube::Error::Api(status))) if status.code == 401 || status.code == 403 => Departure::Uninstall(
-            format!("the API refuses the agent now ({}): its ServiceAccount or role was deleted", status.code),
-        ),
         Some(Err(err)) => {
             tracing::warn!("reading the agent's DaemonSet: {err}; taking this stop for a restart");
             Departure::Restart
@@ -203,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_gone_or_deleted_daemonset_or_refused_credentials_mean_an_uninstall() {
+    fn only_a_gone_or_deleted_daemonset_means_an_uninstall() {
         let live = DaemonSet::default();
         let mut deleted = DaemonSet::default();
         deleted.metadata.deletion_timestamp =
@@ -211,9 +256,10 @@ mod tests {
         assert_eq!(judge(Some(Ok(Some(live)))), Departure::Restart);
         assert!(matches!(judge(Some(Ok(Some(deleted)))), Departure::Uninstall(_)));
         assert!(matches!(judge(Some(Ok(None))), Departure::Uninstall(_)));
-        assert!(matches!(judge(Some(Err(api_error(401)))), Departure::Uninstall(_)));
-        assert!(matches!(judge(Some(Err(api_error(403)))), Departure::Uninstall(_)));
-        // An API that fails otherwise, or does not answer, never wipes a node.
+        // Refused credentials, an API that fails otherwise, or no answer never wipe a node: the
+        // watch is what sees a real uninstall while the credentials still work.
+        assert_eq!(judge(Some(Err(api_error(401)))), Departure::Restart);
+        assert_eq!(judge(Some(Err(api_error(403)))), Departure::Restart);
         assert_eq!(judge(Some(Err(api_error(500)))), Departure::Restart);
         assert_eq!(judge(Some(Err(api_error(429)))), Departure::Restart);
         assert_eq!(judge(None), Departure::Restart);

@@ -12,8 +12,9 @@
 //! - Userspace: wireguard-go runs in the foreground as a child, its log on this process's
 //!   output, until SIGTERM (passed on to it, so that it removes the device and its socket) or
 //!   until it exits (then this exits too, with an error, and the kubelet restarts the pod).
-//! - `off`, or `auto` where wireguard-go cannot start at all: waits, so that the agent's
-//!   fallback is the node's state and the pod does not crash-loop.
+//! - `off`, or `auto` where wireguard-go cannot start at all: says why in
+//!   `/var/run/wireguard/<interface>.fallback` (the agent then runs in fallback instead of waiting
+//!   for a device) and waits, so that the pod does not crash-loop. Deleting the pod tries again.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -40,7 +41,10 @@ pub async fn hold(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     match choice {
-        Choice::Off => return idle("WireGuard is off (--wireguard=off): no device to hold", shutdown).await,
+        Choice::Off => {
+            let _ = tokio::fs::remove_file(userspace::fallback_marker(interface)).await;
+            return idle("WireGuard is off (--wireguard=off): no device to hold", shutdown).await;
+        }
         Choice::Auto | Choice::Kernel => match kernel::KernelDevice::open(interface).await {
             Ok(_) => {
                 return idle(
@@ -59,6 +63,8 @@ pub async fn hold(
         },
         Choice::Userspace => {}
     }
+    let marker = userspace::fallback_marker(interface);
+    let _ = tokio::fs::remove_file(&marker).await;
     let socket = Path::new(userspace::SOCKET_DIR).join(format!("{interface}.sock"));
     wait_for_older_device(&socket, &mut shutdown).await?;
     // A socket left by a device that died would make wireguard-go refuse to start.
@@ -90,10 +96,14 @@ pub async fn hold(
         status = child.wait() => {
             let status = status?;
             if choice == Choice::Auto && started.elapsed() < START_FAILURE_WINDOW {
-                tracing::warn!(
-                    "wireguard-go could not start ({status}: is /dev/net/tun there, and may this pod use it?); \
-                     the agent runs in fallback on this node"
+                let why = format!(
+                    "no WireGuard on this node: no kernel module, and wireguard-go could not start ({status}: is \
+                     /dev/net/tun there, and may this pod use it?)"
                 );
+                tracing::warn!("{why}; the agent runs in fallback on this node (delete this pod to try again)");
+                tokio::fs::write(&marker, &why)
+                    .await
+                    .with_context(|| format!("writing {}", marker.display()))?;
                 return idle("no WireGuard on this node", shutdown).await;
             }
             bail!("wireguard-go for {interface} exited ({status}); the pod restarts it, and the agent sets it up again")

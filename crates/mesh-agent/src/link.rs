@@ -174,6 +174,23 @@ impl Links {
         Ok(false)
     }
 
+    /// The name of the link that has the address `ip`, if any.
+    pub async fn interface_with(&self, ip: Ipv4Addr) -> anyhow::Result<Option<String>> {
+        let addresses: Vec<_> = self.handle.address().get().execute().try_collect().await?;
+        let Some(index) = addresses.iter().find_map(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(local)) if *local == ip))
+                .then_some(m.header.index)
+        }) else {
+            return Ok(None);
+        };
+        let links: Vec<_> = self.handle.link().get().match_index(index).execute().try_collect().await?;
+        Ok(links.first().and_then(|l| {
+            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
+        }))
+    }
+
     /// The node's underlay IPv4 address: the address of the link that carries the default
     /// route, else the first global address on any other link but `skip` and loopback.
     pub async fn underlay_ipv4(&self, skip: &str) -> anyhow::Result<Option<Ipv4Addr>> {

@@ -31,6 +31,7 @@ use anyhow::Context;
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use kube::Client;
+use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, Config};
 use crate::backend::{Choice, userspace};
@@ -134,8 +135,10 @@ struct Args {
 
     /// Send what this node forwards into the mesh (traffic of its pods and containers) from the
     /// node's own mesh IP: peers accept from each node only its own addresses, so without it a
-    /// pod cannot reach the mesh. false: only the node and its services use the mesh.
-    #[arg(long, env = "MESH_MASQUERADE", action = ArgAction::Set, default_value_t = true)]
+    /// pod cannot reach the mesh. What arrives on the underlay interface (another host routing
+    /// through this node) is never let in. The chart turns it on; off: only the node and its
+    /// services use the mesh.
+    #[arg(long, env = "MESH_MASQUERADE", action = ArgAction::Set, default_value_t = false)]
     masquerade: bool,
 
     /// The DaemonSet this agent runs in (the chart sets it), in the --lease-namespace. On
@@ -219,9 +222,12 @@ async fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
+    // First of all: as PID 1 in a container, a SIGTERM that comes before a handler exists is
+    // ignored, and the pod is killed 30 s later without having cleaned up.
+    let stop = stop_on_signal()?;
     match cli.command {
         Some(Command::Device(args)) => {
-            device::hold(args.wireguard, &args.interface, &args.wireguard_go, shutdown_signal()).await
+            device::hold(args.wireguard, &args.interface, &args.wireguard_go, stop.cancelled_owned()).await
         }
         Some(Command::Cleanup(args)) => {
             let cleanup = cleanup::Cleanup {
@@ -238,12 +244,12 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        None => run(cli.run).await,
+        None => run(cli.run, stop).await,
     }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, stop: CancellationToken) -> anyhow::Result<()> {
     let node_name = args.node_name.context("--node-name (NODE_NAME) is required: this node's MeshNode name")?;
     if !(0.1..=60.0).contains(&args.probe_interval) {
         anyhow::bail!("--probe-interval must be between 0.1 and 60 seconds, got {}", args.probe_interval);
@@ -262,11 +268,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    // Whether this agent may read its DaemonSet: only then can it tell an uninstall on SIGTERM.
+    // Whether this agent may read its DaemonSet (only then can it tell an uninstall on SIGTERM),
+    // and a watch on it that sees its deletion while the agent's credentials still work.
     let daemonset = match args.daemonset {
         Some(name) => {
             let readable = cleanup::readable(&client, &args.lease_namespace, &name).await;
-            Some((name, readable))
+            let watch = cleanup::DaemonSetWatch::start(&client, &args.lease_namespace, &name);
+            Some((name, readable, watch))
         }
         None => None,
     };
@@ -291,11 +299,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dns_port: args.dns_port,
         dns_on_underlay: args.dns_on_underlay,
     };
-    let agent = Agent::start(config, client.clone(), key, metrics, health_tx).await?;
-    let result = agent.run(shutdown_signal()).await;
+    // Starting (the device may take a while to appear) stops at SIGTERM too.
+    let result = tokio::select! {
+        agent = Agent::start(config, client.clone(), key, metrics, health_tx) => match agent {
+            Ok(agent) => agent.run(stop.cancelled_owned()).await,
+            Err(err) => Err(err),
+        },
+        () = stop.cancelled() => {
+            tracing::info!("stopped while starting");
+            Ok(())
+        }
+    };
     server.abort();
-    if let Some((name, readable)) = daemonset {
-        match cleanup::departure(&client, &args.lease_namespace, &name, readable).await {
+    if let Some((name, readable, watch)) = daemonset {
+        let seen_deleted = watch.seen_deleted();
+        match cleanup::departure(&client, &args.lease_namespace, &name, readable, seen_deleted).await {
             cleanup::Departure::Restart => {}
             cleanup::Departure::Uninstall(why) => {
                 tracing::info!("{why}: the mesh is being uninstalled; removing everything it put on this node");
@@ -314,14 +332,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// A token cancelled on SIGTERM or SIGINT; the handlers are in place when this returns.
+fn stop_on_signal() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let stop = CancellationToken::new();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(stop)
 }

@@ -13,7 +13,9 @@
 //! Traffic the node forwards into the mesh for others (its pods, containers) leaves the WireGuard
 //! interface with the node's own mesh IP as source ([`Masquerade`]): a peer accepts from each
 //! node only that node's addresses (WireGuard's allowed IPs), and pod addresses are none of them.
-//! Conntrack maps the replies back to the pod.
+//! Conntrack maps the replies back to the pod. Only what comes from the node itself or from an
+//! interface other than the underlay's is translated: a host on the underlay that routes through
+//! the node is not let into the mesh under the node's name.
 //!
 //! The ruleset lives in its own table, `inet harness_mesh`, and [`render`] produces a script
 //! that replaces the whole table in one `nft -f` transaction, so there is never a moment with
@@ -31,11 +33,14 @@ use crate::desired::Hosted;
 pub const TABLE: &str = "harness_mesh";
 
 /// Source NAT of what the node forwards into the mesh: packets leaving `interface` from outside
-/// `subnet` (a pod's address, say) leave from `node_ip`.
+/// `subnet` (a pod's address, say) that did not arrive on `underlay` leave from `node_ip`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Masquerade {
     /// The WireGuard interface.
     pub interface: String,
+    /// The underlay interface (the one with the node's endpoint address): what arrives there is
+    /// another host's traffic, never translated.
+    pub underlay: String,
     /// The mesh subnet: sources inside it (the node's and its services' IPs) are left alone.
     pub subnet: Ipv4Net,
     /// The node's own mesh IP.
@@ -49,6 +54,10 @@ pub fn render(hosted: &[Hosted], masquerade: Option<&Masquerade>) -> String {
     // Create-then-delete makes the delete succeed whether or not the table existed.
     let _ = writeln!(out, "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{");
     out.push_str("  chain service_ports {\n    type filter hook input priority filter; policy accept;\n");
+    if !hosted.is_empty() {
+        // Replies and ICMP errors (path MTU) of connections already let through are never refused.
+        out.push_str("    ct state established,related accept\n");
+    }
     for service in hosted {
         let ip = service.ip;
         let _ = writeln!(out, "    # {}", service.service.replace('\n', " "));
@@ -65,12 +74,15 @@ pub fn render(hosted: &[Hosted], masquerade: Option<&Masquerade>) -> String {
     out.push_str("  }\n");
     if let Some(m) = masquerade {
         // Interface names are plain (the kernel allows no quote in them); keep it that way here.
-        let interface: String = m.interface.chars().filter(|c| c.is_ascii_graphic() && *c != '"').collect();
+        let plain = |name: &str| -> String { name.chars().filter(|c| c.is_ascii_graphic() && *c != '"').collect() };
         let _ = writeln!(
             out,
             "  chain snat_to_mesh_ip {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
-             oifname \"{interface}\" ip saddr != {} snat ip to {}\n  }}",
-            m.subnet, m.node_ip
+             oifname \"{}\" iifname != \"{}\" ip saddr != {} snat ip to {}\n  }}",
+            plain(&m.interface),
+            plain(&m.underlay),
+            m.subnet,
+            m.node_ip
         );
     }
     let forwarded: Vec<&Hosted> = hosted.iter().filter(|h| h.forward_to.is_some() && !h.ports.is_empty()).collect();
@@ -117,7 +129,7 @@ mod tests {
         }];
         assert_eq!(
             render(&hosted, None),
-            "table inet harness_mesh\ndelete table inet harness_mesh\ntable inet harness_mesh {\n  chain service_ports {\n    type filter hook input priority filter; policy accept;\n    # default/graph-node\n    ip daddr 10.42.7.7 tcp dport { 8000, 8020 } accept\n    ip daddr 10.42.7.7 udp dport { 8000, 8020 } accept\n    ip daddr 10.42.7.7 icmp type echo-request accept\n    ip daddr 10.42.7.7 meta l4proto tcp reject with tcp reset\n    ip daddr 10.42.7.7 reject\n  }\n}\n"
+            "table inet harness_mesh\ndelete table inet harness_mesh\ntable inet harness_mesh {\n  chain service_ports {\n    type filter hook input priority filter; policy accept;\n    ct state established,related accept\n    # default/graph-node\n    ip daddr 10.42.7.7 tcp dport { 8000, 8020 } accept\n    ip daddr 10.42.7.7 udp dport { 8000, 8020 } accept\n    ip daddr 10.42.7.7 icmp type echo-request accept\n    ip daddr 10.42.7.7 meta l4proto tcp reject with tcp reset\n    ip daddr 10.42.7.7 reject\n  }\n}\n"
         );
     }
 
@@ -173,16 +185,18 @@ mod tests {
     fn forwarded_traffic_enters_the_mesh_from_the_node_mesh_ip() {
         let masquerade = Masquerade {
             interface: "wg-harness".into(),
+            underlay: "eth0".into(),
             subnet: "10.42.0.0/16".parse().unwrap(),
             node_ip: "10.42.0.3".parse().unwrap(),
         };
         let script = render(&[], Some(&masquerade));
         assert!(script.contains("type nat hook postrouting priority srcnat;"), "{script}");
-        assert!(script.contains("oifname \"wg-harness\" ip saddr != 10.42.0.0/16 snat ip to 10.42.0.3"), "{script}");
+        let rule = "oifname \"wg-harness\" iifname != \"eth0\" ip saddr != 10.42.0.0/16 snat ip to 10.42.0.3";
+        assert!(script.contains(rule), "{script}");
         // Without it, no source NAT at all.
         assert!(!render(&[], None).contains("snat"));
         // A name with a quote cannot end the string early.
         let odd = Masquerade { interface: "wg\"x".into(), ..masquerade };
-        assert!(render(&[], Some(&odd)).contains("oifname \"wgx\""));
+        assert!(render(&[], Some(&odd)).contains("oifname \"wgx\" iifname != \"eth0\""));
     }
 }

@@ -52,6 +52,17 @@ impl Device {
             },
             Choice::Userspace => {}
         }
+        if userspace.external {
+            // The device pod decides: a device to adopt, a reason for fallback, or not yet.
+            if let Ok(why) = std::fs::read_to_string(userspace::fallback_marker(interface)) {
+                tracing::warn!(
+                    "{}; running in fallback: this node's services are reached at its host address",
+                    why.trim()
+                );
+                return Ok(Self::Fallback(why.trim().to_owned()));
+            }
+            return Ok(Self::Userspace(userspace::UserspaceDevice::open(interface, userspace).await?));
+        }
         match userspace::UserspaceDevice::open(interface, userspace).await {
             Ok(device) => Ok(Self::Userspace(device)),
             Err(err) if choice == Choice::Auto => {

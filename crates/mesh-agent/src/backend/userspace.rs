@@ -34,8 +34,6 @@ pub const SOCKET_DIR: &str = "/var/run/wireguard";
 const UAPI_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long wireguard-go may take to bring the device up.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the agent waits for an external device (its pod may start after the agent's).
-const EXTERNAL_WAIT: Duration = Duration::from_secs(60);
 
 /// How to start wireguard-go.
 #[derive(Clone, Debug)]
@@ -47,6 +45,12 @@ pub struct Options {
     /// wireguard-go runs in another process that outlives the agent (`mesh-agent device`):
     /// adopt it, wait for it, never start one.
     pub external: bool,
+}
+
+/// Where `mesh-agent device` says why it holds no device (no WireGuard on this node): the agent
+/// then runs in fallback instead of waiting for one.
+pub fn fallback_marker(interface: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{interface}.fallback"))
 }
 
 /// Whether a wireguard-go answers on `socket`.
@@ -76,22 +80,11 @@ impl UserspaceDevice {
             Err(err) => tracing::debug!("no running wireguard-go device: {err:#}"),
         }
         if options.external {
-            tracing::info!(socket = %device.socket.display(), "waiting for the device that `mesh-agent device` holds");
-            let deadline = tokio::time::Instant::now() + EXTERNAL_WAIT;
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                match device.get().await {
-                    Ok(_) => return Ok(device),
-                    Err(err) if tokio::time::Instant::now() > deadline => {
-                        return Err(err.context(format!(
-                            "no wireguard-go answers on {} after {EXTERNAL_WAIT:?}: is the device DaemonSet's pod \
-                             (mesh-agent device) running on this node? Its log says why not",
-                            device.socket.display()
-                        )));
-                    }
-                    Err(_) => {}
-                }
-            }
+            bail!(
+                "no wireguard-go answers on {} yet: the device DaemonSet's pod (mesh-agent device) on this node \
+                 starts it; if it does not come, its log says why",
+                device.socket.display()
+            );
         }
         device.start(interface, options).await?;
         Ok(device)
