@@ -52,6 +52,17 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// As [`Mesh::get`], for the suites that need real pods: fails unless the lab runs in kubelet
+    /// mode.
+    pub async fn get_kubelet(within: Duration) -> anyhow::Result<Self> {
+        let mesh = Self::get(within).await?;
+        anyhow::ensure!(
+            crate::lab_mode().as_deref() == Some("kubelet"),
+            "these tests need the lab in kubelet mode: e2e/lab/lab.sh down, then make kubelet-e2e"
+        );
+        Ok(mesh)
+    }
+
     /// Every node's mesh IP, key and endpoint, by name (only nodes that have all three).
     pub async fn info(&self) -> anyhow::Result<BTreeMap<String, NodeInfo>> {
         let api: Api<MeshNode> = Api::all(self.cluster.client.clone());

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use harness_mesh_e2e::mesh::{DigAnswer, Mesh, eventually, eventually_async};
-use harness_mesh_e2e::{lab_image, lab_mode, repo_root};
+use harness_mesh_e2e::{lab_image, repo_root};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -31,12 +31,7 @@ const WEB: &str = "cluster-e2e-web";
 const WEB_BODY: &str = "hello-from-cluster-e2e-web";
 
 async fn mesh() -> anyhow::Result<Mesh> {
-    let mesh = Mesh::get(CONVERGE).await?;
-    ensure!(
-        lab_mode().as_deref() == Some("kubelet"),
-        "these tests need the lab in kubelet mode: e2e/lab/lab.sh down, then make kubelet-e2e"
-    );
-    Ok(mesh)
+    Mesh::get_kubelet(CONVERGE).await
 }
 
 /// A pod on `node`'s pod network running `script` in the lab's busybox image, with the default

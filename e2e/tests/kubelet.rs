@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use harness_mesh_e2e::controller::service;
+use harness_mesh_e2e::lab_image;
 use harness_mesh_e2e::mesh::{Mesh, Pinger, eventually, eventually_async, wait_mesh_ip};
-use harness_mesh_e2e::{lab_image, lab_mode};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -30,12 +30,7 @@ const NAMESPACE: &str = "default";
 const WEB: &str = "kubelet-e2e-web";
 
 async fn mesh() -> anyhow::Result<Mesh> {
-    let mesh = Mesh::get(CONVERGE).await?;
-    ensure!(
-        lab_mode().as_deref() == Some("kubelet"),
-        "these tests need the lab in kubelet mode: e2e/lab/lab.sh down, then make kubelet-e2e"
-    );
-    Ok(mesh)
+    Mesh::get_kubelet(CONVERGE).await
 }
 
 /// A pod on `node`'s pod network that serves HTTP with `body` on port 8080, and on port 9090
@@ -419,6 +414,15 @@ async fn agent_restarts_rollouts_and_upgrades_lose_no_packet_through_the_restart
     let service_ip = pod_backed_service(&mesh, name, &host, &pinger_node, "still-here").await?;
     let info = mesh.info().await?;
     let window = Duration::from_secs(300);
+    // Every node pinged by another one, and the service: for the events that restart every agent.
+    let through_every_node = || -> anyhow::Result<Vec<(Pinger, String)>> {
+        Ok(vec![
+            (mesh.start_ping(&pinger_node, info[&host].mesh_ip, window)?, format!("{pinger_node} -> {host}")),
+            (mesh.start_ping(&pinger_node, info[&third].mesh_ip, window)?, format!("{pinger_node} -> {third}")),
+            (mesh.start_ping(&host, info[&pinger_node].mesh_ip, window)?, format!("{host} -> {pinger_node}")),
+            (mesh.start_ping(&pinger_node, service_ip, window)?, format!("{pinger_node} -> {name} on {host}")),
+        ])
+    };
     let result = async {
         // 1. `kubectl delete pod` of the agent on the service's node.
         let pingers = vec![
@@ -435,12 +439,7 @@ async fn agent_restarts_rollouts_and_upgrades_lose_no_packet_through_the_restart
         // 2. `kubectl rollout restart` of the DaemonSet: every node's agent, one after the other;
         // each node is pinged by another one.
         let before = agent_pods(&mesh).await?;
-        let pingers = vec![
-            (mesh.start_ping(&pinger_node, info[&host].mesh_ip, window)?, format!("{pinger_node} -> {host}")),
-            (mesh.start_ping(&pinger_node, info[&third].mesh_ip, window)?, format!("{pinger_node} -> {third}")),
-            (mesh.start_ping(&host, info[&pinger_node].mesh_ip, window)?, format!("{host} -> {pinger_node}")),
-            (mesh.start_ping(&pinger_node, service_ip, window)?, format!("{pinger_node} -> {name} on {host}")),
-        ];
+        let pingers = through_every_node()?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let started = Instant::now();
         mesh.cluster.kubectl_ok(&["-n", CHART_NAMESPACE, "rollout", "restart", "daemonset/harness-mesh-agent"])?;
@@ -462,12 +461,7 @@ async fn agent_restarts_rollouts_and_upgrades_lose_no_packet_through_the_restart
             )?;
         }
         let before = agent_pods(&mesh).await?;
-        let pingers = vec![
-            (mesh.start_ping(&pinger_node, info[&host].mesh_ip, window)?, format!("{pinger_node} -> {host}")),
-            (mesh.start_ping(&pinger_node, info[&third].mesh_ip, window)?, format!("{pinger_node} -> {third}")),
-            (mesh.start_ping(&host, info[&pinger_node].mesh_ip, window)?, format!("{host} -> {pinger_node}")),
-            (mesh.start_ping(&pinger_node, service_ip, window)?, format!("{pinger_node} -> {name} on {host}")),
-        ];
+        let pingers = through_every_node()?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let started = Instant::now();
         let tag = upgraded.rsplit_once(':').map(|(_, t)| t).context("image tag")?;

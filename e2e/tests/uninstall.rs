@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::mesh::{Mesh, eventually, eventually_async, wait_mesh_ip};
-use harness_mesh_e2e::{lab_mode, repo_root};
+use harness_mesh_e2e::repo_root;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
@@ -60,11 +60,7 @@ fn helm(mesh: &Mesh, args: &[&str]) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn helm_uninstall_leaves_no_trace_on_the_nodes_and_blocks_no_deletion() -> anyhow::Result<()> {
-    let mesh = Mesh::get(Duration::from_secs(90)).await?;
-    ensure!(
-        lab_mode().as_deref() == Some("kubelet"),
-        "this test needs the lab in kubelet mode: e2e/lab/lab.sh down, then make kubelet-e2e"
-    );
+    let mesh = Mesh::get_kubelet(Duration::from_secs(90)).await?;
     let client = mesh.cluster.client.clone();
     for node in &mesh.nodes.names {
         let left = leftovers(&mesh, node)?;
