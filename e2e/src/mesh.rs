@@ -431,6 +431,18 @@ where
     }
 }
 
+/// Deletes pod `name` at once (no grace period) if it exists, and waits (at most 60 s) until it
+/// is gone.
+pub async fn delete_pod_and_wait(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> anyhow::Result<()> {
+    let now = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    let _ = pods.delete(name, &now).await;
+    eventually_async(Duration::from_secs(60), || async {
+        anyhow::ensure!(pods.get_opt(name).await?.is_none(), "pod {name} still exists");
+        Ok(())
+    })
+    .await
+}
+
 /// Waits (at most 30 s) until the MeshService `name` has a mesh IP, and returns it.
 pub async fn wait_mesh_ip(api: &Api<mesh_api::MeshService>, name: &str) -> anyhow::Result<Ipv4Addr> {
     let start = Instant::now();

@@ -14,7 +14,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use harness_mesh_e2e::mesh::{DigAnswer, Mesh, eventually, eventually_async};
+use harness_mesh_e2e::mesh::{DigAnswer, Mesh, delete_pod_and_wait, eventually, eventually_async};
 use harness_mesh_e2e::{lab_image, repo_root};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -70,20 +70,11 @@ fn web_pod(node: &str) -> anyhow::Result<Pod> {
     Ok(pod)
 }
 
-async fn delete_pod(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
-    let _ = pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
-    eventually_async(Duration::from_secs(60), || async {
-        ensure!(pods.get_opt(name).await?.is_none(), "pod {name} still exists");
-        Ok(())
-    })
-    .await
-}
-
 /// Creates `pod` afresh (deleting one of that name an earlier run left) and waits until it is
 /// Ready; returns its name.
 async fn start_pod(pods: &Api<Pod>, pod: Pod) -> anyhow::Result<String> {
     let name = pod.metadata.name.clone().context("pod name")?;
-    delete_pod(pods, &name).await?;
+    delete_pod_and_wait(pods, &name).await?;
     pods.create(&PostParams::default(), &pod).await?;
     eventually_async(CONVERGE, || async {
         let status = pods.get(&name).await?.status.unwrap_or_default();
@@ -247,7 +238,7 @@ async fn pods_and_nodes_resolve_and_reach_the_apiserver_through_cluster_dns_and_
     ensure!(answer.status == "REFUSED", "the cluster DNS answered example.com: {answer:?}");
 
     for pod in &made {
-        delete_pod(&pods, pod).await?;
+        delete_pod_and_wait(&pods, pod).await?;
     }
     Ok(())
 }
@@ -316,9 +307,9 @@ async fn a_cluster_ip_service_reaches_its_pod_from_pods_on_every_node_and_from_t
     .await?;
 
     for (_, pod) in &made {
-        delete_pod(&pods, pod).await?;
+        delete_pod_and_wait(&pods, pod).await?;
     }
-    delete_pod(&pods, WEB).await?;
+    delete_pod_and_wait(&pods, WEB).await?;
     Ok(())
 }
 
@@ -372,7 +363,7 @@ async fn a_pod_resolves_mesh_names_through_the_coredns_stub_domain() -> anyhow::
         lookup.output
     );
 
-    delete_pod(&pods, &pod).await?;
+    delete_pod_and_wait(&pods, &pod).await?;
     Ok(())
 }
 

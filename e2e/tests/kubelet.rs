@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::lab_image;
-use harness_mesh_e2e::mesh::{Mesh, Pinger, eventually, eventually_async, wait_mesh_ip};
+use harness_mesh_e2e::mesh::{Mesh, Pinger, delete_pod_and_wait, eventually, eventually_async, wait_mesh_ip};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -56,15 +56,6 @@ fn web_pod(name: &str, node: &str, body: &str) -> anyhow::Result<Pod> {
             }],
         },
     }))?)
-}
-
-async fn delete_pod(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
-    let _ = pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
-    eventually_async(Duration::from_secs(60), || async {
-        ensure!(pods.get_opt(name).await?.is_none(), "pod {name} still exists");
-        Ok(())
-    })
-    .await
 }
 
 /// Waits until pod `name` is Ready and returns its pod IP.
@@ -170,7 +161,7 @@ async fn a_selector_service_in_front_of_a_pod_network_pod_is_reachable_by_ip_and
     let pods: Api<Pod> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
     for name in ["kubelet-e2e-web-a", "kubelet-e2e-web-b"] {
-        delete_pod(&pods, name).await?;
+        delete_pod_and_wait(&pods, name).await?;
     }
     let _ = services.delete(WEB, &DeleteParams::default()).await;
     eventually_async(Duration::from_secs(30), || async {
@@ -228,7 +219,7 @@ async fn a_selector_service_in_front_of_a_pod_network_pod_is_reachable_by_ip_and
     // The pod goes, another (on the other node, with another IP) takes over: the service follows.
     pods.create(&PostParams::default(), &web_pod("kubelet-e2e-web-b", &client, "hello-from-pod-b")?).await?;
     let new_ip = ready_pod_ip(&pods, "kubelet-e2e-web-b").await?;
-    delete_pod(&pods, "kubelet-e2e-web-a").await?;
+    delete_pod_and_wait(&pods, "kubelet-e2e-web-a").await?;
     let took = eventually(CONVERGE, || match http_get(&mesh, &host, ip, 8080)? {
         Some(body) if body == "hello-from-pod-b" => Ok(()),
         other => bail!("{host} -> {ip}:8080 gave {other:?} (want the new pod {new_ip})"),
@@ -238,7 +229,7 @@ async fn a_selector_service_in_front_of_a_pod_network_pod_is_reachable_by_ip_and
     let status = services.get(WEB).await?.status.unwrap_or_default();
     ensure!(status.pod_ip == Some(new_ip.to_string()), "status.podIP is {:?}, want {new_ip}", status.pod_ip);
 
-    delete_pod(&pods, "kubelet-e2e-web-b").await?;
+    delete_pod_and_wait(&pods, "kubelet-e2e-web-b").await?;
     services.delete(WEB, &DeleteParams::default()).await?;
     Ok(())
 }
@@ -312,7 +303,7 @@ fn busybox_real_seconds(text: &str) -> Option<f64> {
 async fn pod_backed_service(mesh: &Mesh, name: &str, host: &str, from: &str, body: &str) -> anyhow::Result<Ipv4Addr> {
     let pods: Api<Pod> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
-    delete_pod(&pods, name).await?;
+    delete_pod_and_wait(&pods, name).await?;
     let _ = services.delete(name, &DeleteParams::default()).await;
     eventually_async(Duration::from_secs(30), || async {
         ensure!(services.get_opt(name).await?.is_none(), "old MeshService {name} still exists");
@@ -342,7 +333,7 @@ async fn remove_service_and_pod(mesh: &Mesh, name: &str) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
     let _ = services.delete(name, &DeleteParams::default()).await;
-    delete_pod(&pods, name).await
+    delete_pod_and_wait(&pods, name).await
 }
 
 /// Stops every pinger and fails, naming each, when any lost a packet or stopped being answered.
@@ -515,7 +506,7 @@ async fn a_pod_reaches_mesh_services_by_ip_and_name_and_only_on_listed_ports() -
     let marker = format!("pod-client-marker-{}", std::process::id());
     let ip = pod_backed_service(&mesh, name, &host, &client_node, &marker).await?;
     let pods: Api<Pod> = Api::namespaced(mesh.cluster.client.clone(), NAMESPACE);
-    delete_pod(&pods, client).await?;
+    delete_pod_and_wait(&pods, client).await?;
     pods.create(&PostParams::default(), &client_pod(client, &client_node)?).await?;
     let client_ip = ready_pod_ip(&pods, client).await?;
     let result = async {
@@ -589,7 +580,7 @@ async fn a_pod_reaches_mesh_services_by_ip_and_name_and_only_on_listed_ports() -
         anyhow::Ok(())
     }
     .await;
-    delete_pod(&pods, client).await?;
+    delete_pod_and_wait(&pods, client).await?;
     remove_service_and_pod(&mesh, name).await?;
     result
 }

@@ -44,22 +44,23 @@ impl Cleanup {
         // wireguard-go stops when its socket goes (it watches the file) and takes its tun device
         // with it; a tun device cannot be deleted from outside while it is held.
         let socket = Path::new(userspace::SOCKET_DIR).join(format!("{}.sock", self.interface));
-        if tokio::fs::remove_file(&socket).await.is_ok() {
+        let socket_removed = tokio::fs::remove_file(&socket).await.is_ok();
+        if socket_removed {
             removed.push(format!("socket {} (wireguard-go stops)", socket.display()));
         }
         let _ = tokio::fs::remove_file(userspace::fallback_marker(&self.interface)).await;
         match Links::connect() {
             Ok(links) => {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while links.index(&self.interface).await.ok().flatten().is_some()
+                while socket_removed
                     && tokio::time::Instant::now() < deadline
-                    && removed.iter().any(|r| r.starts_with("socket"))
+                    && links.index(&self.interface).await.ok().flatten().is_some()
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 match links.delete(&self.interface).await {
                     Ok(true) => removed.push(format!("link {} with its addresses and routes", self.interface)),
-                    Ok(false) if removed.iter().any(|r| r.starts_with("socket")) => {
+                    Ok(false) if socket_removed => {
                         removed.push(format!("link {} with its addresses and routes", self.interface));
                     }
                     Ok(false) => {}
