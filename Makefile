@@ -81,11 +81,12 @@ e2e-vm: deps ## the mixed mesh: lab with 2 namespace nodes + 1 VM node (kernel W
 	  $(LAB) up --nodes 2 --vm-nodes 1; \
 	  MESH_AGENT_TEST_BINARY="$(CURDIR)/$$tests" $(VM_SUITE_ENV) $(CARGO) test -p harness-mesh-e2e --features vm-lab --no-fail-fast --test vm --test mesh --test discovery
 
-kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + cluster_services + mesh + discovery + meshctl + enroll suites, then uninstall (helm uninstall leaves nothing); takes the lab down
+kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + cluster_services + mesh + discovery + meshctl + enroll suites, the pod-network attacks, then uninstall (helm uninstall leaves nothing); takes the lab down
 	$(CARGO) build --workspace --bins
 	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
 	  $(LAB) up --mode kubelet --nodes 3; \
 	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test kubelet --test cluster_services --test mesh --test discovery --test meshctl --test enroll; \
+  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test attacks -- pod_network::; \
 	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test uninstall
 
 bench: deps ## benchmarks (3-node lab, then 500 simulated nodes): one table at the end, JSON under target/bench/

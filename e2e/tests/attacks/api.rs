@@ -1,0 +1,1 @@
+//! Attacks: api (see tests/attacks.rs).

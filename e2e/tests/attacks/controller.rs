@@ -1,0 +1,1 @@
+//! Attacks: controller (see tests/attacks.rs).

@@ -1,0 +1,1 @@
+//! Attacks: machine (see tests/attacks.rs).

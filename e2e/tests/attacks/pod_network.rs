@@ -1,0 +1,1 @@
+//! Attacks: pod_network (see tests/attacks.rs).

@@ -1,0 +1,1 @@
+//! Attacks: tunnel (see tests/attacks.rs).
