@@ -21,6 +21,7 @@ mod keystore;
 mod link;
 mod metrics;
 mod probe;
+mod token;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -199,9 +200,23 @@ struct Args {
     #[arg(long, env = "MESH_NFT", default_value = "nft")]
     nft: PathBuf,
 
-    /// Address of the /metrics and /healthz endpoints.
-    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:9464")]
-    metrics_addr: SocketAddr,
+    /// The file of the agent's API token, which the agent renews (an enrolled machine: `meshctl
+    /// enroll` sets it, and the kubeconfig names the same file as its tokenFile). The new token
+    /// has the same ServiceAccount, audience and lifetime, and replaces the file atomically.
+    /// Unset: the credential is someone else's to renew (a pod's projected token).
+    #[arg(long, env = "MESH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// With --token-file: renew once this fraction of the token's life has passed, 0.01..0.9.
+    #[arg(long, env = "MESH_TOKEN_RENEW_AT", default_value_t = 0.5)]
+    token_renew_at: f64,
+
+    /// Address of the /metrics and /healthz endpoints. Default: port 9464 of the
+    /// --advertise-address (the node IP; the chart sets it), else of 127.0.0.1. Never the
+    /// wildcard by default: in the host network that would also answer on the mesh IP and on
+    /// every other interface of the node.
+    #[arg(long, env = "MESH_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -248,20 +263,40 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Port of /metrics and /healthz when --metrics-addr is not given.
+const DEFAULT_METRICS_PORT: u16 = 9464;
+
+/// Where /metrics and /healthz listen when --metrics-addr is not given: the node's advertised
+/// underlay address, else loopback.
+fn default_metrics_addr(advertise_address: Option<Ipv4Addr>) -> SocketAddr {
+    SocketAddr::from((advertise_address.unwrap_or(Ipv4Addr::LOCALHOST), DEFAULT_METRICS_PORT))
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 async fn run(args: Args, stop: CancellationToken) -> anyhow::Result<()> {
     let node_name = args.node_name.context("--node-name (NODE_NAME) is required: this node's MeshNode name")?;
     if !(0.1..=60.0).contains(&args.probe_interval) {
         anyhow::bail!("--probe-interval must be between 0.1 and 60 seconds, got {}", args.probe_interval);
     }
+    if !(0.01..=0.9).contains(&args.token_renew_at) {
+        anyhow::bail!(
+            "--token-renew-at must be between 0.01 and 0.9 (a fraction of the token's life), got {}",
+            args.token_renew_at
+        );
+    }
     let key = keystore::load_or_create(&args.state_dir)?;
     let client = Client::try_default()
         .await
         .context("no Kubernetes credentials: run in a pod with a ServiceAccount, or set KUBECONFIG")?;
 
+    if let Some(path) = args.token_file.clone() {
+        let renewal = token::Renewal { path, renew_at: args.token_renew_at };
+        tokio::spawn(renewal.run(client.clone(), stop.clone()));
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let (health_tx, health_rx) = tokio::sync::watch::channel(Err("starting".to_owned()));
-    let serve = metrics::serve(args.metrics_addr, metrics.clone(), health_rx);
+    let metrics_addr = args.metrics_addr.unwrap_or_else(|| default_metrics_addr(args.advertise_address));
+    let serve = metrics::serve(metrics_addr, metrics.clone(), health_rx);
     let server = tokio::spawn(async move {
         if let Err(err) = serve.await {
             tracing::error!("metrics endpoint: {err:#}");

@@ -124,9 +124,14 @@ async fn render(State(state): State<Arc<Served>>) -> (StatusCode, String) {
     }
 }
 
-async fn healthz(State(state): State<Arc<Served>>) -> (StatusCode, String) {
+/// `ok`, or a fixed text: the reason (an API or netlink error, which may name addresses, keys'
+/// owners or paths) goes to the agent's log only, never to whoever can reach the port.
+async fn healthz(State(state): State<Arc<Served>>) -> (StatusCode, &'static str) {
     match &*state.health.borrow() {
-        Ok(()) => (StatusCode::OK, "ok".into()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+        Ok(()) => (StatusCode::OK, "ok"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, NOT_READY),
     }
 }
+
+/// The body of /healthz while the agent is not ready.
+pub const NOT_READY: &str = "not ready: the last sync failed or has not finished; the agent's log says why";
