@@ -426,7 +426,11 @@ async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() -> an
         ensure!(ports == "5353 5353", "DNS Service target ports: {ports}");
 
         // Upgrade again: what is switched off goes away.
-        sandbox.upgrade(&["agent.nodeRestriction.enabled=false", "controller.leaderElection.enabled=false"])?;
+        sandbox.upgrade(&[
+            "agent.nodeRestriction.enabled=false",
+            "controller.leaderElection.enabled=false",
+            "controller.replicas=1",
+        ])?;
         ensure!(helm_status(&sandbox)? == ("deployed".to_owned(), 3));
         let gone = [
             configmap.clone(),
@@ -438,7 +442,7 @@ async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() -> an
             let out = sandbox.cluster.kubectl_ok(&["get", "-n", &ns, object, "--ignore-not-found", "-o", "name"])?;
             ensure!(out.trim().is_empty(), "{object} survived the upgrade that switched it off");
         }
-        ensure!(sandbox.cluster.kubectl_ok(&["get", "-n", &ns, &controller, "-o", "jsonpath={.spec.replicas}"])? == "2");
+        ensure!(sandbox.cluster.kubectl_ok(&["get", "-n", &ns, &controller, "-o", "jsonpath={.spec.replicas}"])? == "1");
 
         // Uninstall: nothing of the release is left; the CRDs stay (and so do their objects).
         sandbox.uninstall()?;
