@@ -62,6 +62,18 @@ pub struct ClusterArgs {
     /// Give up on the API server after this long (e.g. 10s, 1m)
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+
+    /// The namespace harness-mesh is installed in: the agents' liveness Leases are read there
+    /// only, so a Lease someone else names mesh-agent-<node> in another namespace cannot make a
+    /// dead agent look alive
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAMESPACE",
+        env = "MESHCTL_MESH_NAMESPACE",
+        default_value = "harness-mesh"
+    )]
+    pub mesh_namespace: String,
 }
 
 /// The subcommands.

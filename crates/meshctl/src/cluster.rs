@@ -22,6 +22,8 @@ pub struct Cluster {
     client: Client,
     /// `https://host:port (context NAME)`, for messages.
     target: String,
+    /// The namespace harness-mesh is installed in, where the agents' Leases are.
+    mesh_namespace: String,
 }
 
 impl Cluster {
@@ -81,7 +83,7 @@ impl Cluster {
         };
         let client =
             Client::try_from(config).map_err(|err| anyhow!("cannot set up a client for {target}: {}", chain(&err)))?;
-        Ok(Self { client, target })
+        Ok(Self { client, target, mesh_namespace: args.mesh_namespace.clone() })
     }
 
     /// Every MeshNode.
@@ -105,15 +107,19 @@ impl Cluster {
             .map_err(|err| explain(&self.target, &err, "meshservices"))
     }
 
-    /// The agents' liveness Leases (`mesh-agent-<node>`, in whatever namespace the agents run),
-    /// by node; `Err` says why they could not be read (their absence is not an error).
+    /// The agents' liveness Leases (`mesh-agent-<node>` in the mesh namespace, nowhere else: a
+    /// Lease of that name in a tenant's namespace says nothing about an agent), by node; `Err`
+    /// says why they could not be read (their absence is not an error).
     pub async fn agent_leases(&self) -> Result<BTreeMap<String, Lease>, String> {
-        let api: Api<KubeLease> = Api::all(self.client.clone());
+        let namespace = &self.mesh_namespace;
+        let api: Api<KubeLease> = Api::namespaced(self.client.clone(), namespace);
         let list = api.list(&ListParams::default()).await.map_err(|err| match &err {
             kube::Error::Api(status) if status.code == 403 => {
-                "agent liveness unknown: not allowed to list leases.coordination.k8s.io".to_owned()
+                format!(
+                    "agent liveness unknown: not allowed to list leases.coordination.k8s.io in namespace {namespace}"
+                )
             }
-            _ => format!("agent liveness unknown: cannot list Leases: {}", chain(&err)),
+            _ => format!("agent liveness unknown: cannot list Leases in namespace {namespace}: {}", chain(&err)),
         })?;
         let mut out: BTreeMap<String, Lease> = BTreeMap::new();
         for lease in list.items {
@@ -125,11 +131,7 @@ impl Cluster {
                 renewed: spec.renew_time.map(|t| t.0).or(spec.acquire_time.map(|t| t.0)),
                 duration_secs: spec.lease_duration_seconds,
             };
-            // Two installations in different namespaces: the latest renewal wins.
-            let newer = out.get(node).is_none_or(|known| known.renewed < found.renewed);
-            if newer {
-                out.insert(node.to_owned(), found);
-            }
+            out.insert(node.to_owned(), found);
         }
         Ok(out)
     }
