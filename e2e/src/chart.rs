@@ -483,6 +483,17 @@ pub async fn token_client(kubeconfig: &Path, token: &str) -> anyhow::Result<Clie
     Ok(Client::try_from(config)?)
 }
 
+/// Writes to `out` a kubeconfig for the cluster in `kubeconfig` that authenticates with `token`
+/// alone, for a program (meshctl, kubectl) to act as that token's ServiceAccount.
+pub fn write_token_kubeconfig(kubeconfig: &Path, token: &str, out: &Path) -> anyhow::Result<()> {
+    let mut file = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+    for named in &mut file.auth_infos {
+        named.auth_info = Some(serde_json::from_value::<AuthInfo>(json!({ "token": token }))?);
+    }
+    // JSON is YAML: kubectl and kube read it as a kubeconfig.
+    std::fs::write(out, serde_json::to_string(&file)?).with_context(|| format!("writing {}", out.display()))
+}
+
 /// One permission: (API group, resource, resource name or "", verb).
 pub type Grant = (String, String, String, String);
 

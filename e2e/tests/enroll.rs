@@ -283,6 +283,26 @@ for p in /proc/[0-9]*; do
 done
 "#;
 
+/// The machine's API token, which its kubeconfig names and its agent renews.
+const TOKEN_FILE: &str = "/etc/harness-mesh/token";
+
+/// The lab API server's issuer, the audience enroll asks for by default.
+const LAB_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// The claims of a JWT (not verified: the API server does that).
+fn token_claims(token: &str) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine as _;
+    let payload = token.trim().split('.').nth(1).context("the token is not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Replaces `path` on the machine with `content`.
+fn write_on_machine(mesh: &Mesh, path: &str, content: &str) -> anyhow::Result<()> {
+    let script = format!("cat > {path}.e2e <<'EOF'\n{content}EOF\nmv {path}.e2e {path}");
+    mesh.nodes.exec_ok(SSH_NODE, &["sh", "-c", &script]).map(drop)
+}
+
 /// The pid in a pid file on the machine, if it names a live mesh-agent.
 fn machine_agent_pid(mesh: &Mesh) -> anyhow::Result<u32> {
     let script = "p=$(cat /run/harness-mesh/agent.pid) && [ \"$(cat /proc/$p/comm)\" = mesh-agent ] && echo $p";
@@ -328,7 +348,8 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         let target = format!("root@{SSH_ADDR}");
         let endpoint = format!("{SSH_ADDR}:51820");
         let mut args = enroll_args(&target, NAME, &ssh);
-        args.extend(["--endpoint", &endpoint]);
+        // The shortest token the API server issues, so that the agent's renewal shows here.
+        args.extend(["--endpoint", &endpoint, "--token-duration", "10m"]);
         let first = meshctl(&args, Duration::from_secs(180))?.ok()?;
         eprintln!("first enroll took {:.1} s:\n{}", first.took.as_secs_f64(), first.stdout);
         for step in 1..=9 {
@@ -360,15 +381,33 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         ensure!(device_key.trim() == key, "device key {device_key:?} is not the published {key}");
         let modes = mesh.nodes.exec_ok(
             SSH_NODE,
-            &["stat", "-c", "%a %n", "/etc/harness-mesh/kubeconfig", "/var/lib/harness-mesh/private.key"],
+            &["stat", "-c", "%a %n", "/etc/harness-mesh/kubeconfig", TOKEN_FILE, "/var/lib/harness-mesh/private.key"],
         )?;
         ensure!(
-            ["600 /etc/harness-mesh/kubeconfig", "600 /var/lib/harness-mesh/private.key"]
-                .iter()
-                .all(|m| modes.contains(m)),
+            [
+                "600 /etc/harness-mesh/kubeconfig",
+                "600 /etc/harness-mesh/token",
+                "600 /var/lib/harness-mesh/private.key"
+            ]
+            .iter()
+            .all(|m| modes.contains(m)),
             "{modes}"
         );
-        let token_kubeconfig = mesh.nodes.exec_ok(SSH_NODE, &["cat", "/etc/harness-mesh/kubeconfig"])?;
+        // The credential: 10 minutes, for the API server's audience, and the kubeconfig only
+        // names its file (which the agent renews).
+        let first_token = mesh.nodes.exec_ok(SSH_NODE, &["cat", TOKEN_FILE])?;
+        let claims = token_claims(&first_token)?;
+        ensure!(claims["exp"].as_i64().zip(claims["iat"].as_i64()).map(|(e, i)| e - i) == Some(600), "{claims}");
+        ensure!(claims["aud"] == json!([LAB_ISSUER]), "the token's audience: {}", claims["aud"]);
+        let file_kubeconfig = mesh.nodes.exec_ok(SSH_NODE, &["cat", "/etc/harness-mesh/kubeconfig"])?;
+        ensure!(
+            file_kubeconfig.contains(&format!("tokenFile: {TOKEN_FILE}"))
+                && !file_kubeconfig.contains(first_token.trim()),
+            "{file_kubeconfig}"
+        );
+        // The same credential as a kubeconfig this test can use, the token inline.
+        let token_kubeconfig =
+            file_kubeconfig.replace(&format!("tokenFile: {TOKEN_FILE}"), &format!("token: {}", first_token.trim()));
         let copy = std::env::temp_dir().join(format!("hm-enroll-token-{}.kubeconfig", std::process::id()));
         std::fs::write(&copy, &token_kubeconfig)?;
         let machine_kubectl = |args: &[&str]| {
@@ -444,6 +483,37 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         })
         .await?;
         eprintln!("the supervisor restarted the agent: pid {pid} -> {new_pid}");
+
+        // The agent renews its token by itself: told to renew after 5 % of its life (30 s of
+        // 10 min), it replaces the file with a token of the same account, audience and
+        // lifetime, issued later, and carries on with it.
+        let env = mesh.nodes.exec_ok(SSH_NODE, &["cat", "/etc/harness-mesh/agent.env"])?;
+        let renewing = format!("{env}MESH_TOKEN_RENEW_AT=0.05\n");
+        write_on_machine(&mesh, "/etc/harness-mesh/agent.env", &renewing)?;
+        mesh.nodes.exec_ok(SSH_NODE, &["kill", "-KILL", &new_pid.to_string()])?;
+        let renewed = eventually(Duration::from_secs(90), || {
+            let token = mesh.nodes.exec_ok(SSH_NODE, &["cat", TOKEN_FILE])?;
+            let renewed = token_claims(&token)?;
+            ensure!(renewed["iat"].as_i64() > claims["iat"].as_i64(), "the token was not renewed yet");
+            ensure!(
+                renewed["sub"] == claims["sub"] && renewed["aud"] == claims["aud"],
+                "renewed for another account or audience: {renewed}"
+            );
+            ensure!(renewed["exp"].as_i64().zip(renewed["iat"].as_i64()).map(|(e, i)| e - i) == Some(600), "{renewed}");
+            Ok(())
+        })
+        .await?;
+        eprintln!("the agent renewed its token within {renewed:?}");
+        write_on_machine(&mesh, "/etc/harness-mesh/agent.env", &env)?;
+        let renewing_pid = machine_agent_pid(&mesh)?;
+        mesh.nodes.exec_ok(SSH_NODE, &["kill", "-KILL", &renewing_pid.to_string()])?;
+        eventually(Duration::from_secs(20), || {
+            new_pid = machine_agent_pid(&mesh)?;
+            ensure!(new_pid != renewing_pid, "still the killed agent {renewing_pid}");
+            Ok(())
+        })
+        .await?;
+        mesh.wait_connected(Duration::from_secs(60)).await?;
 
         // Again: nothing changes.
         let version = nodes.get(NAME).await?.metadata.resource_version;

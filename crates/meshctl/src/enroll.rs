@@ -129,10 +129,17 @@ pub struct CredentialArgs {
     #[arg(long, default_value = "harness-mesh-agent")]
     pub service_account: String,
 
-    /// How long the token is valid. Nothing renews it by itself: enroll again before then (a
-    /// re-run renews a token past half its life)
-    #[arg(long, value_name = "DURATION", default_value = "8760h", value_parser = parse_duration)]
+    /// How long each token of the machine is valid (10m at least). The agent renews its token
+    /// by itself once half of that has passed, so a copy taken from the machine stops working
+    /// within this time; a machine that stays off for longer needs enroll again
+    #[arg(long, value_name = "DURATION", default_value = "168h", value_parser = parse_duration)]
     pub token_duration: Duration,
+
+    /// The audience the machine's tokens are issued for [default: the API server's issuer, from
+    /// its /.well-known/openid-configuration, which is the audience it accepts unless
+    /// --api-audiences says otherwise]
+    #[arg(long, value_name = "AUDIENCE")]
+    pub token_audience: Option<String>,
 
     /// The API server URL the machine uses [default: your kubeconfig's]
     #[arg(long, value_name = "URL")]
@@ -176,7 +183,9 @@ Examples:
 Host keys are always checked. For a machine not in your known_hosts yet, verify its key first:
   ssh-keyscan 203.0.113.10 > host.keys; ssh-keygen -lf host.keys   # compare with the machine's
   cat host.keys >> ~/.ssh/known_hosts
-Running enroll again changes only what differs (and renews the token past half its life).
+The machine's token lasts 7 days (--token-duration) and its agent renews it at half its life;
+a machine that was off for longer needs enroll again. Running enroll again changes only what
+differs (and issues a new token once the one it issued has expired).
 Without systemd, the agent runs under a small supervisor, which nothing starts at boot: enroll
 again after a reboot. Undo everything with: meshctl unenroll NAME";
 
@@ -224,7 +233,7 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
                      --name {other}, or remove it first with `meshctl unenroll {other}`"
                 );
             }
-            if state == NameState::Free && cluster.kubernetes_node_exists(name).await {
+            if state == NameState::Free && cluster.kubernetes_node_exists(name).await? {
                 bail!(
                     "the name {name} is taken: a Kubernetes Node is called {name}, and mesh-controller mirrors it \
                      into a MeshNode of that name. Choose another --name"
@@ -310,14 +319,16 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
                 cluster.apply_machine_account(&creds.namespace, name, &creds.service_account, &via).await?;
             let ca_sha256 = ca_pem.as_deref().map(|ca| sha256_hex(ca.as_bytes())).unwrap_or_default();
             let now = Timestamp::now().as_second();
-            let half_life = i64::try_from(creds.token_duration.as_secs() / 2).unwrap_or(i64::MAX);
             let kept = machine.record.as_ref().filter(|r| {
                 r.name == name
                     && r.account_uid == account_uid
                     && r.api_server == server
                     && r.ca_sha256 == ca_sha256
-                    && r.token_expires - now >= half_life
+                    // The agent renews the token it was given; only an expired one needs a new.
+                    && r.token_expires > now
                     && machine.files.get(remote::KUBECONFIG_PATH) == Some(&r.kubeconfig_sha256)
+                    // Enrolled before tokens were renewed (a token inside the kubeconfig): reissue.
+                    && machine.files.contains_key(remote::TOKEN_PATH)
             });
             let summary =
                 format!("MeshNode {}, ServiceAccount {}/{account} {}", meshnode.word(), creds.namespace, sa.word());
@@ -326,8 +337,12 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
                 let detail = format!("{summary}, token kept (valid until {})", unix_date(record.token_expires));
                 return Ok(((record, None), detail));
             }
-            let (token, expires) = cluster.issue_token(&creds.namespace, name, creds.token_duration).await?;
-            let kubeconfig = api::agent_kubeconfig(&server, ca_pem.as_deref(), &token, name)?;
+            let audience = match &creds.token_audience {
+                Some(audience) => audience.clone(),
+                None => cluster.issuer().await?,
+            };
+            let (token, expires) = cluster.issue_token(&creds.namespace, name, creds.token_duration, &audience).await?;
+            let kubeconfig = api::agent_kubeconfig(&server, ca_pem.as_deref(), remote::TOKEN_PATH, name)?;
             let record = Record {
                 name: name.to_owned(),
                 enrolled_via: via.clone(),
@@ -337,8 +352,11 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
                 ca_sha256,
                 kubeconfig_sha256: sha256_hex(kubeconfig.as_bytes()),
             };
-            let detail = format!("{summary}, token issued (valid until {})", unix_date(expires.as_second()));
-            Ok(((record, Some(kubeconfig)), detail))
+            let detail = format!(
+                "{summary}, token issued for audience {audience} (valid until {}, renewed by the agent)",
+                unix_date(expires.as_second())
+            );
+            Ok(((record, Some((kubeconfig, token))), detail))
         })
         .await?;
 
@@ -372,7 +390,8 @@ pub async fn enroll(args: EnrollArgs, cluster: &ClusterArgs) -> anyhow::Result<(
     let config_changed = progress
         .run(async {
             let mut files: Vec<(&str, &str, String)> = Vec::new();
-            if let Some(kubeconfig) = &kubeconfig {
+            if let Some((kubeconfig, token)) = &kubeconfig {
+                files.push((remote::TOKEN_PATH, "600", token.clone()));
                 files.push((remote::KUBECONFIG_PATH, "600", kubeconfig.clone()));
             }
             files.push((remote::ENV_PATH, "644", remote::agent_env(name)));

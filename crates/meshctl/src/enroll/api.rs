@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail};
 use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -114,8 +114,9 @@ pub fn pem(certs: &[Vec<u8>]) -> String {
     out
 }
 
-/// The kubeconfig the agent gets: the API server, its CA, and the token alone.
-pub fn agent_kubeconfig(server: &str, ca_pem: Option<&str>, token: &str, name: &str) -> anyhow::Result<String> {
+/// The kubeconfig the agent gets: the API server, its CA, and the file of its token (which the
+/// agent renews in place; the API client re-reads it every minute).
+pub fn agent_kubeconfig(server: &str, ca_pem: Option<&str>, token_file: &str, name: &str) -> anyhow::Result<String> {
     let mut cluster = json!({"server": server});
     if let Some(ca) = ca_pem {
         cluster["certificate-authority-data"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
@@ -125,7 +126,7 @@ pub fn agent_kubeconfig(server: &str, ca_pem: Option<&str>, token: &str, name: &
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "harness-mesh", "cluster": cluster}],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": {"tokenFile": token_file}}],
         "contexts": [{"name": "harness-mesh", "context": {"cluster": "harness-mesh", "user": user}}],
         "current-context": "harness-mesh",
     });
@@ -204,8 +205,8 @@ impl Cluster {
             kube::Error::Api(status) => match status.code {
                 403 => anyhow!(
                     "{action}: RBAC denied at {}: {}. enroll needs to read, create and patch MeshNodes, create and \
-                     delete ServiceAccounts and RoleBindings in the harness-mesh namespace and create serviceaccounts/token \
-                     there, and create and delete ClusterRoleBindings (a cluster admin has all of it): ask for them, or use another --context",
+                     delete ServiceAccounts, Roles and RoleBindings in the harness-mesh namespace and create serviceaccounts/token \
+                     there (and so may grant it), and create and delete ClusterRoleBindings (a cluster admin has all of it): ask for them, or use another --context",
                     self.target,
                     status.message
                 ),
@@ -249,9 +250,36 @@ impl Cluster {
 
     /// Whether a Kubernetes Node of that name exists (the controller would mirror it into a
     /// MeshNode of the same name). Unknown (no permission to read Nodes) counts as no.
-    pub async fn kubernetes_node_exists(&self, name: &str) -> bool {
+    /// Whether a Kubernetes Node is called `name`. An answer that is neither yes nor no (RBAC
+    /// hides Nodes, the API server is away) is an error: enrolling under a Node's name would
+    /// have the machine and that Node's agent share one MeshNode.
+    pub async fn kubernetes_node_exists(&self, name: &str) -> anyhow::Result<bool> {
         let api: Api<Node> = Api::all(self.client.clone());
-        matches!(api.get_opt(name).await, Ok(Some(_)))
+        api.get_opt(name).await.map(|node| node.is_some()).map_err(|err| {
+            self.explain(
+                &err,
+                &format!(
+                    "checking that no Kubernetes Node is called {name} (enroll needs get on nodes to know the name is                      free)"
+                ),
+            )
+        })
+    }
+
+    /// The API server's service-account token issuer (its OIDC discovery document): the
+    /// audience its tokens carry by default.
+    pub async fn issuer(&self) -> anyhow::Result<String> {
+        let request = http::Request::get("/.well-known/openid-configuration")
+            .body(Vec::new())
+            .map_err(|err| anyhow!("building the discovery request: {err}"))?;
+        let discovery: serde_json::Value = self.client.request(request).await.map_err(|err| {
+            self.explain(
+                &err,
+                "reading /.well-known/openid-configuration for the token audience (or pass --token-audience)",
+            )
+        })?;
+        discovery["issuer"].as_str().filter(|issuer| !issuer.is_empty()).map(str::to_owned).ok_or_else(|| {
+            anyhow!("the API server's /.well-known/openid-configuration names no issuer: pass --token-audience")
+        })
     }
 
     /// The machine's ServiceAccount `mesh-machine-NAME`, if it exists.
@@ -349,6 +377,30 @@ impl Cluster {
             .patch(&account, &params, &Patch::Apply(&role_binding))
             .await
             .map_err(|err| self.explain(&err, &format!("writing RoleBinding {namespace}/{account}")))?;
+        // The machine's agent renews its own token (mesh-agent --token-file): create on its own
+        // serviceaccounts/token, by name, and nothing else. Not in the chart's agent Role: there
+        // it would let every agent mint tokens of any ServiceAccount in the namespace.
+        let token_role = token_role_name(name);
+        let mut role_meta = metadata(true);
+        role_meta["name"] = json!(token_role);
+        let role = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": role_meta,
+            "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"],
+                       "resourceNames": [account]}],
+        });
+        Api::<Role>::namespaced(self.client.clone(), namespace)
+            .patch(&token_role, &params, &Patch::Apply(&role))
+            .await
+            .map_err(|err| self.explain(&err, &format!("writing Role {namespace}/{token_role}")))?;
+        let token_binding = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": role_meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": token_role},
+            "subjects": subject,
+        });
+        Api::<RoleBinding>::namespaced(self.client.clone(), namespace)
+            .patch(&token_role, &params, &Patch::Apply(&token_binding))
+            .await
+            .map_err(|err| self.explain(&err, &format!("writing RoleBinding {namespace}/{token_role}")))?;
         let cluster_binding = json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": metadata(false),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": roles},
@@ -375,12 +427,13 @@ impl Cluster {
         namespace: &str,
         name: &str,
         duration: Duration,
+        audience: &str,
     ) -> anyhow::Result<(String, Timestamp)> {
         let account = machine_account(name);
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec {
-                audiences: Vec::new(),
+                audiences: vec![audience.to_owned()],
                 bound_object_ref: None,
                 expiration_seconds: Some(i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)),
             },
@@ -490,6 +543,15 @@ impl Cluster {
             Api::<RoleBinding>::namespaced(self.client.clone(), namespace).delete(&account, &params).await.map(drop),
             format!("RoleBinding {namespace}/{account}"),
         )?;
+        let token_role = token_role_name(name);
+        gone(
+            Api::<RoleBinding>::namespaced(self.client.clone(), namespace).delete(&token_role, &params).await.map(drop),
+            format!("RoleBinding {namespace}/{token_role}"),
+        )?;
+        gone(
+            Api::<Role>::namespaced(self.client.clone(), namespace).delete(&token_role, &params).await.map(drop),
+            format!("Role {namespace}/{token_role}"),
+        )?;
         let binding = cluster_binding_name(namespace, name);
         gone(
             Api::<ClusterRoleBinding>::all(self.client.clone()).delete(&binding, &params).await.map(drop),
@@ -550,6 +612,11 @@ fn meshnode(name: &str, via: &str, endpoint: Option<&str>) -> serde_json::Value 
 /// The ServiceAccount of the machine enrolled as `name`.
 pub fn machine_account(name: &str) -> String {
     format!("{MACHINE_ACCOUNT_PREFIX}{name}")
+}
+
+/// The Role (and its RoleBinding) that lets machine `name`'s agent renew its own token.
+pub fn token_role_name(name: &str) -> String {
+    format!("{}-token", machine_account(name))
 }
 
 /// The ClusterRoleBinding of machine `name` (cluster-scoped, so the namespace is in its name).
