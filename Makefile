@@ -86,7 +86,7 @@ kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kube
 	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
 	  $(LAB) up --mode kubelet --nodes 3; \
 	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test kubelet --test cluster_services --test mesh --test discovery --test meshctl --test enroll; \
-  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test attacks -- pod_network::; \
+  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test attacks -- pod_network:: listeners::; \
 	  $(CARGO) test -p harness-mesh-e2e --features kubelet-lab --no-fail-fast --test uninstall
 
 bench: deps ## benchmarks (3-node lab, then 500 simulated nodes): one table at the end, JSON under target/bench/

@@ -3,12 +3,13 @@
 //!
 //! - [`tunnel`]: a peer or an underlay neighbour tries to use a node as a router (plain lab);
 //! - [`pod_network`]: the same towards pod IPs and node ports (kubelet lab only: `make
-//!   kubelet-e2e` runs `attacks -- pod_network::`);
+//!   kubelet-e2e` runs `attacks -- pod_network:: listeners::`);
 //! - [`controller`]: objects written to turn the controller against other members (copied keys,
 //!   forged endpoints, name collisions, IP hold-back across a restart);
 //! - [`api`]: what the API admits from agents and tenants (status forgery, oversized status,
 //!   cross-namespace placement, short-name squatting, slow endpoints);
-//! - [`machine`]: an enrolled machine's credentials and the agent's listeners.
+//! - [`machine`]: meshctl's reads and an enrolled machine's name;
+//! - [`listeners`]: the agent's own ports, with the chart as installed (kubelet lab only).
 //!
 //! Every test creates objects under names of its own and tolerates everything else in the lab.
 
@@ -16,6 +17,9 @@
 mod api;
 #[path = "attacks/controller.rs"]
 mod controller;
+#[cfg(feature = "kubelet-lab")]
+#[path = "attacks/listeners.rs"]
+mod listeners;
 #[path = "attacks/machine.rs"]
 mod machine;
 #[cfg(feature = "kubelet-lab")]

@@ -135,3 +135,19 @@ async fn healthz(State(state): State<Arc<Served>>) -> (StatusCode, &'static str)
 
 /// The body of /healthz while the agent is not ready.
 pub const NOT_READY: &str = "not ready: the last sync failed or has not finished; the agent's log says why";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn healthz_never_tells_why() {
+        let why = "listing MeshNodes: 403 system:serviceaccount:harness-mesh:harness-mesh-agent at 10.0.0.1:6443";
+        let (tx, health) = watch::channel(Err(why.to_owned()));
+        let state = Arc::new(Served { registry: Arc::new(Metrics::default()).registry(), health });
+        let (code, body) = healthz(State(state.clone())).await;
+        assert_eq!((code, body), (StatusCode::SERVICE_UNAVAILABLE, NOT_READY));
+        tx.send(Ok(())).unwrap();
+        assert_eq!(healthz(State(state)).await, (StatusCode::OK, "ok"));
+    }
+}
