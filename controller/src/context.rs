@@ -63,6 +63,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Whether every watch cache has had its first full list (see [`Ctx::caches_synced`]).
     pub synced: tokio::sync::watch::Sender<bool>,
+    /// Where services may be placed and which get short names (see [`crate::service::Policy`]).
+    pub policy: crate::service::Policy,
     started: Instant,
 }
 
@@ -95,8 +97,14 @@ impl Ctx {
             recorder,
             metrics,
             synced: tokio::sync::watch::Sender::new(false),
+            policy: crate::service::Policy::default(),
             started: Instant::now(),
         }
+    }
+
+    /// The same context with `policy`.
+    pub fn with_policy(self, policy: crate::service::Policy) -> Self {
+        Self { policy, ..self }
     }
 
     /// Seconds since the controller started: the pool's clock.

@@ -62,6 +62,17 @@ struct Args {
     #[arg(long, env = "MESH_CLUSTER_CIDRS", value_delimiter = ',')]
     cluster_cidrs: Vec<Subnet>,
 
+    /// Namespaces whose MeshServices may use spec.node on a MeshNode that does not list its own
+    /// (spec.serviceNamespaces), comma-separated; `*` is every namespace. Control-plane nodes
+    /// take no such services unless their MeshNode lists the namespace.
+    #[arg(long, env = "MESH_PLACEMENT_NAMESPACES", value_delimiter = ',', default_value = "default")]
+    placement_namespaces: Vec<String>,
+
+    /// Namespaces whose MeshServices get the short name <service>.mesh.local, comma-separated;
+    /// `*` is every namespace. Must match the agents' --short-name-namespaces.
+    #[arg(long, env = "MESH_SHORT_NAME_NAMESPACES", value_delimiter = ',', default_value = "default")]
+    short_name_namespaces: Vec<String>,
+
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -183,18 +194,24 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let (service_trigger, service_triggers) = tokio::sync::mpsc::unbounded_channel();
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mesh-controller".into(), instance: Some(identity) });
-    let ctx = Arc::new(Ctx::new(
-        client,
-        pool,
-        mesh_nodes.clone(),
-        mesh_services.clone(),
-        pods,
-        mirror_controller.store(),
-        node_trigger,
-        service_trigger,
-        recorder,
-        metrics.clone(),
-    ));
+    let ctx = Arc::new(
+        Ctx::new(
+            client,
+            pool,
+            mesh_nodes.clone(),
+            mesh_services.clone(),
+            pods,
+            mirror_controller.store(),
+            node_trigger,
+            service_trigger,
+            recorder,
+            metrics.clone(),
+        )
+        .with_policy(service::Policy {
+            placement_namespaces: args.placement_namespaces.clone(),
+            short_name_namespaces: args.short_name_namespaces.clone(),
+        }),
+    );
     ctx.hosting().extend(hosting);
 
     // The MeshNode and MeshService controllers run on watch streams of their own making, so that

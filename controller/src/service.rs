@@ -12,7 +12,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use mesh_api::conditions::{
-    ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, POOL_EXHAUSTED, READY, SHORT_NAME, Want, merge, same,
+    ALLOCATED, IP_CONFLICT, NO_READY_PODS, NODE_NOT_FOUND, PLACEMENT_DENIED, POOL_EXHAUSTED, READY, SHORT_NAME, Want,
+    merge, same,
 };
 use mesh_api::{MeshService, MeshServiceStatus, NetworkType};
 use mesh_core::Owner;
@@ -22,6 +23,79 @@ use crate::conditions::refused;
 use crate::context::{Ctx, Error, FIELD_MANAGER, Hosted, is_there, remove_legacy_finalizer};
 
 const KIND: &str = "MeshService";
+
+/// Who may place services on which node, and which services get short names: mesh-controller's
+/// `--placement-namespaces` and `--short-name-namespaces` (chart values
+/// `mesh.placementNamespaces`, `mesh.shortNameNamespaces`). In each list `*` is every namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Namespaces whose services may name a MeshNode in `spec.node` when the MeshNode does not
+    /// list its own (`spec.serviceNamespaces`); never on control-plane nodes.
+    pub placement_namespaces: Vec<String>,
+    /// Namespaces whose services get `<service>.mesh.local`.
+    pub short_name_namespaces: Vec<String>,
+}
+
+impl Default for Policy {
+    /// `default` only, for both.
+    fn default() -> Self {
+        Self { placement_namespaces: vec!["default".into()], short_name_namespaces: vec!["default".into()] }
+    }
+}
+
+fn listed(list: &[String], namespace: &str) -> bool {
+    list.iter().any(|n| n == "*" || n == namespace)
+}
+
+/// Labels that make a Kubernetes Node a control-plane node.
+const CONTROL_PLANE_LABELS: [&str; 2] = ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"];
+
+/// Whether a service in `namespace` may be hosted on `node` through `spec.node`, and if not why.
+fn placement_allowed(namespace: &str, node: &mesh_api::MeshNode, ctx: &Ctx) -> Result<(), String> {
+    let name = node.name_any();
+    match &node.spec.service_namespaces {
+        Some(list) if listed(list, namespace) => Ok(()),
+        Some(list) => Err(format!(
+            "MeshNode {name} permits spec.node placements only from namespace(s) [{}] (its spec.serviceNamespaces), not \
+             from {namespace}; ask its administrator to add {namespace}, or back the service with pods (spec.selector)",
+            list.join(", ")
+        )),
+        None => {
+            let control_plane = ctx
+                .nodes
+                .get(&ObjectRef::new(&name))
+                .is_some_and(|n| CONTROL_PLANE_LABELS.iter().any(|l| n.labels().contains_key(*l)));
+            if control_plane {
+                Err(format!(
+                    "MeshNode {name} is a control-plane node: it takes spec.node placements only from namespaces its \
+                     spec.serviceNamespaces lists, and lists none"
+                ))
+            } else if listed(&ctx.policy.placement_namespaces, namespace) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "MeshNode {name} permits spec.node placements only from namespace(s) [{}] (mesh-controller's \
+                     --placement-namespaces), not from {namespace}; set the MeshNode's spec.serviceNamespaces to allow it",
+                    ctx.policy.placement_namespaces.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+/// Whether `node` can take one more service: at most [`mesh_api::MAX_PLACED_SERVICES_PER_NODE`]
+/// services are hosted on one node, so that its peer entry always fits its schema bound.
+fn node_has_room(owner: &Owner, node: &str, ctx: &Ctx) -> Result<(), String> {
+    let hosted = ctx.hosting().iter().filter(|(o, h)| *o != owner && h.node == node).count();
+    if hosted < mesh_api::MAX_PLACED_SERVICES_PER_NODE {
+        Ok(())
+    } else {
+        Err(format!(
+            "MeshNode {node} already hosts {hosted} services, the most one node may (its peer entry lists each one's \
+             mesh IP); place the service on another node"
+        ))
+    }
+}
 /// How often a service whose address is refused (conflict, exhaustion) looks again.
 pub const RETRY_ALLOCATION_SECS: u64 = 10;
 
@@ -110,13 +184,14 @@ const RESERVED_SHORT_NAMES: [&str; 1] = ["node"];
 /// Other live services named `name` in namespaces other than `namespace`, as `namespace`
 /// strings.
 fn namesakes(name: &str, namespace: &str, ctx: &Ctx) -> Vec<String> {
+    // Only namespaces that may have short names compete for them.
     let mut others: Vec<String> = ctx
         .mesh_services
         .state()
         .iter()
         .filter(|s| s.name_any() == name && s.meta().deletion_timestamp.is_none())
         .filter_map(|s| s.namespace())
-        .filter(|ns| ns != namespace)
+        .filter(|ns| ns != namespace && listed(&ctx.policy.short_name_namespaces, ns))
         .collect();
     others.sort();
     others
@@ -138,6 +213,17 @@ fn short_name(service: &MeshService, ctx: &Ctx) -> Want {
             SHORT_NAME,
             "Reserved",
             format!("{name}.mesh.local is reserved (node names live under it); use {name}.{namespace}.mesh.local"),
+        );
+    }
+    if !listed(&ctx.policy.short_name_namespaces, &namespace) {
+        return Want::no(
+            SHORT_NAME,
+            "NamespaceNotListed",
+            format!(
+                "{name}.mesh.local is reserved for services in namespace(s) [{}] (--short-name-namespaces), so that no \
+                 other namespace can take it; use {name}.{namespace}.mesh.local",
+                ctx.policy.short_name_namespaces.join(", ")
+            ),
         );
     }
     let others = namesakes(&name, &namespace, ctx);
@@ -167,8 +253,12 @@ struct Host {
 /// Where the service runs now, or the (true) condition that says why it runs nowhere.
 fn resolve_host(service: &MeshService, ctx: &Ctx) -> Result<Host, Want> {
     if let Some(node) = &service.spec.node {
-        return if ctx.mesh_nodes.get(&ObjectRef::new(node)).is_some() {
-            Ok(Host { node: node.clone(), pod_ip: None })
+        let namespace = service.namespace().unwrap_or_default();
+        return if let Some(mesh_node) = ctx.mesh_nodes.get(&ObjectRef::new(node)) {
+            placement_allowed(&namespace, &mesh_node, ctx)
+                .and_then(|()| node_has_room(&owner_of(service), node, ctx))
+                .map(|()| Host { node: node.clone(), pod_ip: None })
+                .map_err(|why| Want::yes(PLACEMENT_DENIED, "PlacementDenied", why))
         } else {
             Err(Want::yes(
                 NODE_NOT_FOUND,

@@ -508,6 +508,14 @@ write_token_kubeconfig() {
   mv "$tmp" "$file"
 }
 
+# The lab's placement and short-name policy (mesh-controller and mesh-agent flags; the chart's
+# mesh.placementNamespaces and mesh.shortNameNamespaces): the suites place services on the lab's
+# nodes from namespaces of their own, so every namespace may; short names only for `default` and
+# the discovery suite's namespaces (e2e/tests/discovery.rs), so that the attack suite can show
+# that any other namespace gets none.
+lab_placement_namespaces='*'
+lab_short_name_namespaces='default,e2e-discovery,e2e-discovery-2'
+
 # Runs mesh-controller (leader election on, as in a cluster) when the workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
 # 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT. Its election identity is fixed, as a pod's name is in a
 # cluster: a controller restarted after a crash (`lab.sh controller kill`, then `start`) takes
@@ -526,7 +534,8 @@ start_controller() {
   write_token_kubeconfig "$controller_kubeconfig" "$token"
   KUBECONFIG="$controller_kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
     --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace="$chart_namespace" \
-    --identity=lab-mesh-controller
+    --identity=lab-mesh-controller --placement-namespaces="$lab_placement_namespaces" \
+    --short-name-namespaces="$lab_short_name_namespaces"
 }
 
 # --- nodes ----------------------------------------------------------------------------------
@@ -794,7 +803,7 @@ start_agent() {
   spawn "mesh-agent-$node" "$bin_dir/mesh-agent" nsenter -t "$holder" -n -m -- \
     env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$nodes_dir/$node/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
-    --lease-namespace "$chart_namespace"
+    --lease-namespace "$chart_namespace" --short-name-namespaces "$lab_short_name_namespaces"
 }
 
 # A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.

@@ -46,6 +46,10 @@ pub struct Config {
     pub userspace: userspace::Options,
     /// The mesh subnet.
     pub subnet: Ipv4Net,
+    /// The cluster's pod CIDRs: the only addresses a service's traffic is forwarded to.
+    pub pod_cidrs: Vec<Ipv4Net>,
+    /// Whose services get short names `<service>.mesh.local`.
+    pub short_names: mesh_dataplane::dns::ShortNames,
     /// Source-NAT what the node forwards into the mesh (its pods' traffic) to its mesh IP.
     pub masquerade: bool,
     /// MTU of the interface.
@@ -99,6 +103,8 @@ pub struct Agent {
     dns: Option<DnsServer>,
     /// Names of skipped entries already reported (to log each once).
     reported: Vec<desired::Skipped>,
+    /// Allowed IPs and placements already reported as refused (to log each once).
+    refused: (Vec<desired::Dropped>, Vec<desired::Refused>),
     nonce: u64,
 }
 
@@ -153,6 +159,7 @@ impl Agent {
             targets: BTreeMap::new(),
             peer_names: BTreeMap::new(),
             reported: Vec::new(),
+            refused: Default::default(),
             dns: None,
             applied: None,
             nonce,
@@ -274,7 +281,12 @@ impl Agent {
             let underlay = me.status.as_ref().and_then(|s| s.endpoint.as_deref()).and_then(underlay_ipv4);
             return self.serve_dns(underlay.into_iter().collect()).await;
         }
-        let entries = self.directory.peer_entries().await;
+        let (entries, dropped) = desired::confine_allowed_ips(self.config.subnet, self.directory.peer_entries());
+        for d in dropped.iter().filter(|d| !self.refused.0.contains(d)) {
+            tracing::warn!(node = %d.node, allowed_ip = %d.allowed_ip, "not applying this allowed IP of the peer entry: {}", d.why);
+        }
+        self.metrics.dropped_allowed_ips.set(dropped.len() as i64);
+        self.refused.0 = dropped;
         let peers = desired::peers(&name, &self.key.public_key(), &entries);
         for skipped in &peers.skipped {
             if !self.reported.contains(skipped) {
@@ -324,7 +336,18 @@ impl Agent {
         let Some(node_ip) = me.status.as_ref().and_then(|s| s.mesh_ip.as_deref()).and_then(|ip| ip.parse().ok()) else {
             anyhow::bail!("MeshNode {name} has no mesh IP yet: is mesh-controller running?");
         };
-        let hosted = desired::hosted(&name, Some(node_ip), &self.directory.placements());
+        let bounds = desired::Bounds {
+            subnet: Some(self.config.subnet),
+            node_addresses: self.directory.node_addresses(),
+            pod_cidrs: self.config.pod_cidrs.clone(),
+        };
+        let (placements, refused) = desired::check_placements(&name, &bounds, self.directory.placements());
+        for r in refused.iter().filter(|r| !self.refused.1.contains(r)) {
+            tracing::warn!(service = %r.service, "not hosting this service on this node: {}", r.why);
+        }
+        self.metrics.refused_services.set(refused.len() as i64);
+        self.refused.1 = refused;
+        let hosted = desired::hosted(&name, Some(node_ip), &placements);
         let wanted_link = Wanted {
             mtu: self.config.mtu,
             node_ip,
@@ -364,7 +387,7 @@ impl Agent {
             tracing::info!(?addrs, "serving DNS for {}", mesh_dataplane::dns::ZONE);
         }
         let (nodes, services) = self.directory.dns_inputs();
-        let zone = mesh_dataplane::dns::zone(&nodes, &services);
+        let zone = mesh_dataplane::dns::zone_with(&nodes, &services, &self.config.short_names);
         if let Some(server) = &self.dns {
             let updated = server.update(&zone.records).await;
             if updated.changed > 0 {

@@ -158,6 +158,19 @@ struct Args {
     #[arg(long, env = "MESH_SUBNET", default_value = "10.42.0.0/16")]
     subnet: Ipv4Net,
 
+    /// The cluster's pod CIDRs, comma-separated (e.g. 10.244.0.0/16): a MeshService's pod IP
+    /// is forwarded to only inside one of them. Default (empty): the private ranges 10.0.0.0/8,
+    /// 172.16.0.0/12, 192.168.0.0/16 and 100.64.0.0/10. Node addresses and the mesh subnet are
+    /// never forwarded to either way.
+    #[arg(long, env = "MESH_POD_CIDRS", value_delimiter = ',')]
+    pod_cidrs: Vec<Ipv4Net>,
+
+    /// Namespaces whose MeshServices get the short DNS name <service>.mesh.local,
+    /// comma-separated; `*` is every namespace. Services elsewhere keep their long name only, so
+    /// no tenant can squat a short name. Must match mesh-controller's --short-name-namespaces.
+    #[arg(long, env = "MESH_SHORT_NAME_NAMESPACES", value_delimiter = ',', default_value = "default")]
+    short_name_namespaces: Vec<String>,
+
     /// MTU of the interface: the underlay MTU minus 80 bytes of WireGuard overhead (IPv6 worst
     /// case).
     #[arg(long, env = "MESH_MTU", default_value_t = 1420)]
@@ -324,6 +337,15 @@ async fn run(args: Args, stop: CancellationToken) -> anyhow::Result<()> {
         },
         masquerade: args.masquerade,
         subnet: args.subnet,
+        pod_cidrs: if args.pod_cidrs.is_empty() {
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        } else {
+            args.pod_cidrs.clone()
+        },
+        short_names: mesh_dataplane::dns::ShortNames::from_list(&args.short_name_namespaces),
         mtu: args.mtu,
         advertise_address: args.advertise_address,
         probe_port: args.probe_port,

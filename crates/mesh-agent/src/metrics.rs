@@ -57,6 +57,10 @@ pub struct Metrics {
     /// Generation of the directory (MeshNode and MeshService resource versions) last applied;
     /// lets tests and benchmarks see when a change reached the device.
     pub applied_services: Gauge,
+    /// Allowed IPs in peer entries that are not applied (not a /32 in the mesh subnet).
+    pub dropped_allowed_ips: Gauge,
+    /// Services placed on this node that it does not host (address out of bounds).
+    pub refused_services: Gauge,
 }
 
 impl Metrics {
@@ -93,6 +97,16 @@ impl Metrics {
         r.register("sync_errors", "Syncs that failed", self.sync_errors.clone());
         r.register("api_writes", "Writes to the Kubernetes API (status, lease)", self.api_writes.clone());
         r.register("hosted_services", "Service IPs hosted on this node", self.applied_services.clone());
+        r.register(
+            "dropped_allowed_ips",
+            "Allowed IPs of peer entries not applied: not a single /32 inside the mesh subnet",
+            self.dropped_allowed_ips.clone(),
+        );
+        r.register(
+            "refused_services",
+            "Services placed on this node not hosted: mesh IP or pod IP out of bounds (subnet, node addresses, pod CIDRs)",
+            self.refused_services.clone(),
+        );
         r
     }
 }

@@ -17,6 +17,10 @@ pub const IP_CONFLICT: &str = "IPConflict";
 pub const POOL_EXHAUSTED: &str = "PoolExhausted";
 /// `spec.node` names a MeshNode that does not exist.
 pub const NODE_NOT_FOUND: &str = "NodeNotFound";
+/// `spec.node` names a MeshNode that does not permit services of this namespace
+/// (`spec.serviceNamespaces`, or mesh-controller's default), or that hosts as many services as
+/// one node may; the message says which.
+pub const PLACEMENT_DENIED: &str = "PlacementDenied";
 /// No ready pod matches `spec.selector`.
 pub const NO_READY_PODS: &str = "NoReadyPods";
 /// The node's agent reaches its peers through the tunnel.

@@ -68,6 +68,17 @@ pub struct MeshNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 65535))]
     pub persistent_keepalive: Option<i32>,
+
+    /// Namespaces whose MeshServices may be hosted on this node through `spec.node` (a process
+    /// on the node). `["*"]` allows every namespace, `[]` none. Unset: mesh-controller's default
+    /// (`--placement-namespaces`, chart value `mesh.placementNamespaces`, default `[default]`),
+    /// except on control-plane nodes (a Node labelled `node-role.kubernetes.io/control-plane`),
+    /// where no namespace may unless listed here. A MeshService in another namespace gets no
+    /// placement and a `PlacementDenied` condition. Pod-backed services (`spec.selector`) are
+    /// not affected: they are hosted where their pods run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::namespace_list)]
+    pub service_namespaces: Option<Vec<String>>,
 }
 
 fn default_listen_port() -> i32 {
@@ -76,7 +87,13 @@ fn default_listen_port() -> i32 {
 
 impl Default for MeshNodeSpec {
     fn default() -> Self {
-        Self { endpoint: None, listen_port: DEFAULT_LISTEN_PORT, mesh_ip: None, persistent_keepalive: None }
+        Self {
+            endpoint: None,
+            listen_port: DEFAULT_LISTEN_PORT,
+            mesh_ip: None,
+            persistent_keepalive: None,
+            service_namespaces: None,
+        }
     }
 }
 
@@ -103,12 +120,14 @@ pub struct PeerEntry {
 
     /// Where other peers send this node's packets, `host:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::endpoint)]
     pub endpoint: Option<String>,
 
     /// Addresses this peer may send from and receive for: its mesh IP and the mesh IPs of the
-    /// services it hosts, as /32 CIDRs.
+    /// services it hosts, as /32 CIDRs (at most 1024). Agents apply only /32s inside the mesh
+    /// subnet and drop any other entry.
     #[serde(default, rename = "allowedIPs")]
-    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(transform = schema::allowed_ips, extend("x-kubernetes-list-type" = "set"))]
     pub allowed_ips: Vec<String>,
 
     /// Keepalive interval in seconds other peers use towards this node; absent means off.
@@ -124,8 +143,10 @@ pub struct PeerEntry {
 #[serde(rename_all = "camelCase")]
 pub struct AppliedPeers {
     /// Peers on the device.
+    #[schemars(range(min = 0))]
     pub count: i32,
     /// 16 hex digits: FNV-1a 64 of the applied entries in canonical form.
+    #[schemars(transform = schema::digest)]
     pub digest: String,
 }
 
@@ -135,6 +156,7 @@ pub struct AppliedPeers {
 pub struct MeshNodeStatus {
     /// The node's mesh IP, allocated by the controller.
     #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::ipv4)]
     pub mesh_ip: Option<String>,
 
     /// The node's WireGuard public key, published by its agent. The private key never leaves
@@ -146,6 +168,7 @@ pub struct MeshNodeStatus {
     /// The effective underlay endpoint, `host:port`: `spec.endpoint`, or what the agent
     /// detected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::endpoint)]
     pub endpoint: Option<String>,
 
     /// The UDP port the agent's WireGuard interface actually listens on.
@@ -172,8 +195,8 @@ pub struct MeshNodeStatus {
     pub observed_generation: Option<i64>,
 
     /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, Connected. One
-    /// entry per type.
+    /// entry per type, at most 16, messages at most 8192 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(transform = schema::conditions, extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

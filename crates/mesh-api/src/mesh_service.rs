@@ -115,20 +115,24 @@ pub enum NetworkType {
 pub struct MeshServiceStatus {
     /// The mesh IP allocated to the service (none for type host).
     #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::ipv4)]
     pub mesh_ip: Option<String>,
 
     /// The service's fully qualified name, `<name>.<namespace>.mesh.local`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::dns_name)]
     pub dns_name: Option<String>,
 
     /// The MeshNode that hosts the service now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::object_name)]
     pub node: Option<String>,
 
     /// The pod-network IP of the pod that backs the service, when that pod does not use the
     /// host network: the hosting node's agent forwards the listed ports on the mesh IP to it.
     /// Absent for host-network pods and for services backed by a MeshNode's own process.
     #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::ipv4)]
     pub pod_ip: Option<String>,
 
     /// The `metadata.generation` this status was computed from.
@@ -136,8 +140,9 @@ pub struct MeshServiceStatus {
     pub observed_generation: Option<i64>,
 
     /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, NodeNotFound,
-    /// NoReadyPods. One entry per type.
+    /// NoReadyPods, ShortName, PlacementDenied. One entry per type, at most 16, messages at
+    /// most 8192 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(transform = schema::conditions, extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

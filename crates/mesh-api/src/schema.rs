@@ -25,6 +25,26 @@ const HOST_PORT_REGEX: &str = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[
 /// Longest endpoint: a 253-character DNS name, `:` and a five-digit port.
 const MAX_ENDPOINT_LEN: u64 = 253 + 1 + 5;
 
+/// Most conditions one object carries: harness-mesh writes at most eight types per kind, so
+/// twice that leaves room for others' without letting a writer inflate the object.
+pub const MAX_CONDITIONS: u64 = 16;
+
+/// Longest condition message. metav1 allows 32768; harness-mesh's messages are a sentence or a
+/// bounded list, so a smaller bound keeps a whole status far below etcd's 1.5 MB object limit.
+pub const MAX_CONDITION_MESSAGE: u64 = 8192;
+
+/// Most entries in a peer entry's `allowedIPs`: the node's own /32 and one per service it
+/// hosts. The controller hosts at most [`MAX_PLACED_SERVICES_PER_NODE`] `spec.node` services on
+/// one node, which leaves room for pod-backed services there.
+pub const MAX_ALLOWED_IPS: u64 = 1024;
+
+/// Most MeshServices that may name one MeshNode in `spec.node` and be hosted there; the others
+/// get a `PlacementDenied` condition. Keeps the node's peer entry within [`MAX_ALLOWED_IPS`].
+pub const MAX_PLACED_SERVICES_PER_NODE: usize = 512;
+
+/// Longest `a.b.c.d/32` CIDR.
+const MAX_CIDR_LEN: u64 = 18;
+
 /// Quotes `text` as a CEL single-quoted string literal.
 pub(crate) fn cel_string(text: &str) -> String {
     format!("'{}'", text.replace('\\', r"\\").replace('\'', r"\'"))
@@ -96,9 +116,75 @@ pub(crate) fn match_labels(schema: &mut Schema) {
         "additionalProperties".into(),
         json!({"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_REGEX}),
     );
+    // Label keys: a prefix of at most 253 and a name of at most 63, as Kubernetes bounds them.
+    add_rule(
+        schema,
+        Rule::new("self.all(k, size(k) <= 317)").message("a selector label key must be at most 317 characters"),
+    );
 }
 
 /// A WireGuard public key: 32 bytes in standard base64 (44 characters ending in `=`).
 pub(crate) fn wireguard_key(schema: &mut Schema) {
+    schema.insert("maxLength".into(), json!(44));
     schema.insert("pattern".into(), json!(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"));
+}
+
+/// A plain IPv4 address written by a component (status fields): bounded and shaped, not judged
+/// against the pool (the readers check what they use).
+pub(crate) fn ipv4(schema: &mut Schema) {
+    schema.insert("maxLength".into(), json!(15));
+    schema.insert("pattern".into(), json!(IPV4_REGEX));
+}
+
+/// A DNS name such as `<service>.<namespace>.mesh.local`.
+pub(crate) fn dns_name(schema: &mut Schema) {
+    schema.insert("maxLength".into(), json!(253));
+}
+
+/// `allowedIPs`: at most [`MAX_ALLOWED_IPS`] IPv4 CIDRs of at most 18 characters each.
+pub(crate) fn allowed_ips(schema: &mut Schema) {
+    schema.insert("maxItems".into(), json!(MAX_ALLOWED_IPS));
+    schema.insert("items".into(), json!({"type": "string", "maxLength": MAX_CIDR_LEN}));
+}
+
+/// A list of namespace names (DNS labels), or `*` for every namespace: at most 64.
+pub(crate) fn namespace_list(schema: &mut Schema) {
+    schema.insert("maxItems".into(), json!(64));
+    schema.insert("x-kubernetes-list-type".into(), json!("set"));
+    schema.insert(
+        "items".into(),
+        json!({"type": "string", "maxLength": 63, "pattern": r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$"}),
+    );
+}
+
+/// The applied-peers digest: 16 hex digits.
+pub(crate) fn digest(schema: &mut Schema) {
+    schema.insert("maxLength".into(), json!(16));
+    schema.insert("pattern".into(), json!("^[0-9a-f]{16}$"));
+}
+
+/// `status.conditions`: at most [`MAX_CONDITIONS`] metav1.Conditions, each field bounded as
+/// Kubernetes bounds it (type 316, reason 1024, status True/False/Unknown) and the message at
+/// [`MAX_CONDITION_MESSAGE`].
+pub(crate) fn conditions(schema: &mut Schema) {
+    schema.insert("maxItems".into(), json!(MAX_CONDITIONS));
+    let Some(properties) = schema
+        .get_mut("items")
+        .and_then(|items| items.as_object_mut())
+        .and_then(|items| items.get_mut("properties"))
+        .and_then(|p| p.as_object_mut())
+    else {
+        panic!("metav1.Condition's schema is inlined with its properties");
+    };
+    let mut bound = |field: &str, extra: serde_json::Value| {
+        if let Some(serde_json::Value::Object(prop)) = properties.get_mut(field)
+            && let serde_json::Value::Object(extra) = extra
+        {
+            prop.extend(extra);
+        }
+    };
+    bound("type", json!({"maxLength": 316, "minLength": 1}));
+    bound("reason", json!({"maxLength": 1024, "minLength": 1}));
+    bound("status", json!({"enum": ["True", "False", "Unknown"]}));
+    bound("message", json!({"maxLength": MAX_CONDITION_MESSAGE}));
 }

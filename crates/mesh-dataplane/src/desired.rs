@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use mesh_wireguard::{Key, PeerConfig};
 
 /// One node's peer entry as the controller published it, with the endpoint resolved.
@@ -122,6 +122,124 @@ pub fn peers(me: &str, my_key: &Key, entries: &[PeerEntry]) -> Peers {
         }
     }
     out
+}
+
+/// An allowed IP dropped from a peer entry, and why (the rest of the entry is applied).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dropped {
+    /// The MeshNode whose entry named it.
+    pub node: String,
+    /// The allowed IP as written.
+    pub allowed_ip: String,
+    /// Why it is not applied.
+    pub why: String,
+}
+
+/// Keeps in each entry's allowed IPs only single addresses (`/32`) inside the mesh `subnet`,
+/// and returns the entries with what was dropped. A peer's allowed IPs decide what this node
+/// routes to it and accepts from it: a wider CIDR (`0.0.0.0/0`, another subnet), written by a
+/// controller bug or by anyone who can write a MeshNode's status, would send this node's traffic
+/// for those addresses into that peer, so the rest of the entry is applied and the CIDR is not.
+pub fn confine_allowed_ips(subnet: Ipv4Net, entries: Vec<PeerEntry>) -> (Vec<PeerEntry>, Vec<Dropped>) {
+    let mut dropped = Vec::new();
+    let entries = entries
+        .into_iter()
+        .map(|mut entry| {
+            let node = entry.node.clone();
+            entry.allowed_ips.retain(|text| {
+                let why = match text.parse::<IpNet>() {
+                    Err(err) => Some(format!("not a CIDR: {err}")),
+                    Ok(IpNet::V6(_)) => Some("not IPv4: the mesh is IPv4".to_owned()),
+                    Ok(IpNet::V4(net)) if net.prefix_len() != 32 => {
+                        Some(format!("a /{} network, not a single /32 address", net.prefix_len()))
+                    }
+                    Ok(IpNet::V4(net)) if !subnet.contains(&net.addr()) => {
+                        Some(format!("outside the mesh subnet {subnet}"))
+                    }
+                    Ok(IpNet::V4(_)) => None,
+                };
+                match why {
+                    Some(why) => {
+                        dropped.push(Dropped { node: node.clone(), allowed_ip: text.clone(), why });
+                        false
+                    }
+                    None => true,
+                }
+            });
+            entry
+        })
+        .collect();
+    (entries, dropped)
+}
+
+/// What an agent may host and forward to: service mesh IPs only inside the mesh subnet and never
+/// a node's address, DNAT targets only inside the cluster's pod CIDRs and never a node's address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bounds {
+    /// The mesh subnet.
+    pub subnet: Option<Ipv4Net>,
+    /// Every node's mesh IP and underlay address: never a service IP or a DNAT target.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// The cluster's pod CIDRs: a DNAT target must lie in one. Empty: no pod is forwarded to.
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+/// A placement an agent refuses, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refused {
+    /// `namespace/name` of the service.
+    pub service: String,
+    /// What is wrong with its status.
+    pub why: String,
+}
+
+/// Checks the placements on node `me` against `bounds` (see [`Bounds`]): a placement whose mesh
+/// IP or pod IP is out of bounds is left out whole (hosting the IP without its forward would
+/// serve the node's own ports instead of the pod's) and reported; placements on other nodes are
+/// kept as they are. A MeshService status is mesh-controller's to write (an admission policy
+/// says so), but an agent acts on it as root, so it does not trust it beyond these bounds.
+pub fn check_placements(me: &str, bounds: &Bounds, placements: Vec<Placement>) -> (Vec<Placement>, Vec<Refused>) {
+    let mut refused = Vec::new();
+    let kept = placements
+        .into_iter()
+        .filter(|p| {
+            if p.node.as_deref() != Some(me) || p.exposure == Exposure::Host {
+                return true;
+            }
+            let why = match (p.mesh_ip, p.pod_ip) {
+                (Some(ip), _) if bounds.subnet.is_none_or(|s| !s.contains(&ip)) => Some(format!(
+                    "its mesh IP {ip} is outside the mesh subnet{}",
+                    bounds.subnet.map(|s| format!(" {s}")).unwrap_or_default()
+                )),
+                (Some(ip), _) if bounds.node_addresses.contains(&ip) => {
+                    Some(format!("its mesh IP {ip} is a node's address"))
+                }
+                (_, Some(pod)) if bounds.node_addresses.contains(&pod) => {
+                    Some(format!("its pod IP {pod} is a node's address"))
+                }
+                (_, Some(pod)) if bounds.subnet.is_some_and(|s| s.contains(&pod)) => {
+                    Some(format!("its pod IP {pod} is inside the mesh subnet"))
+                }
+                (_, Some(pod)) if !bounds.pod_cidrs.iter().any(|c| c.contains(&pod)) => Some(format!(
+                    "its pod IP {pod} is not in the cluster's pod CIDRs ({})",
+                    if bounds.pod_cidrs.is_empty() {
+                        "none configured: set --pod-cidrs".to_owned()
+                    } else {
+                        bounds.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    }
+                )),
+                _ => None,
+            };
+            match why {
+                Some(why) => {
+                    refused.push(Refused { service: p.service.clone(), why });
+                    false
+                }
+                None => true,
+            }
+        })
+        .collect();
+    (kept, refused)
 }
 
 /// How a service is exposed (the MeshService `spec.network.type`).
@@ -293,10 +411,95 @@ mod tests {
     }
 
     #[test]
+    fn only_single_addresses_in_the_subnet_are_allowed_ips() {
+        let subnet: Ipv4Net = "10.42.0.0/16".parse().unwrap();
+        let wide =
+            entry("b", 2, &["10.42.0.2/32", "0.0.0.0/0", "192.168.77.0/24", "10.42.0.0/16", "10.43.0.1/32", "x"]);
+        let good = entry("c", 3, &["10.42.0.3/32", "10.42.9.9/32"]);
+        let (entries, dropped) = confine_allowed_ips(subnet, vec![wide, good.clone()]);
+        assert_eq!(entries[0].allowed_ips, ["10.42.0.2/32"]);
+        assert_eq!(entries[1], good);
+        let dropped: Vec<&str> = dropped.iter().map(|d| d.allowed_ip.as_str()).collect();
+        assert_eq!(dropped, ["0.0.0.0/0", "192.168.77.0/24", "10.42.0.0/16", "10.43.0.1/32", "x"]);
+        // The rest of the peer is applied.
+        let peers = peers("a", &key(1), &entries);
+        assert_eq!(peers.peers[&key(2)].allowed_ips, BTreeSet::from(["10.42.0.2/32".parse().unwrap()]));
+    }
+
+    #[test]
+    fn placements_out_of_bounds_are_refused_on_this_node_only() {
+        let bounds = Bounds {
+            subnet: Some("10.42.0.0/16".parse().unwrap()),
+            node_addresses: ["10.42.0.2".parse().unwrap(), "192.168.77.2".parse().unwrap()].into(),
+            pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        };
+        let pod = |p: Placement, ip: &str| Placement { pod_ip: Some(ip.parse().unwrap()), ..p };
+        let placements = vec![
+            pod(placement("ns/ok", "10.42.1.1", "n1", Exposure::Mesh), "10.244.1.7"),
+            placement("ns/plain", "10.42.1.2", "n1", Exposure::Dual),
+            pod(placement("ns/metadata", "10.42.1.3", "n1", Exposure::Mesh), "169.254.169.254"),
+            pod(placement("ns/node-dnat", "10.42.1.4", "n1", Exposure::Mesh), "192.168.77.2"),
+            pod(placement("ns/mesh-dnat", "10.42.1.5", "n1", Exposure::Mesh), "10.42.0.9"),
+            placement("ns/node-ip", "10.42.0.2", "n1", Exposure::Mesh),
+            placement("ns/outside", "192.168.77.9", "n1", Exposure::Mesh),
+            placement("ns/elsewhere", "192.168.77.9", "n2", Exposure::Mesh),
+            placement("ns/host", "192.168.77.9", "n1", Exposure::Host),
+        ];
+        let (kept, refused) = check_placements("n1", &bounds, placements);
+        let kept: Vec<&str> = kept.iter().map(|p| p.service.as_str()).collect();
+        assert_eq!(kept, ["ns/ok", "ns/plain", "ns/elsewhere", "ns/host"]);
+        let refused: Vec<&str> = refused.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(refused, ["ns/metadata", "ns/node-dnat", "ns/mesh-dnat", "ns/node-ip", "ns/outside"]);
+        let none = Bounds { pod_cidrs: vec![], ..bounds };
+        let (kept, refused) = check_placements(
+            "n1",
+            &none,
+            vec![pod(placement("ns/a", "10.42.1.1", "n1", Exposure::Mesh), "10.244.1.7")],
+        );
+        assert!(kept.is_empty());
+        assert!(refused[0].why.contains("--pod-cidrs"), "{refused:?}");
+    }
+
+    #[test]
     fn a_pod_backed_service_is_forwarded_to_its_pod() {
         let pod_ip = Some("10.244.1.7".parse().unwrap());
         let placements = [Placement { pod_ip, ..placement("ns/web", "10.42.1.1", "n1", Exposure::Mesh) }];
         let hosted = hosted("n1", None, &placements);
         assert_eq!(hosted[0].forward_to, pod_ip);
+    }
+
+    mod confine {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn cidr() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| format!("{}/{p}", Ipv4Addr::from(a))),
+                (any::<u8>(), any::<u8>(), 0u8..=32).prop_map(|(c, d, p)| format!("10.42.{c}.{d}/{p}")),
+                "[ -~]{0,20}",
+            ]
+        }
+
+        proptest! {
+            /// Whatever an entry lists, what is kept is exactly its /32s inside the subnet, and
+            /// everything else is reported as dropped.
+            #[test]
+            fn kept_are_exactly_the_subnets_single_addresses(ips in proptest::collection::vec(cidr(), 0..8)) {
+                let subnet: Ipv4Net = "10.42.0.0/16".parse().unwrap();
+                let mut e = entry("b", 2, &[]);
+                e.allowed_ips = ips.clone();
+                let (entries, dropped) = confine_allowed_ips(subnet, vec![e]);
+                prop_assert_eq!(entries[0].allowed_ips.len() + dropped.len(), ips.len());
+                for kept in &entries[0].allowed_ips {
+                    let net: Ipv4Net = kept.parse().unwrap();
+                    prop_assert!(net.prefix_len() == 32 && subnet.contains(&net.addr()), "{kept}");
+                }
+                for d in &dropped {
+                    let single = d.allowed_ip.parse::<Ipv4Net>().ok().filter(|n| n.prefix_len() == 32 && subnet.contains(&n.addr()));
+                    prop_assert!(single.is_none(), "{d:?}");
+                }
+            }
+        }
     }
 }

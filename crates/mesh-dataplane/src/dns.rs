@@ -29,6 +29,13 @@
 //!   every service whether or not it has an address yet, so that the short name does not flip
 //!   as the others get placed. Each such name is listed in [`Zone::ambiguous`] with the services
 //!   involved, for the condition that tells their owners why.
+//! - short names belong to the namespaces the cluster administrator lists ([`ShortNames`]; the
+//!   agent's and mesh-controller's `--short-name-namespaces`, chart value
+//!   `mesh.shortNameNamespaces`, default `default`). A service in any other namespace never gets
+//!   a short name and does not count for ambiguity, so a tenant can neither squat
+//!   `<service>.mesh.local` before its owner creates the service, nor take it over while the
+//!   owner's service is briefly deleted: the name is simply absent meanwhile. Among the listed
+//!   namespaces the uniqueness rule above applies. The long name always works.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -169,8 +176,50 @@ pub fn service_address(service: &Service, hosting: Option<&Node>) -> Option<Ipv4
     }
 }
 
-/// Computes the zone from all nodes and all services.
+/// Which namespaces' services get short names `<service>.mesh.local`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShortNames {
+    /// Every namespace (a single-tenant cluster).
+    Every,
+    /// Only these namespaces.
+    Namespaces(BTreeSet<String>),
+}
+
+impl Default for ShortNames {
+    /// Only `default`.
+    fn default() -> Self {
+        Self::Namespaces(BTreeSet::from(["default".to_owned()]))
+    }
+}
+
+impl ShortNames {
+    /// From a list of namespaces, where `*` means every namespace.
+    pub fn from_list(namespaces: &[String]) -> Self {
+        if namespaces.iter().any(|n| n == "*") {
+            Self::Every
+        } else {
+            Self::Namespaces(namespaces.iter().cloned().collect())
+        }
+    }
+
+    /// Whether services in `namespace` may have short names.
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Self::Every => true,
+            Self::Namespaces(list) => list.contains(namespace),
+        }
+    }
+}
+
+/// Computes the zone from all nodes and all services, with short names for every namespace
+/// (see [`zone_with`] for the agents' rule).
 pub fn zone(nodes: &[Node], services: &[Service]) -> Zone {
+    zone_with(nodes, services, &ShortNames::Every)
+}
+
+/// Computes the zone from all nodes and all services; only services in namespaces that
+/// `short_names` allows get (and compete for) short names.
+pub fn zone_with(nodes: &[Node], services: &[Service], short_names: &ShortNames) -> Zone {
     let mut records: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
     let mut unpublished = BTreeSet::new();
     let mut publish = |name: String, ip: Option<Ipv4Addr>| {
@@ -216,6 +265,17 @@ pub fn zone(nodes: &[Node], services: &[Service]) -> Zone {
                 subject: service.key(),
                 why: format!(
                     "no short name {}: it is the node subdomain; use {}",
+                    short_name(&service.name),
+                    service_name(&service.namespace, &service.name)
+                ),
+            });
+            continue;
+        }
+        if !short_names.allows(&service.namespace) {
+            unpublished.insert(Unpublished {
+                subject: service.key(),
+                why: format!(
+                    "no short name {}: only services in the namespaces the administrator lists have short names; use {}",
                     short_name(&service.name),
                     service_name(&service.namespace, &service.name)
                 ),
@@ -401,6 +461,25 @@ mod tests {
         );
         assert!(zone.ambiguity("a", "web").is_some());
         assert!(zone.ambiguity("c", "db").is_none());
+    }
+
+    #[test]
+    fn short_names_only_for_listed_namespaces_and_squatters_do_not_count() {
+        let nodes = [node("n1", Some("10.42.0.1"), None, true)];
+        let services = [
+            service("tenant", "db", Exposure::Mesh, Some("10.42.1.1"), Some("n1")),
+            service("tenant", "web", Exposure::Mesh, Some("10.42.1.2"), Some("n1")),
+            service("default", "web", Exposure::Mesh, Some("10.42.1.3"), Some("n1")),
+        ];
+        let listed = zone_with(&nodes, &services, &ShortNames::default());
+        assert_eq!(lookup(&listed, "db.mesh.local"), None, "a squatter gets no short name");
+        assert_eq!(lookup(&listed, "db.tenant.mesh.local"), Some(&[ip("10.42.1.1")][..]));
+        assert_eq!(lookup(&listed, "web.mesh.local"), Some(&[ip("10.42.1.3")][..]), "the owner keeps it");
+        assert!(listed.ambiguous.is_empty());
+        assert!(listed.unpublished.iter().any(|u| u.subject == "tenant/db" && u.why.contains("db.tenant.mesh.local")));
+        let every = zone_with(&nodes, &services, &ShortNames::from_list(&["*".to_owned()]));
+        assert_eq!(every, zone(&nodes, &services));
+        assert_eq!(lookup(&every, "db.mesh.local"), Some(&[ip("10.42.1.1")][..]));
     }
 
     #[test]

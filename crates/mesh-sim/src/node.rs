@@ -55,7 +55,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Derives everything from the directory as it is now.
     pub async fn of(directory: &Directory) -> Self {
-        let entries = directory.peer_entries().await;
+        let entries = directory.peer_entries();
         let placements = directory.placements();
         let (nodes, services) = directory.dns_inputs();
         Self { entries, placements, zone: dns::zone(&nodes, &services) }
