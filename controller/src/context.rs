@@ -63,6 +63,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Whether every watch cache has had its first full list (see [`Ctx::caches_synced`]).
     pub synced: tokio::sync::watch::Sender<bool>,
+    /// When the pool's clock ([`Ctx::now`]) started, in Unix seconds: to persist the hold-back.
+    pub started_unix: u64,
     started: Instant,
 }
 
@@ -95,6 +97,7 @@ impl Ctx {
             recorder,
             metrics,
             synced: tokio::sync::watch::Sender::new(false),
+            started_unix: crate::holds::unix_now(),
             started: Instant::now(),
         }
     }

@@ -369,6 +369,7 @@ async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() -> an
         let expected_kinds = [
             "ClusterRole",
             "ClusterRoleBinding",
+            "ConfigMap",
             "DaemonSet",
             "Deployment",
             "PodDisruptionBudget",
@@ -737,6 +738,7 @@ async fn rbac_grants_each_serviceaccount_exactly_its_verbs() -> anyhow::Result<(
         let in_namespace_controller = [
             grants("coordination.k8s.io", "leases", "", &["create"]),
             grants("coordination.k8s.io", "leases", "mesh-controller", &["get", "patch"]),
+            grants("", "configmaps", &format!("{}-ip-holds", sandbox.controller_sa()), &["get", "patch"]),
         ]
         .concat();
         let cluster_wide_agent: Vec<Grant> = [
