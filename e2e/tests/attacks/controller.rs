@@ -3,6 +3,8 @@
 //!
 //! Every object here is named `ctl-atk-*` (MeshNodes, Kubernetes Nodes, namespaces); each test
 //! removes what it made, first any leftover of an earlier run, and tolerates everything else.
+//! The tests take turns ([`SERIAL`]): one restarts the lab's controller, another replaces it for
+//! a while with one of its own.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -17,6 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
 use serde_json::{Value, json};
+
+/// One test of this module at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CONVERGE: Duration = Duration::from_secs(120);
 /// How long the controller gets to act on one change.
@@ -114,6 +119,7 @@ async fn event_note(cluster: &Cluster, name: &str, reason: &str) -> anyhow::Resu
 
 #[tokio::test]
 async fn a_copied_public_key_gets_no_peer_entry_and_a_key_conflict() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let attacker = "ctl-atk-copycat";
@@ -163,6 +169,7 @@ async fn copy_a_key(mesh: &Mesh, api: &Api<MeshNode>, attacker: &str) -> anyhow:
 
 #[tokio::test]
 async fn an_agent_written_endpoint_outside_its_nodes_addresses_is_not_propagated() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let name = "ctl-atk-endpoint";
@@ -214,6 +221,7 @@ async fn forge_an_endpoint(mesh: &Mesh, api: &Api<MeshNode>, name: &str) -> anyh
 
 #[tokio::test]
 async fn an_enrolled_machines_meshnode_is_not_adopted_by_a_later_node_of_the_same_name() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let name = "ctl-atk-enrolled";
@@ -260,6 +268,7 @@ async fn collide_with_an_enrolled_name(mesh: &Mesh, api: &Api<MeshNode>, name: &
 
 #[tokio::test]
 async fn a_node_whose_pod_cidr_overlaps_the_mesh_subnet_gets_no_mesh_ip() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let name = "ctl-atk-podcidr";
@@ -289,6 +298,7 @@ async fn overlap_the_mesh_subnet(mesh: &Mesh, api: &Api<MeshNode>, name: &str) -
 
 #[tokio::test]
 async fn a_released_ip_requested_right_after_a_controller_restart_is_refused() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let api = own_namespace(&mesh.cluster, "ctl-atk-hold").await?;
     let clean = || async {
@@ -334,6 +344,7 @@ async fn grab_a_released_ip(mesh: &Mesh, api: &Api<MeshService>) -> anyhow::Resu
 /// addresses (restored at start), and a tenant fills the rest of the service part.
 #[tokio::test]
 async fn a_tenant_exhausting_the_service_part_of_the_pool_does_not_stop_a_node_joining() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let joiner = "ctl-atk-joiner";
     let nodes: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
@@ -365,7 +376,7 @@ async fn fill_the_service_part(
     let reserved = (65534 - 62).to_string();
     let binary = harness_mesh_e2e::repo_root().join("target/debug/mesh-controller");
     let args = ["--leader-elect=false", "--ip-hold-seconds=0", "--node-reserved-ips", &reserved];
-    let ctl = Controller::start(&mesh.cluster, &binary, 18191, &args);
+    let ctl = Controller::start(&mesh.cluster, &binary, 18291, &args);
     ctl.wait_ready(Duration::from_secs(60)).await;
 
     // The tenant creates services until the pool says it is exhausted (at most 62).
