@@ -321,7 +321,9 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
             "coreDNS.stubDomain.enabled=true",
         ];
         let docs = documents(&helm.template("chart-test-w", "chart-test-w", &sets, false)?)?;
-        let corefile = find(&docs, "ConfigMap")?["data"]["mesh.local.server"].as_str().context("no server block")?;
+        let corefile = find_named(&docs, "ConfigMap", "-coredns")?["data"]["mesh.local.server"]
+            .as_str()
+            .context("no server block")?;
         ensure!(corefile.starts_with("mesh.local:53 {") && corefile.contains("forward . 10.96.0.53\n"), "{corefile}");
         let service =
             docs.iter().find(|d| d["metadata"]["name"] == "chart-test-w-harness-mesh-dns").context("DNS Service")?;
