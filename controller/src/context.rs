@@ -65,6 +65,8 @@ pub struct Ctx {
     pub synced: tokio::sync::watch::Sender<bool>,
     /// Where services may be placed and which get short names (see [`crate::service::Policy`]).
     pub policy: crate::service::Policy,
+    /// When the pool's clock ([`Ctx::now`]) started, in Unix seconds: to persist the hold-back.
+    pub started_unix: u64,
     started: Instant,
 }
 
@@ -98,6 +100,7 @@ impl Ctx {
             metrics,
             synced: tokio::sync::watch::Sender::new(false),
             policy: crate::service::Policy::default(),
+            started_unix: crate::holds::unix_now(),
             started: Instant::now(),
         }
     }

@@ -6,9 +6,12 @@
 //! election, several replicas may run; only the leader writes.
 
 mod backoff;
+mod caches;
 mod conditions;
 mod context;
 mod gone;
+mod holds;
+mod judge;
 mod metrics;
 mod node;
 mod service;
@@ -50,15 +53,31 @@ struct Args {
     subnet: Subnet,
 
     /// Seconds a released mesh IP is held back before it is handed to another object, so that
-    /// peers still holding the old entry never receive another service's traffic. The hold is
-    /// kept in this process's memory and covers the deletions it sees: an object deleted while
-    /// no controller runs (uninstalled, crashed, scaled to 0) is not held back, and its address
-    /// is free as soon as the controller starts (it then knows only the live objects).
+    /// peers still holding the old entry never receive another service's traffic. The holds are
+    /// kept in the ConfigMap --ip-hold-configmap, so a restarted controller goes on holding them
+    /// back; an object deleted while no controller runs (uninstalled, scaled to 0) is not held
+    /// back, and a controller killed outright may lose the holds of its last second.
     #[arg(long, env = "MESH_IP_HOLD_SECONDS", default_value_t = 300)]
     ip_hold_seconds: u64,
 
-    /// Cluster CIDRs (pod and service ranges, comma-separated) to warn about when the mesh
-    /// subnet overlaps them; k3s, for one, uses 10.42.0.0/16 for pods.
+    /// The ConfigMap, in the --lease-namespace namespace, that keeps the IP hold-back across
+    /// restarts: read at start (missing: no holds), written by server-side apply when a hold
+    /// appears, at most once a second. The chart creates it and lets the controller get and
+    /// patch it only.
+    #[arg(long, env = "MESH_IP_HOLD_CONFIGMAP", default_value = "harness-mesh-controller-ip-holds")]
+    ip_hold_configmap: String,
+
+    /// How many of the mesh subnet's highest addresses only MeshNodes may get, so that services
+    /// filling the pool cannot stop nodes joining; a service requesting one is refused
+    /// (ReservedForNodes). Default: 1/16 of the subnet, at most 1024 (for 10.42.0.0/16:
+    /// 10.42.251.255-10.42.255.254). Addresses already allocated keep their owners.
+    #[arg(long, env = "MESH_NODE_RESERVED_IPS")]
+    node_reserved_ips: Option<u32>,
+
+    /// Cluster CIDRs (pod and service ranges, comma-separated) that the mesh subnet must not
+    /// overlap: the controller refuses to start when it does (k3s, for one, uses 10.42.0.0/16
+    /// for pods). Separately, a Node whose spec.podCIDRs overlaps the mesh subnet gets no mesh
+    /// IP.
     #[arg(long, env = "MESH_CLUSTER_CIDRS", value_delimiter = ',')]
     cluster_cidrs: Vec<Subnet>,
 
@@ -119,11 +138,7 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
-    for cidr in &args.cluster_cidrs {
-        if args.subnet.overlaps(cidr) {
-            tracing::warn!(subnet = %args.subnet, %cidr, "the mesh subnet overlaps a cluster CIDR: mesh routes will shadow cluster traffic; set --subnet to a free range");
-        }
-    }
+    judge::overlapping_cluster_cidrs(&args.subnet, &args.cluster_cidrs)?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -181,19 +196,26 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let nodes_api: Api<Node> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
 
+    // Every cache keeps only what the controller reads (caches.rs).
     let (pods, pods_writer) = reflector::store();
-    let pod_events = reflector::reflector(pods_writer, watcher(pods_api, watch.clone()))
+    let pod_events = reflector::reflector(pods_writer, watcher(pods_api, watch.clone()).modify(caches::trim_pod))
         .backoff(WatchBackoff::default())
         .touched_objects();
     let (mesh_nodes, mesh_nodes_writer) = reflector::store();
     let (mesh_services, mesh_services_writer) = reflector::store();
+    let (k8s_nodes, k8s_nodes_writer) = reflector::store();
+    let k8s_node_events =
+        reflector::reflector(k8s_nodes_writer, watcher(nodes_api.clone(), watch.clone()).modify(caches::trim_node))
+            .applied_objects();
 
     // Short watch backoffs, so the controller catches up within seconds after an API outage.
-    let mirror_controller = Controller::new(nodes_api.clone(), watch.clone()).trigger_backoff(WatchBackoff::default());
+    let mirror_controller =
+        Controller::for_stream(k8s_node_events, k8s_nodes.clone()).trigger_backoff(WatchBackoff::default());
     let (node_trigger, node_triggers) = tokio::sync::mpsc::unbounded_channel();
     let (service_trigger, service_triggers) = tokio::sync::mpsc::unbounded_channel();
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mesh-controller".into(), instance: Some(identity) });
+    let hold_store = holds::HoldStore::new(client.clone(), &args.lease_namespace, &args.ip_hold_configmap);
     let ctx = Arc::new(
         Ctx::new(
             client,
@@ -201,7 +223,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             mesh_nodes.clone(),
             mesh_services.clone(),
             pods,
-            mirror_controller.store(),
+            k8s_nodes,
             node_trigger,
             service_trigger,
             recorder,
@@ -213,21 +235,34 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         }),
     );
     ctx.hosting().extend(hosting);
+    // The hold-back of the controller before this one, before anything is allocated.
+    let stored_holds = hold_store.load().await?;
+    let restored = holds::from_stored(&stored_holds, ctx.started_unix, holds::unix_now())
+        .into_iter()
+        .filter(|(ip, previous, until)| ctx.pool().restore_hold(*ip, previous.clone(), *until))
+        .count();
+    tracing::info!(restored, configmap = %args.ip_hold_configmap, "IP hold-back restored");
 
     // The MeshNode and MeshService controllers run on watch streams of their own making, so that
     // the same streams also tell the controller which objects are gone (no finalizer does: see
     // gone.rs). Each event reaches the handler after the watch cache has taken it in.
     let node_events = {
         let ctx = ctx.clone();
-        reflector::reflector(mesh_nodes_writer, watcher(mesh_nodes_api.clone(), watch.clone()))
-            .inspect_ok(move |event| node::on_watch_event(&ctx, event))
-            .applied_objects()
+        reflector::reflector(
+            mesh_nodes_writer,
+            watcher(mesh_nodes_api.clone(), watch.clone()).modify(caches::trim_mesh_node),
+        )
+        .inspect_ok(move |event| node::on_watch_event(&ctx, event))
+        .applied_objects()
     };
     let service_events = {
         let ctx = ctx.clone();
-        reflector::reflector(mesh_services_writer, watcher(mesh_services_api, watch.clone()))
-            .inspect_ok(move |event| service::on_watch_event(&ctx, event))
-            .applied_objects()
+        reflector::reflector(
+            mesh_services_writer,
+            watcher(mesh_services_api, watch.clone()).modify(caches::trim_mesh_service),
+        )
+        .inspect_ok(move |event| service::on_watch_event(&ctx, event))
+        .applied_objects()
     };
     // The trigger backoff covers these streams and every other watch of the controller.
     let node_controller = Controller::for_stream(node_events, mesh_nodes).trigger_backoff(WatchBackoff::default());
@@ -304,12 +339,16 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             future::pending::<()>().await;
         }
     };
+    let persist_holds = holds::persist(ctx.clone(), hold_store.clone(), stored_holds);
     tokio::select! {
         () = services => {},
         () = nodes => {},
         () = mirror => {},
         () = readiness => {},
+        () = persist_holds => {},
     }
+    // Stopping (SIGTERM): whatever hold the ConfigMap lacks, so the next controller has it.
+    holds::flush(&ctx, &hold_store, &mut Vec::new()).await;
     tracing::info!("controllers stopped");
     Ok(())
 }
@@ -318,7 +357,12 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
 /// anything is allocated. A duplicate (which only a bug or a hand edit can cause) keeps the
 /// older owner; the newer one is re-allocated by its reconcile.
 async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, HashMap<Owner, Hosted>)> {
-    let mut pool = Pool::new(args.subnet, args.ip_hold_seconds).context("the mesh subnet (--subnet)")?;
+    let pool = Pool::new(args.subnet, args.ip_hold_seconds).context("the mesh subnet (--subnet)")?;
+    let reserve = args.node_reserved_ips.unwrap_or_else(|| pool.default_node_reserve());
+    let mut pool = pool.reserve_for_nodes(reserve).context("--node-reserved-ips")?;
+    if let Some((first, last)) = pool.node_reserve() {
+        tracing::info!(%first, %last, "mesh IPs reserved for MeshNodes");
+    }
     let nodes = Api::<MeshNode>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshNodes")?;
     let services =
         Api::<MeshService>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshServices")?;

@@ -17,7 +17,7 @@ use harness_mesh_e2e::Cluster;
 use harness_mesh_e2e::controller::{
     Controller, clean_slate, create_services, mesh_node_names, service, wait_allocated,
 };
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
@@ -57,8 +57,16 @@ async fn take_over(cluster: &Cluster) -> anyhow::Result<()> {
             if more > 0 { format!(" and {more} more") } else { String::new() }
         );
     }
-    clean_slate(cluster).await
+    clean_slate(cluster).await?;
+    // And no IP hold-back left by an earlier test's controller (they all keep it in the default
+    // ConfigMap of their --lease-namespace, default).
+    let holds: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), "default");
+    let _ = holds.delete(HOLDS, &DeleteParams::default()).await;
+    Ok(())
 }
+
+/// The ConfigMap where the suite's controllers keep the IP hold-back (the flag's default).
+const HOLDS: &str = "harness-mesh-controller-ip-holds";
 
 /// Takes the cluster over ([`take_over`]), then starts a controller and waits until it is ready.
 async fn fresh_controller(cluster: &Cluster, port: u16, args: &[&str]) -> anyhow::Result<Controller> {
@@ -498,6 +506,71 @@ async fn with_the_controller_running_a_deleted_objects_ip_is_held_back() -> anyh
     println!("deleted in {:.2} s with the controller running; {ip} and {node_ip} held back", deleted.as_secs_f64());
     assert_eq!(ctl.metric("mesh_controller_pool_used").await, 1.0, "only the recreated first holds an address");
     clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn the_hold_back_survives_a_restart_and_expires_on_time() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    let hold = ["--leader-elect=false", "--ip-hold-seconds=20"];
+    let mut ctl = fresh_controller(&cluster, 18193, &hold).await?;
+    let api = namespace(&cluster, "ctl-holds").await?;
+    let spec = |ip: Option<&str>| match ip {
+        Some(ip) => json!({"network": {"ports": [80]}, "node": "nowhere", "meshIP": ip}),
+        None => json!({"network": {"ports": [80]}, "node": "nowhere"}),
+    };
+    api.create(&PostParams::default(), &service("first", spec(None))).await?;
+    let first = wait_for(&api, "first", Duration::from_secs(20), "a mesh IP", |s| mesh_ip_of(s).is_some()).await?;
+    let ip = mesh_ip_of(&first).unwrap_or_default().to_owned();
+    api.delete("first", &DeleteParams::default()).await?;
+    // The hold reaches the ConfigMap within its write interval (1 s).
+    let holds: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let data = holds.get_opt(HOLDS).await?.and_then(|cm| cm.data).unwrap_or_default();
+        if data.get("holds.json").is_some_and(|text| text.contains(&ip)) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{ip} not in the hold-back ConfigMap: {data:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Killed outright, and a new controller: the address is still held back from others...
+    ctl.kill();
+    let ctl = controller(&cluster, 18193, &hold);
+    ctl.wait_ready(Duration::from_secs(30)).await;
+    api.create(&PostParams::default(), &service("second", spec(Some(&ip)))).await?;
+    let refused = wait_for(&api, "second", Duration::from_secs(20), "IPConflict", |s| {
+        condition(s, "IPConflict").is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+    let (_, _, message) = condition(&refused, "IPConflict").unwrap_or_default();
+    assert!(message.contains("held back") && message.contains("MeshService ctl-holds/first"), "{message}");
+    // ...until the hold ends, 20 s after the release.
+    wait_for(&api, "second", Duration::from_secs(40), "the address once the hold ended", |s| {
+        mesh_ip_of(s) == Some(ip.as_str())
+    })
+    .await?;
+    drop(ctl);
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn an_overlapping_cluster_cidr_stops_the_controller_with_its_name() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    take_over(&cluster).await?;
+    let _ctl = controller(&cluster, 18194, &["--leader-elect=false", "--cluster-cidrs=10.96.0.0/12,10.42.0.0/16"]);
+    let log = std::env::temp_dir().join("mesh-controller-test-18194.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("overlaps the cluster CIDR(s) 10.42.0.0/16 (--cluster-cidrs)") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the controller did not refuse to start: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 #[tokio::test]

@@ -321,7 +321,9 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
             "coreDNS.stubDomain.enabled=true",
         ];
         let docs = documents(&helm.template("chart-test-w", "chart-test-w", &sets, false)?)?;
-        let corefile = find(&docs, "ConfigMap")?["data"]["mesh.local.server"].as_str().context("no server block")?;
+        let corefile = find_named(&docs, "ConfigMap", "-coredns")?["data"]["mesh.local.server"]
+            .as_str()
+            .context("no server block")?;
         ensure!(corefile.starts_with("mesh.local:53 {") && corefile.contains("forward . 10.96.0.53\n"), "{corefile}");
         let service =
             docs.iter().find(|d| d["metadata"]["name"] == "chart-test-w-harness-mesh-dns").context("DNS Service")?;
@@ -369,6 +371,7 @@ async fn install_upgrade_and_uninstall_manage_exactly_the_charts_objects() -> an
         let expected_kinds = [
             "ClusterRole",
             "ClusterRoleBinding",
+            "ConfigMap",
             "DaemonSet",
             "Deployment",
             "PodDisruptionBudget",
@@ -741,6 +744,7 @@ async fn rbac_grants_each_serviceaccount_exactly_its_verbs() -> anyhow::Result<(
         let in_namespace_controller = [
             grants("coordination.k8s.io", "leases", "", &["create"]),
             grants("coordination.k8s.io", "leases", "mesh-controller", &["get", "patch"]),
+            grants("", "configmaps", &format!("{}-ip-holds", sandbox.controller_sa()), &["get", "patch"]),
         ]
         .concat();
         let cluster_wide_agent: Vec<Grant> = [

@@ -30,6 +30,11 @@ fullnameOverride is set), so cluster-scoped objects of two releases never collid
 {{ include "harness-mesh.fullname" . }}-controller
 {{- end }}
 
+{{/* The ConfigMap that keeps the controller's IP hold-back across restarts. */}}
+{{- define "harness-mesh.ipHoldConfigMap" -}}
+{{ include "harness-mesh.controllerName" . }}-ip-holds
+{{- end }}
+
 {{- define "harness-mesh.agentName" -}}
 {{ include "harness-mesh.fullname" . }}-agent
 {{- end }}

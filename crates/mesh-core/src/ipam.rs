@@ -12,11 +12,15 @@
 //! - a released address is additionally held back for `hold_secs` before anyone else may take
 //!   it, so a peer that still has the old entry never receives another owner's traffic (the
 //!   previous owner may take it back at once);
+//! - the highest addresses may be reserved for nodes ([`Pool::reserve_for_nodes`]): a service
+//!   can neither request nor be given one, so services filling the pool cannot stop a node
+//!   joining; nodes may take any free address;
 //! - an exhausted pool is an error value, never a panic.
 //!
 //! Time is a plain number of seconds passed in by the caller, so the pool has no clock and is
-//! deterministic under test. The pool keeps no state of its own that matters across restarts:
-//! the allocations are persisted in the objects' status and [`Pool::restore`] rebuilds it.
+//! deterministic under test. Across restarts, the allocations are persisted in the objects'
+//! status and [`Pool::restore`] rebuilds them; the hold-back is the caller's to persist
+//! ([`Pool::holds`]) and to give back ([`Pool::restore_hold`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -45,6 +49,27 @@ impl Owner {
     /// The owner of a MeshNode's address.
     pub fn node(name: impl Into<String>) -> Self {
         Self::Node(name.into())
+    }
+
+    /// The owner as one string, `node/NAME` or `service/NAMESPACE/NAME` (Kubernetes names hold
+    /// no `/`), for persisted state; [`Owner::parse_key`] reads it back.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Node(name) => format!("node/{name}"),
+            Self::Service { namespace, name } => format!("service/{namespace}/{name}"),
+        }
+    }
+
+    /// Reads back what [`Owner::key`] wrote; `None` for anything else.
+    pub fn parse_key(text: &str) -> Option<Self> {
+        let parts: Vec<&str> = text.split('/').collect();
+        match parts[..] {
+            ["node", name] if !name.is_empty() => Some(Self::node(name)),
+            ["service", namespace, name] if !namespace.is_empty() && !name.is_empty() => {
+                Some(Self::service(namespace, name))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -170,6 +195,46 @@ pub enum IpamError {
         /// When it becomes available (the caller's clock, seconds).
         until: u64,
     },
+    /// A service requested an address in the range reserved for nodes.
+    #[error(
+        "{ip} lies in {first}-{last}, the part of the mesh subnet reserved for MeshNodes; request an address below \
+         {first}, or none"
+    )]
+    ReservedForNodes {
+        /// The requested address.
+        ip: Ipv4Addr,
+        /// The first address reserved for nodes.
+        first: Ipv4Addr,
+        /// The last one.
+        last: Ipv4Addr,
+    },
+    /// The node reservation would leave no address to services.
+    #[error(
+        "reserving {reserved} addresses for nodes leaves none for services in {subnet} ({capacity} usable); reserve fewer"
+    )]
+    ReserveTooLarge {
+        /// The pool's subnet.
+        subnet: Subnet,
+        /// The addresses asked to be reserved.
+        reserved: u32,
+        /// How many usable addresses the subnet has.
+        capacity: usize,
+    },
+    /// No address is left for services; the rest is reserved for nodes.
+    #[error(
+        "the service part of the mesh subnet {subnet} is exhausted ({used} addresses in use; {first}-{last} are \
+         reserved for MeshNodes); delete unused services or configure a larger subnet"
+    )]
+    ServicesExhausted {
+        /// The pool's subnet.
+        subnet: Subnet,
+        /// How many addresses are in use.
+        used: usize,
+        /// The first address reserved for nodes.
+        first: Ipv4Addr,
+        /// The last one.
+        last: Ipv4Addr,
+    },
     /// No address is left.
     #[error(
         "the mesh subnet {subnet} is exhausted ({used} addresses in use); delete unused objects or configure a larger subnet"
@@ -201,6 +266,8 @@ pub struct Pool {
     held: BTreeMap<u32, Held>,
     /// Where the next automatic allocation starts looking.
     cursor: u32,
+    /// The last address a service may get; those above it are reserved for nodes.
+    services_last: u32,
 }
 
 impl Pool {
@@ -216,7 +283,37 @@ impl Pool {
             by_owner: HashMap::new(),
             held: BTreeMap::new(),
             cursor: first,
+            services_last: last,
         })
+    }
+
+    /// The default node reservation of a pool: 1/16 of its addresses, at most 1024 (for
+    /// 10.42.0.0/16, 10.42.251.255-10.42.255.254; none below a /28).
+    pub fn default_node_reserve(&self) -> u32 {
+        (self.capacity() / 16).min(1024) as u32
+    }
+
+    /// Reserves the `count` highest usable addresses for nodes: services can neither request
+    /// nor get them. Addresses [`Pool::restore`]d keep their owners wherever they lie.
+    pub fn reserve_for_nodes(mut self, count: u32) -> Result<Self, IpamError> {
+        if count as usize >= self.capacity() {
+            return Err(IpamError::ReserveTooLarge { subnet: self.subnet, reserved: count, capacity: self.capacity() });
+        }
+        self.services_last = self.last - count;
+        Ok(self)
+    }
+
+    /// The first and last address reserved for nodes, if any are.
+    pub fn node_reserve(&self) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        (self.services_last < self.last).then(|| (Ipv4Addr::from(self.services_last + 1), Ipv4Addr::from(self.last)))
+    }
+
+    /// The last address `owner` may be given.
+    fn limit(&self, owner: &Owner) -> u32 {
+        match owner {
+            Owner::Node(_) => self.last,
+            Owner::Service { .. } => self.services_last,
+        }
     }
 
     /// The pool's subnet.
@@ -293,7 +390,7 @@ impl Pool {
             if let Some(ip) = current {
                 return Ok(Ipv4Addr::from(ip));
             }
-            let ip = self.next_free(now)?;
+            let ip = self.next_free(now, self.limit(owner))?;
             self.insert(owner.clone(), ip);
             self.cursor = if ip == self.last { self.first } else { ip + 1 };
             return Ok(Ipv4Addr::from(ip));
@@ -301,6 +398,11 @@ impl Pool {
         let raw = self.check_requestable(requested)?;
         if current == Some(raw) {
             return Ok(requested);
+        }
+        if raw > self.limit(owner)
+            && let Some((first, last)) = self.node_reserve()
+        {
+            return Err(IpamError::ReservedForNodes { ip: requested, first, last });
         }
         if let Some(holder) = self.by_ip.get(&raw) {
             return Err(IpamError::Taken { ip: requested, holder: holder.clone() });
@@ -332,21 +434,56 @@ impl Pool {
         self.by_ip.insert(ip, owner);
     }
 
-    /// The first free, not-held-back address at or after the cursor, wrapping once.
-    fn next_free(&mut self, now: u64) -> Result<u32, IpamError> {
+    /// The first free, not-held-back address in `first..=limit` at or after the cursor,
+    /// wrapping once.
+    fn next_free(&mut self, now: u64, limit: u32) -> Result<u32, IpamError> {
         self.held.retain(|_, held| held.until > now);
-        if self.by_ip.len() + self.held.len() >= self.capacity() {
-            return Err(IpamError::Exhausted { subnet: self.subnet, used: self.used() });
+        // Taken addresses above the limit (the node reserve, small) do not count.
+        let above = |ip: u32| ip > limit;
+        let taken_above =
+            self.by_ip.range(limit.saturating_add(1)..).count() + self.held.range(limit.saturating_add(1)..).count();
+        let taken_count = self.by_ip.len() + self.held.len() - taken_above;
+        if taken_count > (limit - self.first) as usize {
+            return Err(match self.node_reserve() {
+                Some((first, last)) if limit < self.last => {
+                    IpamError::ServicesExhausted { subnet: self.subnet, used: self.used(), first, last }
+                }
+                _ => IpamError::Exhausted { subnet: self.subnet, used: self.used() },
+            });
         }
         let taken = |ip: &u32| self.by_ip.contains_key(ip) || self.held.contains_key(ip);
-        let mut ip = self.cursor;
-        // The loop ends: fewer addresses are taken than exist, checked above.
+        let mut ip = if above(self.cursor) { self.first } else { self.cursor };
+        // The loop ends: fewer addresses are taken than exist in the range, checked above.
         loop {
             if !taken(&ip) {
                 return Ok(ip);
             }
-            ip = if ip == self.last { self.first } else { ip + 1 };
+            ip = if ip >= limit { self.first } else { ip + 1 };
         }
+    }
+
+    /// The addresses held back at `now`: each with who released it and when its hold ends (the
+    /// pool's clock), in address order. The state to persist across restarts.
+    pub fn holds(&self, now: u64) -> impl Iterator<Item = (Ipv4Addr, &Owner, u64)> {
+        self.held.iter().filter(move |(_, h)| h.until > now).map(|(ip, h)| (Ipv4Addr::from(*ip), &h.previous, h.until))
+    }
+
+    /// Holds `ip` back for `previous` until `until` (the pool's clock), as read back from
+    /// persisted state at start-up, after [`Pool::restore`]. Ignored (`false`) for an address
+    /// the pool cannot hand out or that an owner holds now; of two holds of one address the
+    /// later end wins.
+    pub fn restore_hold(&mut self, ip: Ipv4Addr, previous: Owner, until: u64) -> bool {
+        let Ok(raw) = self.check_requestable(ip) else { return false };
+        if self.by_ip.contains_key(&raw) {
+            return false;
+        }
+        match self.held.get(&raw) {
+            Some(held) if held.until >= until => {}
+            _ => {
+                self.held.insert(raw, Held { previous, until });
+            }
+        }
+        true
     }
 }
 
@@ -432,6 +569,72 @@ mod tests {
         assert_eq!(p.allocate(&Owner::node("b"), None, 0), Ok(ip("10.42.0.10")));
     }
 
+    #[test]
+    fn services_never_get_the_node_reserve_and_nodes_still_join_when_services_are_full() {
+        // 10.42.0.0/28: 14 usable addresses, the 4 highest (.11-.14) for nodes.
+        let mut p = pool("10.42.0.0/28", 0).reserve_for_nodes(4).unwrap();
+        assert_eq!(p.node_reserve(), Some((ip("10.42.0.11"), ip("10.42.0.14"))));
+        let svc = |i: usize| Owner::service("tenant", format!("s{i}"));
+        for i in 0..10 {
+            let got = p.allocate(&svc(i), None, 0).unwrap();
+            assert!(got < ip("10.42.0.11"), "{got}");
+        }
+        let full = p.allocate(&svc(10), None, 0).unwrap_err();
+        assert_eq!(
+            full,
+            IpamError::ServicesExhausted {
+                subnet: p.subnet(),
+                used: 10,
+                first: ip("10.42.0.11"),
+                last: ip("10.42.0.14")
+            }
+        );
+        assert!(full.to_string().contains("reserved for MeshNodes"), "{full}");
+        assert!(matches!(
+            p.allocate(&svc(10), Some(ip("10.42.0.12")), 0),
+            Err(IpamError::ReservedForNodes { first, .. }) if first == ip("10.42.0.11")
+        ));
+        for n in 0..4 {
+            assert!(p.allocate(&Owner::node(format!("n{n}")), None, 0).unwrap() >= ip("10.42.0.11"));
+        }
+        assert!(matches!(p.allocate(&Owner::node("n5"), None, 0), Err(IpamError::Exhausted { .. })));
+        // A service restored inside the reserve (allocated before it existed) keeps its address.
+        let mut p = pool("10.42.0.0/28", 0).reserve_for_nodes(4).unwrap();
+        p.restore(svc(0), ip("10.42.0.13")).unwrap();
+        assert_eq!(p.allocate(&svc(0), None, 0), Ok(ip("10.42.0.13")));
+        assert_eq!(p.allocate(&svc(0), Some(ip("10.42.0.13")), 0), Ok(ip("10.42.0.13")));
+        // The reserve must leave services something; the default scales with the subnet.
+        assert!(matches!(pool("10.42.0.0/28", 0).reserve_for_nodes(14), Err(IpamError::ReserveTooLarge { .. })));
+        assert_eq!(pool("10.42.0.0/16", 0).default_node_reserve(), 1024);
+        assert_eq!(pool("10.42.0.0/24", 0).default_node_reserve(), 15);
+        assert_eq!(pool("10.42.0.0/28", 0).default_node_reserve(), 0);
+        assert_eq!(pool("10.42.0.0/28", 0).reserve_for_nodes(0).unwrap().node_reserve(), None);
+    }
+
+    #[test]
+    fn holds_are_read_out_and_given_back() {
+        let mut p = pool("10.42.0.0/29", 30);
+        let a = Owner::service("ns", "a");
+        let ip_a = p.allocate(&a, None, 0).unwrap();
+        p.release(&a, 5);
+        let holds: Vec<(Ipv4Addr, Owner, u64)> = p.holds(6).map(|(ip, o, until)| (ip, o.clone(), until)).collect();
+        assert_eq!(holds, [(ip_a, a.clone(), 35)]);
+        assert_eq!(p.holds(35).count(), 0);
+        // A new pool (a restarted controller) given the hold refuses the address to others.
+        let mut q = pool("10.42.0.0/29", 30);
+        assert!(q.restore_hold(ip_a, a.clone(), 20));
+        assert!(matches!(q.allocate(&Owner::node("b"), Some(ip_a), 0), Err(IpamError::HeldBack { until: 20, .. })));
+        assert_eq!(q.allocate(&a, Some(ip_a), 0), Ok(ip_a));
+        // Not for an address someone holds, nor one outside the pool.
+        assert!(!q.restore_hold(ip_a, Owner::node("c"), 50));
+        assert!(!q.restore_hold(ip("10.43.0.1"), Owner::node("c"), 50));
+        assert_eq!(Owner::parse_key(&a.key()), Some(a));
+        assert_eq!(Owner::parse_key(&Owner::node("n").key()), Some(Owner::node("n")));
+        for bad in ["", "node/", "node/a/b", "service/ns", "service//x", "pod/x"] {
+            assert_eq!(Owner::parse_key(bad), None, "{bad}");
+        }
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Allocate { owner: u8, request: Option<u8> },
@@ -502,6 +705,34 @@ mod tests {
     }
 
     proptest! {
+        /// With part of the pool reserved for nodes, no service is ever given or granted an
+        /// address in it, and while a node address is free a node always gets one.
+        #[test]
+        fn the_node_reserve_holds_whatever_services_do(ops in proptest::collection::vec(op(), 1..200), reserve in 1u32..8) {
+            let mut p = Pool::new(Subnet::parse("10.42.0.0/28").unwrap(), 0).unwrap().reserve_for_nodes(reserve).unwrap();
+            let (first_reserved, _) = p.node_reserve().unwrap();
+            for op in ops {
+                match op {
+                    Op::Allocate { owner: o, request } => {
+                        let requested = request.map(|r| Ipv4Addr::new(10, 42, 0, r));
+                        if let Ok(ip) = p.allocate(&owner(o), requested, 0)
+                            && matches!(owner(o), Owner::Service { .. })
+                        {
+                            prop_assert!(ip < first_reserved, "{} got {ip} in the node reserve", owner(o));
+                        }
+                    }
+                    Op::Release { owner: o } => { p.release(&owner(o), 0); }
+                    Op::Tick { .. } | Op::Restart => {}
+                }
+                let free_reserved = (u32::from(first_reserved)..=u32::from(Ipv4Addr::new(10, 42, 0, 14)))
+                    .any(|ip| p.holder(Ipv4Addr::from(ip)).is_none());
+                if free_reserved {
+                    let mut q = p.clone();
+                    prop_assert!(q.allocate(&Owner::node("newcomer"), None, 0).is_ok());
+                }
+            }
+        }
+
         /// A pool hands out every usable address exactly once, then reports exhaustion; the
         /// addresses released (no hold-back) are exactly the ones handed out next; a held-back
         /// address goes to no one else until its time is up.
@@ -591,8 +822,8 @@ mod tests {
             prop_assert_eq!(fresh, p.capacity() - by_ip.len());
         }
 
-        /// Within one pool's life, an address released at t goes to no other owner before
-        /// t + hold, whatever the sequence of requests, releases and time.
+        /// An address released at t goes to no other owner before t + hold, whatever the
+        /// sequence of requests, releases, time and restarts (with the holds given back).
         #[test]
         fn a_released_address_goes_to_no_one_else_while_held(ops in proptest::collection::vec(op(), 1..200)) {
             let mut p = Pool::new(Subnet::parse("10.42.0.0/28").unwrap(), 20).unwrap();
@@ -621,8 +852,14 @@ mod tests {
                         }
                     }
                     Op::Tick { secs } => now += u64::from(secs),
-                    // The hold-back lives in memory only (see `Pool::restore`): not part of this property.
-                    Op::Restart => {}
+                    // A restart rebuilds the pool from what is persisted: the owners' addresses
+                    // and the holds (the clock is the caller's; here it goes on).
+                    Op::Restart => {
+                        let mut rebuilt = Pool::new(p.subnet(), 20).unwrap();
+                        for (ip, o) in p.allocations() { rebuilt.restore(o.clone(), ip).unwrap(); }
+                        for (ip, o, until) in p.holds(now) { prop_assert!(rebuilt.restore_hold(ip, o.clone(), until)); }
+                        p = rebuilt;
+                    }
                 }
             }
         }
