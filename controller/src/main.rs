@@ -366,20 +366,23 @@ async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, Has
     let nodes = Api::<MeshNode>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshNodes")?;
     let services =
         Api::<MeshService>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshServices")?;
-    let mut recorded: Vec<(Option<k8s_openapi::jiff::Timestamp>, Owner, String)> = Vec::new();
+    // MeshNodes first, then services, each oldest first: a recorded service IP (which anyone
+    // with a cluster-wide grant on meshservices/status could have written) never takes a
+    // node's address from it; of two claims of one address the older one keeps it.
+    let mut recorded: Vec<(bool, Option<k8s_openapi::jiff::Timestamp>, Owner, String)> = Vec::new();
     for node in &nodes {
         if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
-            recorded.push((node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
+            recorded.push((false, node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
         }
     }
     for service in &services {
         if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
             let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
-            recorded.push((service.creation_timestamp().map(|t| t.0), owner, ip));
+            recorded.push((true, service.creation_timestamp().map(|t| t.0), owner, ip));
         }
     }
     recorded.sort();
-    for (_, owner, ip) in recorded {
+    for (_, _, owner, ip) in recorded {
         let restored = mesh_core::parse_mesh_ip(&ip)
             .map_err(|e| e.to_string())
             .and_then(|ip| pool.restore(owner.clone(), ip).map_err(|e| e.to_string()));
