@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use harness_mesh_e2e::controller::{delete_service_and_wait, service};
-use harness_mesh_e2e::mesh::{Mesh, eventually, udp_payloads, wait_mesh_ip};
+use harness_mesh_e2e::mesh::{Mesh, eventually, wait_mesh_ip};
 use harness_mesh_e2e::rogue::{Detour, underlay};
 use kube::api::{Api, PostParams};
 use mesh_api::MeshService;
@@ -24,6 +24,8 @@ use serde_json::json;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CONVERGE: Duration = Duration::from_secs(90);
+/// The nftables table of counters a test puts on a node, and removes.
+const PROBE: &str = "attack_tunnel_probe";
 
 /// The roles: (attacker, victim, third).
 fn roles(mesh: &Mesh) -> [String; 3] {
@@ -104,54 +106,49 @@ async fn a_peer_cannot_route_through_a_node_to_another_address() -> anyhow::Resu
     // Cluster nodes forward (pods, kube-proxy); the lab's plain nodes do not unless told to.
     let forwarding = mesh.nodes.exec_ok(&victim, &["sysctl", "-n", "net.ipv4.ip_forward"])?.trim().to_owned();
     mesh.nodes.exec_ok(&victim, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+    // What reaches the third node, counted before any rule of its own (priority -400, ahead of
+    // the agent's raw-priority guard): proof that the victim forwarded it, whatever the third
+    // node then does with it. (Counters, not tcpdump: every lab on the machine shares one pid
+    // space, and other suites `pkill tcpdump`.)
+    let counters = format!(
+        "table inet {PROBE}\ndelete table inet {PROBE}\ntable inet {PROBE} {{\n  counter tunneled {{}}\n  \
+         counter control {{}}\n  chain seen {{\n    type filter hook prerouting priority -400; policy accept;\n    \
+         ip saddr {source} udp dport 18403 counter name tunneled\n    \
+         ip saddr {victim_underlay} udp dport 18403 counter name control\n  }}\n}}\n"
+    );
     let result = async {
-        // What reaches the third node's underlay interface, before its own rules: proof that the
-        // victim forwarded it, whatever the third node then does with it.
-        let mut capture = mesh.nodes.spawn(
-            &third,
-            &["timeout", "15", "tcpdump", "-i", "eth0", "-U", "-w", "-", "-s", "0", "udp", "port", "18403"],
-        )?;
-        // tcpdump takes a moment to start capturing; the control datagram proves it did.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        mesh.nodes.exec_ok(&third, &["sh", "-c", &format!("printf '%s' '{counters}' | nft -f -")])?;
         let detour = Detour::new(&mesh, (&attacker, source), &info[&victim], target, "1743")?;
-        let mut captured = Vec::new();
-        let sent = async {
-            // With a control datagram sent straight from the victim on the underlay each round.
-            for _ in 0..3 {
-                detour.arm()?;
-                let to = format!("UDP:{target}:18403");
-                mesh.nodes.exec_ok(
-                    &attacker,
-                    &["sh", "-c", &format!("echo via-the-tunnel | socat -u - {to},bind={source}")],
-                )?;
-                mesh.nodes.exec_ok(
-                    &victim,
-                    &["sh", "-c", &format!("echo control-from-{victim} | socat -u - {to},bind={victim_underlay}")],
-                )?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            anyhow::Ok(())
+        let to = format!("UDP:{target}:18403");
+        // Three rounds, each with a control datagram sent straight from the victim on the underlay.
+        for _ in 0..3 {
+            detour.arm()?;
+            mesh.nodes
+                .exec_ok(&attacker, &["sh", "-c", &format!("echo via-the-tunnel | socat -u - {to},bind={source}")])?;
+            mesh.nodes
+                .exec_ok(&victim, &["sh", "-c", &format!("echo control | socat -u - {to},bind={victim_underlay}")])?;
         }
-        .await;
         drop(detour);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let _ = mesh.nodes.exec(&third, &["pkill", "-INT", "-f", "^tcpdump -i eth0 -U -w - -s 0 udp port 18403$"]);
-        capture.stdout.take().context("capture stdout")?.read_to_end(&mut captured)?;
-        let _ = capture.wait();
-        sent?;
-        let payloads: Vec<String> =
-            udp_payloads(&captured, 18403).iter().map(|p| String::from_utf8_lossy(p).trim().to_owned()).collect();
-        assert!(
-            payloads.iter().any(|p| p.starts_with("control-from-")),
-            "the capture on {third} missed the control datagram: it proves nothing ({payloads:?})"
-        );
-        assert!(
-            !payloads.iter().any(|p| p == "via-the-tunnel"),
-            "{victim} forwarded {attacker}'s datagram from the tunnel to {target} on the underlay: {payloads:?}"
+        let packets = |name: &str| -> anyhow::Result<u64> {
+            let listed = mesh.nodes.exec_ok(&third, &["nft", "list", "counter", "inet", PROBE, name])?;
+            let count = listed.split_whitespace().skip_while(|w| *w != "packets").nth(1);
+            count.and_then(|n| n.parse().ok()).with_context(|| format!("no packet count in {listed:?}"))
+        };
+        // The control datagrams cross one bridge: they are counted at once, or were lost.
+        eventually(Duration::from_secs(5), || {
+            anyhow::ensure!(packets("control")? == 3, "{third} counted {} of 3 control datagrams", packets("control")?);
+            Ok(())
+        })
+        .await?;
+        let tunneled = packets("tunneled")?;
+        assert_eq!(
+            tunneled, 0,
+            "{victim} forwarded {tunneled} of {attacker}'s 3 datagrams from the tunnel to {target} on the underlay"
         );
         anyhow::Ok(())
     }
     .await;
+    let _ = mesh.nodes.exec(&third, &["nft", "delete", "table", "inet", PROBE]);
     let _ = mesh.nodes.exec(&victim, &["sysctl", "-q", "-w", &format!("net.ipv4.ip_forward={forwarding}")]);
     result
 }
