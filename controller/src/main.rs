@@ -289,7 +289,12 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             services_for_nodes
                 .state()
                 .into_iter()
-                .filter(|s| s.spec.node.as_deref() == Some(name.as_str()))
+                // Its services, by spec.node or where they are hosted now (a node falling out of
+                // the tunnel makes its mesh services not Ready).
+                .filter(|s| {
+                    s.spec.node.as_deref() == Some(name.as_str())
+                        || s.status.as_ref().and_then(|st| st.node.as_deref()) == Some(name.as_str())
+                })
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         })

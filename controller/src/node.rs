@@ -232,7 +232,8 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
             READY,
             "NoTunnel",
             "the agent runs without WireGuard (backend none; its Connected condition says why): the node stays \
-             in the directory and its services are reached at its host address",
+             in the directory, its host and dual services are reached at its host address in the clear, and its \
+             mesh services are not offered (not Ready, no DNS name)",
         ),
         (None, None) => Want::no(
             READY,
@@ -257,6 +258,12 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
     {
         return Ok(next);
     }
+    // Falling out of the tunnel is an event, not only a condition: an operator watching events
+    // learns that this node's mesh services are no longer offered.
+    let no_tunnel = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        conditions.iter().any(|c| c.type_ == READY && c.reason == "NoTunnel")
+    };
+    let fell_out = no_tunnel(&conditions) && !no_tunnel(&ours);
     // Only the fields this controller owns; absent ones are dropped from its ownership, so a
     // peer entry disappears when the key does.
     let owned = MeshNodeStatus {
@@ -274,6 +281,21 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
     let api: Api<MeshNode> = Api::all(ctx.client.clone());
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     ctx.metrics.wrote(KIND);
+    if fell_out {
+        let why = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == mesh_api::conditions::CONNECTED)
+            .map_or_else(|| "no reason given".to_owned(), |c| c.message.clone());
+        ctx.event(
+            node,
+            EventType::Warning,
+            "NoTunnel",
+            "Fallback",
+            format!("this node is out of the tunnel (backend none): {why}"),
+        )
+        .await;
+    }
     let had = |type_: &str, reason: &str| ours.iter().any(|c| c.type_ == type_ && c.reason == reason);
     if let Some((reason, message)) = refused
         && !ours.iter().any(|c| c.reason == reason)

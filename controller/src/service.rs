@@ -373,6 +373,11 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
             Want::no(READY, why.reason, message)
         }
         (Ok(_), Some((reason, message))) => Want::no(READY, reason, message.clone()),
+        (Ok(Host { node, .. }), None)
+            if service.spec.network.type_ == NetworkType::Mesh && without_tunnel(node, ctx) =>
+        {
+            Want::no(READY, NO_TUNNEL, no_tunnel_message(node))
+        }
         (Ok(Host { node, pod_ip }), None) => match (ip, pod_ip) {
             (Some(ip), Some(pod_ip)) => Want::yes(
                 READY,
@@ -437,12 +442,40 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
             ctx.event(service, EventType::Warning, reason, "AllocateMeshIP", message.clone()).await;
         }
     }
+    let no_tunnel = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        conditions.iter().any(|c| c.type_ == READY && c.reason == NO_TUNNEL)
+    };
+    if let Some(node) = &desired.node
+        && no_tunnel(&desired.conditions)
+        && !no_tunnel(&current.conditions)
+    {
+        ctx.event(service, EventType::Warning, NO_TUNNEL, "OfferService", no_tunnel_message(node)).await;
+    }
     if let Err(why) = &host
         && current.conditions.iter().all(|c| c.type_ != why.type_)
     {
         ctx.event(service, EventType::Warning, why.reason, "ResolveHost", why.message.clone()).await;
     }
     Ok(next)
+}
+
+/// The Ready reason of a `mesh` service hosted on a node without a tunnel.
+const NO_TUNNEL: &str = "NoTunnel";
+
+/// Whether MeshNode `node` runs without WireGuard (backend none): a `mesh` service there is never
+/// offered, since its only way in would be the node's underlay address, in plaintext.
+fn without_tunnel(node: &str, ctx: &Ctx) -> bool {
+    ctx.mesh_nodes
+        .get(&ObjectRef::new(node))
+        .is_some_and(|n| n.status.as_ref().and_then(|s| s.backend) == Some(mesh_api::Backend::None))
+}
+
+fn no_tunnel_message(node: &str) -> String {
+    format!(
+        "MeshNode {node} runs without WireGuard (backend none; its Connected condition says why), and a mesh \
+         service is never offered in plaintext at a host address: its name does not resolve until the node has a \
+         tunnel or the service moves to a node that has one; use type dual or host to serve it in the clear"
+    )
 }
 
 /// The error policy: log, count, and retry as the error's kind says.

@@ -10,8 +10,9 @@
 //! - the API cost of one service change on the 3-node lab: API writes (Lease renewals aside)
 //!   and watch events, from the API server's own counters before and after a create and an
 //!   update, once the writes have settled;
-//! - data-plane throughput: iperf3 (TCP, 5 s, two runs) between two nodes over the mesh and over
-//!   the plain veth underlay, for each userspace backend available;
+//! - data-plane throughput: iperf3 (TCP, 5 s, two runs) between two nodes over the mesh (to a
+//!   service hosted on the server node) and over the plain veth underlay, for each userspace
+//!   backend available;
 //! - agent CPU and memory at idle: each lab agent's CPU time over 10 s (`/proc/<pid>/stat`)
 //!   and its VmRSS.
 //!
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::measure::{self, ApiCounters};
-use harness_mesh_e2e::mesh::Mesh;
+use harness_mesh_e2e::mesh::{Mesh, wait_mesh_ip};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::MeshService;
 use serde_json::{Value, json};
@@ -224,13 +225,20 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.kill();
     let _ = server.wait();
 
-    // Throughput: node 1 -> node 2, over the mesh and over the underlay, alternating.
+    // Throughput: node 1 -> node 2, over the mesh and over the underlay, alternating. Over the
+    // mesh to a service the node hosts, with the iperf3 port listed: a node's own mesh IP opens
+    // only the agent's ports to peers.
     let (client, target) = (others[0].clone(), host.clone());
+    let _ = api.delete("bench-iperf", &DeleteParams::default()).await;
+    let spec = json!({"node": target, "network": {"type": "mesh", "ports": [IPERF_PORT]}});
+    api.create(&PostParams::default(), &service("bench-iperf", spec)).await?;
+    let iperf_ip = wait_mesh_ip(&api, "bench-iperf").await?;
     let (mut mesh_bps, mut veth_bps) = (Vec::new(), Vec::new());
     for _ in 0..IPERF_RUNS {
-        mesh_bps.push(iperf(&mesh, &target, &client, info[&target].mesh_ip)?);
+        mesh_bps.push(iperf(&mesh, &target, &client, iperf_ip)?);
         veth_bps.push(iperf(&mesh, &target, &client, underlay)?);
     }
+    api.delete("bench-iperf", &DeleteParams::default()).await?;
     let boringtun = std::env::var_os("HOME")
         .map(|h| std::path::PathBuf::from(h).join(".cargo/bin/boringtun-cli"))
         .filter(|p| p.exists());

@@ -14,6 +14,7 @@ pub mod controller;
 pub mod measure;
 pub mod mesh;
 pub mod nodes;
+pub mod rogue;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

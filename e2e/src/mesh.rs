@@ -470,8 +470,22 @@ impl Mesh {
     /// Connects from `node` to `ip:port` and returns what the server said (`None`: no
     /// connection within 2 s).
     pub fn fetch(&self, node: &str, ip: Ipv4Addr, port: u16) -> anyhow::Result<Option<String>> {
-        let out =
-            self.nodes.exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=2"), "-"])?;
+        self.fetch_from(node, None, ip, port)
+    }
+
+    /// As [`Mesh::fetch`], from the source address `source` when given (the node must have it,
+    /// or an address routed through it).
+    pub fn fetch_from(
+        &self,
+        node: &str,
+        source: Option<Ipv4Addr>,
+        ip: Ipv4Addr,
+        port: u16,
+    ) -> anyhow::Result<Option<String>> {
+        let bind = source.map(|s| format!(",bind={s}")).unwrap_or_default();
+        let out = self
+            .nodes
+            .exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=2{bind}"), "-"])?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         Ok((out.status.success() && !text.is_empty()).then_some(text))
     }

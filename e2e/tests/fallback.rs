@@ -1,6 +1,9 @@
 //! A node that cannot run WireGuard (the lab starts `hm-node-4` without /dev/net/tun) lands in
-//! fallback: it stays in the directory with backend `none` and says why, no other node degrades,
-//! and its service is advertised (DNS) and reachable at its host address.
+//! fallback: it stays in the directory with backend `none` and says why (a condition and an
+//! event), no other node degrades, and nothing it hosts is offered in plaintext by surprise: its
+//! `mesh` service is not Ready (reason `NoTunnel`) and its name does not resolve, while its
+//! `dual` service is advertised (DNS) and reachable at its host address, in the clear, as its
+//! type allows.
 //!
 //! Lab only: it needs a node started without a tun device.
 
@@ -9,17 +12,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::mesh::Mesh;
+use harness_mesh_e2e::mesh::{Mesh, eventually_async};
 use harness_mesh_e2e::repo_root;
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mesh_api::conditions::{CONNECTED, READY};
 use mesh_api::{Backend, MeshNode, MeshService};
 use serde_json::json;
 
 const FALLBACK: &str = "hm-node-4";
+/// The fallback node's `mesh` service, which must not be offered.
+const MESH_ONLY: &str = "fallback-mesh-only";
+/// Its `dual` service, served at the host address.
+const DUAL: &str = "fallback-dual";
 
 #[tokio::test]
-async fn a_node_without_tun_falls_back_and_its_service_stays_reachable() -> anyhow::Result<()> {
+async fn a_node_without_tun_falls_back_visibly_and_offers_only_its_host_reachable_services_in_the_clear()
+-> anyhow::Result<()> {
     anyhow::ensure!(
         std::env::var_os("HARNESS_MESH_NODES").is_none(),
         "this test needs the lab (a node without /dev/net/tun); unset HARNESS_MESH_NODES"
@@ -59,57 +68,91 @@ async fn a_node_without_tun_falls_back_and_its_service_stays_reachable() -> anyh
     mesh.wait_connected(Duration::from_secs(30)).await?;
 
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-    let _ = services.delete("fallback-web", &DeleteParams::default()).await;
+    for name in [MESH_ONLY, DUAL] {
+        let _ = services.delete(name, &DeleteParams::default()).await;
+    }
     let mut server = mesh
         .nodes
         .spawn(FALLBACK, &["timeout", "60", "socat", "TCP-LISTEN:18300,reuseaddr,fork", "SYSTEM:echo from-fallback"])?;
     let result = async {
-        services
-            .create(
-                &PostParams::default(),
-                &service("fallback-web", json!({"node": FALLBACK, "network": {"type": "mesh", "ports": [18300]}})),
-            )
-            .await?;
+        for (name, type_) in [(MESH_ONLY, "mesh"), (DUAL, "dual")] {
+            services
+                .create(
+                    &PostParams::default(),
+                    &service(name, json!({"node": FALLBACK, "network": {"type": type_, "ports": [18300]}})),
+                )
+                .await?;
+        }
         let info = mesh.info().await?;
-        let name = "fallback-web.default.mesh.local";
+        let (dual, mesh_only) = ("fallback-dual.default.mesh.local", "fallback-mesh-only.default.mesh.local");
         let start = Instant::now();
         loop {
             let mut wrong = Vec::new();
-            for (node, me) in &info {
-                let answer = mesh.dig(node, me.mesh_ip, name, false)?;
+            // Every tunnel node's DNS, and the fallback node's own on its underlay address.
+            let servers = info.iter().map(|(node, me)| (node.as_str(), me.mesh_ip)).chain([(FALLBACK, underlay)]);
+            for (node, server) in servers {
+                let answer = mesh.dig(node, server, dual, false)?;
                 if answer.addresses != [underlay] {
-                    wrong.push(format!("{node}: {answer:?}"));
+                    wrong.push(format!("{node}: {dual} is {answer:?}"));
                 }
-            }
-            // The fallback node answers too, on its underlay address.
-            let own = mesh.dig(FALLBACK, underlay, name, false)?;
-            if own.addresses != [underlay] {
-                wrong.push(format!("{FALLBACK}: {own:?}"));
+                let answer = mesh.dig(node, server, mesh_only, false)?;
+                if answer.status != "NXDOMAIN" || !answer.addresses.is_empty() {
+                    wrong.push(format!("{node}: {mesh_only} is {answer:?}"));
+                }
             }
             if wrong.is_empty() {
                 break;
             }
             anyhow::ensure!(
                 start.elapsed() < Duration::from_secs(20),
-                "{name} does not resolve to {underlay}: {wrong:?}"
+                "{dual} does not resolve to {underlay} alone, or {mesh_only} resolves (to the underlay, in \
+                 plaintext): {wrong:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The mesh service: not Ready, and it says why.
+        let ready = eventually_async(Duration::from_secs(20), || async {
+            let status = services.get(MESH_ONLY).await?.status.unwrap_or_default();
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == READY && c.reason == "NoTunnel")
+                .with_context(|| format!("{MESH_ONLY} is not Ready=False/NoTunnel yet"))
+        })
+        .await?;
+        assert_eq!(ready.status, "False", "a mesh service on a node without a tunnel is Ready: {ready:?}");
+        assert!(ready.message.contains(FALLBACK), "the reason does not name the node: {ready:?}");
+
         for node in info.keys() {
-            let out = mesh
-                .nodes
-                .exec(node, &["socat", "-T", "2", "-u", &format!("TCP:{underlay}:18300,connect-timeout=2"), "-"])?;
-            let reply = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                reply.contains("from-fallback"),
-                "{node} could not reach the fallback service at {underlay}: {reply}"
+            let reply = mesh.fetch(node, underlay, 18300)?;
+            assert_eq!(
+                reply.as_deref(),
+                Some("from-fallback"),
+                "{node} could not reach the fallback node's dual service at {underlay}"
             );
         }
+
+        // Falling back is an event too, not only a condition.
+        let events: Api<Event> = Api::all(mesh.cluster.client.clone());
+        eventually_async(Duration::from_secs(20), || async {
+            let all = events.list(&ListParams::default()).await?;
+            all.items
+                .iter()
+                .find(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(FALLBACK)
+                        && e.reason.as_deref() == Some("NoTunnel")
+                })
+                .map(|_| ())
+                .with_context(|| format!("no NoTunnel event about MeshNode {FALLBACK}"))
+        })
+        .await?;
         anyhow::Ok(())
     }
     .await;
     let _ = server.kill();
     let _ = server.wait();
-    let _ = services.delete("fallback-web", &DeleteParams::default()).await;
+    for name in [MESH_ONLY, DUAL] {
+        let _ = services.delete(name, &DeleteParams::default()).await;
+    }
     result
 }

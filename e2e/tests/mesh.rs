@@ -21,6 +21,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(90);
 /// The suite's service, named for this suite alone (the kubelet suite has an `e2e-web` of its own).
 const WEB: &str = "mesh-e2e-web";
+/// The service the spoofing test sends to.
+const SPOOF_TARGET: &str = "mesh-e2e-spoof-target";
 
 #[tokio::test]
 async fn every_pair_of_nodes_pings_over_the_mesh() -> anyhow::Result<()> {
@@ -192,12 +194,29 @@ async fn a_node_cannot_send_with_another_nodes_mesh_ip() -> anyhow::Result<()> {
     let mesh = Mesh::get(CONVERGE).await?;
     let info = mesh.info().await?;
     let [spoofer, victim, receiver] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
-    let (own, stolen, target) = (info[&spoofer].mesh_ip, info[&victim].mesh_ip, info[&receiver].mesh_ip);
+    let (own, stolen) = (info[&spoofer].mesh_ip, info[&victim].mesh_ip);
+    // The datagrams go to a service the receiver hosts, on its listed port: a node's own mesh IP
+    // opens only the agent's ports to peers (a node is a member, not a router).
+    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    delete_service_and_wait(&api, SPOOF_TARGET).await?;
+    api.create(
+        &PostParams::default(),
+        &service(SPOOF_TARGET, json!({"node": receiver, "network": {"type": "mesh", "ports": [19999]}})),
+    )
+    .await?;
+    let target = wait_mesh_ip(&api, SPOOF_TARGET).await?;
     // The spoofer takes the victim's address as its own (on lo), so the kernel lets it send from
     // it: only WireGuard on the receiving side stands in the way.
     let stolen_cidr = format!("{stolen}/32");
     mesh.nodes.exec_ok(&spoofer, &["ip", "addr", "add", &stolen_cidr, "dev", "lo"])?;
     let sent = async {
+        // The receiver hosts the service IP once its agent has applied the placement.
+        eventually(Duration::from_secs(15), || {
+            let route = mesh.nodes.exec_ok(&receiver, &["ip", "-4", "-o", "addr", "show", "dev", "wg-harness"])?;
+            anyhow::ensure!(route.contains(&format!("{target}/32")), "{receiver} does not host {target} yet");
+            Ok(())
+        })
+        .await?;
         let mut listener = mesh
             .nodes
             .spawn(&receiver, &["timeout", "6", "socat", "-u", &format!("UDP-RECV:19999,bind={target}"), "-"])?;
@@ -218,6 +237,7 @@ async fn a_node_cannot_send_with_another_nodes_mesh_ip() -> anyhow::Result<()> {
     }
     .await;
     mesh.nodes.exec_ok(&spoofer, &["ip", "addr", "del", &stolen_cidr, "dev", "lo"])?;
+    delete_service_and_wait(&api, SPOOF_TARGET).await?;
     let received = sent?;
     assert!(received.contains("genuine"), "the control datagram from {spoofer}'s own IP did not arrive: {received:?}");
     assert!(!received.contains("spoofed"), "a datagram with {victim}'s IP as source, sent by {spoofer}, was delivered");

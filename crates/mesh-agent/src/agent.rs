@@ -4,7 +4,7 @@
 //! reports health. Errors are logged, counted and retried on the next round; nothing here
 //! exits the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,6 +72,8 @@ pub struct Config {
     /// Also serve DNS on the node's underlay address (for CoreDNS's stub domain in a cluster,
     /// whose pods reach node addresses but not mesh IPs).
     pub dns_on_underlay: bool,
+    /// Ports (TCP and UDP) open to peers on the node's own mesh IP besides the agent's.
+    pub expose_ports: BTreeSet<u16>,
 }
 
 /// The running agent.
@@ -141,7 +143,10 @@ impl Agent {
         let summary = device.fallback_reason().map(|why| Summary {
             connected: false,
             reason: "NoTunnel",
-            message: format!("{why}; this node's services are reached at its host address"),
+            message: format!(
+                "{why}; this node's host and dual services are reached at its host address, its mesh services not at \
+                 all (they are never offered in plaintext)"
+            ),
         });
         Ok(Self {
             config,
@@ -360,7 +365,8 @@ impl Agent {
         }
         self.metrics.applied_services.set(hosted.len() as i64);
         let masquerade = if self.config.masquerade { self.masquerade(node_ip).await? } else { None };
-        self.enforce(&hosted, masquerade.as_ref()).await?;
+        let member = self.member(node_ip);
+        self.enforce(&hosted, &member, masquerade.as_ref()).await?;
         self.ensure_echo(node_ip);
         let mut listen = vec![node_ip];
         if self.config.dns_on_underlay
@@ -443,9 +449,30 @@ impl Agent {
         }))
     }
 
+    /// This node as the firewall sees it: what peers may reach on its mesh IP (the probe echo,
+    /// DNS, and the ports the operator exposes) and which interface is the tunnel.
+    fn member(&self, node_ip: Ipv4Addr) -> firewall::Member {
+        let dns: BTreeSet<u16> = [self.config.dns_port].into_iter().filter(|p| *p != 0).collect();
+        let mut agent_udp = dns.clone();
+        agent_udp.insert(self.config.probe_port);
+        firewall::Member {
+            interface: self.config.interface.clone(),
+            subnet: self.config.subnet,
+            node_ip,
+            agent_udp,
+            agent_tcp: dns,
+            exposed: self.config.expose_ports.clone(),
+        }
+    }
+
     /// Applies the port rules when they changed.
-    async fn enforce(&mut self, hosted: &[Hosted], masquerade: Option<&firewall::Masquerade>) -> anyhow::Result<()> {
-        let script = firewall::render(hosted, masquerade);
+    async fn enforce(
+        &mut self,
+        hosted: &[Hosted],
+        member: &firewall::Member,
+        masquerade: Option<&firewall::Masquerade>,
+    ) -> anyhow::Result<()> {
+        let script = firewall::render(hosted, Some(member), masquerade);
         if self.firewall.as_ref() == Some(&script) {
             return Ok(());
         }
@@ -461,9 +488,14 @@ impl Agent {
         }
         let out = child.wait_with_output().await?;
         if !out.status.success() {
-            anyhow::bail!("nft refused the service port rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+            anyhow::bail!(
+                "nft refused the node's rules (table inet {}): {}; check that the kernel has nf_tables with \
+                 the ct, nat and reject expressions",
+                firewall::TABLE,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        tracing::info!(services = hosted.len(), "service port rules applied");
+        tracing::info!(services = hosted.len(), exposed = ?member.exposed, "node and service port rules applied");
         self.firewall = Some(script);
         Ok(())
     }

@@ -114,9 +114,14 @@ struct Args {
     state_dir: PathBuf,
 
     /// Which WireGuard to run. auto: the kernel module if the kernel has it, else userspace
-    /// (wireguard-go), else fallback (no tun device or no permission): the node stays in the
-    /// directory with backend none and its services are reached at its host address. kernel or
-    /// userspace: only that one, failing otherwise. off: fallback on purpose.
+    /// (wireguard-go), else fallback (no tun device or no permission to use it). In fallback
+    /// the node stays in the directory with backend none, its MeshNode is Ready=False with
+    /// reason NoTunnel (and a NoTunnel event says so), it gets no peer entry, and nothing it
+    /// hosts is offered in plaintext by surprise: its `mesh` services are not Ready (reason
+    /// NoTunnel) and their names do not resolve; its `host` and `dual` services resolve to its
+    /// host address and are reached there in the clear, as their type says. kernel or
+    /// userspace: only that one, failing (and retrying) otherwise, never fallback. off:
+    /// fallback on purpose.
     #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value_t = Choice::Auto)]
     wireguard: Choice,
 
@@ -212,6 +217,13 @@ struct Args {
     /// The nft binary (nftables) that enforces service ports.
     #[arg(long, env = "MESH_NFT", default_value = "nft")]
     nft: PathBuf,
+
+    /// Ports (TCP and UDP, comma-separated) that peers may reach on this node's own mesh IP,
+    /// besides the agent's probe echo and DNS: e.g. 22 for SSH over the mesh. Default none: a
+    /// node is a mesh member, not a router, and from the tunnel only its mesh IP's agent ports,
+    /// these ports and the listed ports of the services it hosts are reachable.
+    #[arg(long, env = "MESH_EXPOSE_PORTS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    expose_ports: Vec<u16>,
 
     /// The file of the agent's API token, which the agent renews (an enrolled machine: `meshctl
     /// enroll` sets it, and the kubeconfig names the same file as its tokenFile). The new token
@@ -355,6 +367,7 @@ async fn run(args: Args, stop: CancellationToken) -> anyhow::Result<()> {
         nft: args.nft.clone(),
         dns_port: args.dns_port,
         dns_on_underlay: args.dns_on_underlay,
+        expose_ports: args.expose_ports.iter().copied().collect(),
     };
     // Starting (the device may take a while to appear) stops at SIGTERM too.
     let result = tokio::select! {

@@ -8,8 +8,10 @@
 //! | `<node>.node.mesh.local` | the node's mesh IP |
 //!
 //! Fallback: a node that is not in the tunnel (no WireGuard, backend `none`) is published at its
-//! underlay address, and so is every service it hosts, whatever its type, since their mesh IPs
-//! are unreachable.
+//! underlay address, and so are its `host` and `dual` services, since their mesh IPs are
+//! unreachable and their owners chose the host address (or accepted it). A `mesh` service it
+//! hosts gets no record at all: it is never offered in plaintext at an underlay address, and
+//! the controller says why in its Ready condition (reason `NoTunnel`).
 //!
 //! No record is published while an address is unknown (a `host` service not placed yet, a node
 //! that has not reported its underlay address), so such names are NXDOMAIN.
@@ -163,14 +165,16 @@ pub fn node_address(node: &Node) -> Option<Ipv4Addr> {
 }
 
 /// The address a service's names resolve to, given the node hosting it (if known): the mesh IP
-/// for `mesh` and `dual`, the hosting node's underlay address for `host` and for any service
-/// whose hosting node is in fallback.
+/// for `mesh` and `dual`, the hosting node's underlay address for `host` and for a `dual`
+/// service whose hosting node is in fallback; none for a `mesh` service whose hosting node is
+/// in fallback (a `mesh` service is never offered at an underlay address).
 ///
 /// A `mesh` or `dual` service keeps resolving to its mesh IP while its hosting node is unknown
 /// (not placed, or between nodes): the IP is stable and comes back with the next placement.
 pub fn service_address(service: &Service, hosting: Option<&Node>) -> Option<Ipv4Addr> {
     match (service.exposure, hosting) {
-        (_, Some(node)) if !node.in_tunnel => node.underlay,
+        (Exposure::Mesh, Some(node)) if !node.in_tunnel => None,
+        (Exposure::Host | Exposure::Dual, Some(node)) if !node.in_tunnel => node.underlay,
         (Exposure::Host, node) => node.and_then(|n| n.underlay),
         (Exposure::Mesh | Exposure::Dual, _) => service.mesh_ip,
     }
@@ -401,7 +405,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_in_fallback_and_its_services_resolve_to_its_underlay_address() {
+    fn a_node_in_fallback_and_its_host_and_dual_services_resolve_to_its_underlay_address() {
         let nodes = [node("fb", Some("10.42.0.9"), Some("192.0.2.9"), false)];
         let services = [
             service("ns", "m", Exposure::Mesh, Some("10.42.1.1"), Some("fb")),
@@ -409,9 +413,25 @@ mod tests {
             service("ns", "h", Exposure::Host, None, Some("fb")),
         ];
         let zone = zone(&nodes, &services);
-        for name in ["fb.node.mesh.local", "m.ns.mesh.local", "d.ns.mesh.local", "h.ns.mesh.local", "m.mesh.local"] {
+        for name in ["fb.node.mesh.local", "d.ns.mesh.local", "h.ns.mesh.local", "d.mesh.local", "h.mesh.local"] {
             assert_eq!(lookup(&zone, name), Some(&[ip("192.0.2.9")][..]), "{name}");
         }
+    }
+
+    #[test]
+    fn a_mesh_service_on_a_node_in_fallback_has_no_record() {
+        let nodes =
+            [node("fb", Some("10.42.0.9"), Some("192.0.2.9"), false), node("w1", Some("10.42.0.1"), None, true)];
+        let services = [
+            service("ns", "m", Exposure::Mesh, Some("10.42.1.1"), Some("fb")),
+            service("ns", "moved", Exposure::Mesh, Some("10.42.1.3"), Some("w1")),
+        ];
+        let zone = zone(&nodes, &services);
+        for name in ["m.ns.mesh.local", "m.mesh.local"] {
+            assert_eq!(lookup(&zone, name), None, "{name} must not resolve, to the underlay or anywhere");
+        }
+        // The same service on a node in the tunnel resolves to its mesh IP as usual.
+        assert_eq!(lookup(&zone, "moved.ns.mesh.local"), Some(&[ip("10.42.1.3")][..]));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   service IPs it hosts;
 //! - [`dns`]: the records of the `mesh.local` zone, and the names withheld (ambiguous or reserved);
 //! - [`firewall`]: the nftables ruleset that keeps a `mesh` service's IP closed but for its
-//!   listed ports;
+//!   listed ports, and the node a member rather than a router (nothing forwarded from the
+//!   tunnel, mesh addresses only on the tunnel);
 //! - [`health`]: per-peer health from handshake age and probe results, and the bounded summary
 //!   that goes into the `Connected` condition.
 

@@ -143,8 +143,8 @@ proptest! {
                 forward_to: (i % 2 == 1).then(|| Ipv4Addr::new(10, 244, 1, i as u8)),
             })
             .collect();
-        let script = firewall::render(&hosted, None);
-        let empty = firewall::render(&[], None).split('\n').count();
+        let script = firewall::render(&hosted, None, None);
+        let empty = firewall::render(&[], None, None).split('\n').count();
         // Per service 6 lines in the filter chain; per pod-backed one 3 more in each of the two
         // NAT chains, which take 3 lines each (header, hook, closing brace) when there are any.
         let forwarded = hosted.iter().filter(|h| h.forward_to.is_some()).count();

@@ -177,7 +177,7 @@ impl SimNode {
             anyhow::bail!("MeshNode {name} has no mesh IP yet");
         };
         let hosted = desired::hosted(&name, Some(node_ip), &snapshot.placements);
-        let rules = firewall::render(&hosted, None);
+        let rules = firewall::render(&hosted, None, None);
         if self.firewall.as_ref() != Some(&rules) {
             self.firewall = Some(rules);
             self.firewall_changes += 1;

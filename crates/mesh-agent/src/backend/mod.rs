@@ -20,7 +20,8 @@ pub enum Choice {
     Kernel,
     /// wireguard-go, even where the kernel has WireGuard.
     Userspace,
-    /// No WireGuard: the node's services are reached at its host address.
+    /// No WireGuard: the node's `host` and `dual` services are reached at its host address, its
+    /// `mesh` services not at all.
     Off,
 }
 
@@ -56,7 +57,7 @@ impl Device {
             // The device pod decides: a device to adopt, a reason for fallback, or not yet.
             if let Ok(why) = std::fs::read_to_string(userspace::fallback_marker(interface)) {
                 tracing::warn!(
-                    "{}; running in fallback: this node's services are reached at its host address",
+                    "{}; running in fallback: this node's host and dual services are reached at its host address, its mesh services not at all",
                     why.trim()
                 );
                 return Ok(Self::Fallback(why.trim().to_owned()));
@@ -70,7 +71,9 @@ impl Device {
                     "no WireGuard on this node: {}; userspace: {err:#}",
                     kernel_missing.unwrap_or_else(|| "kernel module not usable".into())
                 );
-                tracing::warn!("{why}; running in fallback: this node's services are reached at its host address");
+                tracing::warn!(
+                    "{why}; running in fallback: this node's host and dual services are reached at its host address, its mesh services not at all"
+                );
                 Ok(Self::Fallback(why))
             }
             Err(err) => Err(err),
