@@ -167,12 +167,14 @@ async fn all_mesh_ips(mesh: &Mesh) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
     Ok(out)
 }
 
-/// The highest address the churn requests (it counts down from there): the top of the subnet,
-/// unless an object holds an address near it; then the address below the highest one in use,
-/// since automatic allocation continues after that one (upwards, then from the bottom).
+/// The highest address the churn requests (it counts down from there): the top of the
+/// services' part of the subnet (above it, 10.42.251.255 and up, the controller reserves 1024
+/// addresses for MeshNodes), unless an object holds an address near it; then the address below
+/// the highest one in use, since automatic allocation continues after that one (upwards, then
+/// from the bottom).
 fn request_top(held: &BTreeSet<Ipv4Addr>) -> u32 {
-    let top = u32::from(Ipv4Addr::new(10, 42, 255, 254));
-    match held.iter().map(|ip| u32::from(*ip)).max() {
+    let top = u32::from(Ipv4Addr::new(10, 42, 251, 254));
+    match held.iter().map(|ip| u32::from(*ip)).filter(|ip| *ip <= top).max() {
         Some(highest) if highest > top - 1024 => highest - 1,
         _ => top,
     }

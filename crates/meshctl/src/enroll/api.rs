@@ -675,17 +675,18 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_kubeconfig_holds_server_ca_and_token() {
+    fn the_agent_kubeconfig_holds_server_ca_and_token_file() {
         let ca = pem(&[vec![1, 2, 3]]);
         assert_eq!(ca, "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n");
-        let text = agent_kubeconfig("https://10.0.0.1:6443", Some(&ca), "tok.en", "edge-1").unwrap();
+        let text = agent_kubeconfig("https://10.0.0.1:6443", Some(&ca), "/etc/harness-mesh/token", "edge-1").unwrap();
         let parsed = Kubeconfig::from_yaml(&text).unwrap();
         let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
         assert_eq!(cluster.server.as_deref(), Some("https://10.0.0.1:6443"));
         let ca_data = cluster.certificate_authority_data.as_deref().unwrap();
         assert_eq!(base64::engine::general_purpose::STANDARD.decode(ca_data).unwrap(), ca.as_bytes());
-        assert!(parsed.auth_infos[0].auth_info.as_ref().unwrap().token.is_some());
-        assert!(text.contains("token: tok.en\n"), "{text}");
+        let user = parsed.auth_infos[0].auth_info.as_ref().unwrap();
+        assert!(user.token.is_none(), "the token is in its own file, which the agent renews");
+        assert_eq!(user.token_file.as_deref(), Some("/etc/harness-mesh/token"));
         assert_eq!(parsed.current_context.as_deref(), Some("harness-mesh"));
         let without_ca = agent_kubeconfig("https://k", None, "t", "e").unwrap();
         assert!(!without_ca.contains("certificate-authority"));
