@@ -12,6 +12,9 @@
 //! - [`listeners`]: the agent's own ports, with the chart as installed (kubelet lab only).
 //!
 //! Every test creates objects under names of its own and tolerates everything else in the lab.
+//! The tests take turns ([`SERIAL`]), across modules too: one pauses the lab's controller and
+//! fills the pool, others add peers that never handshake, and a test beside them would see
+//! that.
 
 #[path = "attacks/api.rs"]
 mod api;
@@ -27,3 +30,6 @@ mod machine;
 mod pod_network;
 #[path = "attacks/tunnel.rs"]
 mod tunnel;
+
+/// One attack at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -23,10 +23,7 @@ use kube::{Client, Config};
 use mesh_api::{MeshNode, MeshService};
 use serde_json::{Value, json};
 
-/// The tests run one at a time: some add members that answer no handshake (every node's
-/// `Connected` is False while they exist), which the others' wait for a converged mesh must not
-/// see.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use super::SERIAL;
 
 /// The namespace of the tests' MeshServices.
 const NAMESPACE: &str = "e2e-atk-api";

@@ -20,8 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
 use serde_json::{Value, json};
 
-/// One test of this module at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use super::SERIAL;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 /// How long the controller gets to act on one change.

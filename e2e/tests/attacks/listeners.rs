@@ -22,6 +22,7 @@ fn fetch(mesh: &Mesh, node: &str, url: &str) -> anyhow::Result<Option<String>> {
 
 #[tokio::test]
 async fn a_peer_cannot_read_an_agents_metrics_through_the_tunnel() -> anyhow::Result<()> {
+    let _serial = super::SERIAL.lock().await;
     let mesh = Mesh::get_kubelet(Duration::from_secs(90)).await?;
     let info = mesh.info().await?;
     let (attacker, victim) = (&mesh.nodes.names[0], &mesh.nodes.names[1]);

@@ -44,6 +44,7 @@ fn meshctl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<(Option<i32>, Str
 /// agent is dead showed as alive. It reads the mesh's namespace only.
 #[tokio::test]
 async fn a_lease_in_a_tenant_namespace_does_not_make_a_dead_agent_look_alive() -> anyhow::Result<()> {
+    let _serial = super::SERIAL.lock().await;
     const NODE: &str = "atk-lease-ghost";
     const TENANT: &str = "atk-lease-tenant";
     let cluster = Cluster::get().await?;
@@ -96,6 +97,7 @@ async fn a_lease_in_a_tenant_namespace_does_not_make_a_dead_agent_look_alive() -
 /// The SSH target is a closed loopback port: had the check passed, enroll would stop there.
 #[tokio::test]
 async fn enroll_refuses_a_name_it_cannot_check_against_the_nodes() -> anyhow::Result<()> {
+    let _serial = super::SERIAL.lock().await;
     const NAMESPACE: &str = "harness-mesh";
     const ACCOUNT: &str = "atk-enroll-no-nodes";
     const NAME: &str = "atk-enroll-blind";

@@ -21,7 +21,7 @@ use kube::api::{Api, PostParams};
 use mesh_api::MeshService;
 use serde_json::json;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use super::SERIAL;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 /// The nftables table of counters a test puts on a node, and removes.
