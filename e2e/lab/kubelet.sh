@@ -535,6 +535,7 @@ install_chart_workloads() {
     --set agent.image.repository="${agent%:*}" --set agent.image.tag="${agent##*:}" \
     --set agent.image.pullPolicy=Never \
     --set 'mesh.placementNamespaces={*}' --set "mesh.podCIDRs={$pod_cidr}" \
+    --set "mesh.shortNameNamespaces={$lab_short_name_namespaces}" \
     --set agent.dns.onUnderlay=true --set agent.dns.service.enabled=true \
     --set agent.dns.service.clusterIP="$mesh_dns_ip" --set coreDNS.stubDomain.enabled=true \
     --set coreDNS.stubDomain.configMapName=coredns-custom --set coreDNS.stubDomain.namespace=kube-system \

@@ -215,7 +215,8 @@ start() {
   if p="$(pid)"; then echo "mesh-agent is already running (pid $p)"; return 0; fi
   env -u LOG_LEVEL NODE_NAME="$HM_NODE" KUBECONFIG=/hm/kubeconfig RUST_LOG="$HM_RUST_LOG" \
     setsid /hm/bin/mesh-agent --wireguard=kernel --state-dir "$HM_STATE_DIR" \
-    --metrics-addr 127.0.0.1:9464 --lease-namespace "$HM_LEASE_NS" </dev/null >>/dev/ttyS1 2>&1 &
+    --metrics-addr 127.0.0.1:9464 --lease-namespace "$HM_LEASE_NS" \
+    --short-name-namespaces "$HM_SHORT_NAME_NAMESPACES" </dev/null >>/dev/ttyS1 2>&1 &
   n=0
   until pid >/dev/null || [ $n -ge 100 ]; do sleep 0.05; n=$((n + 1)); done
   p="$(pid)" || { echo "mesh-agent did not start" >&2; return 1; }
@@ -287,6 +288,7 @@ HM_API_HOST=$bridge_addr
 HM_API_PORT=$api_port
 HM_STATE_DIR=$nodes_dir/$node
 HM_LEASE_NS=$chart_namespace
+HM_SHORT_NAME_NAMESPACES=$lab_short_name_namespaces
 HM_RUST_LOG=${RUST_LOG:-info}
 HM_AGENT_STOP_SECONDS=$agent_stop_seconds
 EOF
