@@ -1,7 +1,11 @@
 //! Attacks: pod_network (see tests/attacks.rs). Kubelet lab only: a rogue peer
 //! ([`harness_mesh_e2e::rogue`]) sends through a cluster node to what the node forwards to —
-//! a pod IP, a ClusterIP, a NodePort — and gets nothing: from the tunnel a node forwards only
-//! the DNAT of a service it hosts, on its listed ports.
+//! a pod IP, a NodePort — and gets nothing: from the tunnel a node forwards only the DNAT of a
+//! service it hosts, on its listed ports.
+//!
+//! A ClusterIP cannot be attacked this way from a lab node: the attacker's own kube-proxy
+//! DNATs it to the pod in its output chain, before the detour's routing, so such a test would
+//! measure the attacker's pod network, not the victim (it "succeeded" with and without the fix).
 //!
 //! The target is the lab's CoreDNS (a pod on the pod network of `hm-node-1`, behind the ClusterIP
 //! of `kube-dns`), so no test pod is needed: the **victim** is `hm-node-1`, the **attacker**
@@ -64,26 +68,6 @@ async fn a_rogue_peer_reaches_no_pod_ip_through_a_node() -> anyhow::Result<()> {
     let pod_ip = coredns_pod_ip(&mesh).await?;
     let connected = through_the_victim(&mesh, pod_ip, 53, "1751").await?;
     assert_eq!(connected, 0, "{ATTACKER} connected {connected} of 3 times through {VICTIM} to the pod IP {pod_ip}:53");
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_rogue_peer_reaches_no_cluster_ip_through_a_node() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let mesh = Mesh::get_kubelet(CONVERGE).await?;
-    let services: Api<Service> = Api::namespaced(mesh.cluster.client.clone(), "kube-system");
-    let cluster_ip: Ipv4Addr = services
-        .get("kube-dns")
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("kube-dns has no ClusterIP")?
-        .parse()?;
-    let connected = through_the_victim(&mesh, cluster_ip, 53, "1752").await?;
-    assert_eq!(
-        connected, 0,
-        "{ATTACKER} connected {connected} of 3 times through {VICTIM} to the ClusterIP {cluster_ip}:53"
-    );
     Ok(())
 }
 
