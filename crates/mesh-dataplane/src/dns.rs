@@ -264,22 +264,18 @@ pub fn zone_with(nodes: &[Node], services: &[Service], short_names: &ShortNames)
         } else {
             publish(service_name(&service.namespace, &service.name), ip);
         }
-        if service.name == NODE_LABEL {
+        let withheld = if service.name == NODE_LABEL {
+            Some("it is the node subdomain")
+        } else if !short_names.allows(&service.namespace) {
+            Some("only services in the namespaces the administrator lists have short names")
+        } else {
+            None
+        };
+        if let Some(reason) = withheld {
             unpublished.insert(Unpublished {
                 subject: service.key(),
                 why: format!(
-                    "no short name {}: it is the node subdomain; use {}",
-                    short_name(&service.name),
-                    service_name(&service.namespace, &service.name)
-                ),
-            });
-            continue;
-        }
-        if !short_names.allows(&service.namespace) {
-            unpublished.insert(Unpublished {
-                subject: service.key(),
-                why: format!(
-                    "no short name {}: only services in the namespaces the administrator lists have short names; use {}",
+                    "no short name {}: {reason}; use {}",
                     short_name(&service.name),
                     service_name(&service.namespace, &service.name)
                 ),
