@@ -106,6 +106,8 @@ Commands:
   agent start|stop|restart|kill NODE
                  Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
                  \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
+                 A (re)start runs \$HM_AGENT_BIN when set (the scale bench runs a release build),
+                 else target/debug/mesh-agent.
                  In kubelet mode only restart: the node's agent pod is deleted and replaced.
   controller start|stop|restart|kill
                  The same for the lab's mesh-controller (its log: .lab/logs/mesh-controller.log).
@@ -768,7 +770,7 @@ apply_meshnodes() {
 
 # Links the built agent into .lab/bin; fails if it is not built.
 link_agent() {
-  local built="$repo/target/debug/mesh-agent"
+  local built="${HM_AGENT_BIN:-$repo/target/debug/mesh-agent}"
   [ -x "$built" ] || return 1
   mkdir -p "$bin_dir"
   ln -sf "$built" "$bin_dir/mesh-agent"

@@ -19,7 +19,10 @@ mod mesh_service;
 mod schema;
 
 pub use crd::{CRD_FILES, crds, render_crd_files};
-pub use mesh_node::{AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry};
+pub use mesh_node::{
+    APPLIED_PEERS_ANNOTATION, AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry,
+    agent_lease_name,
+};
 pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType};
 pub use schema::{MAX_ALLOWED_IPS, MAX_CONDITION_MESSAGE, MAX_CONDITIONS, MAX_PLACED_SERVICES_PER_NODE};
 

@@ -150,6 +150,34 @@ pub struct AppliedPeers {
     pub digest: String,
 }
 
+/// The annotation on an agent's liveness Lease ([`agent_lease_name`]) that carries the peer set
+/// the agent has applied, as `<count> <digest>` ([`AppliedPeers::to_annotation`]). It rides on
+/// the Lease renewal the agent makes every few seconds anyway, so reporting convergence costs no
+/// API write per change in the mesh.
+pub const APPLIED_PEERS_ANNOTATION: &str = "mesh.harness.dev/applied-peers";
+
+/// The name of the liveness Lease the agent of MeshNode `node` renews: `mesh-agent-<node>`, in
+/// the namespace harness-mesh is installed in.
+pub fn agent_lease_name(node: &str) -> String {
+    format!("mesh-agent-{node}")
+}
+
+impl AppliedPeers {
+    /// The value of [`APPLIED_PEERS_ANNOTATION`]: `<count> <digest>`.
+    pub fn to_annotation(&self) -> String {
+        format!("{} {}", self.count, self.digest)
+    }
+
+    /// Reads an [`APPLIED_PEERS_ANNOTATION`] value; `None` unless it is a count of 0 or more and
+    /// a 16-hex-digit digest, separated by one space.
+    pub fn from_annotation(text: &str) -> Option<Self> {
+        let (count, digest) = text.split_once(' ')?;
+        let count: i32 = count.parse().ok().filter(|c| *c >= 0)?;
+        let hex = digest.len() == 16 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        hex.then(|| Self { count, digest: digest.to_owned() })
+    }
+}
+
 /// What the controller and the node's agent report for a MeshNode.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -199,4 +227,31 @@ pub struct MeshNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(transform = schema::conditions, extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AppliedPeers;
+
+    #[test]
+    fn the_applied_peers_annotation_reads_back_what_it_wrote() {
+        let applied = AppliedPeers { count: 3, digest: "0123456789abcdef".to_owned() };
+        assert_eq!(applied.to_annotation(), "3 0123456789abcdef");
+        assert_eq!(AppliedPeers::from_annotation(&applied.to_annotation()), Some(applied));
+    }
+
+    #[test]
+    fn a_malformed_applied_peers_annotation_reads_as_none() {
+        for text in [
+            "",
+            "3",
+            "-1 0123456789abcdef",
+            "3 0123456789ABCDEF",
+            "3 0123",
+            "3  0123456789abcdef",
+            "x 0123456789abcdef",
+        ] {
+            assert_eq!(AppliedPeers::from_annotation(text), None, "{text:?}");
+        }
+    }
 }

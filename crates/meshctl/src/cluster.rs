@@ -130,6 +130,12 @@ impl Cluster {
             let found = Lease {
                 renewed: spec.renew_time.map(|t| t.0).or(spec.acquire_time.map(|t| t.0)),
                 duration_secs: spec.lease_duration_seconds,
+                applied: lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(mesh_api::APPLIED_PEERS_ANNOTATION))
+                    .and_then(|v| mesh_api::AppliedPeers::from_annotation(v)),
             };
             out.insert(node.to_owned(), found);
         }

@@ -31,6 +31,8 @@ pub struct Lease {
     pub renewed: Option<Timestamp>,
     /// How long a renewal counts (the agent renews well within it).
     pub duration_secs: Option<i32>,
+    /// The peer set the agent had applied at that renewal (`mesh_api::APPLIED_PEERS_ANNOTATION`).
+    pub applied: Option<mesh_api::AppliedPeers>,
 }
 
 /// Everything `meshctl status` shows.
@@ -887,10 +889,13 @@ mod tests {
         let (nodes, services) = lab();
         let now = Timestamp::from_second(1_000).unwrap();
         let mut leases = BTreeMap::new();
-        leases.insert("hm-node-1".to_owned(), Lease { renewed: Some(Timestamp::UNIX_EPOCH), duration_secs: Some(40) });
+        leases.insert(
+            "hm-node-1".to_owned(),
+            Lease { renewed: Some(Timestamp::UNIX_EPOCH), duration_secs: Some(40), applied: None },
+        );
         leases.insert(
             "hm-node-2".to_owned(),
-            Lease { renewed: Some(Timestamp::from_second(990).unwrap()), duration_secs: Some(40) },
+            Lease { renewed: Some(Timestamp::from_second(990).unwrap()), duration_secs: Some(40), applied: None },
         );
         let v = MeshView::build(&nodes, &services, Ok(&leases), now);
         assert_eq!(v.node("hm-node-1").unwrap().agent.state, AgentState::Stale);
