@@ -1,0 +1,598 @@
+//! The plan: [`Directory`] is what every node reading one state of the directory derives alike
+//! (peer entries confined to the mesh subnet, placements indexed by node, node addresses, the
+//! DNS zone); [`Directory::plan`] adds one node's identity and settings and gives its
+//! [`NodePlan`]. The simulator builds one `Directory` per change for hundreds of nodes; the
+//! agent builds one per sync from one snapshot of its reflector stores.
+//!
+//! Cost: building is linear in the objects; a node's plan is `O(p log p)` in the peers plus its
+//! own placements (they are indexed by node, never scanned per node).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv4Net;
+use mesh_api::{AppliedPeers, MeshNode, MeshService};
+use mesh_dataplane::desired::{self, Bounds, Dropped, Hosted, PeerEntry, Peers, Placement, Refused, Skipped};
+use mesh_dataplane::dns::{self, ShortNames, Zone};
+use mesh_dataplane::firewall;
+use mesh_wireguard::{DeviceConfig, Key, PrivateKey};
+
+use crate::convert;
+
+/// A node of the directory as a node's own plan needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// `spec.listenPort`, or 51820 when it is out of range.
+    pub listen_port: u16,
+    /// `spec.endpoint`: overrides the detected endpoint.
+    pub spec_endpoint: Option<String>,
+    /// `status.meshIP`.
+    pub mesh_ip: Option<Ipv4Addr>,
+    /// The underlay address of `status.endpoint`.
+    pub underlay: Option<Ipv4Addr>,
+}
+
+/// What every node derives alike from one state of the directory.
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    /// Every node, by name.
+    pub members: HashMap<String, Member>,
+    /// Every node's peer entry, endpoints resolved, allowed IPs confined to the mesh subnet.
+    pub entries: Vec<PeerEntry>,
+    /// Allowed IPs dropped from the entries (not a /32 inside the subnet).
+    pub dropped: Vec<Dropped>,
+    /// Every service's placement, by the node it is placed on (unplaced ones under "").
+    pub placements: HashMap<String, Vec<Placement>>,
+    /// Every node's mesh IP and underlay address.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// Every node's mesh IP, by name.
+    pub node_ips: HashMap<String, Ipv4Addr>,
+    /// The DNS zone every agent serves.
+    pub zone: Zone,
+}
+
+/// A node's own settings (the agent's flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// The WireGuard interface.
+    pub interface: String,
+    /// The mesh subnet.
+    pub subnet: Ipv4Net,
+    /// The cluster's pod CIDRs: the only DNAT targets.
+    pub pod_cidrs: Vec<Ipv4Net>,
+    /// MTU of the interface.
+    pub mtu: u32,
+    /// UDP port of the probe echo on the mesh IP.
+    pub probe_port: u16,
+    /// DNS port on the mesh IP; 0: no DNS.
+    pub dns_port: u16,
+    /// Also serve DNS on the underlay address.
+    pub dns_on_underlay: bool,
+    /// Ports open to peers on the node's own mesh IP besides the agent's.
+    pub expose_ports: BTreeSet<u16>,
+}
+
+/// One node's identity and what the agent learned from the machine (impure facts are inputs).
+#[derive(Clone, Copy, Debug)]
+pub struct NodeInput<'a> {
+    /// Its MeshNode name.
+    pub name: &'a str,
+    /// Its WireGuard private key.
+    pub key: &'a PrivateKey,
+    /// Its settings.
+    pub settings: &'a NodeSettings,
+    /// It runs without WireGuard (fallback): no device, DNS on the underlay address.
+    pub fallback: bool,
+    /// Its underlay address (advertised or detected), for the endpoint when `spec.endpoint` is
+    /// unset.
+    pub underlay: Option<Ipv4Addr>,
+    /// With masquerading on: the underlay interface (never translated); `None`: no source NAT.
+    pub masquerade_underlay: Option<&'a str>,
+}
+
+/// What the node's link should carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkAddresses {
+    /// MTU of the interface.
+    pub mtu: u32,
+    /// The node's own mesh IP: an address, and the preferred source of the mesh route.
+    pub node_ip: Ipv4Addr,
+    /// Further local addresses: the mesh IPs of services hosted here.
+    pub service_ips: BTreeSet<Ipv4Addr>,
+    /// The mesh subnet, routed into the interface.
+    pub subnet: Ipv4Net,
+}
+
+/// What needs the node's own mesh IP: hosting, the link and the ruleset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Local {
+    /// The node's mesh IP.
+    pub node_ip: Ipv4Addr,
+    /// The service IPs it hosts.
+    pub hosted: Vec<Hosted>,
+    /// Placements on it that it refuses, and why.
+    pub refused: Vec<Refused>,
+    /// The link's addresses.
+    pub link: LinkAddresses,
+    /// The nftables script (`nft -f -`).
+    pub ruleset: String,
+}
+
+/// Everything one node should configure.
+#[derive(Clone, Debug)]
+pub struct NodePlan {
+    /// Its MeshNode name.
+    pub name: String,
+    /// Its effective endpoint, `host:port`, to publish.
+    pub endpoint: Option<String>,
+    /// Its listen port.
+    pub listen_port: u16,
+    /// It runs without WireGuard: nothing below but `dns_listen` applies.
+    pub fallback: bool,
+    /// The WireGuard device as it should be.
+    pub device: DeviceConfig,
+    /// Peer node names by public key.
+    pub names: BTreeMap<Key, String>,
+    /// Peer entries not applied, and why.
+    pub skipped: Vec<Skipped>,
+    /// The applied peer set to report (`None` in fallback).
+    pub applied: Option<AppliedPeers>,
+    /// Peers to probe: name → mesh IP.
+    pub probe_targets: BTreeMap<String, Ipv4Addr>,
+    /// Hosting, link and ruleset; `Err` says why there are none (no mesh IP yet, fallback).
+    pub local: Result<Local, String>,
+    /// Where to serve DNS (empty: nowhere).
+    pub dns_listen: Vec<Ipv4Addr>,
+}
+
+/// Why there is no plan at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanError {
+    /// The node's MeshNode is not in the directory.
+    NoMeshNode(String),
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoMeshNode(name) => write!(
+                f,
+                "MeshNode {name} does not exist: the controller mirrors it from the Kubernetes Node, or create it \
+                 (meshctl enroll, or kubectl apply a MeshNode named {name})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// The public key no real node has (all zero, a low-order point): the own key of a node that
+/// has not published one, so that no entry is skipped as its own.
+const NO_KEY: Key = Key::from_bytes([0; 32]);
+
+impl Directory {
+    /// Derives everything from one state of the directory. `subnet`: allowed IPs outside it
+    /// are dropped (`None`: kept, for a reader that does not know the subnet); `resolve` gives
+    /// the address of a peer's endpoint text (see [`convert::literal_endpoint`]).
+    pub fn build<'a>(
+        nodes: impl IntoIterator<Item = &'a MeshNode>,
+        services: impl IntoIterator<Item = &'a MeshService>,
+        subnet: Option<Ipv4Net>,
+        short_names: &ShortNames,
+        mut resolve: impl FnMut(&str, &str) -> Option<SocketAddr>,
+    ) -> Self {
+        let mut out = Self::default();
+        let mut entries = Vec::new();
+        let mut dns_nodes = Vec::new();
+        for node in nodes {
+            let name = convert::name(node);
+            let [mesh_ip, underlay] = convert::node_addresses_of(node);
+            out.node_addresses.extend(mesh_ip);
+            out.node_addresses.extend(underlay);
+            if let Some(ip) = mesh_ip {
+                out.node_ips.insert(name.to_owned(), ip);
+            }
+            out.members.insert(
+                name.to_owned(),
+                Member {
+                    listen_port: u16::try_from(node.spec.listen_port).unwrap_or(mesh_api::DEFAULT_LISTEN_PORT as u16),
+                    spec_endpoint: node.spec.endpoint.clone(),
+                    mesh_ip,
+                    underlay,
+                },
+            );
+            entries.extend(convert::peer_entry(node, &mut resolve));
+            dns_nodes.push(convert::dns_node(node));
+        }
+        (out.entries, out.dropped) = match subnet {
+            Some(subnet) => desired::confine_allowed_ips(subnet, entries),
+            None => (entries, Vec::new()),
+        };
+        let mut dns_services = Vec::new();
+        for service in services {
+            let placement = convert::placement(service);
+            out.placements.entry(placement.node.clone().unwrap_or_default()).or_default().push(placement);
+            dns_services.push(convert::dns_service(service));
+        }
+        out.zone = dns::zone_with(&dns_nodes, &dns_services, short_names);
+        out
+    }
+
+    /// The placements on node `name`.
+    pub fn placements_on(&self, name: &str) -> &[Placement] {
+        self.placements.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// The peers node `me` applies: every other entry, less those with its own key (`None`: it
+    /// has published none), a key several nodes publish, or a malformed key or allowed IP.
+    pub fn peers(&self, me: &str, my_key: Option<&Key>) -> Peers {
+        desired::peers(me, my_key.unwrap_or(&NO_KEY), &self.entries)
+    }
+
+    /// The applied-peers report of a peer set.
+    pub fn applied(peers: &Peers) -> AppliedPeers {
+        AppliedPeers {
+            count: i32::try_from(peers.applied.len()).unwrap_or(i32::MAX),
+            digest: desired::digest(&peers.applied),
+        }
+    }
+
+    /// The plan of one node.
+    pub fn plan(&self, node: &NodeInput<'_>) -> Result<NodePlan, PlanError> {
+        let name = node.name;
+        let me = self.members.get(name).ok_or_else(|| PlanError::NoMeshNode(name.to_owned()))?;
+        let settings = node.settings;
+        let listen_port = me.listen_port;
+        let endpoint = me
+            .spec_endpoint
+            .clone()
+            .or_else(|| node.underlay.map(|ip| SocketAddr::from((ip, listen_port)).to_string()));
+        let empty = DeviceConfig { private_key: node.key.clone(), listen_port, peers: BTreeMap::new() };
+        if node.fallback {
+            // Out of the tunnel: DNS is served on the underlay address, where others can reach it.
+            let dns_listen = if settings.dns_port == 0 { Vec::new() } else { me.underlay.into_iter().collect() };
+            return Ok(NodePlan {
+                name: name.to_owned(),
+                endpoint,
+                listen_port,
+                fallback: true,
+                device: empty,
+                names: BTreeMap::new(),
+                skipped: Vec::new(),
+                applied: None,
+                probe_targets: BTreeMap::new(),
+                local: Err("this node runs without WireGuard".to_owned()),
+                dns_listen,
+            });
+        }
+        let peers = self.peers(name, Some(&node.key.public_key()));
+        let applied = Self::applied(&peers);
+        let probe_targets =
+            peers.names.values().filter_map(|n| Some((n.clone(), *self.node_ips.get(n.as_str())?))).collect();
+        let local = match me.mesh_ip {
+            Some(node_ip) => Ok(self.local(name, node_ip, node)),
+            None => Err(format!("MeshNode {name} has no mesh IP yet: is mesh-controller running?")),
+        };
+        let mut dns_listen = Vec::new();
+        if settings.dns_port != 0
+            && let Some(ip) = me.mesh_ip
+        {
+            dns_listen.push(ip);
+            if settings.dns_on_underlay {
+                dns_listen.extend(me.underlay);
+            }
+        }
+        Ok(NodePlan {
+            name: name.to_owned(),
+            endpoint,
+            listen_port,
+            fallback: false,
+            device: DeviceConfig { peers: peers.peers, ..empty },
+            names: peers.names,
+            skipped: peers.skipped,
+            applied: Some(applied),
+            probe_targets,
+            local,
+            dns_listen,
+        })
+    }
+
+    /// Hosting, link and ruleset of node `name` at `node_ip`.
+    fn local(&self, name: &str, node_ip: Ipv4Addr, node: &NodeInput<'_>) -> Local {
+        let settings = node.settings;
+        let bounds = Bounds {
+            subnet: Some(settings.subnet),
+            node_addresses: self.node_addresses.clone(),
+            pod_cidrs: settings.pod_cidrs.clone(),
+        };
+        let (placements, refused) = desired::check_placements(name, &bounds, self.placements_on(name).to_vec());
+        let hosted = desired::hosted(name, Some(node_ip), &placements);
+        let dns: BTreeSet<u16> = [settings.dns_port].into_iter().filter(|p| *p != 0).collect();
+        let mut agent_udp = dns.clone();
+        agent_udp.insert(settings.probe_port);
+        let member = firewall::Member {
+            interface: settings.interface.clone(),
+            subnet: settings.subnet,
+            node_ip,
+            agent_udp,
+            agent_tcp: dns,
+            exposed: settings.expose_ports.clone(),
+        };
+        let masquerade = node.masquerade_underlay.map(|underlay| firewall::Masquerade {
+            interface: settings.interface.clone(),
+            underlay: underlay.to_owned(),
+            subnet: settings.subnet,
+            node_ip,
+        });
+        let ruleset = firewall::render(&hosted, Some(&member), masquerade.as_ref());
+        let link = LinkAddresses {
+            mtu: settings.mtu,
+            node_ip,
+            service_ips: hosted.iter().map(|h| h.ip).collect(),
+            subnet: settings.subnet,
+        };
+        Local { node_ip, hosted, refused, link, ruleset }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use mesh_api::{
+        Backend, MeshNodeSpec, MeshNodeStatus, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType,
+    };
+    use mesh_dataplane::desired::Exposure;
+
+    use super::*;
+
+    /// The private key of node `i` (public key: its public half).
+    pub fn key(i: u8) -> PrivateKey {
+        PrivateKey::from_bytes([i; 32])
+    }
+
+    /// Node `name` with key `i`, mesh IP 10.42.0.i, endpoint 192.168.77.i:51820 and its entry.
+    pub fn node(name: &str, i: u8) -> MeshNode {
+        let public = key(i).public_key().to_base64();
+        let endpoint = format!("192.168.77.{i}:51820");
+        let mut node = MeshNode::new(name, MeshNodeSpec::default());
+        node.status = Some(MeshNodeStatus {
+            mesh_ip: Some(format!("10.42.0.{i}")),
+            public_key: Some(public.clone()),
+            endpoint: Some(endpoint.clone()),
+            listen_port: Some(51820),
+            backend: Some(Backend::Userspace),
+            peer: Some(mesh_api::PeerEntry {
+                public_key: public,
+                endpoint: Some(endpoint),
+                allowed_ips: vec![format!("10.42.0.{i}/32")],
+                persistent_keepalive: None,
+            }),
+            ..MeshNodeStatus::default()
+        });
+        node
+    }
+
+    /// Service `ns/name` of type mesh on port 8000, placed on `node` at `ip`.
+    pub fn service(ns: &str, name: &str, node: &str, ip: &str) -> MeshService {
+        let mut s = MeshService::new(
+            name,
+            MeshServiceSpec {
+                network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000] },
+                selector: None,
+                node: Some(node.into()),
+                mesh_ip: None,
+            },
+        );
+        s.metadata.namespace = Some(ns.into());
+        s.status = Some(MeshServiceStatus {
+            mesh_ip: Some(ip.into()),
+            node: Some(node.into()),
+            ..MeshServiceStatus::default()
+        });
+        s
+    }
+
+    fn settings() -> NodeSettings {
+        NodeSettings {
+            interface: "wg-harness".into(),
+            subnet: "10.42.0.0/16".parse().unwrap(),
+            pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            mtu: 1420,
+            probe_port: 51821,
+            dns_port: 53,
+            dns_on_underlay: false,
+            expose_ports: BTreeSet::new(),
+        }
+    }
+
+    fn directory(nodes: &[MeshNode], services: &[MeshService]) -> Directory {
+        Directory::build(
+            nodes,
+            services,
+            Some("10.42.0.0/16".parse().unwrap()),
+            &ShortNames::Every,
+            convert::literal_endpoint,
+        )
+    }
+
+    fn plan_of(dir: &Directory, name: &str, i: u8, settings: &NodeSettings) -> NodePlan {
+        let key = key(i);
+        let input = NodeInput {
+            name,
+            key: &key,
+            settings,
+            fallback: false,
+            underlay: Some(Ipv4Addr::new(192, 168, 77, i)),
+            masquerade_underlay: None,
+        };
+        dir.plan(&input).unwrap()
+    }
+
+    fn ips(plan: &NodePlan, peer: u8) -> Vec<String> {
+        plan.device.peers[&key(peer).public_key()].allowed_ips.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn every_other_node_is_a_peer_less_own_and_duplicate_keys() {
+        let mut copied = node("copy", 4);
+        copied.status.as_mut().unwrap().peer.as_mut().unwrap().public_key = key(1).public_key().to_base64();
+        let mut twin = node("twin", 5);
+        twin.status.as_mut().unwrap().peer.as_mut().unwrap().public_key = key(3).public_key().to_base64();
+        let nodes = [node("a", 1), node("b", 2), node("c", 3), copied, twin];
+        let dir = directory(&nodes, &[]);
+        let plan = plan_of(&dir, "a", 1, &settings());
+        assert_eq!(plan.device.peers.keys().copied().collect::<Vec<_>>(), vec![key(2).public_key()]);
+        assert_eq!(plan.names[&key(2).public_key()], "b");
+        let mut skipped: Vec<&str> = plan.skipped.iter().map(|s| s.node.as_str()).collect();
+        skipped.sort_unstable();
+        assert_eq!(skipped, ["c", "copy", "twin"]);
+        assert!(plan.skipped.iter().any(|s| s.node == "copy" && s.why.contains("own public key")));
+        assert!(plan.skipped.iter().any(|s| s.node == "c" && s.why.contains("c, twin")));
+        assert_eq!(plan.probe_targets, BTreeMap::from([("b".to_owned(), Ipv4Addr::new(10, 42, 0, 2))]));
+        assert_eq!(plan.device.listen_port, 51820);
+        assert_eq!(plan.endpoint.as_deref(), Some("192.168.77.1:51820"));
+    }
+
+    #[test]
+    fn allowed_ips_outside_the_subnet_are_dropped_and_the_rest_applied() {
+        let mut wide = node("b", 2);
+        wide.status.as_mut().unwrap().peer.as_mut().unwrap().allowed_ips =
+            vec!["10.42.0.2/32".into(), "0.0.0.0/0".into(), "10.43.0.1/32".into()];
+        let dir = directory(&[node("a", 1), wide], &[]);
+        let dropped: Vec<&str> = dir.dropped.iter().map(|d| d.allowed_ip.as_str()).collect();
+        assert_eq!(dropped, ["0.0.0.0/0", "10.43.0.1/32"]);
+        assert!(dir.dropped[1].why.contains("outside the mesh subnet"), "{:?}", dir.dropped);
+        assert_eq!(ips(&plan_of(&dir, "a", 1, &settings()), 2), ["10.42.0.2/32"]);
+    }
+
+    #[test]
+    fn a_node_hosts_its_placements_and_refuses_those_out_of_bounds() {
+        let mut pod = service("web", "pod", "a", "10.42.1.2");
+        pod.status.as_mut().unwrap().pod_ip = Some("169.254.169.254".into());
+        let services = [
+            service("web", "api", "a", "10.42.1.1"),
+            pod,
+            service("web", "outside", "a", "192.168.1.1"),
+            service("web", "elsewhere", "b", "10.42.1.3"),
+        ];
+        let dir = directory(&[node("a", 1), node("b", 2)], &services);
+        let plan = plan_of(&dir, "a", 1, &settings());
+        let local = plan.local.as_ref().unwrap();
+        let hosted: Vec<String> = local.hosted.iter().map(|h| h.ip.to_string()).collect();
+        assert_eq!(hosted, ["10.42.1.1"]);
+        let refused: Vec<&str> = local.refused.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(refused, ["web/pod", "web/outside"]);
+        assert_eq!(local.link.node_ip, Ipv4Addr::new(10, 42, 0, 1));
+        assert_eq!(local.link.service_ips, BTreeSet::from([Ipv4Addr::new(10, 42, 1, 1)]));
+        assert_eq!(plan.dns_listen, [Ipv4Addr::new(10, 42, 0, 1)]);
+        // The ruleset is firewall::render of the hosted services with the member and no NAT.
+        assert!(local.ruleset.contains("10.42.1.1") && !local.ruleset.contains("10.42.1.3"));
+        assert!(!local.ruleset.contains("snat"), "no source NAT unless asked");
+        // b routes a's service to a.
+        let b = plan_of(&dir, "b", 2, &settings());
+        assert_eq!(b.local.as_ref().unwrap().hosted.len(), 1);
+        assert_eq!(ips(&b, 1), ["10.42.0.1/32"], "the controller, not the agent, adds service IPs to entries");
+    }
+
+    #[test]
+    fn masquerading_and_exposed_ports_reach_the_ruleset() {
+        let dir = directory(&[node("a", 1)], &[]);
+        let settings = NodeSettings { expose_ports: BTreeSet::from([2222]), ..settings() };
+        let key = key(1);
+        let input = NodeInput {
+            name: "a",
+            key: &key,
+            settings: &settings,
+            fallback: false,
+            underlay: None,
+            masquerade_underlay: Some("eth0"),
+        };
+        let ruleset = dir.plan(&input).unwrap().local.unwrap().ruleset;
+        assert!(ruleset.contains("snat ip to 10.42.0.1") && ruleset.contains("iifname != \"eth0\""), "{ruleset}");
+        assert!(ruleset.contains("2222"), "{ruleset}");
+    }
+
+    #[test]
+    fn the_zone_is_the_directorys() {
+        let services = [service("web", "api", "a", "10.42.1.1"), service("default", "db", "b", "10.42.1.2")];
+        let dir = directory(&[node("a", 1), node("b", 2)], &services);
+        assert_eq!(dir.zone.records["api.web.mesh.local"], [Ipv4Addr::new(10, 42, 1, 1)]);
+        assert_eq!(dir.zone.records["db.mesh.local"], [Ipv4Addr::new(10, 42, 1, 2)]);
+        assert_eq!(dir.zone.records["a.node.mesh.local"], [Ipv4Addr::new(10, 42, 0, 1)]);
+        let only_default = Directory::build(
+            &[node("a", 1), node("b", 2)],
+            &services,
+            None,
+            &ShortNames::default(),
+            convert::literal_endpoint,
+        );
+        assert!(!only_default.zone.records.contains_key("api.mesh.local"));
+        assert!(only_default.zone.records.contains_key("db.mesh.local"));
+    }
+
+    #[test]
+    fn the_digest_is_what_a_reader_of_the_directory_computes() {
+        let nodes = [node("a", 1), node("b", 2), node("c", 3)];
+        let dir = directory(&nodes, &[]);
+        let plan = plan_of(&dir, "a", 1, &settings());
+        let applied = plan.applied.clone().unwrap();
+        assert_eq!(applied.count, 2);
+        // meshctl: no subnet, the key as published.
+        let reader = Directory::build(&nodes, &[], None, &ShortNames::Every, convert::literal_endpoint);
+        assert_eq!(Directory::applied(&reader.peers("a", Some(&key(1).public_key()))), applied);
+        // Another peer set, another digest.
+        let fewer = directory(&nodes[..2], &[]);
+        assert_ne!(plan_of(&fewer, "a", 1, &settings()).applied.unwrap().digest, applied.digest);
+    }
+
+    #[test]
+    fn without_a_mesh_ip_the_peers_are_planned_but_nothing_is_hosted() {
+        let mut a = node("a", 1);
+        a.status.as_mut().unwrap().mesh_ip = None;
+        let dir = directory(&[a, node("b", 2)], &[service("web", "api", "a", "10.42.1.1")]);
+        let plan = plan_of(&dir, "a", 1, &settings());
+        assert_eq!(plan.device.peers.len(), 1);
+        assert!(plan.local.unwrap_err().contains("no mesh IP yet"));
+        assert!(plan.dns_listen.is_empty());
+        let key = key(9);
+        let settings = settings();
+        let input = NodeInput {
+            name: "gone",
+            key: &key,
+            settings: &settings,
+            fallback: false,
+            underlay: None,
+            masquerade_underlay: None,
+        };
+        assert!(dir.plan(&input).unwrap_err().to_string().contains("MeshNode gone does not exist"));
+    }
+
+    #[test]
+    fn in_fallback_only_dns_on_the_underlay_is_planned() {
+        let dir = directory(&[node("a", 1), node("b", 2)], &[]);
+        let key = key(1);
+        let settings = settings();
+        let input = NodeInput {
+            name: "a",
+            key: &key,
+            settings: &settings,
+            fallback: true,
+            underlay: None,
+            masquerade_underlay: None,
+        };
+        let plan = dir.plan(&input).unwrap();
+        assert!(plan.fallback && plan.device.peers.is_empty() && plan.applied.is_none() && plan.local.is_err());
+        assert_eq!(plan.dns_listen, [Ipv4Addr::new(192, 168, 77, 1)]);
+        assert_eq!(plan.endpoint, None);
+    }
+
+    #[test]
+    fn placements_are_indexed_by_node() {
+        let services: Vec<MeshService> = (0..50u8)
+            .map(|i| service("web", &format!("s{i}"), if i % 2 == 0 { "a" } else { "b" }, &format!("10.42.1.{i}")))
+            .collect();
+        let dir = directory(&[node("a", 1), node("b", 2)], &services);
+        assert_eq!(dir.placements_on("a").len(), 25);
+        assert_eq!(dir.placements_on("nobody").len(), 0);
+        assert!(dir.placements_on("a").iter().all(|p| p.node.as_deref() == Some("a") && p.exposure == Exposure::Mesh));
+    }
+}
