@@ -218,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
         directories,
         debounce: Duration::from_millis(50),
         resync: Duration::from_secs(30),
+        lease_namespace: Some("default".to_owned()),
     };
     let fleet = Fleet::start(cluster.client.clone(), config).await?;
     let fleet_converged = loop {

@@ -434,6 +434,14 @@ fn ping_result(mut child: Child) -> anyhow::Result<PingStats> {
     PingStats::parse(&text).with_context(|| format!("ping ended with {status}: {text}"))
 }
 
+/// The digest of the peer set the agent of `node` reports applied on its Lease
+/// (`mesh_api::APPLIED_PEERS_ANNOTATION`), if it reports one.
+async fn applied_digest(api: &Api<Lease>, node: &str) -> anyhow::Result<Option<String>> {
+    let lease = api.get_opt(&mesh_api::agent_lease_name(node)).await?;
+    let annotation = lease.and_then(|l| l.metadata.annotations?.remove(mesh_api::APPLIED_PEERS_ANNOTATION));
+    Ok(annotation.as_deref().and_then(mesh_api::AppliedPeers::from_annotation).map(|a| a.digest))
+}
+
 /// The renew time of Lease `name`, if it has one.
 async fn renewed(api: &Api<Lease>, name: &str) -> anyhow::Result<Option<SystemTime>> {
     let lease = api.get_opt(name).await?;
@@ -455,10 +463,11 @@ async fn tunnels_survive_an_api_outage_and_everyone_recovers_by_themselves() -> 
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
     let _ = services.delete("faults-after-outage", &DeleteParams::default()).await;
     let nodes_api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
+    let lease_api: Api<Lease> = Api::namespaced(mesh.cluster.client.clone(), LEASE_NAMESPACE);
     let applied_before: BTreeMap<String, Option<String>> = {
         let mut out = BTreeMap::new();
         for n in &names {
-            out.insert(n.clone(), nodes_api.get(n).await?.status.and_then(|s| s.applied_peers).map(|a| a.digest));
+            out.insert(n.clone(), applied_digest(&lease_api, n).await?);
         }
         out
     };
@@ -531,7 +540,6 @@ async fn recover_after_outage(
     applied_before: &BTreeMap<String, Option<String>>,
 ) -> anyhow::Result<Vec<(String, Duration)>> {
     let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-    let nodes_api: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
     let leases: Api<Lease> = Api::namespaced(mesh.cluster.client.clone(), LEASE_NAMESPACE);
     let spec = json!({"node": host, "network": {"type": "mesh", "ports": [18500]}});
     eventually_async(Duration::from_secs(30), || async {
@@ -562,8 +570,7 @@ async fn recover_after_outage(
                     None => false,
                 }
             } else if let Some(node) = what.strip_suffix(" published its new applied peers") {
-                let now = nodes_api.get(node).await?.status.and_then(|s| s.applied_peers).map(|a| a.digest);
-                now != applied_before[node]
+                applied_digest(&leases, node).await? != applied_before[node]
             } else {
                 let name = what.trim_start_matches("Lease ").trim_end_matches(" renewed");
                 renewed(&leases, name).await?.is_some_and(|at| at > back_wall)

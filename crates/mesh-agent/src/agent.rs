@@ -1,108 +1,391 @@
-//! The agent's loop: on every directory change (debounced) and on a resync timer it brings the
-//! node to the desired state — status published, WireGuard peers applied as a diff, addresses
-//! and route set, service ports enforced — and on the probe timer it measures every peer and
-//! reports health. Errors are logged, counted and retried on the next round; nothing here
-//! exits the process.
+//! The agent's loop: on every directory change (debounced) and on a resync timer it runs one
+//! sync — one snapshot of the directory, the pure plan of this node (`mesh_plan`), and the
+//! executor (`mesh_agent::executor`), which programs the data plane (WireGuard peers as a diff,
+//! addresses and route, service ports, probe echo, DNS) before it writes the status — and on
+//! the probe timer it measures every peer and reports health. The applied peer set rides on the
+//! liveness Lease renewal. Errors are logged, counted and retried on the next round; nothing
+//! here exits the process.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use futures::future::join_all;
 use ipnet::Ipv4Net;
 use kube::Client;
-use mesh_dataplane::desired::{self, Hosted};
+use mesh_agent::executor::{self, DataPlane, StatusSink};
+use mesh_agent::status::{NodeStatus, Published, Writer};
+use mesh_dataplane::desired;
+use mesh_dataplane::dns::{ShortNames, Zone};
 use mesh_dataplane::firewall;
 use mesh_dataplane::health::{self, PeerHealth, ProbeWindow, Summary};
-use mesh_wireguard::{DeviceConfig, DeviceState, Key, PrivateKey};
+use mesh_plan::{LinkAddresses, NodeInput, NodeSettings};
+use mesh_wireguard::{DevicePlan, DeviceState, Key, PrivateKey};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backend::{Choice, Device, userspace};
-use crate::directory::{Directory, underlay_ipv4};
+use crate::directory::Directory;
 use crate::dns::DnsServer;
-use crate::link::{Links, Wanted};
+use crate::link::Links;
 use crate::metrics::{ChangeLabel, Metrics, PeerLabel};
-use crate::status::{self, Published};
 use crate::{probe, status::renew_lease};
 
-/// The WireGuard port when the MeshNode does not name one.
-const DEFAULT_PORT: u16 = 51820;
-
-/// Everything the loop needs to know, from the command line.
-#[derive(Clone, Debug)]
+/// The agent's own flags, parsed by clap straight into the configuration the loop reads.
+#[derive(clap::Args, Clone, Debug)]
 pub struct Config {
-    /// This node's MeshNode name.
+    /// This node's MeshNode name (in a DaemonSet: spec.nodeName from the downward API).
+    #[arg(long = "node-name", env = "NODE_NAME")]
     pub node: String,
-    /// The WireGuard interface.
-    pub interface: String,
-    /// Which backend to use.
+
+    /// Where the node's private key (private.key, mode 0600) and the wireguard-go log live.
+    /// Keep it across restarts: a new key means a new identity for the other nodes.
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/harness-mesh")]
+    pub state_dir: PathBuf,
+
+    /// Which WireGuard to run. auto: the kernel module if the kernel has it, else userspace
+    /// (wireguard-go), else fallback (no tun device or no permission to use it). In fallback
+    /// the node stays in the directory with backend none, its MeshNode is Ready=False with
+    /// reason NoTunnel (and a NoTunnel event says so), it gets no peer entry, and nothing it
+    /// hosts is offered in plaintext by surprise: its `mesh` services are not Ready (reason
+    /// NoTunnel) and their names do not resolve; its `host` and `dual` services resolve to its
+    /// host address and are reached there in the clear, as their type says. kernel or
+    /// userspace: only that one, failing (and retrying) otherwise, never fallback. off:
+    /// fallback on purpose.
+    #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value_t = Choice::Auto)]
     pub wireguard: Choice,
-    /// How to run wireguard-go.
-    pub userspace: userspace::Options,
-    /// The mesh subnet.
-    pub subnet: Ipv4Net,
-    /// The cluster's pod CIDRs: the only addresses a service's traffic is forwarded to.
-    pub pod_cidrs: Vec<Ipv4Net>,
-    /// Whose services get short names `<service>.mesh.local`.
-    pub short_names: mesh_dataplane::dns::ShortNames,
-    /// Source-NAT what the node forwards into the mesh (its pods' traffic) to its mesh IP.
+
+    /// The WireGuard interface.
+    #[arg(long, env = "MESH_INTERFACE", default_value = "wg-harness")]
+    pub interface: String,
+
+    /// The wireguard-go binary for the userspace backend.
+    #[arg(long, env = "MESH_WIREGUARD_GO", default_value = "wireguard-go")]
+    pub wireguard_go: PathBuf,
+
+    /// Userspace WireGuard runs in another process that outlives the agent (`mesh-agent device`,
+    /// the chart's device DaemonSet): adopt its device, wait up to 60 s for it, never start
+    /// wireguard-go here.
+    #[arg(long, env = "MESH_EXTERNAL_DEVICE")]
+    pub external_device: bool,
+
+    /// Send what this node forwards into the mesh (traffic of its pods and containers) from the
+    /// node's own mesh IP: peers accept from each node only its own addresses, so without it a
+    /// pod cannot reach the mesh. What arrives on the underlay interface (another host routing
+    /// through this node) is never let in. The chart turns it on; off: only the node and its
+    /// services use the mesh.
+    #[arg(long, env = "MESH_MASQUERADE", action = clap::ArgAction::Set, default_value_t = false)]
     pub masquerade: bool,
-    /// MTU of the interface.
+
+    /// The DaemonSet this agent runs in (the chart sets it), in the --lease-namespace. On
+    /// SIGTERM the agent reads it: when it is gone or being deleted (helm uninstall), the agent
+    /// removes everything it put on the node before it exits (see `mesh-agent cleanup`);
+    /// otherwise (a restart, a rollout, an upgrade) it leaves the device, addresses and rules in
+    /// place, so that no packet is lost. Unset: never clean up on exit.
+    #[arg(long, env = "MESH_DAEMONSET")]
+    pub daemonset: Option<String>,
+
+    /// With --daemonset: keep the state dir (the node's key) when cleaning up after an uninstall.
+    #[arg(long, env = "MESH_KEEP_STATE_ON_UNINSTALL")]
+    pub keep_state_on_uninstall: bool,
+
+    /// The mesh subnet, routed into the interface; must match mesh-controller's --subnet (and,
+    /// as there, host bits must be zero: 10.42.0.0/16, not 10.42.0.1/16).
+    #[arg(long, env = "MESH_SUBNET", default_value = "10.42.0.0/16", value_parser = parse_subnet)]
+    pub subnet: Ipv4Net,
+
+    /// The cluster's pod CIDRs, comma-separated (e.g. 10.244.0.0/16): a MeshService's pod IP
+    /// is forwarded to only inside one of them. Default (empty): the private ranges 10.0.0.0/8,
+    /// 172.16.0.0/12, 192.168.0.0/16 and 100.64.0.0/10. Node addresses and the mesh subnet are
+    /// never forwarded to either way.
+    #[arg(long, env = "MESH_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<Ipv4Net>,
+
+    /// Namespaces whose MeshServices get the short DNS name <service>.mesh.local,
+    /// comma-separated; `*` is every namespace. Services elsewhere keep their long name only, so
+    /// no tenant can squat a short name. Must match mesh-controller's --short-name-namespaces.
+    #[arg(long, env = "MESH_SHORT_NAME_NAMESPACES", value_delimiter = ',', default_value = "default")]
+    pub short_name_namespaces: Vec<String>,
+
+    /// MTU of the interface: the underlay MTU minus 80 bytes of WireGuard overhead (IPv6 worst
+    /// case).
+    #[arg(long, env = "MESH_MTU", default_value_t = 1420)]
     pub mtu: u32,
-    /// The underlay address to advertise, instead of the detected one.
+
+    /// The underlay address other nodes reach this one at (in a DaemonSet: status.hostIP).
+    /// Default: the address of the interface with the default route, else the first global
+    /// address. MeshNode spec.endpoint overrides both.
+    #[arg(long, env = "MESH_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<Ipv4Addr>,
-    /// UDP port of the probe echo on the mesh IP.
+
+    /// UDP port of the health-probe echo on the node's mesh IP.
+    #[arg(long, env = "MESH_PROBE_PORT", default_value_t = 51821)]
     pub probe_port: u16,
-    /// Time between probe rounds.
+
+    /// Seconds between probe rounds, 0.1..60; a peer is unhealthy when none of its last 3
+    /// probes came back.
+    #[arg(long = "probe-interval", env = "MESH_PROBE_INTERVAL", default_value = "2", value_parser = parse_probe_interval)]
     pub probe_interval: Duration,
-    /// Time between full resyncs (catches drift made by hand).
+
+    /// Seconds between full resyncs, which also repair changes made to the device (and to the
+    /// node's status) by hand.
+    #[arg(long = "resync-seconds", env = "MESH_RESYNC_SECONDS", default_value = "30", value_parser = parse_resync)]
     pub resync_interval: Duration,
-    /// The liveness Lease's namespace.
+
+    /// Namespace of the liveness Lease mesh-agent-<node> (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     pub lease_namespace: String,
-    /// The `nft` binary.
-    pub nft: PathBuf,
-    /// The port DNS for `mesh.local` is served on (on the mesh IP; in fallback on the underlay
-    /// address); 0 turns it off.
+
+    /// UDP and TCP port of the authoritative DNS server for mesh.local, on the node's mesh IP
+    /// (in fallback: on its underlay address); 0 turns DNS off.
+    #[arg(long, env = "MESH_DNS_PORT", default_value_t = 53)]
     pub dns_port: u16,
-    /// Also serve DNS on the node's underlay address (for CoreDNS's stub domain in a cluster,
-    /// whose pods reach node addresses but not mesh IPs).
+
+    /// Also serve DNS on the node's underlay address, so that CoreDNS (whose pods reach node
+    /// addresses, not mesh IPs) can forward the mesh.local stub domain to it.
+    #[arg(long, env = "MESH_DNS_ON_UNDERLAY")]
     pub dns_on_underlay: bool,
-    /// Ports (TCP and UDP) open to peers on the node's own mesh IP besides the agent's.
-    pub expose_ports: BTreeSet<u16>,
+
+    /// The nft binary (nftables) that enforces service ports.
+    #[arg(long, env = "MESH_NFT", default_value = "nft")]
+    pub nft: PathBuf,
+
+    /// Ports (TCP and UDP, comma-separated) that peers may reach on this node's own mesh IP,
+    /// besides the agent's probe echo and DNS: e.g. 22 for SSH over the mesh. Default none: a
+    /// node is a mesh member, not a router, and from the tunnel only its mesh IP's agent ports,
+    /// these ports and the listed ports of the services it hosts are reachable.
+    #[arg(long, env = "MESH_EXPOSE_PORTS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    pub expose_ports: Vec<u16>,
+
+    /// The file of the agent's API token, which the agent renews (an enrolled machine: `meshctl
+    /// enroll` sets it, and the kubeconfig names the same file as its tokenFile). The new token
+    /// has the same ServiceAccount, audience and lifetime, and replaces the file atomically.
+    /// Unset: the credential is someone else's to renew (a pod's projected token).
+    #[arg(long, env = "MESH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// With --token-file: renew once this fraction of the token's life has passed, 0.01..0.9.
+    #[arg(long, env = "MESH_TOKEN_RENEW_AT", default_value = "0.5", value_parser = parse_renew_at)]
+    pub token_renew_at: f64,
+
+    /// Address of the /metrics and /healthz endpoints. Default: port 9464 of the
+    /// --advertise-address (the node IP; the chart sets it), else of 127.0.0.1. Never the
+    /// wildcard by default: in the host network that would also answer on the mesh IP and on
+    /// every other interface of the node.
+    #[arg(long, env = "MESH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `--subnet`: the grammar of `mesh_core::Subnet` (the controller's), host bits refused.
+fn parse_subnet(text: &str) -> Result<Ipv4Net, String> {
+    mesh_core::Subnet::parse(text).map_err(|err| err.to_string())?;
+    text.parse().map_err(|err| format!("{text:?} is not a subnet such as 10.42.0.0/16: {err}"))
+}
+
+fn parse_probe_interval(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.1..=60.0).contains(&secs) {
+        return Err(format!("must be between 0.1 and 60 seconds, got {secs}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_resync(text: &str) -> Result<Duration, String> {
+    let secs: u64 = text.parse().map_err(|_| format!("{text:?} is not a whole number of seconds"))?;
+    Ok(Duration::from_secs(secs.max(1)))
+}
+
+fn parse_renew_at(text: &str) -> Result<f64, String> {
+    let at: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if !(0.01..=0.9).contains(&at) {
+        return Err(format!("must be between 0.01 and 0.9 (a fraction of the token's life), got {at}"));
+    }
+    Ok(at)
+}
+
+impl Config {
+    /// How to run wireguard-go.
+    pub fn userspace(&self) -> userspace::Options {
+        userspace::Options {
+            binary: self.wireguard_go.clone(),
+            log_file: self.state_dir.join("wireguard-go.log"),
+            external: self.external_device,
+        }
+    }
+
+    /// The pod CIDRs, or the private ranges when none are given.
+    pub fn pod_cidrs(&self) -> Vec<Ipv4Net> {
+        if self.pod_cidrs.is_empty() {
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        } else {
+            self.pod_cidrs.clone()
+        }
+    }
+
+    /// Whose services get short names.
+    pub fn short_names(&self) -> ShortNames {
+        ShortNames::from_list(&self.short_name_namespaces)
+    }
+
+    /// The node's settings as the plan takes them.
+    pub fn settings(&self) -> NodeSettings {
+        NodeSettings {
+            interface: self.interface.clone(),
+            subnet: self.subnet,
+            pod_cidrs: self.pod_cidrs(),
+            mtu: self.mtu,
+            probe_port: self.probe_port,
+            dns_port: self.dns_port,
+            dns_on_underlay: self.dns_on_underlay,
+            expose_ports: self.expose_ports.iter().copied().collect(),
+        }
+    }
+}
+
+/// What the agent programs on this machine: the executor's [`DataPlane`].
+struct Machine {
+    wireguard: Choice,
+    interface: String,
+    userspace: userspace::Options,
+    nft: PathBuf,
+    probe_port: u16,
+    dns_port: u16,
+    device: Device,
+    links: Links,
+    /// The last ruleset `nft` accepted.
+    firewall: Option<String>,
+    /// The echo server and the address it is bound to.
+    echo: Option<(Ipv4Addr, JoinHandle<()>)>,
+    /// The DNS server, if serving.
+    dns: Option<DnsServer>,
+}
+
+impl DataPlane for Machine {
+    /// Reads the device; if it is gone (wireguard-go killed), opens a new one.
+    async fn device(&mut self) -> anyhow::Result<DeviceState> {
+        match self.device.get().await {
+            Ok(state) => Ok(state),
+            Err(err) => {
+                tracing::warn!("reading the WireGuard device failed ({err:#}); opening it again");
+                self.device = Device::open(self.wireguard, &self.interface, &self.userspace).await?;
+                self.firewall = None;
+                self.echo = None;
+                self.device.get().await
+            }
+        }
+    }
+
+    async fn apply_device(&mut self, plan: &DevicePlan) -> anyhow::Result<()> {
+        self.device.apply(plan).await
+    }
+
+    async fn configure_link(&mut self, wanted: &LinkAddresses) -> anyhow::Result<Vec<String>> {
+        self.links.configure(&self.interface, wanted).await
+    }
+
+    async fn apply_firewall(&mut self, ruleset: &str) -> anyhow::Result<bool> {
+        if self.firewall.as_deref() == Some(ruleset) {
+            return Ok(false);
+        }
+        let mut child = tokio::process::Command::new(&self.nft)
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {} (install nftables)", self.nft.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(ruleset.as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "nft refused the node's rules (table inet {}): {}; check that the kernel has nf_tables with \
+                 the ct, nat and reject expressions",
+                firewall::TABLE,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.firewall = Some(ruleset.to_owned());
+        Ok(true)
+    }
+
+    fn ensure_echo(&mut self, node_ip: Ipv4Addr) {
+        if self.echo.as_ref().is_some_and(|(ip, task)| *ip == node_ip && !task.is_finished()) {
+            return;
+        }
+        if let Some((_, task)) = self.echo.take() {
+            task.abort();
+        }
+        let addr = SocketAddr::from((node_ip, self.probe_port));
+        let task = tokio::spawn(async move {
+            if let Err(err) = probe::serve(addr).await {
+                tracing::warn!("probe echo stopped: {err:#}");
+            }
+        });
+        self.echo = Some((node_ip, task));
+    }
+
+    /// Serves the zone on `ips` (restarting the server when the addresses changed or it died)
+    /// and brings its records up to date.
+    async fn serve_dns(&mut self, ips: &[Ipv4Addr], zone: &Zone) -> anyhow::Result<()> {
+        if self.dns_port == 0 || ips.is_empty() {
+            return Ok(());
+        }
+        let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::from((*ip, self.dns_port))).collect();
+        let current = self.dns.as_ref().is_some_and(|d| d.is_running() && d.local_addrs() == addrs.as_slice());
+        if !current {
+            if let Some(old) = self.dns.take() {
+                let _ = old.shutdown().await;
+            }
+            self.dns = Some(DnsServer::start(&addrs, mesh_dataplane::dns::ZONE).await?);
+            tracing::info!(?addrs, "serving DNS for {}", mesh_dataplane::dns::ZONE);
+        }
+        if let Some(server) = &self.dns {
+            let updated = server.update(&zone.records).await;
+            if updated.changed > 0 {
+                tracing::debug!(changed = updated.changed, "DNS records updated");
+            }
+            for rejected in updated.rejected {
+                tracing::warn!("DNS record not served: {rejected}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The running agent.
 pub struct Agent {
     config: Config,
+    settings: NodeSettings,
+    short_names: ShortNames,
     client: Client,
     key: PrivateKey,
-    device: Device,
-    links: Links,
+    machine: Machine,
+    status: NodeStatus,
     directory: Directory,
     metrics: Arc<Metrics>,
     health: watch::Sender<Result<(), String>>,
-    /// The last ruleset `nft` accepted.
-    firewall: Option<String>,
     /// Probe results by peer name.
     windows: BTreeMap<String, ProbeWindow>,
     /// The last health summary.
     summary: Option<Summary>,
-    /// The echo server and the address it is bound to.
-    echo: Option<(Ipv4Addr, JoinHandle<()>)>,
     /// Peers by name and mesh IP, as of the last sync.
     targets: BTreeMap<String, Ipv4Addr>,
     /// Peer node names by public key, as of the last sync (health reports use them, so a probe
     /// round does not re-read and re-resolve the directory).
     peer_names: BTreeMap<Key, String>,
-    /// The peer set last applied to the device.
+    /// The peer set last applied to the device (reported on the Lease).
     applied: Option<mesh_api::AppliedPeers>,
-    /// The DNS server, if serving.
-    dns: Option<DnsServer>,
+    /// The endpoint and listen port published by the last sync.
+    endpoint: (Option<String>, u16),
     /// Names of skipped entries already reported (to log each once).
     reported: Vec<desired::Skipped>,
     /// Allowed IPs and placements already reported as refused (to log each once).
@@ -119,13 +402,14 @@ impl Agent {
         metrics: Arc<Metrics>,
         health: watch::Sender<Result<(), String>>,
     ) -> anyhow::Result<Self> {
+        let userspace = config.userspace();
         // An external device (the device DaemonSet's pod) may come after this agent: wait for it
         // (the caller stops waiting at SIGTERM; /healthz says "starting" meanwhile).
         let mut waited = 0u32;
         let device = loop {
-            match Device::open(config.wireguard, &config.interface, &config.userspace).await {
+            match Device::open(config.wireguard, &config.interface, &userspace).await {
                 Ok(device) => break device,
-                Err(err) if config.userspace.external => {
+                Err(err) if userspace.external => {
                     if waited.is_multiple_of(30) {
                         tracing::warn!("waiting for the WireGuard device: {err:#}");
                     }
@@ -148,25 +432,40 @@ impl Agent {
                  all (they are never offered in plaintext)"
             ),
         });
+        let machine = Machine {
+            wireguard: config.wireguard,
+            interface: config.interface.clone(),
+            userspace,
+            nft: config.nft.clone(),
+            probe_port: config.probe_port,
+            dns_port: config.dns_port,
+            device,
+            links,
+            firewall: None,
+            echo: None,
+            dns: None,
+        };
+        let status =
+            NodeStatus { node: config.node.clone(), writer: Writer::new(client.clone()), directory: directory.clone() };
         Ok(Self {
+            settings: config.settings(),
+            short_names: config.short_names(),
             config,
             client,
             key,
-            device,
-            links,
+            machine,
+            status,
             directory,
             metrics,
             health,
-            firewall: None,
             windows: BTreeMap::new(),
             summary,
-            echo: None,
             targets: BTreeMap::new(),
             peer_names: BTreeMap::new(),
+            applied: None,
+            endpoint: (None, mesh_api::DEFAULT_LISTEN_PORT as u16),
             reported: Vec::new(),
             refused: Default::default(),
-            dns: None,
-            applied: None,
             nonce,
         })
     }
@@ -194,17 +493,21 @@ impl Agent {
                 () = changed.notified() => {
                     // Let a burst of watch events settle into one sync.
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    self.sync_logged().await;
+                    self.sync_logged(false).await;
                 }
-                _ = resync.tick() => self.sync_logged().await,
+                _ = resync.tick() => self.sync_logged(true).await,
                 _ = lease.tick() => {
-                    match renew_lease(&self.client, &self.config.lease_namespace, &self.config.node, 40).await {
-                        Ok(()) => { self.metrics.api_writes.inc(); }
-                        Err(err) => tracing::warn!(namespace = %self.config.lease_namespace, "renewing the liveness Lease: {err:#}"),
+                    let (namespace, node) = (&self.config.lease_namespace, &self.config.node);
+                    match renew_lease(&self.client, namespace, node, 40, self.applied.as_ref()).await {
+                        Ok(()) => {
+                            self.metrics.api_writes.inc();
+                            self.metrics.lease_writes.inc();
+                        }
+                        Err(err) => tracing::warn!("{err:#}"),
                     }
                 }
                 _ = probes.tick(), if !probing => {
-                    if let Some(source) = self.echo.as_ref().map(|(ip, _)| *ip) {
+                    if let Some(source) = self.machine.echo.as_ref().map(|(ip, _)| *ip) {
                         probing = true;
                         let targets = self.targets.clone();
                         let (port, nonce, tx) = (self.config.probe_port, self.nonce, probe_tx.clone());
@@ -223,8 +526,8 @@ impl Agent {
                         tracing::warn!("reporting health: {err:#}");
                         // The device may be gone (its wireguard-go restarted): a sync opens it
                         // again and sets it up, now rather than at the next resync.
-                        if self.device.get().await.is_err() {
-                            self.sync_logged().await;
+                        if self.machine.device.get().await.is_err() {
+                            self.sync_logged(false).await;
                         }
                     }
                 }
@@ -232,8 +535,11 @@ impl Agent {
         }
     }
 
-    async fn sync_logged(&mut self) {
-        match self.sync().await {
+    async fn sync_logged(&mut self, resync: bool) {
+        let started = Instant::now();
+        let result = self.sync(resync).await;
+        self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(()) => {
                 let _ = self.health.send(Ok(()));
             }
@@ -245,281 +551,136 @@ impl Agent {
         }
     }
 
-    fn published(&self, endpoint: Option<String>, listen_port: u16) -> Published {
+    fn published(&self) -> Published {
         Published {
-            public_key: self.device.fallback_reason().is_none().then(|| self.key.public_key().to_base64()),
-            endpoint,
-            listen_port,
-            backend: self.device.backend(),
+            public_key: self.machine.device.fallback_reason().is_none().then(|| self.key.public_key().to_base64()),
+            endpoint: self.endpoint.0.clone(),
+            listen_port: self.endpoint.1,
+            backend: self.machine.device.backend(),
             connected: self.summary.clone(),
-            applied_peers: self.applied.clone(),
         }
     }
 
-    /// One pass: status, device, addresses, firewall, echo.
-    async fn sync(&mut self) -> anyhow::Result<()> {
-        let name = self.config.node.clone();
-        let Some(me) = self.directory.node(&name) else {
-            anyhow::bail!(
-                "MeshNode {name} does not exist: the controller mirrors it from the Kubernetes Node, or create it \
-                 (meshctl enroll, or kubectl apply a MeshNode named {name})"
+    /// The underlay interface for source NAT (the one that has the node's underlay address);
+    /// none, with a warning, where there is no such interface.
+    async fn masquerade_underlay(&self, underlay_ip: Option<Ipv4Addr>) -> anyhow::Result<Option<String>> {
+        let underlay = match underlay_ip {
+            Some(ip) => self.machine.links.interface_with(ip).await?,
+            None => None,
+        };
+        if underlay.is_none() && self.machine.firewall.is_none() {
+            tracing::warn!(
+                ?underlay_ip,
+                "no interface has the node's underlay address: pods' traffic is not let into the mesh"
             );
-        };
-        let listen_port = u16::try_from(me.spec.listen_port).unwrap_or(DEFAULT_PORT);
-        let endpoint = match &me.spec.endpoint {
-            Some(endpoint) => Some(endpoint.clone()),
-            None => {
-                let address = match self.config.advertise_address {
-                    Some(ip) => Some(ip),
-                    None => self.links.underlay_ipv4(&self.config.interface).await?,
-                };
-                address.map(|ip| format!("{ip}:{listen_port}"))
-            }
-        };
-        if status::publish(&self.client, &me, &self.published(endpoint.clone(), listen_port)).await? {
-            self.metrics.api_writes.inc();
-            tracing::info!("published the public key, endpoint and backend in MeshNode {name}");
         }
+        Ok(underlay)
+    }
 
-        if self.device.fallback_reason().is_some() {
-            // Out of the tunnel: DNS is served on the underlay address, where others can reach it.
-            let underlay = me.status.as_ref().and_then(|s| s.endpoint.as_deref()).and_then(underlay_ipv4);
-            return self.serve_dns(underlay.into_iter().collect()).await;
-        }
-        let (entries, dropped) = desired::confine_allowed_ips(self.config.subnet, self.directory.peer_entries());
-        for d in dropped.iter().filter(|d| !self.refused.0.contains(d)) {
-            tracing::warn!(node = %d.node, allowed_ip = %d.allowed_ip, "not applying this allowed IP of the peer entry: {}", d.why);
-        }
-        self.metrics.dropped_allowed_ips.set(dropped.len() as i64);
-        self.refused.0 = dropped;
-        let peers = desired::peers(&name, &self.key.public_key(), &entries);
-        for skipped in &peers.skipped {
-            if !self.reported.contains(skipped) {
-                tracing::warn!(node = %skipped.node, "not applying this peer entry: {}", skipped.why);
+    /// One pass: one snapshot, the plan, then the executor (data plane first, status last).
+    async fn sync(&mut self, resync: bool) -> anyhow::Result<()> {
+        let fallback = self.machine.device.fallback_reason().is_some();
+        let underlay = match self.config.advertise_address {
+            Some(ip) => Some(ip),
+            None => self.machine.links.underlay_ipv4(&self.config.interface).await?,
+        };
+        let masquerade =
+            if self.config.masquerade && !fallback { self.masquerade_underlay(underlay).await? } else { None };
+
+        let planning = Instant::now();
+        let directory = self.directory.snapshot(Some(self.config.subnet), &self.short_names);
+        let input = NodeInput {
+            name: &self.config.node,
+            key: &self.key,
+            settings: &self.settings,
+            fallback,
+            underlay,
+            masquerade_underlay: masquerade.as_deref(),
+        };
+        let plan = directory.plan(&input)?;
+        self.metrics.plan_seconds.observe(planning.elapsed().as_secs_f64());
+        self.report(&directory, &plan);
+        self.endpoint = (plan.endpoint.clone(), plan.listen_port);
+        let published = self.published();
+
+        let executed =
+            executor::execute(&plan, &directory.zone, &mut self.machine, &mut self.status, &published, resync).await;
+        match &executed.status {
+            Ok(true) => {
+                self.metrics.api_writes.inc();
+                self.metrics.status_writes.inc();
+                tracing::info!("published the public key, endpoint and backend in MeshNode {}", self.config.node);
+            }
+            Ok(false) => {}
+            Err(err) => {
+                self.metrics.status_write_errors.inc();
+                tracing::warn!("{err:#}; the data plane is programmed all the same, the write is retried next sync");
             }
         }
-        self.reported = peers.skipped.clone();
-        let wanted = DeviceConfig { private_key: self.key.clone(), listen_port, peers: peers.peers };
-        let actual = self.read_device().await?;
-        let plan = mesh_wireguard::plan(&actual, &wanted);
-        if plan.is_empty() {
-            self.metrics.noop_syncs.inc();
-        } else {
-            self.device.apply(&plan).await.context("applying the peer changes")?;
-            for (change, n) in [("add", plan.add.len()), ("remove", plan.remove.len()), ("update", plan.update.len())] {
+        if let Some(diff) = &executed.device {
+            for (change, n) in [("add", diff.add.len()), ("remove", diff.remove.len()), ("update", diff.update.len())] {
                 self.metrics.peer_changes.get_or_create(&ChangeLabel { change }).inc_by(n as u64);
             }
             tracing::info!(
-                added = plan.add.len(),
-                removed = plan.remove.len(),
-                updated = plan.update.len(),
-                key_set = plan.private_key.is_some(),
+                added = diff.add.len(),
+                removed = diff.remove.len(),
+                updated = diff.update.len(),
+                key_set = diff.private_key.is_some(),
                 "applied WireGuard changes"
             );
+        } else if executed.device_applied {
+            self.metrics.noop_syncs.inc();
         }
-        self.metrics.peers.set(wanted.peers.len() as i64);
-        let applied = mesh_api::AppliedPeers {
-            count: i32::try_from(peers.applied.len()).unwrap_or(i32::MAX),
-            digest: desired::digest(&peers.applied),
-        };
-        if self.applied.as_ref() != Some(&applied) {
-            self.applied = Some(applied);
-            if status::publish(&self.client, &me, &self.published(endpoint.clone(), listen_port)).await? {
-                self.metrics.api_writes.inc();
+        if !executed.link_changes.is_empty() {
+            tracing::info!(changes = %executed.link_changes.join(", "), "configured {}", self.config.interface);
+        }
+        if executed.firewall_changed
+            && let Ok(local) = &plan.local
+        {
+            tracing::info!(services = local.hosted.len(), exposed = ?self.settings.expose_ports, "node and service port rules applied");
+        }
+        if executed.device_applied {
+            self.applied = plan.applied.clone();
+            self.metrics.peers.set(plan.device.peers.len() as i64);
+            let gone: Vec<String> =
+                self.windows.keys().filter(|n| !plan.names.values().any(|p| p == *n)).cloned().collect();
+            for node in gone {
+                self.windows.remove(&node);
+                self.metrics.forget(&node);
             }
+            self.targets = plan.probe_targets.clone();
+            self.peer_names = plan.names.clone();
         }
-        let gone: Vec<String> =
-            self.windows.keys().filter(|n| !peers.names.values().any(|p| p == *n)).cloned().collect();
-        for node in gone {
-            self.windows.remove(&node);
-            self.metrics.forget(&node);
+        if let Ok(local) = &plan.local {
+            self.metrics.applied_services.set(local.hosted.len() as i64);
         }
-        let ips = self.directory.node_ips();
-        self.targets = peers.names.values().filter_map(|n| ips.get(n).map(|ip| (n.clone(), *ip))).collect();
-        self.peer_names = peers.names.clone();
+        executed.dataplane
+    }
 
-        let Some(node_ip) = me.status.as_ref().and_then(|s| s.mesh_ip.as_deref()).and_then(|ip| ip.parse().ok()) else {
-            anyhow::bail!("MeshNode {name} has no mesh IP yet: is mesh-controller running?");
-        };
-        let bounds = desired::Bounds {
-            subnet: Some(self.config.subnet),
-            node_addresses: self.directory.node_addresses(),
-            pod_cidrs: self.config.pod_cidrs.clone(),
-        };
-        let (placements, refused) = desired::check_placements(&name, &bounds, self.directory.placements());
+    /// Logs each skipped entry, dropped allowed IP and refused placement once, and sets their
+    /// gauges.
+    fn report(&mut self, directory: &mesh_plan::Directory, plan: &mesh_plan::NodePlan) {
+        for d in directory.dropped.iter().filter(|d| !self.refused.0.contains(d)) {
+            tracing::warn!(node = %d.node, allowed_ip = %d.allowed_ip, "not applying this allowed IP of the peer entry: {}", d.why);
+        }
+        self.metrics.dropped_allowed_ips.set(directory.dropped.len() as i64);
+        self.refused.0 = directory.dropped.clone();
+        for skipped in plan.skipped.iter().filter(|s| !self.reported.contains(s)) {
+            tracing::warn!(node = %skipped.node, "not applying this peer entry: {}", skipped.why);
+        }
+        self.reported = plan.skipped.clone();
+        let refused = plan.local.as_ref().map(|l| l.refused.clone()).unwrap_or_default();
         for r in refused.iter().filter(|r| !self.refused.1.contains(r)) {
             tracing::warn!(service = %r.service, "not hosting this service on this node: {}", r.why);
         }
         self.metrics.refused_services.set(refused.len() as i64);
         self.refused.1 = refused;
-        let hosted = desired::hosted(&name, Some(node_ip), &placements);
-        let wanted_link = Wanted {
-            mtu: self.config.mtu,
-            node_ip,
-            service_ips: hosted.iter().map(|h| h.ip).collect(),
-            subnet: self.config.subnet,
-        };
-        let changed = self.links.configure(&self.config.interface, &wanted_link).await?;
-        if !changed.is_empty() {
-            tracing::info!(changes = %changed.join(", "), "configured {}", self.config.interface);
-        }
-        self.metrics.applied_services.set(hosted.len() as i64);
-        let masquerade = if self.config.masquerade { self.masquerade(node_ip).await? } else { None };
-        let member = self.member(node_ip);
-        self.enforce(&hosted, &member, masquerade.as_ref()).await?;
-        self.ensure_echo(node_ip);
-        let mut listen = vec![node_ip];
-        if self.config.dns_on_underlay
-            && let Some(underlay) = me.status.as_ref().and_then(|s| s.endpoint.as_deref()).and_then(underlay_ipv4)
-        {
-            listen.push(underlay);
-        }
-        self.serve_dns(listen).await
-    }
-
-    /// Serves the zone on `ips` (restarting the server when the addresses changed or it died)
-    /// and brings its records up to date with the directory.
-    async fn serve_dns(&mut self, ips: Vec<Ipv4Addr>) -> anyhow::Result<()> {
-        if self.config.dns_port == 0 || ips.is_empty() {
-            return Ok(());
-        }
-        let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::from((ip, self.config.dns_port))).collect();
-        let current = self.dns.as_ref().is_some_and(|d| d.is_running() && d.local_addrs() == addrs.as_slice());
-        if !current {
-            if let Some(old) = self.dns.take() {
-                let _ = old.shutdown().await;
-            }
-            self.dns = Some(DnsServer::start(&addrs, mesh_dataplane::dns::ZONE).await?);
-            tracing::info!(?addrs, "serving DNS for {}", mesh_dataplane::dns::ZONE);
-        }
-        let (nodes, services) = self.directory.dns_inputs();
-        let zone = mesh_dataplane::dns::zone_with(&nodes, &services, &self.config.short_names);
-        if let Some(server) = &self.dns {
-            let updated = server.update(&zone.records).await;
-            if updated.changed > 0 {
-                tracing::debug!(changed = updated.changed, "DNS records updated");
-            }
-            for rejected in updated.rejected {
-                tracing::warn!("DNS record not served: {rejected}");
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the device; if it is gone (wireguard-go killed), opens a new one.
-    async fn read_device(&mut self) -> anyhow::Result<DeviceState> {
-        match self.device.get().await {
-            Ok(state) => Ok(state),
-            Err(err) => {
-                tracing::warn!("reading the WireGuard device failed ({err:#}); opening it again");
-                self.device =
-                    Device::open(self.config.wireguard, &self.config.interface, &self.config.userspace).await?;
-                self.firewall = None;
-                self.echo = None;
-                self.device.get().await
-            }
-        }
-    }
-
-    /// The source NAT of forwarded traffic, with the underlay interface (the one that has the
-    /// node's underlay address) left out; none, with a warning, where there is no such interface.
-    async fn masquerade(&self, node_ip: Ipv4Addr) -> anyhow::Result<Option<firewall::Masquerade>> {
-        let underlay_ip = match self.config.advertise_address {
-            Some(ip) => Some(ip),
-            None => self.links.underlay_ipv4(&self.config.interface).await?,
-        };
-        let underlay = match underlay_ip {
-            Some(ip) => self.links.interface_with(ip).await?,
-            None => None,
-        };
-        let Some(underlay) = underlay else {
-            if self.firewall.is_none() {
-                tracing::warn!(
-                    ?underlay_ip,
-                    "no interface has the node's underlay address: pods' traffic is not let into the mesh"
-                );
-            }
-            return Ok(None);
-        };
-        Ok(Some(firewall::Masquerade {
-            interface: self.config.interface.clone(),
-            underlay,
-            subnet: self.config.subnet,
-            node_ip,
-        }))
-    }
-
-    /// This node as the firewall sees it: what peers may reach on its mesh IP (the probe echo,
-    /// DNS, and the ports the operator exposes) and which interface is the tunnel.
-    fn member(&self, node_ip: Ipv4Addr) -> firewall::Member {
-        let dns: BTreeSet<u16> = [self.config.dns_port].into_iter().filter(|p| *p != 0).collect();
-        let mut agent_udp = dns.clone();
-        agent_udp.insert(self.config.probe_port);
-        firewall::Member {
-            interface: self.config.interface.clone(),
-            subnet: self.config.subnet,
-            node_ip,
-            agent_udp,
-            agent_tcp: dns,
-            exposed: self.config.expose_ports.clone(),
-        }
-    }
-
-    /// Applies the port rules when they changed.
-    async fn enforce(
-        &mut self,
-        hosted: &[Hosted],
-        member: &firewall::Member,
-        masquerade: Option<&firewall::Masquerade>,
-    ) -> anyhow::Result<()> {
-        let script = firewall::render(hosted, Some(member), masquerade);
-        if self.firewall.as_ref() == Some(&script) {
-            return Ok(());
-        }
-        let mut child = tokio::process::Command::new(&self.config.nft)
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {} (install nftables)", self.config.nft.display()))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes()).await?;
-        }
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "nft refused the node's rules (table inet {}): {}; check that the kernel has nf_tables with \
-                 the ct, nat and reject expressions",
-                firewall::TABLE,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        tracing::info!(services = hosted.len(), exposed = ?member.exposed, "node and service port rules applied");
-        self.firewall = Some(script);
-        Ok(())
-    }
-
-    fn ensure_echo(&mut self, node_ip: Ipv4Addr) {
-        if self.echo.as_ref().is_some_and(|(ip, task)| *ip == node_ip && !task.is_finished()) {
-            return;
-        }
-        if let Some((_, task)) = self.echo.take() {
-            task.abort();
-        }
-        let addr = SocketAddr::from((node_ip, self.config.probe_port));
-        let task = tokio::spawn(async move {
-            if let Err(err) = probe::serve(addr).await {
-                tracing::warn!("probe echo stopped: {err:#}");
-            }
-        });
-        self.echo = Some((node_ip, task));
     }
 
     /// Records a probe round, updates the per-peer metrics, and publishes `Connected` when the
     /// summary changed.
     async fn report_health(&mut self, results: Vec<(String, Option<Duration>)>) -> anyhow::Result<()> {
-        let state = self.device.get().await?;
+        let state = self.machine.device.get().await?;
         let now = SystemTime::now();
         let mut by_name: BTreeMap<&str, (Option<Duration>, u64, u64)> = BTreeMap::new();
         for (key, name) in &self.peer_names {
@@ -558,12 +719,10 @@ impl Agent {
         if self.summary.as_ref() != Some(&summary) {
             tracing::info!(connected = summary.connected, "{}", summary.message);
             self.summary = Some(summary);
-            if let Some(me) = self.directory.node(&self.config.node) {
-                let current = me.status.clone().unwrap_or_default();
-                let listen_port = current.listen_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(DEFAULT_PORT);
-                if status::publish(&self.client, &me, &self.published(current.endpoint.clone(), listen_port)).await? {
-                    self.metrics.api_writes.inc();
-                }
+            let published = self.published();
+            if self.status.publish(&published, false).await? {
+                self.metrics.api_writes.inc();
+                self.metrics.status_writes.inc();
             }
         }
         Ok(())

@@ -1,23 +1,24 @@
 //! The mesh directory as this agent sees it: watches of every MeshNode and every MeshService,
-//! kept in reflector stores, with a notification on each change. Also the conversion from API
-//! objects to the plain inputs of `mesh-dataplane`, and the [`Resolver`] of peers' endpoint
-//! names, which never makes the agent's loop wait for DNS.
+//! kept in reflector stores, with a notification on each change; [`Directory::snapshot`] reads
+//! them once into a `mesh_plan::Directory` (the one conversion from API objects to the data
+//! plane's inputs lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which
+//! never makes the agent's loop wait for DNS.
 //!
 //! The stores keep only what the agent reads: managedFields and annotations are dropped before
 //! an object is stored, so a tenant's large annotations cost the agents nothing.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use ipnet::Ipv4Net;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use mesh_api::{Backend, MeshNode, MeshService, NetworkType};
-use mesh_dataplane::desired::{Exposure, PeerEntry, Placement};
-use mesh_dataplane::dns;
+use mesh_api::{MeshNode, MeshService};
+use mesh_dataplane::dns::ShortNames;
 use tokio::sync::Notify;
 
 /// The watched MeshNodes and MeshServices.
@@ -85,125 +86,21 @@ impl Directory {
         self.nodes.get(&ObjectRef::new(name))
     }
 
-    /// Every node's published peer entry, endpoints resolved by the [`Resolver`]: at once from
-    /// its cache, or without an endpoint while a name is being resolved (the entry is applied
-    /// again when the name resolves).
-    pub fn peer_entries(&self) -> Vec<PeerEntry> {
-        let mut entries = Vec::new();
-        for node in self.nodes.state() {
-            let Some(peer) = node.status.as_ref().and_then(|s| s.peer.clone()) else { continue };
-            let name = node.metadata.name.clone().unwrap_or_default();
-            let endpoint = peer.endpoint.as_deref().and_then(|text| self.resolver.lookup(&name, text));
-            entries.push(PeerEntry {
-                node: name,
-                public_key: peer.public_key,
-                endpoint,
-                allowed_ips: peer.allowed_ips,
-                persistent_keepalive: peer.persistent_keepalive,
-            });
-        }
-        entries
+    /// One snapshot of the directory, derived once (see [`mesh_plan::Directory`]): the stores
+    /// are read once, endpoint names resolved by the [`Resolver`] (at once from its cache, or
+    /// without an endpoint while a name is being resolved: the entry is applied again when the
+    /// name resolves).
+    pub fn snapshot(&self, subnet: Option<Ipv4Net>, short_names: &ShortNames) -> mesh_plan::Directory {
+        let nodes = self.nodes.state();
+        let services = self.services.state();
+        mesh_plan::Directory::build(
+            nodes.iter().map(AsRef::as_ref),
+            services.iter().map(AsRef::as_ref),
+            subnet,
+            short_names,
+            |node, endpoint| self.resolver.lookup(node, endpoint),
+        )
     }
-
-    /// Every address of every node: its mesh IP and its underlay address (no service may take
-    /// one, and no forward may go to one).
-    pub fn node_addresses(&self) -> std::collections::BTreeSet<Ipv4Addr> {
-        self.nodes
-            .state()
-            .iter()
-            .filter_map(|n| n.status.clone())
-            .flat_map(|s| {
-                [s.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()), s.endpoint.as_deref().and_then(underlay_ipv4)]
-            })
-            .flatten()
-            .collect()
-    }
-
-    /// Every node's mesh IP, by name.
-    pub fn node_ips(&self) -> BTreeMap<String, Ipv4Addr> {
-        self.nodes
-            .state()
-            .iter()
-            .filter_map(|n| {
-                let ip = n.status.as_ref()?.mesh_ip.as_deref()?.parse().ok()?;
-                Some((n.metadata.name.clone()?, ip))
-            })
-            .collect()
-    }
-
-    /// The directory as the DNS zone needs it: every node (mesh IP, underlay address, whether it
-    /// is in the tunnel) and every service.
-    pub fn dns_inputs(&self) -> (Vec<dns::Node>, Vec<dns::Service>) {
-        let nodes = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| {
-                let status = n.status.clone().unwrap_or_default();
-                dns::Node {
-                    name: n.metadata.name.clone().unwrap_or_default(),
-                    mesh_ip: status.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                    underlay: status.endpoint.as_deref().and_then(underlay_ipv4),
-                    in_tunnel: status.backend != Some(Backend::None),
-                }
-            })
-            .collect();
-        let services = self
-            .services
-            .state()
-            .iter()
-            .map(|s| {
-                let status = s.status.clone().unwrap_or_default();
-                dns::Service {
-                    namespace: s.metadata.namespace.clone().unwrap_or_default(),
-                    name: s.metadata.name.clone().unwrap_or_default(),
-                    exposure: exposure(s.spec.network.type_),
-                    mesh_ip: status.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                    node: status.node,
-                }
-            })
-            .collect();
-        (nodes, services)
-    }
-
-    /// Where every service is hosted now.
-    pub fn placements(&self) -> Vec<Placement> {
-        self.services
-            .state()
-            .iter()
-            .map(|s| {
-                let status = s.status.clone().unwrap_or_default();
-                Placement {
-                    service: format!(
-                        "{}/{}",
-                        s.metadata.namespace.as_deref().unwrap_or_default(),
-                        s.metadata.name.as_deref().unwrap_or_default()
-                    ),
-                    mesh_ip: status.mesh_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                    node: status.node,
-                    exposure: exposure(s.spec.network.type_),
-                    ports: s.spec.network.ports.iter().filter_map(|p| u16::try_from(*p).ok()).collect(),
-                    pod_ip: status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                }
-            })
-            .collect()
-    }
-}
-
-fn exposure(type_: NetworkType) -> Exposure {
-    match type_ {
-        NetworkType::Mesh => Exposure::Mesh,
-        NetworkType::Host => Exposure::Host,
-        NetworkType::Dual => Exposure::Dual,
-    }
-}
-
-/// The IPv4 address of an endpoint `host:port`, if the host is one.
-pub fn underlay_ipv4(endpoint: &str) -> Option<Ipv4Addr> {
-    endpoint.parse::<SocketAddr>().ok().and_then(|a| match a.ip() {
-        std::net::IpAddr::V4(ip) => Some(ip),
-        std::net::IpAddr::V6(_) => None,
-    })
 }
 
 /// How long one resolution of a peer's endpoint name may take.

@@ -1,9 +1,12 @@
 //! The parts of `mesh-agent` that other programs reuse: the directory watch (MeshNodes and
-//! MeshServices → the plain inputs of `mesh-dataplane`) and the agent's status writes.
+//! MeshServices, read into a `mesh_plan::Directory`), the agent's status and Lease writes, and
+//! the executor that programs a `mesh_plan::NodePlan` through the [`executor::DataPlane`] and
+//! [`executor::StatusSink`] traits.
 //!
 //! The `mesh-agent` binary uses these modules from here; `mesh-sim` (simulated agents for
-//! `make bench`) runs the same code against the real API server, so what it measures is the
-//! agent's own watch and publish path.
+//! `make bench`) runs the same code against the real API server with a recording data plane, so
+//! what it measures is the agent's own watch, plan, executor and publish path.
 
 pub mod directory;
+pub mod executor;
 pub mod status;

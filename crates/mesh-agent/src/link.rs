@@ -9,24 +9,13 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, bail};
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
 use netlink_packet_route::address::{AddressAttribute, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-/// What the interface should carry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Wanted {
-    /// MTU of the interface.
-    pub mtu: u32,
-    /// The node's own mesh IP: an address, and the preferred source of the mesh route.
-    pub node_ip: Ipv4Addr,
-    /// Further local addresses: the mesh IPs of services hosted here.
-    pub service_ips: BTreeSet<Ipv4Addr>,
-    /// The mesh subnet, routed into the interface.
-    pub subnet: Ipv4Net,
-}
+/// What the interface should carry (the plan's [`mesh_plan::LinkAddresses`]).
+pub type Wanted = mesh_plan::LinkAddresses;
 
 /// A netlink connection.
 #[derive(Clone)]

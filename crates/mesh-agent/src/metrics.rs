@@ -12,6 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -30,7 +31,6 @@ pub struct ChangeLabel {
 }
 
 /// The agent's metrics.
-#[derive(Default)]
 pub struct Metrics {
     /// Seconds since the last handshake with each peer (absent: never).
     pub handshake_age: Family<PeerLabel, Gauge<f64, AtomicU64>>,
@@ -54,6 +54,16 @@ pub struct Metrics {
     pub sync_errors: Counter,
     /// Writes to the Kubernetes API (status, lease).
     pub api_writes: Counter,
+    /// Writes of the MeshNode status (part of `api_writes`).
+    pub status_writes: Counter,
+    /// Renewals of the liveness Lease (part of `api_writes`; every 10 s, whatever changes).
+    pub lease_writes: Counter,
+    /// Status writes that failed (the data plane was programmed all the same).
+    pub status_write_errors: Counter,
+    /// Seconds per sync: snapshot, plan and execution (data plane and status).
+    pub sync_seconds: Histogram,
+    /// Seconds per plan: the snapshot of the directory and the pure plan alone.
+    pub plan_seconds: Histogram,
     /// Generation of the directory (MeshNode and MeshService resource versions) last applied;
     /// lets tests and benchmarks see when a change reached the device.
     pub applied_services: Gauge,
@@ -61,6 +71,37 @@ pub struct Metrics {
     pub dropped_allowed_ips: Gauge,
     /// Services placed on this node that it does not host (address out of bounds).
     pub refused_services: Gauge,
+}
+
+/// Buckets of the sync and plan histograms: 100 µs to about 3 s.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            handshake_age: Family::default(),
+            rx_bytes: Family::default(),
+            tx_bytes: Family::default(),
+            probe_rtt: Family::default(),
+            probe_loss: Family::default(),
+            peer_healthy: Family::default(),
+            peers: Gauge::default(),
+            peer_changes: Family::default(),
+            noop_syncs: Counter::default(),
+            sync_errors: Counter::default(),
+            api_writes: Counter::default(),
+            status_writes: Counter::default(),
+            lease_writes: Counter::default(),
+            status_write_errors: Counter::default(),
+            sync_seconds: seconds(),
+            plan_seconds: seconds(),
+            applied_services: Gauge::default(),
+            dropped_allowed_ips: Gauge::default(),
+            refused_services: Gauge::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -96,6 +137,15 @@ impl Metrics {
         r.register("noop_syncs", "Syncs that found the device already as wanted", self.noop_syncs.clone());
         r.register("sync_errors", "Syncs that failed", self.sync_errors.clone());
         r.register("api_writes", "Writes to the Kubernetes API (status, lease)", self.api_writes.clone());
+        r.register("status_writes", "Writes of the MeshNode status", self.status_writes.clone());
+        r.register("lease_writes", "Renewals of the liveness Lease (every 10 s)", self.lease_writes.clone());
+        r.register(
+            "status_write_errors",
+            "MeshNode status writes that failed (the data plane was programmed all the same)",
+            self.status_write_errors.clone(),
+        );
+        r.register("sync_seconds", "Seconds per sync: snapshot, plan and execution", self.sync_seconds.clone());
+        r.register("plan_seconds", "Seconds per plan: directory snapshot and the pure plan", self.plan_seconds.clone());
         r.register("hosted_services", "Service IPs hosted on this node", self.applied_services.clone());
         r.register(
             "dropped_allowed_ips",

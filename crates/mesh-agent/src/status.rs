@@ -1,10 +1,16 @@
 //! What the agent writes to the API: its part of `MeshNode.status` (public key, endpoint,
 //! listen port, backend, the `Connected` condition), written with server-side apply under its
-//! own field manager and only when it changed; and its liveness Lease, renewed on a timer, so
-//! status is never rewritten just to say "still alive".
+//! own field manager and only when it changed; and its liveness Lease, renewed on a timer, which
+//! also carries the peer set the agent has applied (`mesh_api::APPLIED_PEERS_ANNOTATION`), so
+//! status is never rewritten just to say "still alive" or "applied the new peers".
+//!
+//! [`Writer`] never writes what it last wrote: a sync triggered by a change compares with what
+//! this agent last wrote successfully (the reflector's copy may lag behind its own write); the
+//! periodic resync also compares with the reflector's copy, so that drift made by someone else
+//! is repaired.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
@@ -12,6 +18,9 @@ use mesh_api::conditions::{CONNECTED, Want, merge, same};
 use mesh_api::{AppliedPeers, Backend, MeshNode, MeshNodeStatus};
 use mesh_dataplane::health::Summary;
 use serde_json::json;
+
+use crate::directory::Directory;
+use crate::executor::StatusSink;
 
 /// The field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "mesh-agent";
@@ -29,16 +38,13 @@ pub struct Published {
     pub backend: Backend,
     /// Health of the peers, once probed.
     pub connected: Option<Summary>,
-    /// The peer set applied to the device, once applied.
-    pub applied_peers: Option<AppliedPeers>,
 }
 
-/// Writes `published` to the MeshNode `node` unless its status already says exactly that.
-/// Returns whether it wrote.
-pub async fn publish(client: &Client, node: &MeshNode, published: &Published) -> anyhow::Result<bool> {
-    let current = node.status.clone().unwrap_or_default();
+/// The `Connected` conditions of `current` after publishing `published` (unchanged ones keep
+/// their transition time).
+fn conditions(current: &MeshNodeStatus, published: &Published, generation: Option<i64>) -> (Vec<Condition>, bool) {
     let current_connected: Vec<_> = current.conditions.iter().filter(|c| c.type_ == CONNECTED).cloned().collect();
-    let conditions = match &published.connected {
+    match &published.connected {
         Some(summary) => {
             let want = Want {
                 type_: CONNECTED,
@@ -46,27 +52,36 @@ pub async fn publish(client: &Client, node: &MeshNode, published: &Published) ->
                 reason: summary.reason,
                 message: summary.message.clone(),
             };
-            merge(&current_connected, &[want], node.metadata.generation)
+            let merged = merge(&current_connected, &[want], generation);
+            let same = same(&current_connected, &merged);
+            (merged, same)
         }
-        None => Vec::new(),
-    };
-    let unchanged = current.public_key == published.public_key
+        None => (current_connected, true),
+    }
+}
+
+/// Whether `node`'s status already says exactly `published`.
+pub fn shows(node: &MeshNode, published: &Published) -> bool {
+    let current = node.status.clone().unwrap_or_default();
+    let (_, same_conditions) = conditions(&current, published, node.metadata.generation);
+    current.public_key == published.public_key
         && current.endpoint == published.endpoint
         && current.listen_port == Some(i32::from(published.listen_port))
         && current.backend == Some(published.backend)
-        && (published.connected.is_none() || same(&current_connected, &conditions))
-        && (published.applied_peers.is_none() || current.applied_peers == published.applied_peers);
-    if unchanged {
-        return Ok(false);
-    }
+        && same_conditions
+}
+
+/// Writes `published` to the MeshNode `node` with server-side apply.
+pub async fn write(client: &Client, node: &MeshNode, published: &Published) -> anyhow::Result<()> {
+    let current = node.status.clone().unwrap_or_default();
+    let (conditions, _) = conditions(&current, published, node.metadata.generation);
     let name = node.metadata.name.clone().unwrap_or_default();
     let status = MeshNodeStatus {
         public_key: published.public_key.clone(),
         endpoint: published.endpoint.clone(),
         listen_port: Some(i32::from(published.listen_port)),
         backend: Some(published.backend),
-        applied_peers: published.applied_peers.clone().or(current.applied_peers),
-        conditions: if published.connected.is_some() { conditions } else { current_connected },
+        conditions,
         ..MeshNodeStatus::default()
     };
     let patch = json!({
@@ -76,20 +91,87 @@ pub async fn publish(client: &Client, node: &MeshNode, published: &Published) ->
     });
     Api::<MeshNode>::all(client.clone())
         .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    Ok(true)
+        .await
+        .map_err(|err| anyhow::anyhow!("writing the status of MeshNode {name}: {err}"))?;
+    Ok(())
+}
+
+/// Whether `published` must be written, given what this agent last wrote successfully (`last`)
+/// and the reflector's copy `node`: not when it last wrote exactly that (unless on a `resync`,
+/// where the copy must show it too), nor when the copy already shows it.
+pub fn needs_write(last: Option<&Published>, node: &MeshNode, published: &Published, resync: bool) -> bool {
+    if last == Some(published) && !resync {
+        return false;
+    }
+    !shows(node, published)
+}
+
+/// Writes one agent's status, never twice the same (see the module docs).
+#[derive(Clone)]
+pub struct Writer {
+    client: Client,
+    /// What this agent last wrote successfully.
+    last: Option<Published>,
+}
+
+impl Writer {
+    /// A writer that has written nothing yet.
+    pub fn new(client: Client) -> Self {
+        Self { client, last: None }
+    }
+
+    /// Writes `published` to `node` unless [`needs_write`] says no; returns whether it
+    /// wrote. Remembers what it wrote only once the API accepted it.
+    pub async fn publish(&mut self, node: &MeshNode, published: &Published, resync: bool) -> anyhow::Result<bool> {
+        if !needs_write(self.last.as_ref(), node, published, resync) {
+            // The copy shows it: a later change-triggered sync need not look again.
+            self.last = Some(published.clone());
+            return Ok(false);
+        }
+        write(&self.client, node, published).await?;
+        self.last = Some(published.clone());
+        Ok(true)
+    }
+}
+
+/// The status of one node as the agent (and each simulated node) publishes it: its [`Writer`]
+/// and the directory whose copy of the MeshNode it compares with.
+pub struct NodeStatus {
+    /// The node's MeshNode name.
+    pub node: String,
+    /// The writer.
+    pub writer: Writer,
+    /// The watched directory.
+    pub directory: Directory,
+}
+
+impl StatusSink for NodeStatus {
+    async fn publish(&mut self, published: &Published, resync: bool) -> anyhow::Result<bool> {
+        let Some(me) = self.directory.node(&self.node) else {
+            anyhow::bail!("MeshNode {} is not in the directory: its status cannot be written", self.node);
+        };
+        self.writer.publish(&me, published, resync).await
+    }
 }
 
 /// The Lease that says this agent is alive: `mesh-agent-<node>`.
 pub fn lease_name(node: &str) -> String {
-    format!("mesh-agent-{node}")
+    mesh_api::agent_lease_name(node)
 }
 
-/// Renews the liveness Lease (creating it on first use).
-pub async fn renew_lease(client: &Client, namespace: &str, node: &str, duration_secs: i32) -> anyhow::Result<()> {
+/// Renews the liveness Lease (creating it on first use), with the applied peer set in its
+/// [`mesh_api::APPLIED_PEERS_ANNOTATION`] (none yet: the annotation is left out).
+pub async fn renew_lease(
+    client: &Client,
+    namespace: &str,
+    node: &str,
+    duration_secs: i32,
+    applied: Option<&AppliedPeers>,
+) -> anyhow::Result<()> {
     let name = lease_name(node);
+    let annotations = applied.map(|a| [(mesh_api::APPLIED_PEERS_ANNOTATION.to_owned(), a.to_annotation())].into());
     let lease = Lease {
-        metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        metadata: kube::api::ObjectMeta { name: Some(name.clone()), annotations, ..Default::default() },
         spec: Some(LeaseSpec {
             holder_identity: Some(node.to_owned()),
             lease_duration_seconds: Some(duration_secs),
@@ -102,6 +184,50 @@ pub async fn renew_lease(client: &Client, namespace: &str, node: &str, duration_
     body["kind"] = json!("Lease");
     Api::<Lease>::namespaced(client.clone(), namespace)
         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-        .await?;
+        .await
+        .map_err(|err| anyhow::anyhow!("renewing Lease {namespace}/{name}: {err}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::MeshNodeSpec;
+
+    use super::*;
+
+    fn published(endpoint: &str) -> Published {
+        Published {
+            public_key: Some("k".into()),
+            endpoint: Some(endpoint.into()),
+            listen_port: 51820,
+            backend: Backend::Userspace,
+            connected: None,
+        }
+    }
+
+    fn node_showing(p: Option<&Published>) -> MeshNode {
+        let mut node = MeshNode::new("a", MeshNodeSpec::default());
+        node.status = p.map(|p| MeshNodeStatus {
+            public_key: p.public_key.clone(),
+            endpoint: p.endpoint.clone(),
+            listen_port: Some(i32::from(p.listen_port)),
+            backend: Some(p.backend),
+            ..MeshNodeStatus::default()
+        });
+        node
+    }
+
+    #[test]
+    fn a_lagging_copy_does_not_make_a_change_triggered_sync_write_again() {
+        let p = published("192.0.2.1:51820");
+        let stale = node_showing(None);
+        let last = Some(p.clone());
+        assert!(!needs_write(last.as_ref(), &stale, &p, false), "it wrote this; the copy just has not caught up");
+        assert!(needs_write(last.as_ref(), &stale, &p, true), "a resync repairs what the copy shows");
+        assert!(!needs_write(last.as_ref(), &node_showing(Some(&p)), &p, true));
+        let moved = published("192.0.2.2:51820");
+        assert!(needs_write(last.as_ref(), &node_showing(Some(&p)), &moved, false), "a change is written");
+        assert!(needs_write(None, &stale, &p, false), "nothing written yet");
+        assert!(!needs_write(None, &node_showing(Some(&p)), &p, false), "the copy shows it already");
+    }
 }

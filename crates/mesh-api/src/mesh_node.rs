@@ -138,7 +138,8 @@ pub struct PeerEntry {
 
 /// The peer set a node's agent has applied: how many peers, and a digest of their entries
 /// (`mesh_dataplane::desired::digest`), which equals the digest of what the directory asks for
-/// once the node has converged.
+/// once the node has converged. The agent reports it in its Lease's
+/// [`APPLIED_PEERS_ANNOTATION`], not in the MeshNode status (which would cost a write per change).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AppliedPeers {
@@ -208,11 +209,6 @@ pub struct MeshNodeStatus {
     /// Ready condition says why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,
-
-    /// The peer set the agent has applied to its WireGuard device, so that anyone can tell
-    /// whether this node has caught up with the directory. Written by the agent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub applied_peers: Option<AppliedPeers>,
 
     /// The peer entry other nodes apply for this node, written by the controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]

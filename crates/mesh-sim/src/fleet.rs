@@ -4,8 +4,10 @@
 //! agent's loop) and on a staggered resync timer, but the group shares the reflector caches.
 //! One watch per node would hold N copies of the whole directory in this process, which is
 //! what a real cluster spreads over N machines. For the same reason the directory-wide
-//! derivations (peer entries, placements, DNS zone: [`Snapshot`]) are computed once per change
-//! per directory, not once per node.
+//! derivations (peer entries, placements, DNS zone: a `mesh_plan::Directory`) are computed once
+//! per change per directory, not once per node. With [`Config::lease_namespace`] every node also
+//! renews its Lease every 10 s, as the agent does; those writes are counted apart from the
+//! status writes.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::node::{SimNode, Snapshot, Target};
+use crate::node::{self, SimNode, Target};
 
 /// How to run the fleet.
 #[derive(Clone, Debug)]
@@ -32,7 +34,13 @@ pub struct Config {
     pub debounce: Duration,
     /// Time between full resyncs (the agent's default is 30 s); staggered over the nodes.
     pub resync: Duration,
+    /// Where each node renews its liveness Lease every 10 s (staggered), as the agent does;
+    /// `None`: no Leases.
+    pub lease_namespace: Option<String>,
 }
+
+/// Time between Lease renewals (the agent's).
+const LEASE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counters of one simulated node.
 #[derive(Debug, Default)]
@@ -45,6 +53,10 @@ pub struct Stats {
     pub sync_micros: AtomicU64,
     /// Status writes made.
     pub writes: AtomicU64,
+    /// Status writes that failed.
+    pub status_errors: AtomicU64,
+    /// Lease renewals made.
+    pub lease_writes: AtomicU64,
     /// Peers on its recorded device.
     pub peers: AtomicU64,
     /// Services hosted, as of the last sync.
@@ -72,8 +84,12 @@ pub struct Totals {
     pub errors: u64,
     /// Time spent in syncs, microseconds.
     pub sync_micros: u64,
-    /// Status writes.
+    /// Status writes (Leases apart).
     pub writes: u64,
+    /// Status writes that failed.
+    pub status_errors: u64,
+    /// Lease renewals (periodic, whatever changes).
+    pub lease_writes: u64,
     /// Non-empty device plans.
     pub plans: u64,
     /// Single-peer changes.
@@ -96,7 +112,7 @@ pub struct Totals {
 struct Group {
     directory: Directory,
     changes: watch::Receiver<u64>,
-    snapshot: tokio::sync::Mutex<Option<(u64, Arc<Snapshot>)>>,
+    snapshot: tokio::sync::Mutex<Option<(u64, Arc<mesh_plan::Directory>)>>,
     /// Snapshots derived, and the time spent, in microseconds.
     snapshots: AtomicU64,
     snapshot_micros: AtomicU64,
@@ -104,7 +120,7 @@ struct Group {
 
 impl Group {
     /// A snapshot that reflects at least change `version` (derived now if the last one is older).
-    async fn snapshot(&self, version: u64) -> Arc<Snapshot> {
+    async fn snapshot(&self, version: u64) -> Arc<mesh_plan::Directory> {
         let mut current = self.snapshot.lock().await;
         if let Some((at, snapshot)) = current.as_ref()
             && *at >= version
@@ -114,7 +130,7 @@ impl Group {
         // Read the counter first: the state read after it includes at least those changes.
         let at = *self.changes.borrow();
         let started = Instant::now();
-        let snapshot = Arc::new(Snapshot::of(&self.directory).await);
+        let snapshot = Arc::new(node::snapshot(&self.directory));
         self.snapshots.fetch_add(1, Ordering::Relaxed);
         self.snapshot_micros
             .fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -185,7 +201,8 @@ impl Fleet {
         for (i, name) in config.nodes.iter().enumerate() {
             let group = groups[i % groups.len()].clone();
             let [hi, lo] = u16::try_from(i).unwrap_or(u16::MAX).to_be_bytes();
-            let node = SimNode::new(name.clone(), Ipv4Addr::new(127, 77, hi, lo), client.clone())?;
+            let node =
+                SimNode::new(name.clone(), Ipv4Addr::new(127, 77, hi, lo), client.clone(), group.directory.clone())?;
             let offset = config.resync * (i as u32) / count.max(1);
             tasks.push(tokio::spawn(run(i, node, group, shared.clone(), config.clone(), offset)));
         }
@@ -242,6 +259,8 @@ impl Fleet {
             errors: get(|s| &s.errors).sum(),
             sync_micros: get(|s| &s.sync_micros).sum(),
             writes: get(|s| &s.writes).sum(),
+            status_errors: get(|s| &s.status_errors).sum(),
+            lease_writes: get(|s| &s.lease_writes).sum(),
             plans: get(|s| &s.plans).sum(),
             peer_changes: get(|s| &s.peer_changes).sum(),
             firewall_changes: get(|s| &s.firewall_changes).sum(),
@@ -262,7 +281,8 @@ impl Drop for Fleet {
     }
 }
 
-/// One node's loop: sync on start, on every change (after the debounce) and on the resync timer.
+/// One node's loop: sync on start, on every change (after the debounce) and on the resync timer;
+/// renew the Lease on its timer.
 async fn run(
     index: usize,
     mut node: SimNode,
@@ -274,10 +294,14 @@ async fn run(
     let mut changes = group.changes.clone();
     let mut resync = tokio::time::interval_at(Instant::now() + offset, config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lease_offset = LEASE_INTERVAL.mul_f64(offset.as_secs_f64() / config.resync.as_secs_f64().max(1e-3));
+    let mut lease = tokio::time::interval_at(Instant::now() + lease_offset, LEASE_INTERVAL);
+    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stats = &shared.stats[index];
     let mut first = true;
     loop {
         let mut version = *changes.borrow();
+        let mut periodic = false;
         if !first {
             tokio::select! {
                 changed = changes.changed() => {
@@ -287,20 +311,29 @@ async fn run(
                     tokio::time::sleep(config.debounce).await;
                     version = *changes.borrow_and_update();
                 }
-                _ = resync.tick() => {}
+                _ = resync.tick() => periodic = true,
+                _ = lease.tick(), if config.lease_namespace.is_some() => {
+                    let namespace = config.lease_namespace.as_deref().unwrap_or_default();
+                    match node.renew_lease(namespace).await {
+                        Ok(()) => { stats.lease_writes.fetch_add(1, Ordering::Relaxed); }
+                        Err(err) => tracing::debug!(node = %node.name, "simulated Lease renewal failed: {err:#}"),
+                    }
+                    continue;
+                }
             }
         }
         first = false;
         let target = shared.target.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let snapshot = group.snapshot(version).await;
         let started = Instant::now();
-        let result = node.sync(&group.directory, &snapshot, target.as_deref()).await;
+        let result = node.sync(&snapshot, target.as_deref(), periodic).await;
         let now = Instant::now();
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.sync_micros.fetch_add(u64::try_from((now - started).as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
         match result {
             Ok(synced) => {
                 stats.writes.fetch_add(u64::from(synced.writes), Ordering::Relaxed);
+                stats.status_errors.fetch_add(u64::from(synced.status_failed), Ordering::Relaxed);
                 let routed = synced.target_routed.or(synced.target_applied.then_some(now));
                 if let Some((target, at)) = target.as_ref().zip(routed)
                     && stats.routed.swap(target.id, Ordering::Relaxed) != target.id
@@ -318,11 +351,12 @@ async fn run(
                 tracing::debug!(node = %node.name, "simulated sync failed: {err:#}");
             }
         }
-        stats.peers.store(node.device.get().peers.len() as u64, Ordering::Relaxed);
+        let dataplane = &node.dataplane;
+        stats.peers.store(dataplane.device.get().peers.len() as u64, Ordering::Relaxed);
         stats.hosted.store(node.hosted as u64, Ordering::Relaxed);
-        stats.zone_records.store(node.zone_records as u64, Ordering::Relaxed);
-        stats.plans.store(node.device.plans, Ordering::Relaxed);
-        stats.peer_changes.store(node.device.peer_changes, Ordering::Relaxed);
-        stats.firewall_changes.store(node.firewall_changes, Ordering::Relaxed);
+        stats.zone_records.store(dataplane.zone_records as u64, Ordering::Relaxed);
+        stats.plans.store(dataplane.device.plans, Ordering::Relaxed);
+        stats.peer_changes.store(dataplane.device.peer_changes, Ordering::Relaxed);
+        stats.firewall_changes.store(dataplane.firewall_changes, Ordering::Relaxed);
     }
 }

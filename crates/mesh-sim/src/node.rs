@@ -1,33 +1,33 @@
-//! One simulated node: the steps of `mesh-agent`'s sync (`Agent::sync`) in the same order and
-//! with the same code — status published with the agent's `status::publish`, peers from the
-//! directory through `mesh_dataplane::desired::peers`, the device diffed with
-//! `mesh_wireguard::plan`, the applied-peers digest published, hosted services and their
-//! nftables ruleset, the DNS zone — with the device, the links, `nft` and the DNS server
-//! replaced by records. Not simulated: the liveness Lease, health probes and the `Connected`
-//! condition (there is no tunnel to probe).
+//! One simulated node: the agent's own sync — the pure plan of the node (`mesh_plan`) from a
+//! shared snapshot of the directory, then the agent's executor (`mesh_agent::executor`), which
+//! programs a [`RecordingDataPlane`] and then writes the status through the agent's
+//! `status::Writer` (server-side apply, never twice the same) — and the Lease renewal carrying
+//! the applied peer set. Not simulated: health probes and the `Connected` condition (there is
+//! no tunnel to probe).
 //!
-//! What is the same for every node reading the same directory — every node's peer entry, every
-//! service's placement, the DNS zone — is derived once per directory change into a
-//! [`Snapshot`] that the nodes sharing that directory read; each node still runs its own peers,
-//! plan, digest, hosted services, ruleset and status writes.
+//! What is the same for every node reading the same directory state — peer entries,
+//! placements, the DNS zone — is one `mesh_plan::Directory` per change, which the nodes of a
+//! group share; each node still computes its own plan (peers, digest, hosting, ruleset).
 
 use std::net::Ipv4Addr;
-use tokio::time::Instant;
 
 use anyhow::Context;
 use ipnet::{IpNet, Ipv4Net};
 use kube::Client;
 use mesh_agent::directory::Directory;
-use mesh_agent::status::{self, Published};
+use mesh_agent::executor;
+use mesh_agent::status::{self, NodeStatus, Published, Writer};
 use mesh_api::{AppliedPeers, Backend};
-use mesh_dataplane::desired::{self, Hosted, PeerEntry, Placement};
-use mesh_dataplane::{dns, firewall};
-use mesh_wireguard::{DeviceConfig, DeviceState, PrivateKey};
+use mesh_dataplane::desired::Hosted;
+use mesh_dataplane::dns;
+use mesh_plan::{NodeInput, NodeSettings};
+use mesh_wireguard::{DeviceState, PrivateKey};
+use tokio::time::Instant;
 
-use crate::recording::RecordingDevice;
+use crate::recording::RecordingDataPlane;
 
-/// The WireGuard port when the MeshNode does not name one (as the agent).
-const DEFAULT_PORT: u16 = 51820;
+/// The mesh subnet of the simulated nodes: the controller's and the agent's default.
+pub const SUBNET: &str = "10.42.0.0/16";
 
 /// A service whose arrival the bench times: its DNS name and the node that hosts it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,36 +40,21 @@ pub struct Target {
     pub host: String,
 }
 
-/// What every node derives alike from one state of the directory (the agent computes these in
-/// its sync from the same directory calls).
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    /// Every node's peer entry (`Directory::peer_entries`).
-    pub entries: Vec<PeerEntry>,
-    /// Where every service is (`Directory::placements`).
-    pub placements: Vec<Placement>,
-    /// The DNS zone (`mesh_dataplane::dns::zone` of `Directory::dns_inputs`).
-    pub zone: dns::Zone,
-}
-
-impl Snapshot {
-    /// Derives everything from the directory as it is now.
-    pub async fn of(directory: &Directory) -> Self {
-        let entries = directory.peer_entries();
-        let placements = directory.placements();
-        let (nodes, services) = directory.dns_inputs();
-        Self { entries, placements, zone: dns::zone(&nodes, &services) }
-    }
+/// The shared part of a snapshot, as the simulated nodes derive it: every short name published
+/// (as the controller's default), peer entries confined to [`SUBNET`], endpoints only literal.
+pub fn snapshot(directory: &Directory) -> mesh_plan::Directory {
+    directory.snapshot(SUBNET.parse().ok(), &dns::ShortNames::Every)
 }
 
 /// What one sync did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Synced {
-    /// Status writes made (0, 1 or 2).
+    /// Status writes made (0 or 1).
     pub writes: u32,
-    /// When the device came to route the target's address to its host (another node), right
-    /// after the plan was recorded — before the status write and the DNS update that follow it
-    /// in the agent's sync.
+    /// The status write failed (the data plane was programmed all the same).
+    pub status_failed: bool,
+    /// When the device came to route the target's address to its host (another node): when
+    /// the recorded device was changed, before the status write that follows.
     pub target_routed: Option<Instant>,
     /// Whether the target is applied: named in the zone, and routed to its host (another
     /// node) or hosted (its host).
@@ -83,110 +68,104 @@ pub struct SimNode {
     key: PrivateKey,
     /// The underlay address it advertises (loopback: nothing is ever sent to it).
     address: Ipv4Addr,
+    settings: NodeSettings,
     client: Client,
-    /// The recorded device.
-    pub device: RecordingDevice,
-    applied: Option<AppliedPeers>,
-    /// The last ruleset that would have gone to `nft`.
-    firewall: Option<String>,
-    /// Rulesets that would have gone to `nft`.
-    pub firewall_changes: u64,
+    /// The recorded data plane.
+    pub dataplane: RecordingDataPlane,
+    status: NodeStatus,
+    /// The peer set last applied, reported on the Lease.
+    pub applied: Option<AppliedPeers>,
     /// Services hosted on it, as of the last sync.
     pub hosted: usize,
-    /// Records in its DNS zone, as of the last sync.
-    pub zone_records: usize,
 }
 
 impl SimNode {
-    /// A node named `name` with a fresh key, advertising `address`.
-    pub fn new(name: String, address: Ipv4Addr, client: Client) -> anyhow::Result<Self> {
+    /// A node named `name` with a fresh key, advertising `address`, whose status writes compare
+    /// with `directory`'s copy.
+    pub fn new(name: String, address: Ipv4Addr, client: Client, directory: Directory) -> anyhow::Result<Self> {
         let key = PrivateKey::generate().context("generating a WireGuard key")?;
+        let settings = NodeSettings {
+            interface: "wg-harness".to_owned(),
+            subnet: SUBNET.parse().context("the simulated subnet")?,
+            pod_cidrs: Vec::new(),
+            mtu: 1420,
+            probe_port: 51821,
+            dns_port: 53,
+            dns_on_underlay: false,
+            expose_ports: Default::default(),
+        };
+        let status = NodeStatus { node: name.clone(), writer: Writer::new(client.clone()), directory };
         Ok(Self {
             name,
             key,
             address,
+            settings,
             client,
-            device: RecordingDevice::default(),
+            dataplane: RecordingDataPlane::default(),
+            status,
             applied: None,
-            firewall: None,
-            firewall_changes: 0,
             hosted: 0,
-            zone_records: 0,
         })
     }
 
-    fn published(&self, endpoint: String, listen_port: u16) -> Published {
-        Published {
+    /// One pass, the agent's: plan, then the executor (data plane, then status). `resync`: the
+    /// periodic one, which also compares the status with the API's copy.
+    pub async fn sync(
+        &mut self,
+        snapshot: &mesh_plan::Directory,
+        target: Option<&Target>,
+        resync: bool,
+    ) -> anyhow::Result<Synced> {
+        let input = NodeInput {
+            name: &self.name,
+            key: &self.key,
+            settings: &self.settings,
+            fallback: false,
+            underlay: Some(self.address),
+            masquerade_underlay: None,
+        };
+        let plan = snapshot.plan(&input)?;
+        let published = Published {
             public_key: Some(self.key.public_key().to_base64()),
-            endpoint: Some(endpoint),
-            listen_port,
+            endpoint: plan.endpoint.clone(),
+            listen_port: plan.listen_port,
             // What a node with wireguard-go reports; the controller treats every backend but
             // `none` alike.
             backend: Backend::Userspace,
             connected: None,
-            applied_peers: self.applied.clone(),
+        };
+        let executed =
+            executor::execute(&plan, &snapshot.zone, &mut self.dataplane, &mut self.status, &published, resync).await;
+        let mut synced = Synced {
+            writes: u32::from(matches!(executed.status, Ok(true))),
+            status_failed: executed.status.is_err(),
+            ..Synced::default()
+        };
+        if let Err(err) = &executed.status {
+            tracing::debug!(node = %self.name, "simulated status write failed: {err:#}");
         }
+        if executed.device_applied {
+            self.applied = plan.applied.clone();
+        }
+        let hosted = plan.local.as_ref().map(|l| l.hosted.as_slice()).unwrap_or_default();
+        self.hosted = hosted.len();
+        let device = self.dataplane.device.get();
+        if let Some(target) = target
+            && target.host != self.name
+            && routes(&target.fqdn, &snapshot.zone, device)
+        {
+            let changed = executed.device.is_some().then_some(self.dataplane.device_changed).flatten();
+            synced.target_routed = Some(changed.map_or_else(Instant::now, Instant::from_std));
+        }
+        synced.target_applied =
+            target.is_some_and(|t| applies(t, &self.name, &snapshot.zone, hosted, self.dataplane.device.get()));
+        executed.dataplane.with_context(|| format!("simulated node {}", self.name))?;
+        Ok(synced)
     }
 
-    /// One pass, as the agent's: status, device, hosted services and their rules, DNS.
-    pub async fn sync(
-        &mut self,
-        directory: &Directory,
-        snapshot: &Snapshot,
-        target: Option<&Target>,
-    ) -> anyhow::Result<Synced> {
-        let mut synced = Synced::default();
-        let name = self.name.clone();
-        let Some(me) = directory.node(&name) else {
-            anyhow::bail!("MeshNode {name} does not exist");
-        };
-        let listen_port = u16::try_from(me.spec.listen_port).unwrap_or(DEFAULT_PORT);
-        let endpoint = me.spec.endpoint.clone().unwrap_or_else(|| format!("{}:{listen_port}", self.address));
-        if status::publish(&self.client, &me, &self.published(endpoint.clone(), listen_port))
-            .await
-            .with_context(|| format!("publishing the status of {name}"))?
-        {
-            synced.writes += 1;
-        }
-
-        let peers = desired::peers(&name, &self.key.public_key(), &snapshot.entries);
-        let wanted = DeviceConfig { private_key: self.key.clone(), listen_port, peers: peers.peers };
-        let plan = mesh_wireguard::plan(self.device.get(), &wanted);
-        self.device.apply(&plan);
-        if let Some(target) = target
-            && target.host != name
-            && routes(&target.fqdn, &snapshot.zone, self.device.get())
-        {
-            synced.target_routed = Some(Instant::now());
-        }
-        let applied = AppliedPeers {
-            count: i32::try_from(peers.applied.len()).unwrap_or(i32::MAX),
-            digest: desired::digest(&peers.applied),
-        };
-        if self.applied.as_ref() != Some(&applied) {
-            self.applied = Some(applied);
-            if status::publish(&self.client, &me, &self.published(endpoint, listen_port))
-                .await
-                .with_context(|| format!("publishing the applied peers of {name}"))?
-            {
-                synced.writes += 1;
-            }
-        }
-
-        let Some(node_ip) = me.status.as_ref().and_then(|s| s.mesh_ip.as_deref()).and_then(|ip| ip.parse().ok()) else {
-            anyhow::bail!("MeshNode {name} has no mesh IP yet");
-        };
-        let hosted = desired::hosted(&name, Some(node_ip), &snapshot.placements);
-        let rules = firewall::render(&hosted, None, None);
-        if self.firewall.as_ref() != Some(&rules) {
-            self.firewall = Some(rules);
-            self.firewall_changes += 1;
-        }
-        self.hosted = hosted.len();
-
-        self.zone_records = snapshot.zone.records.len();
-        synced.target_applied = target.is_some_and(|t| applies(t, &name, &snapshot.zone, &hosted, self.device.get()));
-        Ok(synced)
+    /// Renews the node's Lease in `namespace` with its applied peer set, as the agent does.
+    pub async fn renew_lease(&self, namespace: &str) -> anyhow::Result<()> {
+        status::renew_lease(&self.client, namespace, &self.name, 40, self.applied.as_ref()).await
     }
 }
 

@@ -1,7 +1,15 @@
-//! A WireGuard "device" that records what is applied to it instead of programming anything:
-//! it keeps the state a UAPI device would report after each plan ([`mesh_wireguard::device::applied`])
-//! and counts the plans and single-peer changes. Pure: no kube, tokio or netlink.
+//! A data plane that records what is applied to it instead of programming anything: a
+//! WireGuard device that keeps the state a UAPI device would report after each plan
+//! ([`mesh_wireguard::device::applied`]) and counts the plans and single-peer changes, and the
+//! link addresses, ruleset and DNS zone it was last given. It implements the agent's
+//! [`DataPlane`], so a simulated node runs the agent's own executor. No kube, netlink or nft.
 
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use mesh_agent::executor::DataPlane;
+use mesh_dataplane::dns::Zone;
+use mesh_plan::LinkAddresses;
 use mesh_wireguard::{DevicePlan, DeviceState};
 
 /// The recorded device of one simulated node.
@@ -28,6 +36,59 @@ impl RecordingDevice {
         self.state = mesh_wireguard::device::applied(&self.state, plan);
         self.plans += 1;
         self.peer_changes += plan.peers_touched() as u64;
+    }
+}
+
+/// The recorded data plane of one simulated node.
+#[derive(Clone, Debug, Default)]
+pub struct RecordingDataPlane {
+    /// The device.
+    pub device: RecordingDevice,
+    /// When the device last changed.
+    pub device_changed: Option<Instant>,
+    /// The link's addresses, as last configured.
+    pub link: Option<LinkAddresses>,
+    /// The last ruleset that would have gone to `nft`.
+    pub ruleset: Option<String>,
+    /// Rulesets that would have gone to `nft` (changes only).
+    pub firewall_changes: u64,
+    /// Records in the zone last served.
+    pub zone_records: usize,
+}
+
+impl DataPlane for RecordingDataPlane {
+    async fn device(&mut self) -> anyhow::Result<DeviceState> {
+        Ok(self.device.get().clone())
+    }
+
+    async fn apply_device(&mut self, plan: &DevicePlan) -> anyhow::Result<()> {
+        self.device.apply(plan);
+        self.device_changed = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn configure_link(&mut self, wanted: &LinkAddresses) -> anyhow::Result<Vec<String>> {
+        if self.link.as_ref() == Some(wanted) {
+            return Ok(Vec::new());
+        }
+        self.link = Some(wanted.clone());
+        Ok(vec![format!("{} service addresses", wanted.service_ips.len())])
+    }
+
+    async fn apply_firewall(&mut self, ruleset: &str) -> anyhow::Result<bool> {
+        if self.ruleset.as_deref() == Some(ruleset) {
+            return Ok(false);
+        }
+        self.ruleset = Some(ruleset.to_owned());
+        self.firewall_changes += 1;
+        Ok(true)
+    }
+
+    fn ensure_echo(&mut self, _node_ip: Ipv4Addr) {}
+
+    async fn serve_dns(&mut self, _listen: &[Ipv4Addr], zone: &Zone) -> anyhow::Result<()> {
+        self.zone_records = zone.records.len();
+        Ok(())
     }
 }
 
@@ -68,5 +129,14 @@ mod tests {
         // One peer changed: one peer touched.
         device.apply(&plan(device.get(), &config(&[(2, "10.42.0.2/32"), (3, "10.42.0.9/32")])));
         assert_eq!((device.plans, device.peer_changes), (2, 3));
+    }
+
+    #[tokio::test]
+    async fn the_same_ruleset_is_recorded_once() {
+        let mut dataplane = RecordingDataPlane::default();
+        assert!(dataplane.apply_firewall("table inet harness_mesh").await.unwrap());
+        assert!(!dataplane.apply_firewall("table inet harness_mesh").await.unwrap());
+        assert!(dataplane.apply_firewall("table inet harness_mesh {}").await.unwrap());
+        assert_eq!(dataplane.firewall_changes, 2);
     }
 }

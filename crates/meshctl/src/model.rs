@@ -9,8 +9,11 @@
 //!   than 5 are down, the unnamed cells are "unknown", never guessed;
 //! - convergence: whether each node has applied the current peer set, derived from what the API
 //!   holds (mesh IP, published key, an up-to-date peer entry, the agent's peer count against the
-//!   directory's, a live agent Lease). The API has no applied-generation field, so a node whose
-//!   agent applied a changed endpoint or allowed IP but not yet the others cannot be told apart.
+//!   directory's, a live agent Lease) and from the applied peer set the agent reports on its
+//!   Lease (`mesh_api::APPLIED_PEERS_ANNOTATION`), whose digest is compared with the digest of
+//!   what the directory asks of the node. The directory's side is computed by `mesh-plan`, the
+//!   very conversion and skip rules the agents run (endpoints given as DNS names cannot be
+//!   resolved here and count as none).
 //!
 //! The renderers (`table`, `dot`, `svg`) read only this model.
 
@@ -20,6 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use mesh_api::conditions::{CONNECTED, READY};
 use mesh_api::{Backend, MeshNode, MeshService, NetworkType, PeerEntry};
+use mesh_dataplane::dns::ShortNames;
+use mesh_plan::{Directory, convert};
 use serde::Serialize;
 
 use crate::connected::{self, Report};
@@ -351,16 +356,21 @@ impl MeshView {
             })
             .collect();
         let mut views: Vec<NodeView> = nodes.iter().map(|n| node_view(n, leases.ok(), now)).collect();
+        // The directory as the agents derive it (the subnet is theirs to confine to: none here).
+        let directory =
+            Directory::build(nodes.iter().copied(), services, None, &ShortNames::Every, convert::literal_endpoint);
+        let wanted: Vec<mesh_dataplane::desired::Peers> = views.iter().map(|v| wanted_peers(&directory, v)).collect();
+        let expected: Vec<BTreeSet<String>> = wanted.iter().map(|w| w.names.values().cloned().collect()).collect();
         for i in 0..views.len() {
-            let expected = expected_peers(&views, i);
             let report = reports.get(&views[i].name).cloned().flatten();
-            views[i].convergence = convergence(nodes[i], &views[i], &expected, report.as_ref());
-            if let Some(why) = applied_differs(nodes[i], &nodes) {
+            views[i].convergence = convergence(nodes[i], &views[i], &expected[i], report.as_ref());
+            let lease = leases.ok().and_then(|l| l.get(&views[i].name));
+            if let Some(why) = applied_differs(&views[i], lease, &wanted[i]) {
                 views[i].convergence.reasons.push(why);
                 views[i].convergence.state = ConvergenceState::Pending;
             }
         }
-        let reachability = links(&views, &reports);
+        let reachability = links(&views, &reports, &expected);
         let mut services: Vec<ServiceView> = services.iter().map(service_view).collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let convergence = Convergence {
@@ -482,52 +492,26 @@ fn agent_view(lease: Option<&Lease>, now: Timestamp) -> AgentView {
     AgentView { state, seconds_since_renewal: Some(age.max(0)) }
 }
 
-/// The names of the nodes the agent of `views[i]` should have as WireGuard peers: every other
-/// node with a peer entry, less entries with its own key or a key several nodes publish (the
-/// agent skips those too).
-fn expected_peers(views: &[NodeView], i: usize) -> BTreeSet<String> {
-    let me = &views[i];
-    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (j, other) in views.iter().enumerate() {
-        if let (true, Some(peer)) = (j != i, &other.peer) {
-            by_key.entry(peer.public_key.as_str()).or_default().push(other.name.as_str());
-        }
+/// The peers the agent of `view` should have: what `mesh-plan` computes for it (every other
+/// node with a usable peer entry, less entries with its own key or a key several nodes publish).
+fn wanted_peers(directory: &Directory, view: &NodeView) -> mesh_dataplane::desired::Peers {
+    let key = view.public_key.as_deref().and_then(|k| mesh_wireguard::Key::from_base64(k).ok());
+    directory.peers(&view.name, key.as_ref())
+}
+
+/// Why the peer set `view`'s agent reports on its Lease as applied is not `wanted` (the one the
+/// directory asks of it), or why it cannot be told; `None` when they agree, or when there is
+/// nothing to compare (no Lease read, no key published, a node in fallback).
+fn applied_differs(view: &NodeView, lease: Option<&Lease>, wanted: &mesh_dataplane::desired::Peers) -> Option<String> {
+    if view.is_fallback() || view.public_key.is_none() {
+        return None;
     }
-    by_key
-        .into_iter()
-        .filter(|(key, _)| me.public_key.as_deref() != Some(*key))
-        .filter_map(|(_, names)| match names.as_slice() {
-            [one] => Some((*one).to_owned()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The entries of every node, as the agents apply them (endpoints that are not IP:port, i.e.
-/// DNS names the agents resolve, cannot be compared here and are left out of the check).
-fn directory_entries(nodes: &[&MeshNode]) -> Vec<mesh_dataplane::desired::PeerEntry> {
-    nodes
-        .iter()
-        .filter_map(|n| {
-            let peer = n.status.as_ref()?.peer.clone()?;
-            Some(mesh_dataplane::desired::PeerEntry {
-                node: name_of(n),
-                public_key: peer.public_key,
-                endpoint: peer.endpoint.as_deref().and_then(|e| e.parse().ok()),
-                allowed_ips: peer.allowed_ips,
-                persistent_keepalive: peer.persistent_keepalive,
-            })
-        })
-        .collect()
-}
-
-/// Why the peer set `node`'s agent reports as applied (`status.appliedPeers`) is not the one the
-/// directory asks of it, if it is not; `None` when they agree or the agent reports none.
-fn applied_differs(node: &MeshNode, nodes: &[&MeshNode]) -> Option<String> {
-    let status = node.status.as_ref()?;
-    let applied = status.applied_peers.as_ref()?;
-    let key = mesh_wireguard::Key::from_base64(status.public_key.as_deref()?).ok()?;
-    let wanted = mesh_dataplane::desired::peers(&name_of(node), &key, &directory_entries(nodes));
+    let Some(applied) = lease?.applied.as_ref() else {
+        return Some(format!(
+            "its agent's Lease carries no applied peer set (annotation {}): an agent older than this meshctl, or              one that has not applied any peers yet",
+            mesh_api::APPLIED_PEERS_ANNOTATION
+        ));
+    };
     let digest = mesh_dataplane::desired::digest(&wanted.applied);
     (digest != applied.digest).then(|| {
         format!(
@@ -620,13 +604,12 @@ fn convergence(
     NodeConvergence { state, reasons }
 }
 
-fn links(views: &[NodeView], reports: &BTreeMap<String, Option<Report>>) -> Vec<Link> {
+fn links(views: &[NodeView], reports: &BTreeMap<String, Option<Report>>, expected: &[BTreeSet<String>]) -> Vec<Link> {
     let mut out = Vec::new();
-    for (i, from) in views.iter().enumerate() {
-        let expected = expected_peers(views, i);
+    for (from, expected) in views.iter().zip(expected) {
         let report = reports.get(&from.name).cloned().flatten();
         for to in views.iter().filter(|v| v.name != from.name) {
-            let (state, detail) = cell(from, to, &expected, report.as_ref());
+            let (state, detail) = cell(from, to, expected, report.as_ref());
             out.push(Link { from: from.name.clone(), to: to.name.clone(), state, detail });
         }
     }
@@ -729,7 +712,6 @@ pub(crate) mod fixtures {
                 persistent_keepalive: None,
             }),
             observed_generation: Some(1),
-            applied_peers: None,
             conditions,
         });
         node
@@ -835,21 +817,62 @@ mod tests {
         assert_eq!(edge("hm-node-1", "hm-node-4"), EdgeHealth::NoTunnel);
     }
 
+    /// Alive Leases for `nodes`, each carrying `applied(name)`.
+    fn leases(nodes: &[&str], applied: impl Fn(&str) -> Option<mesh_api::AppliedPeers>) -> BTreeMap<String, Lease> {
+        nodes
+            .iter()
+            .map(|n| {
+                let lease =
+                    Lease { renewed: Some(Timestamp::UNIX_EPOCH), duration_secs: Some(40), applied: applied(n) };
+                ((*n).to_owned(), lease)
+            })
+            .collect()
+    }
+
     #[test]
-    fn an_applied_peer_set_that_differs_from_the_directory_is_pending() {
+    fn an_applied_peer_set_on_the_lease_that_differs_from_the_directory_is_pending() {
         let nodes = [node("n1", 1, None), node("n2", 2, None), node("n3", 3, None)];
-        let refs: Vec<&MeshNode> = nodes.iter().collect();
-        let key =
-            mesh_wireguard::Key::from_base64(nodes[0].status.as_ref().unwrap().public_key.as_deref().unwrap()).unwrap();
-        let wanted = mesh_dataplane::desired::peers("n1", &key, &directory_entries(&refs));
-        assert_eq!(wanted.applied.len(), 2);
-        let mut n1 = nodes[0].clone();
-        n1.status.as_mut().unwrap().applied_peers =
-            Some(mesh_api::AppliedPeers { count: 2, digest: mesh_dataplane::desired::digest(&wanted.applied) });
-        assert_eq!(applied_differs(&n1, &refs), None);
-        n1.status.as_mut().unwrap().applied_peers = Some(mesh_api::AppliedPeers { count: 1, digest: "0".repeat(16) });
-        let why = applied_differs(&n1, &refs).unwrap();
-        assert!(why.contains("has applied 1 peer ") && why.contains("asks for 2"), "{why}");
+        let names = ["n1", "n2", "n3"];
+        // What each agent applies, computed as the agents do (mesh-plan, on the same objects).
+        let directory = Directory::build(&nodes, &[], None, &ShortNames::Every, convert::literal_endpoint);
+        let digest_of = |name: &str| {
+            let status = nodes.iter().find(|n| convert::name(n) == name).unwrap().status.as_ref().unwrap();
+            let key = mesh_wireguard::Key::from_base64(status.public_key.as_deref().unwrap()).unwrap();
+            Directory::applied(&directory.peers(name, Some(&key)))
+        };
+        assert_eq!(digest_of("n1").count, 2);
+        let converged = leases(&names, |n| Some(digest_of(n)));
+        let v = MeshView::build(&nodes, &[], Ok(&converged), Timestamp::UNIX_EPOCH);
+        for n in names {
+            assert!(!v.node(n).unwrap().convergence.reasons.iter().any(|r| r.contains("digest")), "{n}: {v:?}");
+        }
+
+        let behind = leases(&names, |n| {
+            if n == "n1" {
+                Some(mesh_api::AppliedPeers { count: 1, digest: "0".repeat(16) })
+            } else {
+                Some(digest_of(n))
+            }
+        });
+        let v = MeshView::build(&nodes, &[], Ok(&behind), Timestamp::UNIX_EPOCH);
+        let n1 = &v.node("n1").unwrap().convergence;
+        assert_eq!(n1.state, ConvergenceState::Pending);
+        assert!(n1.reasons.iter().any(|r| r.contains("has applied 1 peer ") && r.contains("asks for 2")), "{n1:?}");
+        assert!(!v.node("n2").unwrap().convergence.reasons.iter().any(|r| r.contains("digest")));
+
+        // An old agent: a Lease without the annotation.
+        let old = leases(&names, |n| (n != "n2").then(|| digest_of(n)));
+        let v = MeshView::build(&nodes, &[], Ok(&old), Timestamp::UNIX_EPOCH);
+        let n2 = &v.node("n2").unwrap().convergence;
+        assert_eq!(n2.state, ConvergenceState::Pending);
+        assert!(n2.reasons.iter().any(|r| r.contains("carries no applied peer set")), "{n2:?}");
+    }
+
+    #[test]
+    fn a_fallback_node_needs_no_applied_peer_set() {
+        let nodes = [node("n1", 1, None), fallback("n4", 4)];
+        let v = MeshView::build(&nodes, &[], Ok(&leases(&["n1", "n4"], |_| None)), Timestamp::UNIX_EPOCH);
+        assert_eq!(v.node("n4").unwrap().convergence.state, ConvergenceState::Fallback);
     }
 
     #[test]
