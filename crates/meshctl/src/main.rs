@@ -13,10 +13,12 @@ mod cluster;
 mod connected;
 mod dot;
 mod enroll;
+mod kubeconfig;
 mod model;
 mod palette;
 mod svg;
 mod table;
+mod util;
 mod wgquick;
 
 use std::io::{ErrorKind, Write};
