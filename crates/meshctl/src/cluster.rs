@@ -31,7 +31,8 @@ impl Cluster {
     /// the agents' Leases are read in `--mesh-namespace`.
     pub async fn connect(args: &ClusterArgs) -> anyhow::Result<Self> {
         let connection = kubeconfig::connect(args).await?;
-        Ok(Self { client: connection.client, target: connection.target, mesh_namespace: args.mesh_namespace.clone() })
+        let target = connection.target();
+        Ok(Self { client: connection.client, target, mesh_namespace: args.mesh_namespace.clone() })
     }
 
     /// Every MeshNode.
@@ -142,11 +143,11 @@ mod tests {
 
     #[test]
     fn api_errors_say_what_to_do() {
-        let target = "https://127.0.0.1:6443 (context lab)";
+        let target = "https://127.0.0.1:6443/ (context lab)";
         let missing =
             explain(target, &api(404, "NotFound", "the server could not find the requested resource"), "meshnodes");
         assert!(missing.to_string().starts_with(
-            "the harness-mesh CRDs are not installed in the cluster at https://127.0.0.1:6443 (context lab)"
+            "the harness-mesh CRDs are not installed in the cluster at https://127.0.0.1:6443/ (context lab)"
         ));
         assert!(missing.to_string().contains("kubectl apply -f crds/"));
         let denied = explain(

@@ -47,14 +47,30 @@ pub struct ClusterArgs {
 pub struct Connection {
     /// A client with the user's credentials, its timeouts set to `--request-timeout`.
     pub client: Client,
-    /// `https://host:port (context NAME)`, for messages.
-    pub target: String,
-    /// The API server URL, without a trailing `/`.
+    /// The API server URL as kube prints it (`https://host:port/`).
+    pub url: String,
+    /// The API server URL without a trailing `/`, as the machines enroll gets it.
     pub server: String,
+    /// The kubeconfig context used, if any.
+    pub context: Option<String>,
     /// The kubeconfig's CA bundle (PEM), if it names one.
     pub ca_pem: Option<String>,
     /// Whether the kubeconfig turns TLS verification off.
     pub insecure: bool,
+}
+
+impl Connection {
+    /// `https://host:port/ (context NAME)`: the cluster as the messages of status, graph and
+    /// showconf have always named it.
+    pub fn target(&self) -> String {
+        describe(&self.url, self.context.as_deref())
+    }
+
+    /// `https://host:port (context NAME)`: the cluster as enroll's and unenroll's progress lines
+    /// and messages name it, by the URL the machine gets.
+    pub fn server_target(&self) -> String {
+        describe(&self.server, self.context.as_deref())
+    }
 }
 
 /// Builds a client from `--kubeconfig`/`--context` or, without them, as kubectl does:
@@ -101,13 +117,13 @@ pub async fn connect(args: &ClusterArgs) -> anyhow::Result<Connection> {
     config.connect_timeout = Some(args.request_timeout);
     config.read_timeout = Some(args.request_timeout);
     config.write_timeout = Some(args.request_timeout);
-    let server = config.cluster_url.to_string().trim_end_matches('/').to_owned();
-    let target = describe(&server, context.as_deref());
+    let url = config.cluster_url.to_string();
+    let server = url.trim_end_matches('/').to_owned();
     let ca_pem = config.root_cert.as_ref().filter(|certs| !certs.is_empty()).map(|certs| pem(certs));
     let insecure = config.accept_invalid_certs;
-    let client =
-        Client::try_from(config).map_err(|err| anyhow!("cannot set up a client for {target}: {}", chain(&err)))?;
-    Ok(Connection { client, target, server, ca_pem, insecure })
+    let client = Client::try_from(config)
+        .map_err(|err| anyhow!("cannot set up a client for {}: {}", describe(&url, context.as_deref()), chain(&err)))?;
+    Ok(Connection { client, url, server, context, ca_pem, insecure })
 }
 
 /// Fails unless the kubeconfig has the context `wanted`, listing the ones it has.
@@ -122,7 +138,7 @@ fn check_context(kubeconfig: &Kubeconfig, wanted: &str) -> anyhow::Result<()> {
     )
 }
 
-/// `https://host:port (context NAME)`: the API server as messages name it.
+/// `URL (context NAME)`: the API server as messages name it.
 fn describe(server: &str, context: Option<&str>) -> String {
     match context {
         Some(context) => format!("{server} (context {context})"),
@@ -216,12 +232,13 @@ current-context: lab
     async fn the_kubeconfig_gives_server_ca_and_target() {
         let dir = tempfile::tempdir().unwrap();
         let lab = connect(&args(&dir, None)).await.unwrap();
-        assert_eq!(lab.server, "https://127.0.0.1:6443");
-        assert_eq!(lab.target, "https://127.0.0.1:6443 (context lab)");
+        assert_eq!((lab.url.as_str(), lab.server.as_str()), ("https://127.0.0.1:6443/", "https://127.0.0.1:6443"));
+        assert_eq!(lab.target(), "https://127.0.0.1:6443/ (context lab)");
+        assert_eq!(lab.server_target(), "https://127.0.0.1:6443 (context lab)");
         assert_eq!(lab.ca_pem.as_deref(), Some(TEST_CA), "the CA comes back as the PEM it was");
         assert!(!lab.insecure);
         let open = connect(&args(&dir, Some("open"))).await.unwrap();
-        assert_eq!((open.target.as_str(), open.insecure), ("https://10.0.0.1:6443 (context open)", true));
+        assert_eq!((open.server_target().as_str(), open.insecure), ("https://10.0.0.1:6443 (context open)", true));
     }
 
     #[tokio::test]

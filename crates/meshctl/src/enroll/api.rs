@@ -43,7 +43,7 @@ pub const MACHINE_ACCOUNT_PREFIX: &str = "mesh-machine-";
 pub struct Cluster {
     /// A client with the user's credentials.
     pub client: Client,
-    /// `https://host:port (context NAME)`, for messages.
+    /// `https://host:port (context NAME)`, for messages ([`Connection::server_target`]).
     pub target: String,
 }
 
@@ -135,7 +135,7 @@ impl Cluster {
     /// The cluster of a connection made by [`crate::kubeconfig::connect`], the loader every
     /// command shares.
     pub fn new(connection: &Connection) -> Self {
-        Self { client: connection.client.clone(), target: connection.target.clone() }
+        Self { client: connection.client.clone(), target: connection.server_target() }
     }
 
     /// An API error as what to do about it.

@@ -151,7 +151,7 @@ fn machine_api_server(
         bail!(
             "your kubeconfig skips TLS verification for {}, so there is no CA to give the machine: pass the API \
              server's CA with --api-server-ca FILE",
-            connection.target
+            connection.server_target()
         );
     }
     Ok((server, ca_pem))
@@ -579,8 +579,9 @@ mod tests {
         let config = kube::Config::new(server.parse().unwrap());
         Connection {
             client: kube::Client::try_from(config).unwrap(),
-            target: format!("{server} (context lab)"),
+            url: format!("{server}/"),
             server: server.to_owned(),
+            context: Some("lab".to_owned()),
             ca_pem: ca.map(str::to_owned),
             insecure,
         }
