@@ -198,7 +198,7 @@ impl Cluster {
             self.explain(
                 &err,
                 &format!(
-                    "checking that no Kubernetes Node is called {name} (enroll needs get on nodes to know the name is                      free)"
+                    "checking that no Kubernetes Node is called {name} (enroll needs get on nodes to know the name is free)"
                 ),
             )
         })
