@@ -310,7 +310,8 @@ async fn main() -> anyhow::Result<()> {
         async move {
             let node: MeshNode = serde_json::from_value(json!({
                 "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
-                "metadata": {"name": node_name(i)}, "spec": {},
+                // Open to the bench's namespaces (spec.node placements need the node's consent).
+                "metadata": {"name": node_name(i)}, "spec": {"serviceNamespaces": (0..NAMESPACES).map(namespace).collect::<Vec<_>>()},
             }))?;
             api.create(&PostParams::default(), &node).await?;
             Ok(())
