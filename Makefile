@@ -9,7 +9,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench build crds check-crds fmt lint unit fuzz test e2e-controller e2e-vm kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale build crds check-crds fmt lint unit fuzz test e2e-controller e2e-vm kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -92,11 +92,23 @@ kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kube
 
 bench: deps ## benchmarks (3-node lab, then 500 simulated nodes): one table at the end, JSON under target/bench/
 	$(CARGO) build --workspace --bins
+	$(CARGO) build --release -p mesh-agent
 	$(LAB) up --nodes 3
 	$(CARGO) bench -p mesh-controller --bench allocation
 	$(CARGO) bench -p harness-mesh-e2e --bench mesh
 	$(CARGO) bench -p mesh-controller --bench scale
 	$(CARGO) run -q -p harness-mesh-e2e --bin bench-report
+
+SCALE_SIZES ?= 500 2000 5000
+bench-scale: deps ## the scale bench at several sizes (SCALE_SIZES, MeshNodes; 10 MeshServices each): target/bench/scale-N.json, table at the end
+	$(CARGO) build --workspace --bins
+	$(CARGO) build --release -p mesh-agent
+	$(LAB) up --nodes 3
+	@set -e; for n in $(SCALE_SIZES); do \
+	  echo "[bench-scale] $$n MeshNodes, $$((n * 10)) MeshServices"; \
+	  HM_BENCH_NODES=$$n HM_BENCH_SERVICES=$$((n * 10)) HM_BENCH_OUT=scale-$$n.json $(CARGO) bench -p mesh-controller --bench scale; \
+	done
+	$(CARGO) run -q -p harness-mesh-e2e --bin bench-report -- --scale $(SCALE_SIZES)
 
 meshctl: ## build meshctl, with the kubectl plugin link kubectl-mesh beside it
 	$(CARGO) build -q -p meshctl

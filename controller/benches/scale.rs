@@ -17,12 +17,24 @@
 //!    and started afresh; the time until it is ready (caches listed) and until it has
 //!    reconciled as many MeshNodes and MeshServices as exist, and what it wrote meanwhile.
 //!
+//! 6. One real agent at that scale: the lab's `hm-node-1` keeps its mesh-agent running through
+//!    the bench as a release build (`HM_AGENT_BIN`, built by `make bench`), so it sees every
+//!    bench object and programs a real wireguard-go device with every peer. Its idle CPU and RSS
+//!    are taken first on the plain lab, then its RSS and the time of its syncs at scale.
+//!
+//! At most `HM_BENCH_AGENTS` (500) MeshNodes get a simulated agent: beyond that the devices of
+//! N agents with N peers each would not fit in one process (5,000 × 5,000 peers). The other
+//! MeshNodes get what their agent would publish (a real public key, an endpoint on loopback)
+//! from the bench itself, once, so the controller and the simulated agents see a mesh of the
+//! full size.
+//!
 //! Afterwards the bench's objects are removed and the lab is brought back (its controller and
 //! agents).
-//! The table goes to stdout and the figures to target/bench/scale.json. Sizes can be changed
-//! with HM_BENCH_NODES, HM_BENCH_SERVICES, HM_BENCH_TRIES and HM_BENCH_DIRECTORIES.
+//! The table goes to stdout and the figures to target/bench/scale.json (or `HM_BENCH_OUT`).
+//! Sizes can be changed with HM_BENCH_NODES, HM_BENCH_SERVICES, HM_BENCH_AGENTS, HM_BENCH_TRIES
+//! and HM_BENCH_DIRECTORIES; `make bench-scale` runs three sizes up to 5,000 nodes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -81,8 +93,99 @@ fn lab_nodes() -> usize {
 }
 
 fn lab_agent(action: &str, node: &str) -> anyhow::Result<()> {
-    let out = Command::new(repo_root().join("e2e/lab/lab.sh")).args(["agent", action, node]).output()?;
+    lab_agent_with(action, node, None)
+}
+
+/// `lab.sh agent ACTION NODE`, running `binary` (`HM_AGENT_BIN`) instead of the debug build.
+fn lab_agent_with(action: &str, node: &str, binary: Option<&Path>) -> anyhow::Result<()> {
+    let mut command = Command::new(repo_root().join("e2e/lab/lab.sh"));
+    command.args(["agent", action, node]);
+    if let Some(binary) = binary {
+        command.env("HM_AGENT_BIN", binary);
+    }
+    let out = command.output()?;
     anyhow::ensure!(out.status.success(), "lab.sh agent {action} {node}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The lab agent the bench keeps running, as a release build: what one real agent costs.
+struct RealAgent {
+    node: String,
+}
+
+impl RealAgent {
+    /// Restarts `node`'s agent from the release build, which `make bench` builds.
+    fn start(node: &str) -> anyhow::Result<Self> {
+        let binary: PathBuf = repo_root().join("target/release/mesh-agent");
+        anyhow::ensure!(binary.exists(), "{} is not built: run cargo build --release -p mesh-agent", binary.display());
+        lab_agent_with("restart", node, Some(&binary))?;
+        Ok(Self { node: node.to_owned() })
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        let path = repo_root().join(format!(".lab/pids/mesh-agent-{}.pid", self.node));
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        Ok(text.trim().parse()?)
+    }
+
+    /// Its Prometheus text (the agent serves it on 127.0.0.1:9464 inside the node).
+    fn metrics(&self) -> anyhow::Result<String> {
+        let out = Command::new(repo_root().join("e2e/lab/lab.sh"))
+            .args(["exec", &self.node, "busybox", "wget", "-qO-", "http://127.0.0.1:9464/metrics"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "reading {}'s agent metrics: {}",
+            self.node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The sum and count of one of its histograms (`mesh_agent_<name>_sum` / `_count`).
+    fn histogram(&self, name: &str) -> anyhow::Result<(f64, f64)> {
+        let text = self.metrics()?;
+        let value = |suffix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("mesh_agent_{name}_{suffix} "))?.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        Ok((value("sum"), value("count")))
+    }
+}
+
+impl Drop for RealAgent {
+    fn drop(&mut self) {
+        // Back to the lab's own (debug) build.
+        if let Err(err) = lab_agent("restart", &self.node) {
+            eprintln!("restarting {}'s agent from the debug build: {err:#}", self.node);
+        }
+    }
+}
+
+/// Mean milliseconds per observation between two (sum, count) readings of a histogram.
+fn mean_ms(before: (f64, f64), after: (f64, f64)) -> f64 {
+    (after.0 - before.0) * 1000.0 / (after.1 - before.1).max(1.0)
+}
+
+/// Watch events of `resource` per open watch of it (how many events each watcher received).
+fn per_watcher(c: &ApiCounters, resource: &str) -> f64 {
+    let events: f64 = c.watch_events.iter().filter(|(k, _)| k.contains(resource)).map(|(_, v)| v).sum();
+    let watchers: f64 = c.watchers.iter().filter(|(k, _)| k.contains(resource)).map(|(_, v)| v).sum();
+    events / watchers.max(1.0)
+}
+
+/// Publishes for MeshNode `name` what its agent would: a fresh public key, an endpoint on
+/// loopback (nothing is ever sent there), the port and the backend; under the agent's field
+/// manager, as the agent does.
+async fn publish_as_agent(api: &Api<MeshNode>, name: &str, i: usize) -> anyhow::Result<()> {
+    let key = mesh_wireguard::PrivateKey::generate()?.public_key().to_base64();
+    let endpoint = format!("127.78.{}.{}:51820", (i >> 8) & 0xff, i & 0xff);
+    let patch = json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+        "status": {"publicKey": key, "endpoint": endpoint, "listenPort": 51820, "backend": "userspace"},
+    });
+    api.patch_status(name, &PatchParams::apply("mesh-agent").force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
@@ -162,13 +265,30 @@ async fn main() -> anyhow::Result<()> {
     let services = env_or("HM_BENCH_SERVICES", 5000);
     let tries = env_or("HM_BENCH_TRIES", 5);
     let directories = env_or("HM_BENCH_DIRECTORIES", 4).max(1);
+    let agents = env_or("HM_BENCH_AGENTS", 500).clamp(1, nodes);
+    let out_file = std::env::var("HM_BENCH_OUT").unwrap_or_else(|_| "scale.json".to_owned());
     let bench_started = Instant::now();
+    // Waits grow with the size (setup at 50,000 services takes minutes on 2 cores).
+    let setup_limit = Duration::from_secs(300 + services as u64 / 40);
 
     let cluster = Cluster::get().await?;
     let lab = lab_nodes();
-    for i in 1..=lab {
+    anyhow::ensure!(lab >= 1, "the scale bench needs the lab up with at least one node (make lab-up)");
+    // hm-node-1 runs the release agent throughout; the others are stopped.
+    let real = RealAgent::start("hm-node-1")?;
+    for i in 2..=lab {
         lab_agent("stop", &format!("hm-node-{i}"))?;
     }
+    // The real agent idle on the plain lab: settle, then 30 s of CPU time.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let idle_cpu_before = measure::cpu_time(real.pid()?)?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let idle_cpu_percent = (measure::cpu_time(real.pid()?)? - idle_cpu_before).as_secs_f64() / 30.0 * 100.0;
+    let idle_memory = measure::memory(real.pid()?)?;
+    println!(
+        "release agent idle on the lab: {idle_cpu_percent:.2} % CPU, {:.1} MiB RSS",
+        idle_memory.rss_kib as f64 / 1024.0
+    );
     let lab_controller = LabControllerPaused::new()?;
     wipe(&cluster).await?;
     let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
@@ -190,7 +310,8 @@ async fn main() -> anyhow::Result<()> {
         async move {
             let node: MeshNode = serde_json::from_value(json!({
                 "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
-                "metadata": {"name": node_name(i)}, "spec": {},
+                // Open to the bench's namespaces (spec.node placements need the node's consent).
+                "metadata": {"name": node_name(i)}, "spec": {"serviceNamespaces": (0..NAMESPACES).map(namespace).collect::<Vec<_>>()},
             }))?;
             api.create(&PostParams::default(), &node).await?;
             Ok(())
@@ -206,15 +327,20 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
-    wait_for("MeshNodes allocated", nodes, Duration::from_secs(300), || allocated_nodes(&node_api)).await?;
-    wait_for("MeshServices allocated", services, Duration::from_secs(300), || allocated_services(&all_services))
-        .await?;
+    // The nodes without a simulated agent publish once, from here.
+    concurrently(nodes - agents, |j| {
+        let api = node_api.clone();
+        async move { publish_as_agent(&api, &node_name(agents + j), agents + j).await }
+    })
+    .await?;
+    wait_for("MeshNodes allocated", nodes, setup_limit, || allocated_nodes(&node_api)).await?;
+    wait_for("MeshServices allocated", services, setup_limit, || allocated_services(&all_services)).await?;
     let setup_seconds = setup.elapsed().as_secs_f64();
     println!("created and allocated {nodes} MeshNodes and {services} MeshServices in {setup_seconds:.1} s");
 
     // 2. The fleet.
     let config = mesh_sim::Config {
-        nodes: (0..nodes).map(node_name).collect(),
+        nodes: (0..agents).map(node_name).collect(),
         directories,
         debounce: Duration::from_millis(50),
         resync: Duration::from_secs(30),
@@ -223,12 +349,12 @@ async fn main() -> anyhow::Result<()> {
     let fleet = Fleet::start(cluster.client.clone(), config).await?;
     let fleet_converged = loop {
         let totals = fleet.totals();
-        if totals.min_peers as usize + 1 >= nodes && totals.hosted as usize >= services {
+        if totals.min_peers as usize + 1 >= nodes && totals.hosted as usize >= services * agents / nodes {
             break fleet.started.elapsed().as_secs_f64();
         }
         anyhow::ensure!(
-            fleet.started.elapsed() < Duration::from_secs(300),
-            "the simulated fleet did not converge in 300 s: {totals:?}"
+            fleet.started.elapsed() < setup_limit,
+            "the simulated fleet did not converge in {setup_limit:?}: {totals:?}"
         );
         if fleet.started.elapsed().as_secs() % 10 == 0 {
             println!("  fleet: {totals:?}");
@@ -246,8 +372,10 @@ async fn main() -> anyhow::Result<()> {
     let (mut all_routed, mut per_agent_routed) = (Vec::new(), Vec::new());
     let sync_before = fleet.totals();
     let cpu_before = measure::cpu_time(std::process::id())?;
+    let (real_sync_before, real_plan_before) = (real.histogram("sync_seconds")?, real.histogram("plan_seconds")?);
+    let real_cpu_before = measure::cpu_time(real.pid()?)?;
     for k in 0..tries {
-        let (name, host) = (format!("converge-{k}"), node_name((k * 37) % nodes));
+        let (name, host) = (format!("converge-{k}"), node_name((k * 37) % agents));
         fleet.track(Target {
             id: k as u64 + 1,
             fqdn: format!("{name}.{}.mesh.local", namespace(0)),
@@ -268,6 +396,17 @@ async fn main() -> anyhow::Result<()> {
         measure::settle(&cluster, Duration::from_secs(1), Duration::from_secs(60)).await?;
     }
     let sync_after = fleet.totals();
+    let (real_sync_after, real_plan_after) = (real.histogram("sync_seconds")?, real.histogram("plan_seconds")?);
+    let real_cpu_ms = (measure::cpu_time(real.pid()?)? - real_cpu_before).as_secs_f64() * 1000.0;
+    let real_syncs = real_sync_after.1 - real_sync_before.1;
+    let real_sync_ms = mean_ms(real_sync_before, real_sync_after);
+    let real_plan_ms = mean_ms(real_plan_before, real_plan_after);
+    let real_memory = measure::memory(real.pid()?)?;
+    println!(
+        "release agent on hm-node-1 at scale: {:.1} MiB RSS, {real_syncs} syncs of {real_sync_ms:.1} ms (plan {real_plan_ms:.1} ms), {:.1} ms CPU per sync",
+        real_memory.rss_kib as f64 / 1024.0,
+        real_cpu_ms / real_syncs.max(1.0)
+    );
     let cpu_per_sync_ms = (measure::cpu_time(std::process::id())? - cpu_before).as_secs_f64() * 1000.0
         / (sync_after.syncs - sync_before.syncs).max(1) as f64;
     let mean_sync_ms = (sync_after.sync_micros - sync_before.sync_micros) as f64
@@ -337,6 +476,7 @@ async fn main() -> anyhow::Result<()> {
     // Clean up, then the lab as it was.
     drop(ctl);
     wipe(&cluster).await?;
+    drop(real);
     drop(lab_controller);
     if lab > 0 {
         tokio::task::spawn_blocking(move || start_lab_with_nodes(lab)).await??;
@@ -345,8 +485,8 @@ async fn main() -> anyhow::Result<()> {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let rows: Vec<(String, String)> = vec![
         (
-            "simulated agents / MeshServices / shared directory watches".to_owned(),
-            format!("{nodes} / {services} / {directories}"),
+            "MeshNodes / simulated agents / MeshServices / shared directory watches".to_owned(),
+            format!("{nodes} / {agents} / {services} / {directories}"),
         ),
         (
             "create -> routed by every simulated agent's device, median / p99".into(),
@@ -381,6 +521,22 @@ async fn main() -> anyhow::Result<()> {
             format!("{} / {}", create_cost.mesh_watch_events(), update_cost.mesh_watch_events()),
         ),
         (
+            "MeshNode watch events per watcher per service create / update".into(),
+            format!("{:.1} / {:.1}", per_watcher(&create_cost, "meshnode"), per_watcher(&update_cost, "meshnode")),
+        ),
+        (
+            "one real agent (release) at this size: RSS / sync mean / plan mean / CPU per sync".into(),
+            format!(
+                "{:.0} MiB / {real_sync_ms:.1} ms / {real_plan_ms:.1} ms / {:.1} ms",
+                mib(real_memory.rss_kib),
+                real_cpu_ms / real_syncs.max(1.0)
+            ),
+        ),
+        (
+            "one real agent (release) idle on the 3-node lab: CPU / RSS".into(),
+            format!("{idle_cpu_percent:.2} % / {:.1} MiB", mib(idle_memory.rss_kib)),
+        ),
+        (
             "mesh-controller RSS at steady state / after a full resync".into(),
             format!("{:.0} / {:.0} MiB", mib(steady.rss_kib), mib(after_resync.rss_kib)),
         ),
@@ -399,7 +555,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{name:<72} {value}");
     }
     let json = json!({
-        "nodes": nodes, "services": services, "directories": directories, "tries": tries,
+        "nodes": nodes, "services": services, "agents": agents, "directories": directories, "tries": tries,
         "setup_seconds": setup_seconds,
         "fleet_converged_seconds": fleet_converged,
         "converge_all_agents_seconds": {"median": percentile(&all_agents, 50.0), "p99": percentile(&all_agents, 99.0), "tries": all_agents},
@@ -411,6 +567,13 @@ async fn main() -> anyhow::Result<()> {
         "sim_cpu_per_sync_ms": cpu_per_sync_ms,
         "api_cost_create": cost_json(&create_cost),
         "api_cost_update": cost_json(&update_cost),
+        "meshnode_watch_events_per_watcher": {"create": per_watcher(&create_cost, "meshnode"), "update": per_watcher(&update_cost, "meshnode")},
+        "real_agent": {
+            "idle_cpu_percent": idle_cpu_percent, "idle_rss_mib": mib(idle_memory.rss_kib),
+            "rss_mib": mib(real_memory.rss_kib), "peak_rss_mib": mib(real_memory.peak_kib),
+            "sync_mean_ms": real_sync_ms, "plan_mean_ms": real_plan_ms, "syncs": real_syncs,
+            "cpu_per_sync_ms": real_cpu_ms / real_syncs.max(1.0),
+        },
         "controller_rss_mib": {"steady": mib(steady.rss_kib), "steady_peak": mib(steady.peak_kib), "after_resync": mib(after_resync.rss_kib), "after_resync_peak": mib(after_resync.peak_kib)},
         "controller_resync_seconds": {"ready": ready_seconds, "all_reconciled": resync_seconds, "last_reconcile": resync_quiet_seconds, "reconciles": resync_reconciles, "objects": {"meshnodes": objects_nodes, "meshservices": objects_services}},
         "controller_resync_writes": resync_writes,
@@ -421,7 +584,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let dir = repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("scale.json"), serde_json::to_string_pretty(&json)?)?;
-    println!("wrote {}", dir.join("scale.json").display());
+    std::fs::write(dir.join(&out_file), serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", dir.join(&out_file).display());
     Ok(())
 }

@@ -1,8 +1,7 @@
-//! What every reconcile shares: the API client, the address pool, the index of which node
-//! hosts which service IP, the watch caches, the event recorder and the metrics.
+//! What every reconcile shares: the API client, the address pool, the rules' index (what the
+//! controller knows of every object, and which node hosts which service IP), the watch caches,
+//! the event recorder and the metrics.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
+use crate::rules::index::{Hosted, Index};
+use crate::rules::{Emit, On};
 
 /// The field manager of every write the controller makes (server-side apply).
 pub const FIELD_MANAGER: &str = "mesh-controller";
@@ -27,23 +28,15 @@ pub const FIELD_MANAGER: &str = "mesh-controller";
 /// where it finds it, so that nothing an older controller made stays undeletable without it.
 pub const LEGACY_FINALIZER: &str = "mesh.harness.dev/release-ip";
 
-/// A service IP and the node that hosts it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hosted {
-    /// The hosting MeshNode.
-    pub node: String,
-    /// The service's mesh IP.
-    pub ip: Ipv4Addr,
-}
-
 /// State shared by all reconciles.
 pub struct Ctx {
     /// The API client.
     pub client: Client,
     /// The mesh subnet's allocations.
     pub pool: Mutex<Pool>,
-    /// Which node hosts which service IP, from the service reconciles.
-    pub hosting: Mutex<HashMap<Owner, Hosted>>,
+    /// What the rules read of other objects, and which node hosts which service IP (see
+    /// [`crate::rules::index`]).
+    pub index: Mutex<Index>,
     /// Watch cache of MeshNodes.
     pub mesh_nodes: Store<MeshNode>,
     /// Watch cache of MeshServices.
@@ -64,7 +57,7 @@ pub struct Ctx {
     /// Whether every watch cache has had its first full list (see [`Ctx::caches_synced`]).
     pub synced: tokio::sync::watch::Sender<bool>,
     /// Where services may be placed and which get short names (see [`crate::service::Policy`]).
-    pub policy: crate::service::Policy,
+    pub policy: crate::rules::service::Policy,
     /// When the pool's clock ([`Ctx::now`]) started, in Unix seconds: to persist the hold-back.
     pub started_unix: u64,
     started: Instant,
@@ -89,7 +82,7 @@ impl Ctx {
         Self {
             client,
             pool: Mutex::new(pool),
-            hosting: Mutex::new(HashMap::new()),
+            index: Mutex::new(Index::new()),
             mesh_nodes,
             mesh_services,
             pods,
@@ -99,14 +92,14 @@ impl Ctx {
             recorder,
             metrics,
             synced: tokio::sync::watch::Sender::new(false),
-            policy: crate::service::Policy::default(),
+            policy: crate::rules::service::Policy::default(),
             started_unix: crate::holds::unix_now(),
             started: Instant::now(),
         }
     }
 
     /// The same context with `policy`.
-    pub fn with_policy(self, policy: crate::service::Policy) -> Self {
+    pub fn with_policy(self, policy: crate::rules::service::Policy) -> Self {
         Self { policy, ..self }
     }
 
@@ -135,35 +128,24 @@ impl Ctx {
         self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The hosting index, locked. Never held across an await.
-    pub fn hosting(&self) -> MutexGuard<'_, HashMap<Owner, Hosted>> {
-        self.hosting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The service IPs hosted on `node`, sorted.
-    pub fn service_ips_on(&self, node: &str) -> BTreeSet<Ipv4Addr> {
-        self.hosting().values().filter(|h| h.node == node).map(|h| h.ip).collect()
+    /// The rules' index, locked. Never held across an await.
+    pub fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records a new hosting for a service and triggers the peer entries of the nodes whose
     /// allowed IPs change (the old and the new host): O(1) writes per change.
     pub fn set_hosting(&self, owner: &Owner, hosted: Option<Hosted>) {
-        let previous = {
-            let mut index = self.hosting();
-            let previous = index.get(owner).cloned();
-            if previous == hosted {
-                return;
-            }
-            match &hosted {
-                Some(h) => index.insert(owner.clone(), h.clone()),
-                None => index.remove(owner),
-            };
-            previous
-        };
-        for node in [previous.map(|h| h.node), hosted.map(|h| h.node)].into_iter().flatten() {
+        let nodes = self.index().set_hosting(owner, hosted);
+        for node in nodes {
             // A closed channel means the controller is shutting down; nothing to do then.
             let _ = self.node_trigger.send(ObjectRef::new(&node));
         }
+    }
+
+    /// Asks the MeshService controller to reconcile `namespace/name` again.
+    pub fn trigger_service(&self, namespace: &str, name: &str) {
+        let _ = self.service_trigger.send(ObjectRef::new(name).within(namespace));
     }
 
     /// Updates the pool gauges.
@@ -182,6 +164,21 @@ impl Ctx {
             tracing::warn!(object = %obj.name_any(), %reason, "could not publish an event: {err}");
         }
         self.metrics.wrote("Event");
+    }
+
+    /// Publishes the Warning events a plan asks for: about `obj`, or about `k8s_node`.
+    pub async fn emit<K>(&self, obj: &K, k8s_node: Option<&Node>, events: Vec<Emit>)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        for e in events {
+            match (e.on, k8s_node) {
+                (On::KubernetesNode, Some(node)) => {
+                    self.event(node, EventType::Warning, &e.reason, e.action, e.note).await;
+                }
+                _ => self.event(obj, EventType::Warning, &e.reason, e.action, e.note).await,
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 //! - [`overlapping_cluster_cidrs`]: the same for the configured `--cluster-cidrs`, which stops
 //!   the controller at start.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 use mesh_core::{Endpoint, EndpointHost, Subnet};
@@ -97,22 +97,15 @@ fn shorten(text: &str) -> String {
     if short.len() < text.len() { format!("{short:?}…") } else { format!("{short:?}") }
 }
 
-/// The CIDRs among `cidrs` (a Node's `spec.podCIDRs`, as written) that overlap `subnet`;
-/// IPv6 and unparsable ones are skipped (the mesh subnet is IPv4).
+/// The CIDRs among `cidrs` (a Node's `spec.podCIDRs`, as written) that overlap `subnet`, each
+/// read with the mesh's one subnet grammar ([`Subnet::parse`]); IPv6 ones are skipped (the mesh
+/// subnet is IPv4), and so are those it refuses (garbage, or host bits set, which Kubernetes'
+/// node IPAM never hands out).
 pub fn overlapping_pod_cidrs<'a>(subnet: &Subnet, cidrs: impl IntoIterator<Item = &'a String>) -> Vec<String> {
     let mut out: Vec<String> =
-        cidrs.into_iter().filter(|cidr| normalized(cidr).is_some_and(|c| c.overlaps(subnet))).cloned().collect();
+        cidrs.into_iter().filter(|cidr| Subnet::parse(cidr).is_ok_and(|c| c.overlaps(subnet))).cloned().collect();
     out.dedup();
     out
-}
-
-/// `cidr` as a subnet, host bits cleared (`10.42.1.5/16` is `10.42.0.0/16`).
-fn normalized(cidr: &str) -> Option<Subnet> {
-    let (addr, prefix) = cidr.split_once('/')?;
-    let addr: Ipv4Addr = addr.parse().ok()?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
-    Subnet::parse(&format!("{}/{prefix}", Ipv4Addr::from(u32::from(addr) & mask))).ok()
 }
 
 /// Fails, naming them, when configured cluster CIDRs overlap the mesh subnet.
@@ -174,8 +167,8 @@ mod tests {
     fn pod_cidrs_overlapping_the_mesh_subnet_are_found() {
         let subnet: Subnet = "10.42.0.0/16".parse().unwrap();
         let cidrs =
-            ["10.244.1.0/24", "10.42.3.0/24", "fd00::/64", "10.0.0.0/8", "junk", "10.42.3.9/24"].map(String::from);
-        assert_eq!(overlapping_pod_cidrs(&subnet, &cidrs), ["10.42.3.0/24", "10.0.0.0/8", "10.42.3.9/24"]);
+            ["10.244.1.0/24", "10.42.3.0/24", "fd00::/64", "10.0.0.0/8", "junk", "10.42.0.0/15"].map(String::from);
+        assert_eq!(overlapping_pod_cidrs(&subnet, &cidrs), ["10.42.3.0/24", "10.0.0.0/8", "10.42.0.0/15"]);
         assert!(overlapping_pod_cidrs(&subnet, &["10.43.0.0/24".to_owned()]).is_empty());
     }
 

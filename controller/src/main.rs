@@ -14,6 +14,7 @@ mod holds;
 mod judge;
 mod metrics;
 mod node;
+mod rules;
 mod service;
 
 use std::collections::HashMap;
@@ -35,8 +36,9 @@ use mesh_core::{Owner, Pool, Subnet};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::backoff::WatchBackoff;
-use crate::context::{Ctx, Hosted};
+use crate::context::Ctx;
 use crate::metrics::Metrics;
+use crate::rules::index::Hosted;
 
 /// How long after a Node event its MeshNode is reconciled a second time (see `run`).
 const NODE_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -198,19 +200,9 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
 
     // Every cache keeps only what the controller reads (caches.rs).
     let (pods, pods_writer) = reflector::store();
-    let pod_events = reflector::reflector(pods_writer, watcher(pods_api, watch.clone()).modify(caches::trim_pod))
-        .backoff(WatchBackoff::default())
-        .touched_objects();
     let (mesh_nodes, mesh_nodes_writer) = reflector::store();
     let (mesh_services, mesh_services_writer) = reflector::store();
     let (k8s_nodes, k8s_nodes_writer) = reflector::store();
-    let k8s_node_events =
-        reflector::reflector(k8s_nodes_writer, watcher(nodes_api.clone(), watch.clone()).modify(caches::trim_node))
-            .applied_objects();
-
-    // Short watch backoffs, so the controller catches up within seconds after an API outage.
-    let mirror_controller =
-        Controller::for_stream(k8s_node_events, k8s_nodes.clone()).trigger_backoff(WatchBackoff::default());
     let (node_trigger, node_triggers) = tokio::sync::mpsc::unbounded_channel();
     let (service_trigger, service_triggers) = tokio::sync::mpsc::unbounded_channel();
     let recorder =
@@ -222,19 +214,24 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             pool,
             mesh_nodes.clone(),
             mesh_services.clone(),
-            pods,
-            k8s_nodes,
+            pods.clone(),
+            k8s_nodes.clone(),
             node_trigger,
             service_trigger,
             recorder,
             metrics.clone(),
         )
-        .with_policy(service::Policy {
+        .with_policy(rules::service::Policy {
             placement_namespaces: args.placement_namespaces.clone(),
             short_name_namespaces: args.short_name_namespaces.clone(),
         }),
     );
-    ctx.hosting().extend(hosting);
+    {
+        let mut index = ctx.index();
+        for (owner, hosted) in hosting {
+            index.set_hosting(&owner, Some(hosted));
+        }
+    }
     // The hold-back of the controller before this one, before anything is allocated.
     let stored_holds = hold_store.load().await?;
     let restored = holds::from_stored(&stored_holds, ctx.started_unix, holds::unix_now())
@@ -242,6 +239,45 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         .filter(|(ip, previous, until)| ctx.pool().restore_hold(*ip, previous.clone(), *until))
         .count();
     tracing::info!(restored, configmap = %args.ip_hold_configmap, "IP hold-back restored");
+
+    // Every watch event updates the rules' index (rules/index.rs) right after its cache has
+    // taken it in, and before any reconcile it triggers runs.
+    let pod_events = {
+        let ctx = ctx.clone();
+        reflector::reflector(pods_writer, watcher(pods_api, watch.clone()).modify(caches::trim_pod))
+            .inspect_ok(move |event| match event {
+                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                    ctx.index().apply_pod(cached(&ctx.pods, pod));
+                }
+                watcher::Event::Delete(pod) => {
+                    ctx.index().delete_pod(&pod.namespace().unwrap_or_default(), &pod.name_any());
+                }
+                watcher::Event::InitDone => ctx.index().rebuild_pods(ctx.pods.state()),
+                watcher::Event::Init => {}
+            })
+            .backoff(WatchBackoff::default())
+            .touched_objects()
+    };
+    let k8s_node_events = {
+        let ctx = ctx.clone();
+        reflector::reflector(k8s_nodes_writer, watcher(nodes_api.clone(), watch.clone()).modify(caches::trim_node))
+            .inspect_ok(move |event| match event {
+                watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
+                    let name = node.name_any();
+                    // Its control-plane role decides what may be placed on its MeshNode.
+                    if ctx.index().apply_k8s_node(cached(&ctx.nodes, node)) && after_first_sync(&ctx) {
+                        wake_services_on(&ctx, &name);
+                    }
+                }
+                watcher::Event::Delete(node) => ctx.index().delete_k8s_node(&node.name_any()),
+                watcher::Event::InitDone => ctx.index().rebuild_k8s_nodes(ctx.nodes.state()),
+                watcher::Event::Init => {}
+            })
+            .applied_objects()
+    };
+    // Short watch backoffs, so the controller catches up within seconds after an API outage.
+    let mirror_controller =
+        Controller::for_stream(k8s_node_events, k8s_nodes.clone()).trigger_backoff(WatchBackoff::default());
 
     // The MeshNode and MeshService controllers run on watch streams of their own making, so that
     // the same streams also tell the controller which objects are gone (no finalizer does: see
@@ -252,7 +288,25 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             mesh_nodes_writer,
             watcher(mesh_nodes_api.clone(), watch.clone()).modify(caches::trim_mesh_node),
         )
-        .inspect_ok(move |event| node::on_watch_event(&ctx, event))
+        .inspect_ok(move |event| {
+            match event {
+                watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
+                    // Its services, by spec.node or where they are hosted now, look again when
+                    // what they depend on changes (a node falling out of the tunnel makes its
+                    // mesh services not Ready); not on every status write of its agent.
+                    if ctx.index().apply_mesh_node(cached(&ctx.mesh_nodes, node)) && after_first_sync(&ctx) {
+                        wake_services_on(&ctx, &node.name_any());
+                    }
+                }
+                watcher::Event::Delete(node) => {
+                    ctx.index().delete_mesh_node(&node.name_any());
+                    wake_services_on(&ctx, &node.name_any());
+                }
+                watcher::Event::InitDone => ctx.index().rebuild_mesh_nodes(ctx.mesh_nodes.state()),
+                watcher::Event::Init => {}
+            }
+            node::on_watch_event(&ctx, event);
+        })
         .applied_objects()
     };
     let service_events = {
@@ -261,7 +315,22 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             mesh_services_writer,
             watcher(mesh_services_api, watch.clone()).modify(caches::trim_mesh_service),
         )
-        .inspect_ok(move |event| service::on_watch_event(&ctx, event))
+        .inspect_ok(move |event| {
+            match event {
+                watcher::Event::Apply(service) | watcher::Event::InitApply(service) => {
+                    ctx.index().apply_service(service);
+                }
+                watcher::Event::Delete(service) => {
+                    ctx.index().delete_service(&service.namespace().unwrap_or_default(), &service.name_any());
+                }
+                watcher::Event::InitDone => {
+                    let services = ctx.mesh_services.state();
+                    ctx.index().rebuild_services(services.iter().map(Arc::as_ref));
+                }
+                watcher::Event::Init => {}
+            }
+            service::on_watch_event(&ctx, event);
+        })
         .applied_objects()
     };
     // The trigger backoff covers these streams and every other watch of the controller.
@@ -269,34 +338,12 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     let service_controller =
         Controller::for_stream(service_events, mesh_services.clone()).trigger_backoff(WatchBackoff::default());
 
-    let services_for_pods = mesh_services.clone();
-    let services_for_nodes = mesh_services;
+    let services_for_pods = ctx.clone();
     let services = service_controller
         .watches_stream(pod_events, move |pod: Pod| {
-            let namespace = pod.namespace();
-            services_for_pods
-                .state()
-                .into_iter()
-                .filter(|s| s.namespace() == namespace)
-                .filter(|s| {
-                    s.spec.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| pod.labels().get(k) == Some(v)))
-                })
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
-        .watches(mesh_nodes_api, watch.clone(), move |node: MeshNode| {
-            let name = node.name_any();
-            services_for_nodes
-                .state()
-                .into_iter()
-                // Its services, by spec.node or where they are hosted now (a node falling out of
-                // the tunnel makes its mesh services not Ready).
-                .filter(|s| {
-                    s.spec.node.as_deref() == Some(name.as_str())
-                        || s.status.as_ref().and_then(|st| st.node.as_deref()) == Some(name.as_str())
-                })
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
+            let namespace = pod.namespace().unwrap_or_default();
+            let selecting = services_for_pods.index().services_selecting(&namespace, pod.labels());
+            selecting.into_iter().map(|(ns, name)| ObjectRef::new(&name).within(&ns)).collect::<Vec<_>>()
         })
         .reconcile_on(UnboundedReceiverStream::new(service_triggers))
         .shutdown_on_signal()
@@ -356,6 +403,33 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
     holds::flush(&ctx, &hold_store, &mut Vec::new()).await;
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// The watch cache's own copy of `obj` (so the index shares it rather than copy it), or a copy
+/// of `obj` when the cache holds another version (during a re-list, until it ends).
+fn cached<K>(store: &reflector::Store<K>, obj: &K) -> Arc<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+{
+    store
+        .get(&ObjectRef::from_obj(obj))
+        .filter(|c| c.resource_version() == obj.resource_version())
+        .unwrap_or_else(|| Arc::new(obj.clone()))
+}
+
+/// Whether the first full sync is done. Before it, nothing needs waking: every service is
+/// reconciled once its cache is listed.
+fn after_first_sync(ctx: &Ctx) -> bool {
+    *ctx.synced.borrow()
+}
+
+/// Asks the MeshService controller to look again at the services that name MeshNode `node` or
+/// are hosted on it.
+fn wake_services_on(ctx: &Ctx, node: &str) {
+    let services = ctx.index().services_on(node);
+    for (namespace, name) in services {
+        ctx.trigger_service(&namespace, &name);
+    }
 }
 
 /// Rebuilds the pool from the mesh IPs recorded in status, oldest object first, before

@@ -1,12 +1,17 @@
 //! The command line: `meshctl [cluster flags] <command>`, also run as the kubectl plugin
 //! `kubectl mesh` when the binary is installed (or linked) as `kubectl-mesh`.
+//!
+//! The top of the tree: it names each subcommand's argument struct (the cluster flags from
+//! [`crate::kubeconfig`], enroll's from [`crate::enroll`]); none of them refers back to it.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use clap_complete::Shell;
+
+use crate::enroll::{ENROLL_AFTER_HELP, EnrollArgs, UNENROLL_AFTER_HELP, UnenrollArgs};
+use crate::kubeconfig::ClusterArgs;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -45,35 +50,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// How to reach the cluster: the kubectl flags of the same names.
-#[derive(Args, Debug, Clone, Default)]
-#[command(next_help_heading = "Cluster")]
-pub struct ClusterArgs {
-    /// The kubeconfig file [default: $KUBECONFIG, else ~/.kube/config, else in-cluster]
-    #[arg(long, global = true, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-
-    /// The kubeconfig context to use [default: its current-context]
-    #[arg(long, global = true, value_name = "NAME")]
-    pub context: Option<String>,
-
-    /// Give up on the API server after this long (e.g. 10s, 1m)
-    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-
-    /// The namespace harness-mesh is installed in: the agents' liveness Leases are read there
-    /// only, so a Lease someone else names mesh-agent-<node> in another namespace cannot make a
-    /// dead agent look alive
-    #[arg(
-        long,
-        global = true,
-        value_name = "NAMESPACE",
-        env = "MESHCTL_MESH_NAMESPACE",
-        default_value = "harness-mesh"
-    )]
-    pub mesh_namespace: String,
 }
 
 /// The subcommands.
@@ -120,12 +96,12 @@ pub enum Command {
     )]
     Completions(CompletionsArgs),
     /// Enroll a remote Linux machine over SSH: install its agent, give it a credential, wait until it joins
-    #[command(after_help = crate::enroll::ENROLL_AFTER_HELP)]
-    Enroll(crate::enroll::EnrollArgs),
+    #[command(after_help = ENROLL_AFTER_HELP)]
+    Enroll(EnrollArgs),
 
     /// Remove an enrolled machine: its agent and files there, its MeshNode and credential in the cluster
-    #[command(after_help = crate::enroll::UNENROLL_AFTER_HELP)]
-    Unenroll(crate::enroll::UnenrollArgs),
+    #[command(after_help = UNENROLL_AFTER_HELP)]
+    Unenroll(UnenrollArgs),
 }
 
 /// `meshctl status` options.
@@ -249,27 +225,11 @@ impl Invocation {
     }
 }
 
-/// Parses `10s`, `1m`, `1500ms` or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 10s, 1m, 500ms)"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
-    };
-    if seconds <= 0.0 || !seconds.is_finite() {
-        return Err(format!("{text:?}: the timeout must be more than zero"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -305,16 +265,5 @@ mod tests {
         let cli = inv.parse(["meshctl", "--kubeconfig", "/k", "graph", "--format", "dot"]);
         assert_eq!(cli.cluster.kubeconfig, Some(PathBuf::from("/k")));
         assert!(matches!(cli.command, Command::Graph(GraphArgs { format: GraphFormat::Dot, .. })));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("0").is_err());
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").is_err());
     }
 }

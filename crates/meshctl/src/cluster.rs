@@ -1,18 +1,18 @@
-//! The only part of meshctl that talks to the cluster: the kubeconfig read the way kubectl reads
-//! it, the reads meshctl makes (MeshNodes, MeshServices, the agents' Leases), and errors turned
-//! into what a person should do (no cluster, CRDs not installed, RBAC denied, bad credentials).
+//! The reads `status`, `graph` and `showconf` make (MeshNodes, MeshServices, the agents'
+//! Leases), and their errors turned into what a person should do (no cluster, CRDs not
+//! installed, RBAC denied, bad credentials). The connection itself is [`crate::kubeconfig`]'s.
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use k8s_openapi::api::coordination::v1::Lease as KubeLease;
+use kube::Client;
 use kube::api::{Api, ListParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use mesh_api::{MeshNode, MeshService};
 
-use crate::cli::ClusterArgs;
+use crate::kubeconfig::{self, ClusterArgs};
 use crate::model::Lease;
+use crate::util::chain;
 
 /// The prefix of the agents' liveness Leases: `mesh-agent-<node>`.
 const LEASE_PREFIX: &str = "mesh-agent-";
@@ -27,63 +27,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Builds a client from `--kubeconfig`/`--context` or, without them, as kubectl does:
-    /// `$KUBECONFIG` (a list of files, merged), else `~/.kube/config`, else the in-cluster
-    /// service account.
+    /// Connects with [`crate::kubeconfig::connect`] (the kubeconfig read as kubectl reads it);
+    /// the agents' Leases are read in `--mesh-namespace`.
     pub async fn connect(args: &ClusterArgs) -> anyhow::Result<Self> {
-        let options = KubeConfigOptions { context: args.context.clone(), ..KubeConfigOptions::default() };
-        let kubeconfig = match &args.kubeconfig {
-            Some(path) => Some(
-                Kubeconfig::read_from(path)
-                    .map_err(|err| anyhow!("cannot read the kubeconfig {}: {}", path.display(), root_cause(&err)))?,
-            ),
-            None => match Kubeconfig::read() {
-                Ok(kubeconfig) => Some(kubeconfig),
-                Err(err) if args.context.is_some() => {
-                    bail!(
-                        "cannot read a kubeconfig to find context {:?} in: {err}",
-                        args.context.as_deref().unwrap_or("")
-                    )
-                }
-                Err(_) => None,
-            },
-        };
-        let (mut config, context) = match kubeconfig {
-            Some(kubeconfig) => {
-                if let Some(wanted) = &args.context
-                    && !kubeconfig.contexts.iter().any(|c| &c.name == wanted)
-                {
-                    let known: Vec<&str> = kubeconfig.contexts.iter().map(|c| c.name.as_str()).collect();
-                    bail!(
-                        "the kubeconfig has no context {wanted:?}; it has: {} (`kubectl config get-contexts` lists them)",
-                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
-                    );
-                }
-                let context = args.context.clone().or_else(|| kubeconfig.current_context.clone());
-                let config = Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|err| {
-                    anyhow!("the kubeconfig cannot be used: {err}; choose a context with --context or fix the file")
-                })?;
-                (config, context)
-            }
-            None => match Config::incluster() {
-                Ok(config) => (config, None),
-                Err(_) => bail!(
-                    "no kubeconfig found: meshctl reads it the way kubectl does, from --kubeconfig FILE, else \
-                     $KUBECONFIG, else ~/.kube/config (or the in-cluster service account). Point one of them at \
-                     your cluster"
-                ),
-            },
-        };
-        config.connect_timeout = Some(args.request_timeout);
-        config.read_timeout = Some(args.request_timeout);
-        config.write_timeout = Some(args.request_timeout);
-        let target = match context {
-            Some(context) => format!("{} (context {context})", config.cluster_url),
-            None => config.cluster_url.to_string(),
-        };
-        let client =
-            Client::try_from(config).map_err(|err| anyhow!("cannot set up a client for {target}: {}", chain(&err)))?;
-        Ok(Self { client, target, mesh_namespace: args.mesh_namespace.clone() })
+        let connection = kubeconfig::connect(args).await?;
+        let target = connection.target();
+        Ok(Self { client: connection.client, target, mesh_namespace: args.mesh_namespace.clone() })
     }
 
     /// Every MeshNode.
@@ -180,29 +129,6 @@ fn explain(target: &str, err: &kube::Error, resource: &str) -> anyhow::Error {
     }
 }
 
-/// An error with its causes, `outer: inner: root`, without repeats.
-pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
-}
-
-/// The innermost cause of an error (what actually went wrong, e.g. "No such file or directory").
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = err;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    if std::ptr::addr_eq(current, err) { err.to_string() } else { format!("{current}") }
-}
-
 #[cfg(test)]
 mod tests {
     use kube::core::Status;
@@ -241,15 +167,5 @@ mod tests {
             other,
             format!("the API server at {target} refused to list meshservices: etcd is down (500 InternalError)")
         );
-    }
-
-    #[test]
-    fn causes_are_not_repeated() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
-        let err = kube::config::KubeconfigError::ReadConfig(io, "/nope".into());
-        assert_eq!(root_cause(&err), "No such file or directory");
-        let plain = std::io::Error::other("boom");
-        assert_eq!(root_cause(&plain), "boom");
-        assert_eq!(chain(&err), "failed to read kubeconfig from '\"/nope\"': No such file or directory");
     }
 }

@@ -3,20 +3,56 @@
 //! - `status`: nodes, services, who reaches whom, convergence; tables, `-o json|yaml`;
 //! - `graph`: the topology as SVG (drawn here, no Graphviz) or DOT;
 //! - `showconf NODE`: a node's wg-quick config, private key withheld;
+//! - `enroll USER@HOST --name NAME`, `unenroll NAME`: a remote machine in and out of the mesh,
+//!   over SSH;
 //! - `completions SHELL`.
 //!
-//! Only [`cluster`] talks to the API; [`model`] turns the objects into what is shown, and
-//! [`table`], [`svg`], [`dot`] and [`wgquick`] render it, all without I/O.
+//! [`kubeconfig`] reaches the cluster for every command. [`cluster`] makes the reads of
+//! `status`, `graph` and `showconf`; [`model`] turns the objects into what is shown, and
+//! [`table`], [`svg`], [`dot`] and [`wgquick`] render it, all without I/O. [`enroll`] is a
+//! module tree of its own, one function per step.
+//!
+//! The modules and what each uses of the others (`use crate::`, `super::`, and paths in code;
+//! tests aside). No module reaches back up its chain, so there is no circle:
+//!
+//! ```text
+//! main ──> cli ──> enroll (its arg structs, re-exported from enroll::args)
+//!  │        └────> kubeconfig ──> util
+//!  ├─> cluster ──> kubeconfig, model, util
+//!  ├─> enroll ───> kubeconfig, and its own tree:
+//!  │     enroll ──> args, join, leave, local, login, progress
+//!  │     join ────> api, args, local, progress, remote, ssh, crate::kubeconfig
+//!  │     leave ───> api, args, local, progress, remote, ssh, crate::kubeconfig
+//!  │     login ───> args, local, progress, ssh
+//!  │     api ─────> crate::kubeconfig, crate::util
+//!  │     args ────> crate::util
+//!  │     ssh ─────> args
+//!  │     local ───> remote
+//!  │     progress, remote: nothing
+//!  ├─> model ──> connected
+//!  ├─> table ──> connected, model
+//!  ├─> svg ────> dot, model, palette
+//!  ├─> dot ────> model, palette
+//!  └─> wgquick (pure: mesh-api types only)
+//! util, connected, palette: nothing of meshctl
+//! ```
+//!
+//! Before issue 18 it had circles: `cli -> enroll -> cli` (enroll's flags used cli's
+//! `ClusterArgs` and `parse_duration`), `cli -> enroll -> enroll::api -> cluster -> cli` (the
+//! second kubeconfig loader borrowed `chain` from cluster, which took `ClusterArgs` from cli),
+//! and `enroll <-> enroll::ssh` (`SshArgs`).
 
 mod cli;
 mod cluster;
 mod connected;
 mod dot;
 mod enroll;
+mod kubeconfig;
 mod model;
 mod palette;
 mod svg;
 mod table;
+mod util;
 mod wgquick;
 
 use std::io::{ErrorKind, Write};

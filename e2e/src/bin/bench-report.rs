@@ -2,6 +2,9 @@
 //! target/bench/ (controller.json, mesh.json, scale.json), prints them as one Markdown table
 //! (the README's performance section is a copy of it), and writes the rows to
 //! target/bench/summary.json. A missing file leaves its rows out and says so.
+//!
+//! `bench-report --scale N...` is the last step of `make bench-scale`: one row per figure, one
+//! column per size, from target/bench/scale-N.json, written to target/bench/scale-growth.json.
 
 use std::path::Path;
 
@@ -47,8 +50,65 @@ fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
+/// The figures of the growth table: name, and how to read it from one scale-N.json.
+const GROWTH: &[(&str, &str, f64, &str)] = &[
+    ("MeshServices", "services", 1.0, ""),
+    ("simulated agents", "agents", 1.0, ""),
+    ("API writes per service create (Leases aside)", "api_cost_create.writes_without_leases", 1.0, ""),
+    ("API writes per service update (Leases aside)", "api_cost_update.writes_without_leases", 1.0, ""),
+    ("MeshNode watch events per watcher per create", "meshnode_watch_events_per_watcher.create", 1.0, ""),
+    ("create → routed by all simulated agents, median", "routed_all_agents_seconds.median", 1.0, " s"),
+    ("create → routed by all simulated agents, p99", "routed_all_agents_seconds.p99", 1.0, " s"),
+    ("simulated agent sync, mean", "sim_sync_mean_ms", 1.0, " ms"),
+    ("mesh-controller RSS, steady", "controller_rss_mib.steady", 1.0, " MiB"),
+    ("mesh-controller RSS, after a full resync", "controller_rss_mib.after_resync", 1.0, " MiB"),
+    ("mesh-controller full resync: ready", "controller_resync_seconds.ready", 1.0, " s"),
+    ("mesh-controller full resync: last reconcile", "controller_resync_seconds.last_reconcile", 1.0, " s"),
+    ("mesh-controller writes during the full resync", "controller_resync_writes", 1.0, ""),
+    ("one real agent (release): RSS", "real_agent.rss_mib", 1.0, " MiB"),
+    ("one real agent (release): sync, mean", "real_agent.sync_mean_ms", 1.0, " ms"),
+    ("one real agent (release): CPU per sync", "real_agent.cpu_per_sync_ms", 1.0, " ms"),
+    ("setup: create and allocate everything", "setup_seconds", 1.0, " s"),
+];
+
+/// `--scale N...`: how each figure grows with the number of MeshNodes.
+fn growth(dir: &Path, sizes: &[String]) -> anyhow::Result<()> {
+    let runs: Vec<(String, Option<Value>)> =
+        sizes.iter().map(|n| (n.clone(), read(dir, &format!("scale-{n}.json")))).collect();
+    print!("\n| MeshNodes |");
+    for (n, _) in &runs {
+        print!(" {n} |");
+    }
+    println!("\n|---|{}", "---|".repeat(runs.len()));
+    let mut table = Vec::new();
+    for (name, path, scale, unit) in GROWTH {
+        print!("| {name} |");
+        let mut values = serde_json::Map::new();
+        for (n, run) in &runs {
+            let value = run.as_ref().map_or(f64::NAN, |v| num(v, path) * scale);
+            if value.is_nan() {
+                print!(" n/a |");
+            } else if value.fract() == 0.0 {
+                print!(" {value:.0}{unit} |");
+            } else {
+                print!(" {value:.2}{unit} |");
+            }
+            values.insert(n.clone(), json!(value));
+        }
+        println!();
+        table.push(json!({"figure": name, "by_nodes": values}));
+    }
+    std::fs::write(dir.join("scale-growth.json"), serde_json::to_string_pretty(&table)?)?;
+    println!("\nwrote {}", dir.join("scale-growth.json").display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let dir = harness_mesh_e2e::repo_root().join("target/bench");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--scale") {
+        return growth(&dir, &args[1..]);
+    }
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut row = |name: &str, value: String| rows.push((name.to_owned(), value));
 
@@ -185,6 +245,31 @@ fn main() -> anyhow::Result<()> {
             format!("{} ({})", num(&s, "controller_resync_writes"), num(&s, "controller_resync_meshnode_writes")),
         );
         row("simulation process RSS (all simulated agents)", format!("{:.0} MiB", num(&s, "sim_process_rss_mib")));
+        row(
+            "MeshNode watch events per watcher per service create / update",
+            format!(
+                "{:.1} / {:.1}",
+                num(&s, "meshnode_watch_events_per_watcher.create"),
+                num(&s, "meshnode_watch_events_per_watcher.update")
+            ),
+        );
+        row(
+            "one real agent (release) at this size: RSS / sync mean / plan mean",
+            format!(
+                "{:.0} MiB / {:.1} ms / {:.2} ms",
+                num(&s, "real_agent.rss_mib"),
+                num(&s, "real_agent.sync_mean_ms"),
+                num(&s, "real_agent.plan_mean_ms")
+            ),
+        );
+        row(
+            "one real agent (release) idle on the 3-node lab: CPU / RSS",
+            format!(
+                "{:.2} % of a core / {:.1} MiB",
+                num(&s, "real_agent.idle_cpu_percent"),
+                num(&s, "real_agent.idle_rss_mib")
+            ),
+        );
     }
 
     let width = rows.iter().map(|(n, _)| n.chars().count()).max().unwrap_or(9).max(9);

@@ -1,6 +1,6 @@
-//! The cluster side of enroll and unenroll: the kubeconfig (whose API server and CA the machine
-//! gets too), the name check, the MeshNode, the machine's own ServiceAccount and its token, the
-//! wait for the agent, and the deletes.
+//! The cluster side of enroll and unenroll, over the connection [`crate::kubeconfig`] makes:
+//! the name check, the MeshNode, the machine's own ServiceAccount and its token, the agent's
+//! kubeconfig, the wait for the agent, and the deletes.
 //!
 //! The credential: every enrolled machine gets a ServiceAccount of its own,
 //! `mesh-machine-NAME` in the chart's namespace, bound to the chart's agent roles, and a token of
@@ -19,14 +19,13 @@ use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config, ResourceExt};
+use kube::{Client, ResourceExt};
 use mesh_api::MeshNode;
 use mesh_api::conditions::CONNECTED;
 use serde_json::json;
 
-use crate::cli::ClusterArgs;
-use crate::cluster::chain;
+use crate::kubeconfig::Connection;
+use crate::util::chain;
 
 /// The annotation that records where a MeshNode was enrolled from (`ssh://user@host:port`).
 pub const ENROLLED_VIA: &str = "mesh.harness.dev/enrolled-via";
@@ -40,78 +39,12 @@ const ENROLLED_NODE: &str = "mesh.harness.dev/enrolled-node";
 /// restriction (agent-node-restriction.yaml) reads the node from it.
 pub const MACHINE_ACCOUNT_PREFIX: &str = "mesh-machine-";
 
-/// The cluster, and what the machine needs to reach it.
+/// The cluster, as enroll and unenroll use it.
 pub struct Cluster {
     /// A client with the user's credentials.
     pub client: Client,
-    /// `https://host:port (context NAME)`, for messages.
+    /// `https://host:port (context NAME)`, for messages ([`Connection::server_target`]).
     pub target: String,
-    /// The API server URL from the kubeconfig.
-    pub server: String,
-    /// The kubeconfig's CA bundle (PEM), if it names one.
-    pub ca_pem: Option<String>,
-    /// Whether the kubeconfig turns TLS verification off.
-    pub insecure: bool,
-}
-
-/// Connects as kubectl would: `--kubeconfig`/`--context`, else `$KUBECONFIG`, else
-/// `~/.kube/config`, else the in-cluster service account.
-pub async fn connect(args: &ClusterArgs) -> anyhow::Result<Cluster> {
-    let options = KubeConfigOptions { context: args.context.clone(), ..KubeConfigOptions::default() };
-    let kubeconfig = match &args.kubeconfig {
-        Some(path) => Some(
-            Kubeconfig::read_from(path)
-                .map_err(|err| anyhow!("cannot read the kubeconfig {}: {}", path.display(), chain(&err)))?,
-        ),
-        None => Kubeconfig::read().ok(),
-    };
-    let (mut config, context) = match kubeconfig {
-        Some(kubeconfig) => {
-            let context = args.context.clone().or_else(|| kubeconfig.current_context.clone());
-            let config = Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|err| {
-                anyhow!(
-                    "the kubeconfig cannot be used: {}; choose a context with --context or fix the file",
-                    chain(&err)
-                )
-            })?;
-            (config, context)
-        }
-        None => match Config::incluster() {
-            Ok(config) => (config, None),
-            Err(_) => bail!(
-                "no kubeconfig found: meshctl reads it the way kubectl does, from --kubeconfig FILE, else $KUBECONFIG, \
-                 else ~/.kube/config. Point one of them at your cluster"
-            ),
-        },
-    };
-    config.connect_timeout = Some(args.request_timeout);
-    config.read_timeout = Some(args.request_timeout);
-    config.write_timeout = Some(args.request_timeout);
-    let server = config.cluster_url.to_string().trim_end_matches('/').to_owned();
-    let target = match context {
-        Some(context) => format!("{server} (context {context})"),
-        None => server.clone(),
-    };
-    let ca_pem = config.root_cert.as_ref().filter(|certs| !certs.is_empty()).map(|certs| pem(certs));
-    let insecure = config.accept_invalid_certs;
-    let client =
-        Client::try_from(config).map_err(|err| anyhow!("cannot set up a client for {target}: {}", chain(&err)))?;
-    Ok(Cluster { client, target, server, ca_pem, insecure })
-}
-
-/// DER certificates as one PEM bundle.
-pub fn pem(certs: &[Vec<u8>]) -> String {
-    let mut out = String::new();
-    for der in certs {
-        let text = base64::engine::general_purpose::STANDARD.encode(der);
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for chunk in text.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(chunk));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    out
 }
 
 /// The kubeconfig the agent gets: the API server, its CA, and the file of its token (which the
@@ -199,6 +132,12 @@ pub fn judge_account(
 }
 
 impl Cluster {
+    /// The cluster of a connection made by [`crate::kubeconfig::connect`], the loader every
+    /// command shares.
+    pub fn new(connection: &Connection) -> Self {
+        Self { client: connection.client.clone(), target: connection.server_target() }
+    }
+
     /// An API error as what to do about it.
     pub fn explain(&self, err: &kube::Error, action: &str) -> anyhow::Error {
         match err {
@@ -259,7 +198,7 @@ impl Cluster {
             self.explain(
                 &err,
                 &format!(
-                    "checking that no Kubernetes Node is called {name} (enroll needs get on nodes to know the name is                      free)"
+                    "checking that no Kubernetes Node is called {name} (enroll needs get on nodes to know the name is free)"
                 ),
             )
         })
@@ -633,9 +572,11 @@ fn annotated(via: Option<&str>) -> std::collections::BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
+    use kube::config::Kubeconfig;
     use mesh_api::MeshNodeSpec;
 
     use super::*;
+    use crate::kubeconfig::pem;
 
     fn node(via: Option<&str>) -> MeshNode {
         let mut node = MeshNode::new("edge-1", MeshNodeSpec::default());

@@ -349,7 +349,7 @@ mv -f "$1.meshctl-new" "$1"
 sha256sum "$1"
 "#;
 
-/// Shell functions shared by [`START`] and [`UNINSTALL`]: `stop_agent` stops the service or
+/// Shell functions shared by [`start_script`] and [`uninstall_script`]: `stop_agent` stops the service or
 /// the supervisor (SIGTERM, SIGKILL after 10 s) and the agent.
 const STOP_FUNCTIONS: &str = r#"
 live() {

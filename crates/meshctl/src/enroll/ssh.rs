@@ -26,7 +26,7 @@ use anyhow::{Context, anyhow, bail};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::SshArgs;
+use super::args::SshArgs;
 
 /// The ssh program (tests may point `MESHCTL_SSH` at another).
 fn ssh_program() -> OsString {
