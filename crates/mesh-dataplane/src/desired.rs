@@ -41,8 +41,30 @@ pub struct Peers {
     pub names: BTreeMap<Key, String>,
     /// Entries not applied.
     pub skipped: Vec<Skipped>,
-    /// The entries applied, for [`digest`].
-    pub applied: Vec<PeerEntry>,
+    /// How many entries are applied.
+    pub applied: usize,
+    /// The [`digest`] of the entries applied.
+    pub digest: String,
+}
+
+/// The canonical line of an entry in a [`digest`]: key, endpoint or `-`, sorted allowed IPs
+/// joined by `,`, keepalive or 0.
+fn digest_line(e: &PeerEntry) -> String {
+    let mut ips: Vec<&str> = e.allowed_ips.iter().map(String::as_str).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    let endpoint = e.endpoint.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    format!("{} {endpoint} {} {}\n", e.public_key, ips.join(","), e.persistent_keepalive.unwrap_or(0).max(0))
+}
+
+/// FNV-1a 64 over `lines`, in the order given, as 16 hex digits.
+fn fnv<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in lines.into_iter().flat_map(str::bytes) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 /// A digest of a peer set: FNV-1a 64 over one canonical line per entry (sorted by public key:
@@ -50,23 +72,76 @@ pub struct Peers {
 /// The agent publishes the digest of what it applied; anyone can compute the digest of what the
 /// directory asks of a node and compare.
 pub fn digest(entries: &[PeerEntry]) -> String {
-    let mut lines: Vec<String> = entries
+    let mut lines: Vec<String> = entries.iter().map(digest_line).collect();
+    lines.sort_unstable();
+    fnv(lines.iter().map(String::as_str))
+}
+
+/// One entry of [`Prepared`]: parsed once, for every node that plans from it.
+#[derive(Clone, Debug)]
+struct Ready {
+    node: String,
+    /// The key, or why it does not parse.
+    key: Result<Key, String>,
+    /// The peer as the device takes it, or why its allowed IPs do not parse.
+    config: Result<PeerConfig, String>,
+    /// Its line in the [`digest`].
+    line: String,
+}
+
+/// Every entry of a directory state parsed once (keys, allowed IPs, digest lines), so that the
+/// many nodes planning from the same state — an agent once per sync, the simulator hundreds of
+/// times per change — each only pick their peers from it ([`peers_of`]) instead of parsing
+/// thousands of keys and CIDRs and cloning every entry again.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared {
+    /// In the order given.
+    ready: Vec<Ready>,
+    /// Indices of the entries whose key parses, by key, then in the order given.
+    by_key: Vec<usize>,
+    /// Indices of every entry, by digest line.
+    by_line: Vec<usize>,
+    /// The entries of each key that more than one entry publishes.
+    shared_keys: BTreeMap<Key, Vec<usize>>,
+}
+
+/// Parses `entries` once; see [`Prepared`].
+pub fn prepare(entries: &[PeerEntry]) -> Prepared {
+    let ready: Vec<Ready> = entries
         .iter()
-        .map(|e| {
-            let mut ips: Vec<&str> = e.allowed_ips.iter().map(String::as_str).collect();
-            ips.sort_unstable();
-            ips.dedup();
-            let endpoint = e.endpoint.map_or_else(|| "-".to_owned(), |a| a.to_string());
-            format!("{} {endpoint} {} {}\n", e.public_key, ips.join(","), e.persistent_keepalive.unwrap_or(0).max(0))
+        .map(|entry| {
+            let key = Key::from_base64(&entry.public_key).map_err(|err| err.to_string());
+            let ips: Result<BTreeSet<IpNet>, _> = entry.allowed_ips.iter().map(|ip| ip.parse::<IpNet>()).collect();
+            let config = ips
+                .map(|allowed_ips| PeerConfig {
+                    endpoint: entry.endpoint,
+                    allowed_ips,
+                    persistent_keepalive: entry
+                        .persistent_keepalive
+                        .and_then(|k| u16::try_from(k).ok())
+                        .filter(|k| *k > 0),
+                })
+                .map_err(|err| format!("malformed allowed IP in {:?}: {err}", entry.allowed_ips));
+            Ready { node: entry.node.clone(), key, config, line: digest_line(entry) }
         })
         .collect();
-    lines.sort_unstable();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in lines.concat().bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    let mut by_key: Vec<usize> = (0..ready.len()).filter(|i| ready[*i].key.is_ok()).collect();
+    by_key.sort_by_key(|i| (ready[*i].key.as_ref().ok().copied(), *i));
+    let mut shared_keys: BTreeMap<Key, Vec<usize>> = BTreeMap::new();
+    for pair in by_key.windows(2) {
+        if let (Ok(a), Ok(b)) = (&ready[pair[0]].key, &ready[pair[1]].key)
+            && a == b
+        {
+            let group = shared_keys.entry(*a).or_default();
+            if group.last() != Some(&pair[0]) {
+                group.push(pair[0]);
+            }
+            group.push(pair[1]);
+        }
     }
-    format!("{hash:016x}")
+    let mut by_line: Vec<usize> = (0..ready.len()).collect();
+    by_line.sort_by(|a, b| ready[*a].line.cmp(&ready[*b].line));
+    Prepared { ready, by_key, by_line, shared_keys }
 }
 
 /// Computes the peers of node `me` (whose public key is `my_key`) from all entries.
@@ -76,51 +151,51 @@ pub fn digest(entries: &[PeerEntry]) -> String {
 /// same key, neither is applied: WireGuard could not tell them apart, and picking one would route
 /// the other's traffic wrongly.
 pub fn peers(me: &str, my_key: &Key, entries: &[PeerEntry]) -> Peers {
+    peers_of(me, my_key, &prepare(entries))
+}
+
+/// [`peers`] from entries parsed once.
+pub fn peers_of(me: &str, my_key: &Key, prepared: &Prepared) -> Peers {
     let mut out = Peers::default();
-    let mut by_key: BTreeMap<Key, Vec<&PeerEntry>> = BTreeMap::new();
-    for entry in entries.iter().filter(|e| e.node != me) {
-        match Key::from_base64(&entry.public_key) {
-            Ok(key) if key == *my_key => out
+    let ready = &prepared.ready;
+    // Keys that do not parse, and this node's own key, in the order given.
+    for entry in ready.iter().filter(|e| e.node != me) {
+        match &entry.key {
+            Err(why) => out.skipped.push(Skipped { node: entry.node.clone(), why: why.clone() }),
+            Ok(key) if key == my_key => out
                 .skipped
                 .push(Skipped { node: entry.node.clone(), why: format!("publishes this node's own public key {key}") }),
-            Ok(key) => by_key.entry(key).or_default().push(entry),
-            Err(err) => out.skipped.push(Skipped { node: entry.node.clone(), why: err.to_string() }),
+            Ok(_) => {}
         }
     }
-    for (key, entries) in by_key {
-        if let [entry] = entries.as_slice() {
-            let ips: Result<BTreeSet<IpNet>, _> = entry.allowed_ips.iter().map(|ip| ip.parse::<IpNet>()).collect();
-            match ips {
-                Ok(allowed_ips) => {
-                    out.peers.insert(
-                        key,
-                        PeerConfig {
-                            endpoint: entry.endpoint,
-                            allowed_ips,
-                            persistent_keepalive: entry
-                                .persistent_keepalive
-                                .and_then(|k| u16::try_from(k).ok())
-                                .filter(|k| *k > 0),
-                        },
-                    );
-                    out.names.insert(key, entry.node.clone());
-                    out.applied.push((*entry).clone());
-                }
-                Err(err) => out.skipped.push(Skipped {
-                    node: entry.node.clone(),
-                    why: format!("malformed allowed IP in {:?}: {err}", entry.allowed_ips),
-                }),
-            }
-        } else {
-            let names: Vec<&str> = entries.iter().map(|e| e.node.as_str()).collect();
-            for entry in &entries {
+    let mut applied = vec![false; ready.len()];
+    for &i in &prepared.by_key {
+        let entry = &ready[i];
+        let Ok(key) = &entry.key else { continue };
+        if entry.node == me || key == my_key {
+            continue;
+        }
+        if let Some(group) = prepared.shared_keys.get(key) {
+            let names: Vec<&str> = group.iter().map(|j| ready[*j].node.as_str()).filter(|n| *n != me).collect();
+            if names.len() > 1 {
                 out.skipped.push(Skipped {
                     node: entry.node.clone(),
                     why: format!("public key {key} is published by several nodes: {}", names.join(", ")),
                 });
+                continue;
             }
         }
+        match &entry.config {
+            Ok(config) => {
+                out.peers.insert(*key, config.clone());
+                out.names.insert(*key, entry.node.clone());
+                applied[i] = true;
+                out.applied += 1;
+            }
+            Err(why) => out.skipped.push(Skipped { node: entry.node.clone(), why: why.clone() }),
+        }
     }
+    out.digest = fnv(prepared.by_line.iter().filter(|i| applied[**i]).map(|i| ready[*i].line.as_str()));
     out
 }
 
@@ -367,8 +442,9 @@ mod tests {
         keepalive.persistent_keepalive = Some(25);
         assert_ne!(digest(&[keepalive, b.clone()]), base);
         assert_ne!(digest(&[a]), base);
-        let peers = peers("c", &key(3), &[entry("a", 1, &["10.42.0.1/32"]), b]);
-        assert_eq!(peers.applied.len(), 2);
+        let peers = peers("c", &key(3), &[entry("a", 1, &["10.42.0.1/32"]), b.clone()]);
+        assert_eq!(peers.applied, 2);
+        assert_eq!(peers.digest, digest(&[entry("a", 1, &["10.42.0.1/32"]), b]));
     }
 
     #[test]

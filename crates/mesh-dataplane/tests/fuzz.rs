@@ -117,16 +117,22 @@ proptest! {
         let me = Key::from_bytes([7; 32]);
         let out = peers("me", &me, &entries);
         let others = entries.iter().filter(|e| e.node != "me").count();
-        prop_assert_eq!(out.applied.len() + out.skipped.len(), others);
-        prop_assert_eq!(out.peers.len(), out.applied.len());
+        prop_assert_eq!(out.applied + out.skipped.len(), others);
+        prop_assert_eq!(out.peers.len(), out.applied);
         prop_assert!(!out.peers.contains_key(&me), "this node became its own peer");
+        let mut applied = Vec::new();
         for (key, peer) in &out.peers {
-            let entry = out.applied.iter().find(|e| Key::from_base64(&e.public_key).ok() == Some(*key));
+            let node = out.names.get(key);
+            let entry = entries
+                .iter()
+                .find(|e| Some(&e.node) == node && Key::from_base64(&e.public_key).ok() == Some(*key));
             prop_assert!(entry.is_some(), "peer {key} from no entry");
             prop_assert_eq!(peer.allowed_ips.len(), entry.map(|e| e.allowed_ips.iter().collect::<BTreeSet<_>>().len()).unwrap_or(0));
             prop_assert!(peer.persistent_keepalive.is_none_or(|k| k > 0));
+            applied.extend(entry.cloned());
         }
-        let _ = digest(&entries);
+        // The digest of the applied set, taken from entries parsed once, is that of the entries.
+        prop_assert_eq!(&out.digest, &digest(&applied));
     }
 
     /// A service name, whatever it holds, stays inside its comment line.

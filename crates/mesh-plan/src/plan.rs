@@ -41,6 +41,8 @@ pub struct Directory {
     pub entries: Vec<PeerEntry>,
     /// Allowed IPs dropped from the entries (not a /32 inside the subnet).
     pub dropped: Vec<Dropped>,
+    /// The entries parsed once for every node's [`Directory::peers`].
+    pub prepared: desired::Prepared,
     /// Every service's placement, by the node it is placed on (unplaced ones under "").
     pub placements: HashMap<String, Vec<Placement>>,
     /// Every node's mesh IP and underlay address.
@@ -208,6 +210,7 @@ impl Directory {
             Some(subnet) => desired::confine_allowed_ips(subnet, entries),
             None => (entries, Vec::new()),
         };
+        out.prepared = desired::prepare(&out.entries);
         let mut dns_services = Vec::new();
         for service in services {
             let placement = convert::placement(service);
@@ -226,15 +229,12 @@ impl Directory {
     /// The peers node `me` applies: every other entry, less those with its own key (`None`: it
     /// has published none), a key several nodes publish, or a malformed key or allowed IP.
     pub fn peers(&self, me: &str, my_key: Option<&Key>) -> Peers {
-        desired::peers(me, my_key.unwrap_or(&NO_KEY), &self.entries)
+        desired::peers_of(me, my_key.unwrap_or(&NO_KEY), &self.prepared)
     }
 
     /// The applied-peers report of a peer set.
     pub fn applied(peers: &Peers) -> AppliedPeers {
-        AppliedPeers {
-            count: i32::try_from(peers.applied.len()).unwrap_or(i32::MAX),
-            digest: desired::digest(&peers.applied),
-        }
+        AppliedPeers { count: i32::try_from(peers.applied).unwrap_or(i32::MAX), digest: peers.digest.clone() }
     }
 
     /// The plan of one node.

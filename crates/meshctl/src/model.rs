@@ -508,19 +508,19 @@ fn applied_differs(view: &NodeView, lease: Option<&Lease>, wanted: &mesh_datapla
     }
     let Some(applied) = lease?.applied.as_ref() else {
         return Some(format!(
-            "its agent's Lease carries no applied peer set (annotation {}): an agent older than this meshctl, or              one that has not applied any peers yet",
+            "its agent's Lease carries no applied peer set (annotation {}): an agent older than this meshctl, or one that has not applied any peers yet",
             mesh_api::APPLIED_PEERS_ANNOTATION
         ));
     };
-    let digest = mesh_dataplane::desired::digest(&wanted.applied);
-    (digest != applied.digest).then(|| {
+    let digest = &wanted.digest;
+    (*digest != applied.digest).then(|| {
         format!(
             "its agent has applied {} peer{} (digest {}), the directory asks for {} (digest {digest}): it has not \
              applied the current peer set yet",
             applied.count,
             if applied.count == 1 { "" } else { "s" },
             applied.digest,
-            wanted.applied.len()
+            wanted.applied
         )
     })
 }
