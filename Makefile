@@ -41,6 +41,7 @@ lint: ## rustfmt, clippy (warnings are errors), shellcheck, actionlint (the GitH
 unit: ## the fast tests, no lab: every crate's unit tests (libraries and binaries), and the pure crates' property tests
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p mesh-core -p mesh-api -p mesh-wireguard -p mesh-dataplane --tests
+	$(CARGO) test -p mesh-agent --test cli
 
 fuzz: ## the fuzz targets (proptest: endpoints, UAPI answers, keys, DNS) for longer: PROPTEST_CASES=N (10000)
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-core -p mesh-wireguard -p mesh-dataplane --test fuzz

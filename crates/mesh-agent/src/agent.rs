@@ -38,8 +38,11 @@ use crate::{probe, status::renew_lease};
 /// The agent's own flags, parsed by clap straight into the configuration the loop reads.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Config {
-    /// This node's MeshNode name (in a DaemonSet: spec.nodeName from the downward API).
-    #[arg(long = "node-name", env = "NODE_NAME")]
+    /// This node's MeshNode name (in a DaemonSet: spec.nodeName from the downward API). Required
+    /// to run the agent; the subcommands ignore it. (Not a clap `required` argument: the
+    /// device DaemonSet sets MESH_WIREGUARD and MESH_INTERFACE, which clap reads for these flags
+    /// too, and a required flag would then refuse `mesh-agent device`.)
+    #[arg(long = "node-name", env = "NODE_NAME", default_value = "", hide_default_value = true)]
     pub node: String,
 
     /// Where the node's private key (private.key, mode 0600) and the wireguard-go log live.
