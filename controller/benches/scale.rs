@@ -279,7 +279,9 @@ async fn main() -> anyhow::Result<()> {
     for i in 2..=lab {
         lab_agent("stop", &format!("hm-node-{i}"))?;
     }
-    // The real agent idle on the plain lab: settle, then 30 s of CPU time.
+    let lab_controller = LabControllerPaused::new()?;
+    wipe(&cluster).await?;
+    // The real agent idle on the plain lab (after the wipe: no bench object left): settle, then 30 s of CPU time.
     tokio::time::sleep(Duration::from_secs(15)).await;
     let idle_cpu_before = measure::cpu_time(real.pid()?)?;
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -289,8 +291,6 @@ async fn main() -> anyhow::Result<()> {
         "release agent idle on the lab: {idle_cpu_percent:.2} % CPU, {:.1} MiB RSS",
         idle_memory.rss_kib as f64 / 1024.0
     );
-    let lab_controller = LabControllerPaused::new()?;
-    wipe(&cluster).await?;
     let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
     for i in 0..NAMESPACES {
         let ns = namespace(i);
