@@ -213,6 +213,12 @@ impl Error {
     }
 }
 
+/// The address an object asks for in `spec.meshIP`, parsed with the API's grammar; a malformed
+/// one (which the CRD's schema refuses) is a permanent error, not a retry.
+pub fn requested_ip(mesh_ip: Option<&str>) -> Result<Option<std::net::Ipv4Addr>, Error> {
+    mesh_ip.map(mesh_core::parse_mesh_ip).transpose().map_err(|e| Error::Permanent(e.to_string()))
+}
+
 /// Whether the object `name` exists, read from the API server's storage rather than its watch
 /// cache: a list with a field selector, since the controller's role may list but not get.
 pub async fn is_there<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>

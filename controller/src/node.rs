@@ -110,13 +110,7 @@ async fn mirrored_node_is_gone(node: &MeshNode, ctx: &Ctx) -> bool {
 async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
     let name = node.name_any();
     let owner = Owner::node(&name);
-    let requested = node
-        .spec
-        .mesh_ip
-        .as_deref()
-        .map(mesh_core::parse_mesh_ip)
-        .transpose()
-        .map_err(|e| Error::Permanent(e.to_string()))?;
+    let requested = crate::context::requested_ip(node.spec.mesh_ip.as_deref())?;
     let subnet = ctx.pool().subnet();
     let overlap = rules::pod_cidr_overlap(&name, &subnet, &ctx.index());
     let allocation = if overlap.is_empty() {

@@ -114,13 +114,7 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
         }
         Allocation::NotWanted
     } else {
-        let requested = service
-            .spec
-            .mesh_ip
-            .as_deref()
-            .map(mesh_core::parse_mesh_ip)
-            .transpose()
-            .map_err(|e| Error::Permanent(e.to_string()))?;
+        let requested = crate::context::requested_ip(service.spec.mesh_ip.as_deref())?;
         let mut pool = ctx.pool();
         match pool.allocate(&owner, requested, ctx.now()) {
             Ok(ip) => Allocation::Granted(ip),
