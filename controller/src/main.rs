@@ -442,22 +442,41 @@ async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, Has
     if let Some((first, last)) = pool.node_reserve() {
         tracing::info!(%first, %last, "mesh IPs reserved for MeshNodes");
     }
-    let nodes = Api::<MeshNode>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshNodes")?;
-    let services =
-        Api::<MeshService>::all(client.clone()).list(&ListParams::default()).await.context("listing MeshServices")?;
     // MeshNodes first, then services, each oldest first: a recorded service IP (which anyone
     // with a cluster-wide grant on meshservices/status could have written) never takes a
-    // node's address from it; of two claims of one address the older one keeps it.
+    // node's address from it; of two claims of one address the older one keeps it. Listed in
+    // pages, keeping only what the allocator needs: at 50,000 services one list of every
+    // object is hundreds of MiB held at once for a moment.
     let mut recorded: Vec<(bool, Option<k8s_openapi::jiff::Timestamp>, Owner, String)> = Vec::new();
-    for node in &nodes {
-        if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
-            recorded.push((false, node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
+    let mut claims: Vec<(Owner, Hosted)> = Vec::new();
+    let nodes = Api::<MeshNode>::all(client.clone());
+    let mut page = ListParams::default().limit(LIST_PAGE);
+    loop {
+        let list = nodes.list(&page).await.context("listing MeshNodes")?;
+        for node in &list {
+            if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
+                recorded.push((false, node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
+            }
+        }
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => page = page.continue_token(&token),
+            None => break,
         }
     }
-    for service in &services {
-        if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
-            let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
-            recorded.push((true, service.creation_timestamp().map(|t| t.0), owner, ip));
+    let services = Api::<MeshService>::all(client.clone());
+    let mut page = ListParams::default().limit(LIST_PAGE);
+    loop {
+        let list = services.list(&page).await.context("listing MeshServices")?;
+        for service in &list {
+            if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
+                let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
+                recorded.push((true, service.creation_timestamp().map(|t| t.0), owner, ip));
+            }
+        }
+        claims.extend(hosting_claims(&list.items));
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => page = page.continue_token(&token),
+            None => break,
         }
     }
     recorded.sort();
@@ -470,7 +489,7 @@ async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, Has
         }
     }
     tracing::info!(subnet = %args.subnet, used = pool.used(), capacity = pool.capacity(), "allocator rebuilt from the API");
-    let hosting = recorded_hosting(&services.items, &pool);
+    let hosting = recorded_hosting(claims, &pool);
     Ok((pool, hosting))
 }
 
@@ -479,7 +498,13 @@ async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, Has
 /// reconciled before its services keeps their IPs in its peer entry: with an empty index it
 /// would write the entry without them, and every peer would drop their routes until the
 /// services' own reconciles put them back.
-fn recorded_hosting(services: &[MeshService], pool: &Pool) -> HashMap<Owner, Hosted> {
+fn recorded_hosting(claims: Vec<(Owner, Hosted)>, pool: &Pool) -> HashMap<Owner, Hosted> {
+    claims.into_iter().filter(|(owner, hosted)| pool.address_of(owner) == Some(hosted.ip)).collect()
+}
+
+/// Which node each service's status says hosts it at which IP (before the pool is asked
+/// whether the IP is really the service's).
+fn hosting_claims(services: &[MeshService]) -> Vec<(Owner, Hosted)> {
     services
         .iter()
         .filter(|s| s.metadata.deletion_timestamp.is_none() && s.spec.network.type_ != mesh_api::NetworkType::Host)
@@ -488,10 +513,13 @@ fn recorded_hosting(services: &[MeshService], pool: &Pool) -> HashMap<Owner, Hos
             let ip = mesh_core::parse_mesh_ip(status.mesh_ip.as_deref()?).ok()?;
             let node = status.node.clone()?;
             let owner = Owner::service(s.namespace().unwrap_or_default(), s.name_any());
-            (pool.address_of(&owner) == Some(ip)).then_some((owner, Hosted { node, ip }))
+            Some((owner, Hosted { node, ip }))
         })
         .collect()
 }
+
+/// Objects per page when the allocator is rebuilt at start.
+const LIST_PAGE: u32 = 500;
 
 #[cfg(test)]
 mod tests {
@@ -534,7 +562,7 @@ mod tests {
             pool.restore(Owner::service("ns", s.name_any()), ip).expect("restored");
         }
         pool.restore(Owner::node("n9"), "10.42.0.8".parse().expect("an ip")).expect("restored");
-        let hosting = recorded_hosting(&services, &pool);
+        let hosting = recorded_hosting(hosting_claims(&services), &pool);
         let mut got: Vec<(String, String, String)> =
             hosting.iter().map(|(o, h)| (o.to_string(), h.node.clone(), h.ip.to_string())).collect();
         got.sort();
