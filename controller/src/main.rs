@@ -449,36 +449,24 @@ async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, Has
     // object is hundreds of MiB held at once for a moment.
     let mut recorded: Vec<(bool, Option<k8s_openapi::jiff::Timestamp>, Owner, String)> = Vec::new();
     let mut claims: Vec<(Owner, Hosted)> = Vec::new();
-    let nodes = Api::<MeshNode>::all(client.clone());
-    let mut page = ListParams::default().limit(LIST_PAGE);
-    loop {
-        let list = nodes.list(&page).await.context("listing MeshNodes")?;
-        for node in &list {
+    for_each_page(&Api::<MeshNode>::all(client.clone()), "MeshNodes", |nodes| {
+        for node in &nodes {
             if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
                 recorded.push((false, node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
             }
         }
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => page = page.continue_token(&token),
-            None => break,
-        }
-    }
-    let services = Api::<MeshService>::all(client.clone());
-    let mut page = ListParams::default().limit(LIST_PAGE);
-    loop {
-        let list = services.list(&page).await.context("listing MeshServices")?;
-        for service in &list {
+    })
+    .await?;
+    for_each_page(&Api::<MeshService>::all(client.clone()), "MeshServices", |services| {
+        for service in &services {
             if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
                 let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
                 recorded.push((true, service.creation_timestamp().map(|t| t.0), owner, ip));
             }
         }
-        claims.extend(hosting_claims(&list.items));
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => page = page.continue_token(&token),
-            None => break,
-        }
-    }
+        claims.extend(hosting_claims(&services));
+    })
+    .await?;
     recorded.sort();
     for (_, _, owner, ip) in recorded {
         let restored = mesh_core::parse_mesh_ip(&ip)
@@ -520,6 +508,23 @@ fn hosting_claims(services: &[MeshService]) -> Vec<(Owner, Hosted)> {
 
 /// Objects per page when the allocator is rebuilt at start.
 const LIST_PAGE: u32 = 500;
+
+/// Lists every `what` through `api` in pages of [`LIST_PAGE`], handing each page to `each`.
+async fn for_each_page<K>(api: &Api<K>, what: &str, mut each: impl FnMut(Vec<K>)) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let mut page = ListParams::default().limit(LIST_PAGE);
+    loop {
+        let list = api.list(&page).await.with_context(|| format!("listing {what}"))?;
+        let next = list.metadata.continue_.filter(|c| !c.is_empty());
+        each(list.items);
+        match next {
+            Some(token) => page = page.continue_token(&token),
+            None => return Ok(()),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
