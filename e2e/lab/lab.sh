@@ -888,6 +888,10 @@ cmd_up() {
   fi
 
   lock
+  # Namespaces named like this lab's that this clone never made (no config of its own): the
+  # leftovers of another clone's lab, or of one whose state was deleted. Adopting them would
+  # start an agent in each (CI once ran its 3-node suites among 200 stale nodes); remove them.
+  remove_foreign_nodes
   # `up` only adds: nodes that exist beyond the ones asked for stay (`down` removes them).
   local present
   present="$(nodes_present)"
@@ -929,6 +933,24 @@ cmd_up() {
   fi
   log "lab is up ($mode mode): KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)" \
     "$([ "$vms" = 0 ] || echo "and $vms VM node(s)")"
+}
+
+# Removes the node namespaces (and what runs in them) when this clone has no lab config: they
+# are not this lab's. Refuses while a lab holds this lab's ports (another clone's, running).
+remove_foreign_nodes() {
+  [ ! -e "$config" ] || return 0
+  local ns stale=() pids=()
+  for ns in $(lab_netns); do
+    [ "$ns" = "$bridge_ns" ] || [[ "$ns" == "${netns_prefix}node-"* ]] && stale+=("$ns")
+  done
+  [ ${#stale[@]} -gt 0 ] || return 0
+  preflight_ports
+  log "removing ${#stale[@]} network namespace(s) that a lab not of this clone left (${stale[0]}...)"
+  for ns in "${stale[@]}"; do
+    mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$ns" 2>/dev/null || true)
+  done
+  [ ${#pids[@]} -eq 0 ] || stop_pids "processes in the stale namespaces" "${pids[@]}"
+  for ns in "${stale[@]}"; do ip netns delete "$ns" || log "warning: could not delete network namespace $ns"; done
 }
 
 # Refuses to switch the mode of a lab that is already running.
