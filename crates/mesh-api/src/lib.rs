@@ -32,3 +32,16 @@ pub const GROUP: &str = "mesh.harness.dev";
 pub const VERSION: &str = "v1alpha1";
 /// The default WireGuard UDP listen port.
 pub const DEFAULT_LISTEN_PORT: i32 = 51820;
+
+/// The annotation `meshctl connect` puts on what it creates (its ephemeral MeshNode, the
+/// MeshServices it exposes, and its Lease's holder): the Kubernetes user name of the person
+/// connecting. A MeshNode that carries it is *ephemeral*: mesh-controller deletes it, with the
+/// MeshServices of the same owner placed on it, once its Lease `mesh-agent-<name>` (held by the
+/// same user) has not been renewed for [`EPHEMERAL_GRACE_SECONDS`] past its duration. The
+/// chart's admission policy lets a connecting user write only objects that carry their own name
+/// here.
+pub const CONNECT_OWNER_ANNOTATION: &str = "mesh.harness.dev/connect-owner";
+
+/// Seconds past its Lease's duration after which an ephemeral MeshNode is collected (see
+/// [`CONNECT_OWNER_ANNOTATION`]); also how long a new one may go without a Lease.
+pub const EPHEMERAL_GRACE_SECONDS: i64 = 15;
