@@ -118,6 +118,12 @@ impl PrivateKey {
         Key(self.0).to_hex()
     }
 
+    /// The raw key, for a WireGuard that runs in this process (`meshctl connect`); never
+    /// write, log or send it.
+    pub fn secret_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The public key that goes with this private key.
     pub fn public_key(&self) -> Key {
         Key(x25519_dalek::x25519(self.0, x25519_dalek::X25519_BASEPOINT_BYTES))

@@ -10,6 +10,7 @@ use std::path::Path;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use clap_complete::Shell;
 
+use crate::connect::args::{ConnectArgs, ExposeArgs, ForwardArgs};
 use crate::enroll::{ENROLL_AFTER_HELP, EnrollArgs, UNENROLL_AFTER_HELP, UnenrollArgs};
 use crate::kubeconfig::ClusterArgs;
 
@@ -102,7 +103,44 @@ pub enum Command {
     /// Remove an enrolled machine: its agent and files there, its MeshNode and credential in the cluster
     #[command(after_help = UNENROLL_AFTER_HELP)]
     Unenroll(UnenrollArgs),
+
+    /// Join the mesh from this machine without root, a tun device or Linux, until Ctrl-C
+    #[command(long_about = CONNECT_ABOUT, after_help = CONNECT_AFTER_HELP)]
+    Connect(ConnectArgs),
+
+    /// Forward local ports to a mesh service through an ephemeral membership, until Ctrl-C
+    #[command(
+        long_about = "Forward local ports to a MeshService: listen on 127.0.0.1 (--address) and carry each\n\
+                      connection through the tunnel to the service's mesh IP and port. The service's name is\n\
+                      resolved at each connection, so it follows the service. The process joins the mesh\n\
+                      as `meshctl connect` does (see its help) and leaves on exit.",
+        after_help = "Examples:\n  meshctl forward graph-node 8000            127.0.0.1:8000 -> graph-node.default, port 8000\n  meshctl forward db.team-a 15432:5432 --socks5 127.0.0.1:1080"
+    )]
+    Forward(ForwardArgs),
+
+    /// Publish a local port as a mesh service hosted by this machine, until Ctrl-C
+    #[command(
+        long_about = "Publish 127.0.0.1:LOCAL_PORT as the MeshService NAME[.NAMESPACE], hosted by this\n\
+                      process: any node of the mesh reaches it at NAME.NAMESPACE.mesh.local (its own mesh IP)\n\
+                      on --port, and the traffic ends at 127.0.0.1:LOCAL_PORT here. The MeshService is\n\
+                      deleted on exit (or collected by mesh-controller if the process is killed). Needs\n\
+                      the chart's <release>-connect-expose role in that namespace.",
+        after_help = "Examples:\n  meshctl expose 3000 --as web-preview --port 80\n  meshctl expose 5432 --as scratch-db.team-a"
+    )]
+    Expose(ExposeArgs),
 }
+
+const CONNECT_ABOUT: &str = "Join the mesh as an ephemeral member, with your kubeconfig and nothing else: no root, no\n\
+tun device, no capability. WireGuard and a TCP/IP stack run inside meshctl (boringtun and\n\
+smoltcp). meshctl creates a MeshNode carrying your user name (annotation\n\
+mesh.harness.dev/connect-owner), publishes its public key (the private key stays in memory),\n\
+renews its Lease every 10 s, and prints a status line (peers reached, handshakes, bytes).\n\
+On Ctrl-C it deletes what it created; if it is killed, mesh-controller deletes it once the\n\
+Lease has lapsed (at most about 50 s).\n\n\
+With --socks5 it serves a SOCKS5 proxy that resolves *.mesh.local itself. Needs the chart's\n\
+<release>-connect role (bound to the group harness-mesh:connect by default).";
+
+const CONNECT_AFTER_HELP: &str = "Examples:\n  meshctl connect --socks5 127.0.0.1:1080\n  curl --socks5-hostname 127.0.0.1:1080 http://graph-node.default.mesh.local:8000\n  meshctl connect --name ci-runner-7 --endpoint none     behind NAT: peers learn the endpoint";
 
 /// `meshctl status` options.
 #[derive(Args, Debug)]

@@ -44,6 +44,7 @@
 
 mod cli;
 mod cluster;
+mod connect;
 mod connected;
 mod dot;
 mod enroll;
@@ -122,6 +123,28 @@ async fn run(cli: Cli, invocation: &Invocation) -> anyhow::Result<String> {
         }
         Command::Enroll(args) => enroll::enroll(args, &cli.cluster).await.map(|()| String::new()),
         Command::Unenroll(args) => enroll::unenroll(args, &cli.cluster).await.map(|()| String::new()),
+        Command::Connect(args) => {
+            let session = connect::Session { member: args.member, forwards: Vec::new(), exposes: Vec::new() };
+            connect::run(session, &cli.cluster).await.map(|()| String::new())
+        }
+        Command::Forward(args) => {
+            let forwards = args
+                .ports
+                .iter()
+                .map(|ports| connect::Forward { service: args.service.clone(), ports: *ports, address: args.address })
+                .collect();
+            let session = connect::Session { member: args.member, forwards, exposes: Vec::new() };
+            connect::run(session, &cli.cluster).await.map(|()| String::new())
+        }
+        Command::Expose(args) => {
+            let expose = connect::Expose {
+                service: args.service,
+                local_port: args.local_port,
+                port: args.port.unwrap_or(args.local_port),
+            };
+            let session = connect::Session { member: args.member, forwards: Vec::new(), exposes: vec![expose] };
+            connect::run(session, &cli.cluster).await.map(|()| String::new())
+        }
         Command::Showconf(args) => {
             let cluster = Cluster::connect(&cli.cluster).await?;
             let (nodes, services) = tokio::try_join!(cluster.nodes(), cluster.services(None))?;
