@@ -1,0 +1,300 @@
+//! The WireGuard side: one boringtun `Tunn` per peer, found by the receiver index of incoming
+//! messages (or by the static key inside a handshake initiation), with cryptokey routing and
+//! endpoint roaming. No I/O here: callers hand in datagrams and take out datagrams and IP packets.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::Ipv4Net;
+
+use crate::routing::{Router, ipv4_src_dst, source_allowed};
+use crate::{Peer, PeerStats};
+
+/// A UDP datagram to send: destination and bytes.
+pub(crate) type Datagram = (SocketAddr, Vec<u8>);
+
+/// boringtun shifts our index left by 8 bits to number sessions, so indices must fit in 24 bits.
+const INDEX_LIMIT: u32 = 1 << 24;
+/// Room for the largest datagram plus WireGuard's overhead.
+const BUF_LEN: usize = 65_535 + 64;
+
+/// The base64 form of a WireGuard key, as `wg` prints it.
+pub(crate) fn key_to_base64(key: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+struct WgPeer {
+    public_key: [u8; 32],
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    allowed_ips: Vec<Ipv4Net>,
+    keepalive: Option<u16>,
+}
+
+/// All peers of one netstack and the state to move packets between them and the TCP/IP stack.
+pub(crate) struct WireGuard {
+    secret: StaticSecret,
+    public: PublicKey,
+    peers: HashMap<u32, WgPeer>,
+    by_key: HashMap<[u8; 32], u32>,
+    router: Router<u32>,
+    next_index: u32,
+    buf: Vec<u8>,
+}
+
+impl WireGuard {
+    /// A WireGuard identity with no peers yet.
+    pub(crate) fn new(private_key: [u8; 32]) -> Self {
+        let secret = StaticSecret::from(private_key);
+        let public = PublicKey::from(&secret);
+        // Start the local indices somewhere time-dependent so that a restarted process does not
+        // reuse the indices of its previous sessions.
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        WireGuard {
+            secret,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            router: Router::default(),
+            next_index: seed % INDEX_LIMIT,
+            buf: vec![0; BUF_LEN],
+        }
+    }
+
+    /// Our public key.
+    pub(crate) fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    fn allocate_index(&mut self) -> u32 {
+        for _ in 0..INDEX_LIMIT {
+            let index = self.next_index;
+            self.next_index = (self.next_index + 1) % INDEX_LIMIT;
+            if !self.peers.contains_key(&index) {
+                return index;
+            }
+        }
+        // 16 million peers: unreachable in practice; reuse rather than loop forever.
+        self.next_index
+    }
+
+    fn new_tunn(&self, public_key: [u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
+        Tunn::new(self.secret.clone(), PublicKey::from(public_key), None, keepalive, index, None)
+    }
+
+    /// Reconciles the peer set: peers whose key is unchanged keep their session (and a roamed
+    /// endpoint when the new config has none); removed keys are dropped; endpoint and allowed IPs
+    /// are applied. A changed persistent keepalive starts a new session, as boringtun cannot change it.
+    pub(crate) fn set_peers(&mut self, peers: Vec<Peer>) {
+        let wanted: HashMap<[u8; 32], Peer> = peers.into_iter().map(|p| (p.public_key, p)).collect();
+        let removed: Vec<[u8; 32]> = self.by_key.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
+        for key in removed {
+            if let Some(index) = self.by_key.remove(&key) {
+                self.peers.remove(&index);
+            }
+        }
+        for (key, peer) in wanted {
+            if key == self.public.to_bytes() {
+                tracing::warn!("ignoring a peer with this netstack's own public key");
+                continue;
+            }
+            let existing = self.by_key.get(&key).copied();
+            match existing.and_then(|i| self.peers.get(&i).map(|p| (i, p.keepalive))) {
+                Some((index, keepalive)) if keepalive == peer.persistent_keepalive => {
+                    if let Some(p) = self.peers.get_mut(&index) {
+                        if peer.endpoint.is_some() {
+                            p.endpoint = peer.endpoint;
+                        }
+                        p.allowed_ips = peer.allowed_ips;
+                    }
+                }
+                Some((index, _)) => {
+                    let tunn = self.new_tunn(key, peer.persistent_keepalive, index);
+                    if let Some(p) = self.peers.get_mut(&index) {
+                        p.tunn = tunn;
+                        p.keepalive = peer.persistent_keepalive;
+                        if peer.endpoint.is_some() {
+                            p.endpoint = peer.endpoint;
+                        }
+                        p.allowed_ips = peer.allowed_ips;
+                    }
+                }
+                None => {
+                    let index = self.allocate_index();
+                    let tunn = self.new_tunn(key, peer.persistent_keepalive, index);
+                    self.peers.insert(
+                        index,
+                        WgPeer {
+                            public_key: key,
+                            tunn,
+                            endpoint: peer.endpoint,
+                            allowed_ips: peer.allowed_ips,
+                            keepalive: peer.persistent_keepalive,
+                        },
+                    );
+                    self.by_key.insert(key, index);
+                }
+            }
+        }
+        // Deterministic order (by key) so that overlapping claims resolve the same way every time.
+        let mut routes: Vec<([u8; 32], Ipv4Net, u32)> = self
+            .peers
+            .iter()
+            .flat_map(|(index, p)| p.allowed_ips.iter().map(move |net| (p.public_key, *net, *index)))
+            .collect();
+        routes.sort_by_key(|r| r.0);
+        self.router = Router::build(routes.into_iter().map(|(_, net, index)| (net, index)));
+    }
+
+    /// Whether some peer's allowed IPs contain `dst`.
+    pub(crate) fn routes(&self, dst: Ipv4Addr) -> bool {
+        self.router.lookup(dst).is_some()
+    }
+
+    /// Why a connection to `dst` may not have been answered, for error messages.
+    pub(crate) fn describe_path(&self, dst: Ipv4Addr) -> String {
+        let Some(peer) = self.router.lookup(dst).and_then(|i| self.peers.get(i)) else {
+            return format!("no peer's allowed IPs contain {dst} any more");
+        };
+        let key = key_to_base64(&peer.public_key);
+        let endpoint = match peer.endpoint {
+            Some(e) => e.to_string(),
+            None => "an unknown endpoint (waiting for it to contact us)".to_string(),
+        };
+        match peer.tunn.stats().0 {
+            None => format!("no handshake with peer {key} at {endpoint}"),
+            Some(age) => format!(
+                "the handshake with peer {key} at {endpoint} worked {}s ago, but {dst} did not answer",
+                age.as_secs()
+            ),
+        }
+    }
+
+    /// Encrypts an IP packet from the stack for the peer that routes its destination. Packets
+    /// with no route, or to a peer whose endpoint is still unknown, are dropped (boringtun keeps
+    /// a few while a handshake is under way).
+    pub(crate) fn encapsulate(&mut self, packet: &[u8], out: &mut Vec<Datagram>) {
+        let Some((_, dst)) = ipv4_src_dst(packet) else { return };
+        let Some(peer) = self.router.lookup(dst).and_then(|i| self.peers.get_mut(i)) else {
+            tracing::trace!(%dst, "dropping a packet: no peer routes its destination");
+            return;
+        };
+        match peer.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(data) => {
+                if let Some(endpoint) = peer.endpoint {
+                    out.push((endpoint, data.to_vec()));
+                }
+            }
+            TunnResult::Err(e) => tracing::debug!(?e, "encapsulating a packet failed"),
+            _ => {}
+        }
+    }
+
+    /// Handles one UDP datagram from `from`: handshake messages are answered (into `out`), data
+    /// packets are decrypted and, when their inner source is inside the sending peer's allowed
+    /// IPs, queued into `inbound`. A valid message moves the peer's endpoint to `from` (roaming).
+    pub(crate) fn decapsulate(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<Datagram>,
+        inbound: &mut VecDeque<Vec<u8>>,
+    ) {
+        let (index, is_data) = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => match parse_handshake_anon(&self.secret, &self.public, &init) {
+                Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                    Some(index) => (*index, false),
+                    None => {
+                        tracing::debug!(%from, "handshake initiation from an unknown key");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(%from, ?e, "invalid handshake initiation");
+                    return;
+                }
+            },
+            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, true),
+            Err(_) => {
+                tracing::trace!(%from, "not a WireGuard message");
+                return;
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&index) else {
+            tracing::debug!(%from, index, "message for an unknown receiver index");
+            return;
+        };
+        let mut valid = false;
+        match peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf) {
+            TunnResult::Done => valid = is_data,
+            TunnResult::Err(e) => tracing::debug!(%from, ?e, "dropping a WireGuard message"),
+            TunnResult::WriteToNetwork(data) => {
+                // A cookie reply (type 3) is sent before the message is authenticated.
+                valid = data.first() != Some(&3);
+                out.push((from, data.to_vec()));
+                // Flush what boringtun queued while the handshake was under way.
+                for _ in 0..1024 {
+                    match peer.tunn.decapsulate(None, &[], &mut self.buf) {
+                        TunnResult::WriteToNetwork(data) => out.push((from, data.to_vec())),
+                        _ => break,
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                valid = true;
+                if source_allowed(&peer.allowed_ips, src) {
+                    inbound.push_back(packet.to_vec());
+                } else {
+                    tracing::debug!(%src, peer = %key_to_base64(&peer.public_key), "dropping a packet whose source is outside the peer's allowed IPs");
+                }
+            }
+            TunnResult::WriteToTunnelV6(..) => valid = true,
+        }
+        if valid && peer.endpoint != Some(from) {
+            tracing::debug!(peer = %key_to_base64(&peer.public_key), %from, "peer endpoint roamed");
+            peer.endpoint = Some(from);
+        }
+    }
+
+    /// Runs boringtun's timers (handshake retries, rekeys, keepalives) for every peer.
+    pub(crate) fn update_timers(&mut self, out: &mut Vec<Datagram>) {
+        for peer in self.peers.values_mut() {
+            match peer.tunn.update_timers(&mut self.buf) {
+                TunnResult::WriteToNetwork(data) => {
+                    if let Some(endpoint) = peer.endpoint {
+                        out.push((endpoint, data.to_vec()));
+                    }
+                }
+                TunnResult::Err(e) => tracing::trace!(?e, "wireguard timer"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Per-peer counters.
+    pub(crate) fn stats(&self) -> Vec<PeerStats> {
+        let mut stats: Vec<PeerStats> = self
+            .peers
+            .values()
+            .map(|p| {
+                let (last_handshake, tx, rx, _, _) = p.tunn.stats();
+                PeerStats {
+                    public_key: p.public_key,
+                    endpoint: p.endpoint,
+                    last_handshake: last_handshake.filter(|d| *d < Duration::from_secs(u64::from(u32::MAX))),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                }
+            })
+            .collect();
+        stats.sort_by_key(|s| s.public_key);
+        stats
+    }
+}
