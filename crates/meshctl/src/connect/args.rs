@@ -37,7 +37,7 @@ pub struct MemberArgs {
     pub join_timeout: std::time::Duration,
 
     /// Print a status line (peers reached, handshakes, bytes) this often; 0s: never
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::util::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_interval)]
     pub status_every: std::time::Duration,
 
     /// Also serve a SOCKS5 proxy here (e.g. 127.0.0.1:1080) that resolves *.mesh.local itself:
@@ -192,6 +192,11 @@ impl FromStr for PortMap {
     }
 }
 
+/// A duration such as `5s`, or `0`/`0s` for never.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    if matches!(text, "0" | "0s") { Ok(std::time::Duration::ZERO) } else { crate::util::parse_duration(text) }
+}
+
 /// The local listening address of a forwarded port.
 pub fn listen_address(address: Ipv4Addr, map: PortMap) -> SocketAddrV4 {
     SocketAddrV4::new(address, map.local)
@@ -245,6 +250,13 @@ mod tests {
             let err = bad.parse::<PortMap>().expect_err(bad);
             assert!(err.contains("PORT or LOCAL:PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn status_every_takes_zero_for_never() {
+        assert_eq!(parse_interval("0s"), Ok(std::time::Duration::ZERO));
+        assert_eq!(parse_interval("2s"), Ok(std::time::Duration::from_secs(2)));
+        assert!(parse_interval("-1s").is_err());
     }
 
     #[test]

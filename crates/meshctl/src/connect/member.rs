@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -115,7 +116,7 @@ impl Member {
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": lease_name, "annotations": annotations},
-            "spec": {"holderIdentity": self.owner, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now},
+            "spec": {"holderIdentity": self.owner, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": MicroTime(now)},
         });
         let params = PatchParams::apply(MANAGER).force();
         self.leases
