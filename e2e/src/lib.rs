@@ -15,6 +15,7 @@ pub mod measure;
 pub mod mesh;
 pub mod nodes;
 pub mod rogue;
+pub mod users;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
