@@ -4,7 +4,9 @@
 //!
 //! - every object: no `managedFields` (often the largest part of a small object);
 //! - MeshNodes: of the annotations, only `mesh.harness.dev/enrolled-via` (it tells an enrolled
-//!   machine's MeshNode apart); MeshServices: none;
+//!   machine's MeshNode apart) and `mesh.harness.dev/connect-owner` (an ephemeral member of
+//!   `meshctl connect`: collected when its Lease lapses, ephemeral.rs, and the only node its
+//!   owner's services may be placed on); MeshServices: only `mesh.harness.dev/connect-owner`;
 //! - Pods: the controller must see every Pod that a MeshService's selector may match, and
 //!   selectors change at any time, so no label selector can narrow the watch, and a metadata-only
 //!   watch lacks the node, the readiness and the pod IP. So every Pod is watched, and the cache
@@ -21,7 +23,7 @@
 
 use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Pod, PodCondition, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use mesh_api::{MeshNode, MeshService};
+use mesh_api::{CONNECT_OWNER_ANNOTATION, MeshNode, MeshService};
 
 /// The annotation `meshctl enroll` puts on an enrolled machine's MeshNode (where it was
 /// enrolled from; crates/meshctl/src/enroll/api.rs): the Node mirror leaves such a MeshNode alone.
@@ -75,18 +77,20 @@ pub fn trim_node(node: &mut Node) {
     node.status = node.status.take().map(|status| NodeStatus { addresses: status.addresses, ..NodeStatus::default() });
 }
 
-/// Drops a MeshNode's managed fields and every annotation but [`ENROLLED_VIA`].
+/// Drops a MeshNode's managed fields and every annotation but [`ENROLLED_VIA`] and
+/// [`CONNECT_OWNER_ANNOTATION`].
 pub fn trim_mesh_node(node: &mut MeshNode) {
     node.metadata.managed_fields = None;
     if let Some(annotations) = node.metadata.annotations.as_mut() {
-        annotations.retain(|k, _| k == ENROLLED_VIA);
+        annotations.retain(|k, _| k == ENROLLED_VIA || k == CONNECT_OWNER_ANNOTATION);
     }
 }
 
-/// Drops a MeshService's managed fields and annotations.
+/// Drops a MeshService's managed fields and every annotation but [`CONNECT_OWNER_ANNOTATION`].
 pub fn trim_mesh_service(service: &mut MeshService) {
     service.metadata.managed_fields = None;
-    service.metadata.annotations = None;
+    let owner = service.metadata.annotations.take().and_then(|mut a| a.remove_entry(CONNECT_OWNER_ANNOTATION));
+    service.metadata.annotations = owner.map(|(k, v)| std::iter::once((k, v)).collect());
 }
 
 #[cfg(test)]
@@ -143,16 +147,42 @@ mod tests {
     }
 
     #[test]
-    fn a_mesh_node_keeps_only_the_enrolled_annotation() {
+    fn a_mesh_node_keeps_only_the_enrolled_and_connect_owner_annotations() {
         let mut node: MeshNode = serde_json::from_value(json!({
             "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
-            "metadata": {"name": "m", "annotations": {ENROLLED_VIA: "ssh://root@h:22", "other": "x"},
+            "metadata": {"name": "m", "annotations": {ENROLLED_VIA: "ssh://root@h:22", "other": "x",
+                CONNECT_OWNER_ANNOTATION: "alice"},
                 "managedFields": [{"manager": "meshctl"}]},
             "spec": {},
         }))
         .unwrap();
         trim_mesh_node(&mut node);
         assert_eq!(node.metadata.managed_fields, None);
-        assert_eq!(node.metadata.annotations.unwrap().into_keys().collect::<Vec<_>>(), [ENROLLED_VIA]);
+        let mut kept = node.metadata.annotations.unwrap().into_keys().collect::<Vec<_>>();
+        kept.sort();
+        assert_eq!(kept, [CONNECT_OWNER_ANNOTATION, ENROLLED_VIA]);
+    }
+
+    #[test]
+    fn a_mesh_service_keeps_only_the_connect_owner_annotation() {
+        let service = |annotations: serde_json::Value| -> MeshService {
+            serde_json::from_value(json!({
+                "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
+                "metadata": {"name": "s", "namespace": "ns", "annotations": annotations,
+                    "managedFields": [{"manager": "meshctl"}]},
+                "spec": {"network": {"type": "mesh", "ports": [80]}},
+            }))
+            .unwrap()
+        };
+        let mut owned = service(json!({CONNECT_OWNER_ANNOTATION: "alice", "big": "x".repeat(100)}));
+        trim_mesh_service(&mut owned);
+        assert_eq!(owned.metadata.managed_fields, None);
+        assert_eq!(
+            owned.metadata.annotations.unwrap().into_iter().collect::<Vec<_>>(),
+            [(CONNECT_OWNER_ANNOTATION.to_owned(), "alice".to_owned())]
+        );
+        let mut plain = service(json!({"big": "x"}));
+        trim_mesh_service(&mut plain);
+        assert_eq!(plain.metadata.annotations, None);
     }
 }

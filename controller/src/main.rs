@@ -9,6 +9,7 @@ mod backoff;
 mod caches;
 mod conditions;
 mod context;
+mod ephemeral;
 mod gone;
 mod holds;
 mod judge;
@@ -105,6 +106,12 @@ struct Args {
     /// Namespace of the leader-election Lease (in a pod: its own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     lease_namespace: String,
+
+    /// Namespace of the agents' liveness Leases (`mesh-agent-<node>`), where `meshctl connect`
+    /// renews the Lease of its ephemeral MeshNode; ephemeral MeshNodes whose Lease lapses are
+    /// deleted (see ephemeral.rs). Default: --lease-namespace (in a pod: the release namespace).
+    #[arg(long, env = "MESH_AGENT_LEASE_NAMESPACE")]
+    agent_lease_namespace: Option<String>,
 
     /// Name of the leader-election Lease.
     #[arg(long, env = "MESH_LEASE_NAME", default_value = "mesh-controller")]
@@ -392,7 +399,11 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         }
     };
     let persist_holds = holds::persist(ctx.clone(), hold_store.clone(), stored_holds);
+    // Only the leader runs this (`run` runs once leading): it deletes expired ephemeral members.
+    let agent_leases = args.agent_lease_namespace.clone().unwrap_or_else(|| args.lease_namespace.clone());
+    let collect_ephemeral = ephemeral::run(ctx.clone(), agent_leases);
     tokio::select! {
+        () = collect_ephemeral => {},
         () = services => {},
         () = nodes => {},
         () = mirror => {},

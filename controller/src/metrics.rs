@@ -36,6 +36,8 @@ pub struct Metrics {
     pub pool_used: Gauge,
     /// Mesh IPs the pool can hand out.
     pub pool_capacity: Gauge,
+    /// Ephemeral MeshNodes (`meshctl connect`) deleted because their Lease lapsed (ephemeral.rs).
+    pub ephemeral_collected: Counter,
     /// Set once the allocator is rebuilt and the first full sync is done.
     pub ready: AtomicBool,
 }
@@ -49,6 +51,11 @@ impl Metrics {
         registry.register("allocations", "Mesh IPs handed out", self.allocations.clone());
         registry.register("pool_used", "Mesh IPs in use", self.pool_used.clone());
         registry.register("pool_capacity", "Mesh IPs the subnet can hand out", self.pool_capacity.clone());
+        registry.register(
+            "ephemeral_collected",
+            "Ephemeral MeshNodes (meshctl connect) deleted because their Lease lapsed",
+            self.ephemeral_collected.clone(),
+        );
         registry
     }
 

@@ -54,6 +54,7 @@ struct ServiceFacts {
 struct PlacementFacts {
     service_namespaces: Option<Vec<String>>,
     backend: Option<Backend>,
+    connect_owner: Option<String>,
 }
 
 /// The index (see the module docs).
@@ -109,13 +110,14 @@ impl Index {
     // ---- MeshNodes ----
 
     /// Takes in a created or changed MeshNode. Returns whether what its placed services depend
-    /// on changed (it appeared, its `spec.serviceNamespaces` or its backend): then they are to
+    /// on changed (it appeared, its `spec.serviceNamespaces`, its backend or its connect owner): then they are to
     /// be reconciled again ([`Index::services_on`]).
     pub fn apply_mesh_node(&mut self, node: Arc<MeshNode>) -> bool {
         let name = node.name_any();
         let facts = |n: &MeshNode| PlacementFacts {
             service_namespaces: n.spec.service_namespaces.clone(),
             backend: n.status.as_ref().and_then(|s| s.backend),
+            connect_owner: n.annotations().get(mesh_api::CONNECT_OWNER_ANNOTATION).cloned(),
         };
         let previous = self.remove_mesh_node(&name);
         let changed = previous.as_deref().map(facts) != Some(facts(&node));

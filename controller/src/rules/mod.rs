@@ -10,7 +10,7 @@ pub mod node;
 pub mod service;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 

@@ -287,9 +287,49 @@ pub fn node_has_room(owner: &Owner, node: &str, index: &Index) -> Result<(), Str
     }
 }
 
+/// The `meshctl connect` user a MeshService or MeshNode belongs to (its
+/// [`mesh_api::CONNECT_OWNER_ANNOTATION`]), if any.
+pub fn connect_owner<K: kube::Resource>(obj: &K) -> Option<&str> {
+    obj.meta().annotations.as_ref()?.get(mesh_api::CONNECT_OWNER_ANNOTATION).map(String::as_str)
+}
+
+/// Whether `service` may be hosted on `node` as far as `meshctl connect` ownership goes: a
+/// service exposed by a connecting user (it carries the connect-owner annotation) may be placed
+/// only on an ephemeral MeshNode of the same user, so that a laptop can never pull traffic meant
+/// for a cluster node or another user's laptop. A service without the annotation is not
+/// concerned (the other placement rules apply, on ephemeral nodes as elsewhere).
+pub fn connect_placement_allowed(service: &MeshService, node: Option<&MeshNode>) -> Result<(), String> {
+    let Some(owner) = connect_owner(service) else {
+        return Ok(());
+    };
+    let annotation = mesh_api::CONNECT_OWNER_ANNOTATION;
+    let Some(node) = node else {
+        return Err(format!(
+            "this service was exposed by meshctl connect for user {owner} ({annotation}: {owner}), so it is placed \
+             only on an ephemeral MeshNode of {owner} (spec.node), and it names none; set spec.node to {owner}'s \
+             connected MeshNode"
+        ));
+    };
+    let name = node.name_any();
+    match connect_owner(node) {
+        Some(node_owner) if node_owner == owner => Ok(()),
+        Some(node_owner) => Err(format!(
+            "this service was exposed by meshctl connect for user {owner} ({annotation}: {owner}), but MeshNode {name} \
+             is the ephemeral member of user {node_owner}; a connected user's services are placed only on their own \
+             MeshNode"
+        )),
+        None => Err(format!(
+            "this service was exposed by meshctl connect for user {owner} ({annotation}: {owner}), but MeshNode {name} \
+             is not an ephemeral member of {owner} (it has no {annotation}); a connected user's services are placed \
+             only on their own MeshNode"
+        )),
+    }
+}
+
 /// Where the service runs now, or the (true) condition that says why it runs nowhere.
 pub fn resolve_host(service: &MeshService, policy: &Policy, index: &Index) -> Result<Host, Want> {
     let namespace = service.namespace().unwrap_or_default();
+    let denied = |why| Want::yes(PLACEMENT_DENIED, "PlacementDenied", why);
     if let Some(node) = &service.spec.node {
         let Some(mesh_node) = index.mesh_node(node) else {
             return Err(Want::yes(
@@ -298,11 +338,13 @@ pub fn resolve_host(service: &MeshService, policy: &Policy, index: &Index) -> Re
                 format!("spec.node names the MeshNode {node:?}, which does not exist; create it or enroll the machine"),
             ));
         };
-        return placement_allowed(&namespace, mesh_node, policy, index)
+        return connect_placement_allowed(service, Some(mesh_node))
+            .and_then(|()| placement_allowed(&namespace, mesh_node, policy, index))
             .and_then(|()| node_has_room(&owner_of(service), node, index))
             .map(|()| Host { node: node.clone(), pod_ip: None })
-            .map_err(|why| Want::yes(PLACEMENT_DENIED, "PlacementDenied", why));
+            .map_err(denied);
     }
+    connect_placement_allowed(service, None).map_err(denied)?;
     let selector = service.spec.selector.clone().unwrap_or_default();
     // The oldest ready pod hosts the service, so hosting does not flap as pods come and go.
     let oldest = index
@@ -486,6 +528,76 @@ mod tests {
         // One already hosted there is not counted against itself.
         let resident = service("default", "s0", json!({"node": "n1"}));
         assert!(super::plan(&resident, &granted("10.42.16.0"), &Policy::default(), &index).hosted.is_some());
+    }
+
+    fn owned_by(mut s: MeshService, owner: &str) -> MeshService {
+        s.metadata.annotations = Some([(mesh_api::CONNECT_OWNER_ANNOTATION.to_owned(), owner.to_owned())].into());
+        s
+    }
+
+    fn ephemeral(name: &str, owner: &str) -> Arc<MeshNode> {
+        mesh_node(
+            name,
+            1,
+            json!({"annotations": {mesh_api::CONNECT_OWNER_ANNOTATION: owner}}),
+            json!({"serviceNamespaces": ["default"]}),
+            json!({"publicKey": format!("key-{name}"), "backend": "userspace"}),
+        )
+    }
+
+    #[test]
+    fn a_connect_service_is_placed_only_on_its_owners_ephemeral_node() {
+        let mut index = with_nodes(&["worker"]);
+        index.apply_mesh_node(ephemeral("alice-laptop", "alice"));
+        index.apply_mesh_node(ephemeral("bob-laptop", "bob"));
+        let on = |node: &str| owned_by(service("default", "dev", json!({"node": node})), "alice");
+        // Her own ephemeral node: placed.
+        let own = plan(&on("alice-laptop"), &granted("10.42.0.5"), &Policy::default(), &index);
+        assert_eq!(own.hosted.as_ref().map(|h| h.node.as_str()), Some("alice-laptop"));
+        assert!(condition(&own.status.conditions, PLACEMENT_DENIED).is_none());
+        // Another user's ephemeral node: denied, naming both owners.
+        let theirs = plan(&on("bob-laptop"), &granted("10.42.0.5"), &Policy::default(), &index);
+        let (status, reason, message) = cond(&theirs, PLACEMENT_DENIED);
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "PlacementDenied"));
+        assert!(message.contains("user alice") && message.contains("user bob"), "{message}");
+        assert_eq!(theirs.hosted, None);
+        assert_eq!(cond(&theirs, READY).0, "False");
+        // A cluster node (no connect owner): denied too, though today's rules would allow it.
+        let cluster = plan(&on("worker"), &granted("10.42.0.5"), &Policy::default(), &index);
+        let message = cond(&cluster, PLACEMENT_DENIED).2;
+        assert!(message.contains("MeshNode worker is not an ephemeral member of alice"), "{message}");
+        assert_eq!(cluster.hosted, None);
+        // Backed by pods instead of a node: denied, before any pod is looked at.
+        index.apply_pod(pod("default", "p", json!({"app": "web"}), "worker", 1, true, "10.244.1.7"));
+        let selected = owned_by(service("default", "dev", json!({"selector": {"app": "web"}})), "alice");
+        let message = cond(&plan(&selected, &granted("10.42.0.5"), &Policy::default(), &index), PLACEMENT_DENIED).2;
+        assert!(message.contains("names none"), "{message}");
+    }
+
+    #[test]
+    fn a_service_without_connect_owner_on_an_ephemeral_node_follows_the_usual_rules() {
+        let mut index = Index::new();
+        index.apply_mesh_node(ephemeral("alice-laptop", "alice"));
+        // The node lists "default" in spec.serviceNamespaces: an admin's service there is placed.
+        let admins = service("default", "web", json!({"node": "alice-laptop"}));
+        assert!(plan(&admins, &granted("10.42.0.5"), &Policy::default(), &index).hosted.is_some());
+        // And from a namespace the node does not list, refused by the usual rule.
+        let elsewhere = service("team-a", "web", json!({"node": "alice-laptop"}));
+        let message = cond(&plan(&elsewhere, &granted("10.42.0.6"), &Policy::default(), &index), PLACEMENT_DENIED).2;
+        assert!(message.contains("spec.serviceNamespaces"), "{message}");
+        // Her own service in a namespace her node does not list: the usual rule still applies.
+        let own_elsewhere = owned_by(service("team-a", "dev", json!({"node": "alice-laptop"})), "alice");
+        let message =
+            cond(&plan(&own_elsewhere, &granted("10.42.0.7"), &Policy::default(), &index), PLACEMENT_DENIED).2;
+        assert!(message.contains("spec.serviceNamespaces"), "{message}");
+    }
+
+    #[test]
+    fn a_node_changing_owner_wakes_its_services() {
+        let mut index = Index::new();
+        assert!(index.apply_mesh_node(ephemeral("laptop", "alice")));
+        assert!(!index.apply_mesh_node(ephemeral("laptop", "alice")));
+        assert!(index.apply_mesh_node(ephemeral("laptop", "bob")));
     }
 
     #[test]
