@@ -697,3 +697,365 @@ async fn a_deletion_missed_while_the_watch_was_down_is_released_after_the_relist
     assert!(log.contains("deleted while the watch was down"), "the release did not come from the re-list");
     clean_slate(&cluster).await
 }
+
+// ---- meshctl connect (issue 19): ephemeral members and what connecting users may write ----
+
+/// Where the lab installs the chart: the agents' Leases (and connecting users') live here.
+const RELEASE_NAMESPACE: &str = "harness-mesh";
+/// The group the chart's connect RBAC and admission policy name by default (connect.groups).
+const CONNECT_GROUP: &str = "harness-mesh:connect";
+/// The namespace this suite's connecting users expose MeshServices in.
+const EXPOSE_NAMESPACE: &str = "ctl-connect";
+
+/// A client authenticated as `user` (group [`CONNECT_GROUP`]) by a client certificate signed
+/// with the lab's CA (`.lab/pki`), made with the openssl CLI.
+async fn connect_user(cluster: &Cluster, user: &str) -> anyhow::Result<kube::Client> {
+    use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+    let pki = harness_mesh_e2e::repo_root().join(".lab/pki");
+    anyhow::ensure!(
+        pki.join("ca.key").exists(),
+        "the connect tests sign client certificates with the lab's CA ({}/ca.key), which this cluster lacks; run \
+         them on the lab (`make e2e-controller`)",
+        pki.display()
+    );
+    let dir = std::env::temp_dir().join(format!("ctl-connect-certs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (key, csr, crt) =
+        (dir.join(format!("{user}.key")), dir.join(format!("{user}.csr")), dir.join(format!("{user}.crt")));
+    let openssl = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl").args(args).output()?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    // A v3 certificate (webpki refuses v1, what `x509 -req` makes without extensions).
+    let ext = dir.join("client.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )?;
+    let subject = format!("/CN={user}/O={CONNECT_GROUP}");
+    let serial = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    let os = |s: &str| std::ffi::OsString::from(s);
+    openssl(&[
+        &os("req"),
+        &os("-new"),
+        &os("-newkey"),
+        &os("ec"),
+        &os("-pkeyopt"),
+        &os("ec_paramgen_curve:prime256v1"),
+        &os("-nodes"),
+        &os("-keyout"),
+        key.as_os_str(),
+        &os("-subj"),
+        &os(&subject),
+        &os("-out"),
+        csr.as_os_str(),
+    ])?;
+    openssl(&[
+        &os("x509"),
+        &os("-req"),
+        &os("-in"),
+        csr.as_os_str(),
+        &os("-CA"),
+        pki.join("ca.crt").as_os_str(),
+        &os("-CAkey"),
+        pki.join("ca.key").as_os_str(),
+        &os("-set_serial"),
+        &os(&serial),
+        &os("-extfile"),
+        ext.as_os_str(),
+        &os("-days"),
+        &os("1"),
+        &os("-out"),
+        crt.as_os_str(),
+    ])?;
+    let mut kubeconfig = Kubeconfig::read_from(&cluster.kubeconfig)?;
+    for named in &mut kubeconfig.auth_infos {
+        named.auth_info = Some(AuthInfo {
+            client_certificate: Some(crt.display().to_string()),
+            client_key: Some(key.display().to_string()),
+            ..AuthInfo::default()
+        });
+    }
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Makes `ns` a namespace where connecting users may expose services, as the chart does for
+/// each of connect.exposeNamespaces (a RoleBinding of its ClusterRole `<fullname>-connect-expose`).
+async fn expose_namespace(cluster: &Cluster, ns: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    namespace(cluster, ns).await?;
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "harness-mesh-connect-expose", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "harness-mesh-connect-expose"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": CONNECT_GROUP}]});
+    let api: Api<RoleBinding> = Api::namespaced(cluster.client.clone(), ns);
+    api.patch("harness-mesh-connect-expose", &PatchParams::apply("harness-mesh-test"), &Patch::Apply(&binding)).await?;
+    Ok(())
+}
+
+/// A MeshNode `name`, ephemeral member of `owner` (none: a plain one), exposing in [`EXPOSE_NAMESPACE`].
+fn connect_node(name: &str, owner: Option<&str>) -> anyhow::Result<MeshNode> {
+    let annotations = owner.map(|o| json!({mesh_api::CONNECT_OWNER_ANNOTATION: o})).unwrap_or(json!({}));
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"serviceNamespaces": [EXPOSE_NAMESPACE]},
+    }))?)
+}
+
+/// A MeshService `name` on MeshNode `node`, exposed by `owner` (none: an administrator's).
+fn connect_service(name: &str, node: &str, owner: Option<&str>) -> anyhow::Result<MeshService> {
+    let annotations = owner.map(|o| json!({mesh_api::CONNECT_OWNER_ANNOTATION: o})).unwrap_or(json!({}));
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"network": {"type": "mesh", "ports": [8080]}, "node": node},
+    }))?)
+}
+
+/// The agent's part of a MeshNode's status, as `meshctl connect` patches it.
+fn agent_fields(key_byte: char) -> serde_json::Value {
+    json!({"status": {"publicKey": format!("{}A=", key_byte.to_string().repeat(42)), "endpoint": "192.168.77.200:51820",
+        "listenPort": 51820, "backend": "userspace"}})
+}
+
+/// Creates or renews Lease `mesh-agent-<node>` as `holder` through `client` (renewed now, 30 s).
+async fn renew_lease(client: &kube::Client, node: &str, holder: &str) -> Result<(), kube::Error> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let api: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let name = mesh_api::agent_lease_name(node);
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let spec = json!({"holderIdentity": holder, "leaseDurationSeconds": 30, "renewTime": now});
+    if api.get_opt(&name).await?.is_some() {
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec}))).await?;
+    } else {
+        let lease: Lease =
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("a valid Lease");
+        api.create(&PostParams::default(), &lease).await?;
+    }
+    Ok(())
+}
+
+/// Removes this suite's connect objects (as admin): its MeshNodes and Leases named `ctl-conn-*`,
+/// the services in [`EXPOSE_NAMESPACE`] and in `ctl-connect-elsewhere`.
+async fn remove_connect_objects(cluster: &Cluster) -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), RELEASE_NAMESPACE);
+    for lease in leases.list(&ListParams::default()).await? {
+        let name = lease.metadata.name.unwrap_or_default();
+        if name.starts_with("mesh-agent-ctl-conn-") {
+            let _ = leases.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    harness_mesh_e2e::controller::remove_own_objects(
+        cluster,
+        &[EXPOSE_NAMESPACE.to_owned(), "ctl-connect-elsewhere".to_owned()],
+        |n| n.starts_with("ctl-conn-"),
+        Duration::from_secs(30),
+    )
+    .await
+}
+
+/// Asserts that `result` is the API server's refusal (403 Forbidden, or 422 Invalid) whose
+/// message contains `needle`.
+fn refused<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>, needle: &str) {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 403 || status.code == 422 => {
+            assert!(status.message.contains(needle), "{what}: refused, but not with {needle:?}: {}", status.message);
+        }
+        other => panic!("{what}: expected a refusal mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_connect_member_whose_lease_lapses_is_collected_within_the_bound() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    let ctl = fresh_controller(
+        &cluster,
+        18190,
+        &["--leader-elect=false", "--ip-hold-seconds=0", &format!("--agent-lease-namespace={RELEASE_NAMESPACE}")],
+    )
+    .await?;
+    remove_connect_objects(&cluster).await?;
+    expose_namespace(&cluster, EXPOSE_NAMESPACE).await?;
+    let (alice, bob) = (connect_user(&cluster, "alice").await?, connect_user(&cluster, "bob").await?);
+    let as_alice: Api<MeshNode> = Api::all(alice.clone());
+    let admin_nodes: Api<MeshNode> = Api::all(cluster.client.clone());
+
+    // alice connects: her ephemeral MeshNode, the agent's status fields, her Lease, a service.
+    as_alice.create(&PostParams::default(), &connect_node("ctl-conn-alice", Some("alice"))?).await?;
+    as_alice.patch_status("ctl-conn-alice", &PatchParams::default(), &Patch::Merge(agent_fields('A'))).await?;
+    renew_lease(&alice, "ctl-conn-alice", "alice").await?;
+    let alice_services: Api<MeshService> = Api::namespaced(alice.clone(), EXPOSE_NAMESPACE);
+    alice_services
+        .create(&PostParams::default(), &connect_service("ctl-conn-dev", "ctl-conn-alice", Some("alice"))?)
+        .await?;
+    // An administrator's service placed on her node is not hers: it stays.
+    let admin_services: Api<MeshService> = Api::namespaced(cluster.client.clone(), EXPOSE_NAMESPACE);
+    admin_services.create(&PostParams::default(), &connect_service("ctl-conn-admins", "ctl-conn-alice", None)?).await?;
+    // A MeshNode without the annotation and without a Lease is never collected.
+    admin_nodes.create(&PostParams::default(), &connect_node("ctl-conn-plain", None)?).await?;
+    // A second node of alice's whose Lease bob holds (and renews): that keeps nothing alive.
+    as_alice.create(&PostParams::default(), &connect_node("ctl-conn-alice-2", Some("alice"))?).await?;
+    renew_lease(&bob, "ctl-conn-alice-2", "bob").await?;
+    let second_created = Instant::now();
+
+    wait_node_ip(&admin_nodes, "ctl-conn-alice", Duration::from_secs(20)).await?;
+    let placed = wait_for(&admin_services, "ctl-conn-dev", Duration::from_secs(20), "hosted on ctl-conn-alice", |s| {
+        s.status.as_ref().and_then(|st| st.node.as_deref()) == Some("ctl-conn-alice") && mesh_ip_of(s).is_some()
+    })
+    .await?;
+    assert!(condition(&placed, "PlacementDenied").is_none(), "{:?}", placed.status);
+
+    // The session lives on while it renews (every 10 s, as meshctl connect does)...
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        renew_lease(&alice, "ctl-conn-alice", "alice").await?;
+        renew_lease(&bob, "ctl-conn-alice-2", "bob").await?;
+    }
+    // ...and is killed (-9) right after this renewal: nothing is deleted by the session.
+    let killed = Instant::now();
+    assert!(admin_nodes.get_opt("ctl-conn-alice").await?.is_some(), "collected while renewed");
+    // Documented bound: Lease duration 30 s + grace 15 s + one loop period 5 s (+ API slack).
+    let bound = Duration::from_secs(30 + mesh_api::EPHEMERAL_GRACE_SECONDS as u64 + 5);
+    let slack = Duration::from_secs(5);
+    let mut second_gone = None;
+    let gone = loop {
+        if second_gone.is_none() && admin_nodes.get_opt("ctl-conn-alice-2").await?.is_none() {
+            second_gone = Some(second_created.elapsed());
+        }
+        if admin_nodes.get_opt("ctl-conn-alice").await?.is_none() {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < bound + slack, "ctl-conn-alice not collected within {:?}", bound + slack);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!("killed -> ephemeral MeshNode collected in {:.1} s (bound {} s)", gone.as_secs_f64(), bound.as_secs());
+    assert!(gone >= Duration::from_secs(44), "collected before its Lease and grace ran out: {gone:?}");
+    // Her service went with it; the administrator's stays (NodeNotFound now).
+    assert!(admin_services.get_opt("ctl-conn-dev").await?.is_none(), "her service outlived her node");
+    assert!(admin_services.get_opt("ctl-conn-admins").await?.is_some(), "an administrator's service was collected");
+    // Bob's Lease kept nothing alive: the second node went 45 s after it was made (+ a period).
+    let second_gone = second_gone.expect("ctl-conn-alice-2 outlived ctl-conn-alice despite an older deadline");
+    println!("node with a Lease held by bob collected {:.1} s after its creation", second_gone.as_secs_f64());
+    assert!(second_gone < bound + slack, "{second_gone:?}");
+    assert!(admin_nodes.get_opt("ctl-conn-plain").await?.is_some(), "a plain MeshNode was collected");
+    assert_eq!(ctl.metric("mesh_controller_ephemeral_collected_total").await, 2.0);
+
+    remove_connect_objects(&cluster).await?;
+    clean_slate(&cluster).await
+}
+
+#[tokio::test]
+async fn connect_users_write_only_their_own_objects() -> anyhow::Result<()> {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::get().await?;
+    remove_connect_objects(&cluster).await?;
+    expose_namespace(&cluster, EXPOSE_NAMESPACE).await?;
+    namespace(&cluster, "ctl-connect-elsewhere").await?;
+    let (alice, bob) = (connect_user(&cluster, "alice").await?, connect_user(&cluster, "bob").await?);
+    let (as_alice, as_bob): (Api<MeshNode>, Api<MeshNode>) = (Api::all(alice.clone()), Api::all(bob.clone()));
+    let params = PatchParams::default();
+
+    // alice's session: everything she needs works.
+    as_alice.create(&PostParams::default(), &connect_node("ctl-conn-a", Some("alice"))?).await?;
+    as_alice.patch_status("ctl-conn-a", &params, &Patch::Merge(agent_fields('A'))).await?;
+    renew_lease(&alice, "ctl-conn-a", "alice").await?;
+    let alice_services: Api<MeshService> = Api::namespaced(alice.clone(), EXPOSE_NAMESPACE);
+    alice_services
+        .create(&PostParams::default(), &connect_service("ctl-conn-web", "ctl-conn-a", Some("alice"))?)
+        .await?;
+    alice_services
+        .patch("ctl-conn-web", &params, &Patch::Merge(json!({"spec": {"network": {"ports": [8081]}}})))
+        .await?;
+    as_alice.patch("ctl-conn-a", &params, &Patch::Merge(json!({"spec": {"listenPort": 51821}}))).await?;
+
+    // bob touches none of it.
+    let belongs = "belongs to \"alice\"";
+    let retarget = Patch::Merge(json!({"spec": {"endpoint": "192.168.77.99:51820"}}));
+    refused("bob updates alice's MeshNode", as_bob.patch("ctl-conn-a", &params, &retarget).await, belongs);
+    refused("bob deletes alice's MeshNode", as_bob.delete("ctl-conn-a", &DeleteParams::default()).await, belongs);
+    refused(
+        "bob rewrites alice's status",
+        as_bob.patch_status("ctl-conn-a", &params, &Patch::Merge(agent_fields('B'))).await,
+        belongs,
+    );
+    refused("bob renews alice's Lease", renew_lease(&bob, "ctl-conn-a", "bob").await, belongs);
+    let bob_leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(bob.clone(), RELEASE_NAMESPACE);
+    let lease = mesh_api::agent_lease_name("ctl-conn-a");
+    refused("bob deletes alice's Lease", bob_leases.delete(&lease, &DeleteParams::default()).await, belongs);
+    let bob_services: Api<MeshService> = Api::namespaced(bob.clone(), EXPOSE_NAMESPACE);
+    let steal = Patch::Merge(json!({"spec": {"node": "ctl-conn-b"}}));
+    refused("bob moves alice's MeshService", bob_services.patch("ctl-conn-web", &params, &steal).await, belongs);
+    refused(
+        "bob deletes alice's MeshService",
+        bob_services.delete("ctl-conn-web", &DeleteParams::default()).await,
+        belongs,
+    );
+    refused(
+        "bob creates a MeshNode owned by alice",
+        as_bob.create(&PostParams::default(), &connect_node("ctl-conn-fake", Some("alice"))?).await,
+        "set to your user name \"bob\" (it is \"alice\")",
+    );
+    refused(
+        "bob creates a permanent MeshNode",
+        as_bob.create(&PostParams::default(), &connect_node("ctl-conn-perm", None)?).await,
+        "set to your user name \"bob\" (it is not set)",
+    );
+    refused(
+        "bob creates a MeshService owned by alice",
+        bob_services
+            .create(&PostParams::default(), &connect_service("ctl-conn-fake", "ctl-conn-a", Some("alice"))?)
+            .await,
+        "it is \"alice\"",
+    );
+    // bob's own node: the controller's fields of its status are not his.
+    as_bob.create(&PostParams::default(), &connect_node("ctl-conn-b", Some("bob"))?).await?;
+    as_bob.patch_status("ctl-conn-b", &params, &Patch::Merge(agent_fields('B'))).await?;
+    let controller_fields = "status.meshIP, status.peer";
+    refused(
+        "bob sets his meshIP",
+        as_bob.patch_status("ctl-conn-b", &params, &Patch::Merge(json!({"status": {"meshIP": "10.42.0.1"}}))).await,
+        controller_fields,
+    );
+    let peer = json!({"status": {"peer": {"publicKey": format!("{}A=", "B".repeat(42)), "endpoint": "192.168.77.200:51820",
+        "allowedIPs": ["10.42.0.0/16"]}}});
+    refused(
+        "bob sets his peer entry",
+        as_bob.patch_status("ctl-conn-b", &params, &Patch::Merge(peer)).await,
+        controller_fields,
+    );
+    // Nor may anyone take over an administrator's MeshNode.
+    Api::<MeshNode>::all(cluster.client.clone())
+        .create(&PostParams::default(), &connect_node("ctl-conn-admins", None)?)
+        .await?;
+    let adopt = Patch::Merge(json!({"metadata": {"annotations": {mesh_api::CONNECT_OWNER_ANNOTATION: "bob"}}}));
+    refused(
+        "bob adopts an administrator's MeshNode",
+        as_bob.patch("ctl-conn-admins", &params, &adopt).await,
+        "is not a connected user's",
+    );
+
+    // alice exposes only in connect.exposeNamespaces: elsewhere RBAC refuses.
+    let elsewhere: Api<MeshService> = Api::namespaced(alice.clone(), "ctl-connect-elsewhere");
+    refused(
+        "alice exposes outside connect.exposeNamespaces",
+        elsewhere.create(&PostParams::default(), &connect_service("ctl-conn-web", "ctl-conn-a", Some("alice"))?).await,
+        "cannot create resource \"meshservices\"",
+    );
+
+    // alice's objects are as she left them, and she can end her session herself.
+    let node = Api::<MeshNode>::all(cluster.client.clone()).get("ctl-conn-a").await?;
+    assert_eq!(node.spec.endpoint, None);
+    assert_eq!(node.status.and_then(|s| s.public_key), Some(format!("{}=", "A".repeat(43))));
+    alice_services.delete("ctl-conn-web", &DeleteParams::default()).await?;
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(alice.clone(), RELEASE_NAMESPACE)
+        .delete(&lease, &DeleteParams::default())
+        .await?;
+    as_alice.delete("ctl-conn-a", &DeleteParams::default()).await?;
+    remove_connect_objects(&cluster).await
+}
