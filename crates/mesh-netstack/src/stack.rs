@@ -140,6 +140,9 @@ pub(crate) fn new_tcp_socket() -> tcp::Socket<'static> {
     let tx = tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
+    // Without congestion control smoltcp answers a loss by resending a whole window at once,
+    // which on a lossy path (or an overflowing UDP buffer) collapses throughput.
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
     socket.set_ack_delay(Some(smoltcp::time::Duration::from_millis(1)));
     socket
 }
