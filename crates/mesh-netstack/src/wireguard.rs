@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -288,7 +288,7 @@ impl WireGuard {
                 PeerStats {
                     public_key: p.public_key,
                     endpoint: p.endpoint,
-                    last_handshake: last_handshake.filter(|d| *d < Duration::from_secs(u64::from(u32::MAX))),
+                    last_handshake,
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                 }
