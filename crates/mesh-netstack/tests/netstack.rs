@@ -182,10 +182,19 @@ async fn unrouted_ip_is_named_in_the_error() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_source_is_dropped() -> Result<()> {
     bounded(async {
-        // B connects from 10.42.0.3 (its first address), which A does not allow for B.
+        // B connects from 10.42.0.3 (its first address), an address A routes to another peer, C.
+        // If A accepted B's SYN, its SYN-ACK to 10.42.0.3 would go to C, starting with a handshake
+        // initiation to C's endpoint: a silent socket here, which must receive nothing.
         let a = stack(1, vec![A_IP]).await?;
         let b = stack(2, vec![Ipv4Addr::new(10, 42, 0, 3), B_IP]).await?;
-        a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/32"])?]);
+        let c_socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let c = Peer {
+            public_key: [9; 32],
+            endpoint: Some(c_socket.local_addr()?),
+            allowed_ips: vec!["10.42.0.3/32".parse()?],
+            persistent_keepalive: None,
+        };
+        a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/32"])?, c]);
         b.set_peers(vec![peer_of(&a, true, &["10.42.0.1/32"])?]);
         let _server = echo_server(&a, SocketAddrV4::new(A_IP, 80)).await?;
         let to = SocketAddrV4::new(A_IP, 80);
@@ -199,8 +208,13 @@ async fn spoofed_source_is_dropped() -> Result<()> {
             Err(e) => bail!("expected a timeout, got: {e}"),
             Ok(_) => bail!("A accepted packets from a source outside B's allowed IPs"),
         }
-        let a_stats = a.stats();
-        ensure!(a_stats[0].last_handshake.is_some(), "A and B never completed a handshake: {a_stats:?}");
+        let mut buf = [0u8; 256];
+        match c_socket.try_recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Ok((n, _)) => bail!("A answered the spoofed SYN: {n} bytes went to C's endpoint"),
+            Err(e) => bail!("C's socket: {e}"),
+        }
+        ensure!(a.stats().iter().any(|s| s.public_key == b.public_key() && s.last_handshake.is_some()));
         // Control: once A allows 10.42.0.3 for B, the same connection works.
         a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/31"])?]);
         let back = round_trip(&b, to, b"now allowed").await?;
