@@ -150,6 +150,27 @@ pub enum Error {
     Shutdown,
 }
 
+/// UDP socket buffers asked of the OS (it may grant less, e.g. Linux's `net.core.rmem_max`).
+/// The defaults (~200 KiB) overflow under a full TCP window of bursts and the losses cost far
+/// more than the memory.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// Binds the WireGuard UDP socket, non-blocking, with large buffers.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, result) in
+        [("receive", socket.set_recv_buffer_size(UDP_BUFFER)), ("send", socket.set_send_buffer_size(UDP_BUFFER))]
+    {
+        if let Err(e) = result {
+            tracing::debug!(%e, "cannot enlarge the UDP {what} buffer");
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// Stops the driver when the last [`Netstack`] handle goes away.
 struct Inner {
     shared: Arc<Shared>,
@@ -181,7 +202,7 @@ impl std::fmt::Debug for Netstack {
 impl Netstack {
     /// Binds the UDP socket and starts the stack. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Netstack, Error> {
-        let udp = UdpSocket::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let udp = bind_udp(config.listen).map_err(|source| Error::Bind { addr: config.listen, source })?;
         let local_addr = udp.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
         let wg = WireGuard::new(config.private_key);
         let public_key = wg.public_key();

@@ -140,6 +140,9 @@ pub(crate) fn new_tcp_socket() -> tcp::Socket<'static> {
     let tx = tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
+    // Without congestion control smoltcp answers a loss by resending a whole window at once,
+    // which on a lossy path (or an overflowing UDP buffer) collapses throughput.
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
     socket.set_ack_delay(Some(smoltcp::time::Duration::from_millis(1)));
     socket
 }
@@ -385,4 +388,44 @@ pub(crate) async fn run(shared: Arc<Shared>, udp: UdpSocket) {
         state.pump(&mut out);
     }
     send_all(&udp, &mut out).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ICMP echo request from `src` to `dst` (checksums left zero: inbound ones are not verified).
+    fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64; // TTL
+        p[9] = 1; // ICMP
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[20] = 8; // echo request
+        p[24..26].copy_from_slice(&0x1234u16.to_be_bytes()); // identifier
+        p[26..28].copy_from_slice(&1u16.to_be_bytes()); // sequence
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn answers_icmp_echo_on_its_addresses_only() {
+        let mine = Ipv4Addr::new(10, 42, 0, 1);
+        let peer = Ipv4Addr::new(10, 42, 0, 2);
+        let mut state = State::new(WireGuard::new([1; 32]), vec![mine]);
+        state.deliver(echo_request(peer, mine, b"ping"));
+        state.deliver(echo_request(peer, Ipv4Addr::new(10, 42, 0, 77), b"not mine"));
+        assert_eq!(state.device.rx.len(), 1, "a packet to a foreign address was queued");
+        state.device.budget = RX_BUDGET;
+        state.iface.poll(SmolInstant::now(), &mut state.device, &mut state.sockets);
+        assert_eq!(state.device.tx.len(), 1, "expected exactly one reply");
+        let reply = state.device.tx.pop_front().expect("reply");
+        assert_eq!(ipv4_src_dst(&reply), Some((mine, peer)));
+        assert_eq!(reply[9], 1, "not ICMP");
+        assert_eq!(reply[20], 0, "not an echo reply");
+        assert_eq!(&reply[28..], b"ping");
+    }
 }

@@ -4,10 +4,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
@@ -20,6 +22,10 @@ pub(crate) type Datagram = (SocketAddr, Vec<u8>);
 
 /// boringtun shifts our index left by 8 bits to number sessions, so indices must fit in 24 bits.
 const INDEX_LIMIT: u32 = 1 << 24;
+/// Handshake messages per second (over all peers) before the rate limiter asks for cookies
+/// (boringtun's device uses the same figure). Each handshake is counted twice, once here and
+/// once inside the peer's `Tunn`, which shares the limiter.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Room for the largest datagram plus WireGuard's overhead.
 const BUF_LEN: usize = 65_535 + 64;
 
@@ -44,6 +50,9 @@ pub(crate) struct WireGuard {
     by_key: HashMap<[u8; 32], u32>,
     router: Router<u32>,
     next_index: u32,
+    /// Shared by every `Tunn`: checks MAC1 before any Diffie-Hellman, and answers with cookies
+    /// under a handshake flood.
+    rate_limiter: Arc<RateLimiter>,
     buf: Vec<u8>,
 }
 
@@ -62,6 +71,7 @@ impl WireGuard {
             by_key: HashMap::new(),
             router: Router::default(),
             next_index: seed % INDEX_LIMIT,
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             buf: vec![0; BUF_LEN],
         }
     }
@@ -84,7 +94,14 @@ impl WireGuard {
     }
 
     fn new_tunn(&self, public_key: [u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
-        Tunn::new(self.secret.clone(), PublicKey::from(public_key), None, keepalive, index, None)
+        Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(public_key),
+            None,
+            keepalive,
+            index,
+            Some(self.rate_limiter.clone()),
+        )
     }
 
     /// Reconciles the peer set: peers whose key is unchanged keep their session (and a roamed
@@ -205,8 +222,21 @@ impl WireGuard {
         out: &mut Vec<Datagram>,
         inbound: &mut VecDeque<Vec<u8>>,
     ) {
-        let (index, is_data) = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(init)) => match parse_handshake_anon(&self.secret, &self.public, &init) {
+        // MAC1 (and, under load, the cookie) first: cheap, and keeps unauthenticated floods away
+        // from the Diffie-Hellman in `parse_handshake_anon`.
+        let packet = match self.rate_limiter.verify_packet(Some(from.ip()), datagram, &mut self.buf) {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                out.push((from, cookie.to_vec()));
+                return;
+            }
+            Err(_) => {
+                tracing::trace!(%from, "dropping a datagram that is not a valid WireGuard message");
+                return;
+            }
+        };
+        let (index, is_data) = match packet {
+            Packet::HandshakeInit(init) => match parse_handshake_anon(&self.secret, &self.public, &init) {
                 Ok(half) => match self.by_key.get(&half.peer_static_public) {
                     Some(index) => (*index, false),
                     None => {
@@ -219,13 +249,9 @@ impl WireGuard {
                     return;
                 }
             },
-            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
-            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, false),
-            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, true),
-            Err(_) => {
-                tracing::trace!(%from, "not a WireGuard message");
-                return;
-            }
+            Packet::HandshakeResponse(p) => (p.receiver_idx >> 8, false),
+            Packet::PacketCookieReply(p) => (p.receiver_idx >> 8, false),
+            Packet::PacketData(p) => (p.receiver_idx >> 8, true),
         };
         let Some(peer) = self.peers.get_mut(&index) else {
             tracing::debug!(%from, index, "message for an unknown receiver index");
@@ -265,6 +291,8 @@ impl WireGuard {
 
     /// Runs boringtun's timers (handshake retries, rekeys, keepalives) for every peer.
     pub(crate) fn update_timers(&mut self, out: &mut Vec<Datagram>) {
+        // Resets at most once a second, whatever the tick.
+        self.rate_limiter.reset_count();
         for peer in self.peers.values_mut() {
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(data) => {
@@ -288,7 +316,7 @@ impl WireGuard {
                 PeerStats {
                     public_key: p.public_key,
                     endpoint: p.endpoint,
-                    last_handshake: last_handshake.filter(|d| *d < Duration::from_secs(u64::from(u32::MAX))),
+                    last_handshake,
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                 }
@@ -296,5 +324,137 @@ impl WireGuard {
             .collect();
         stats.sort_by_key(|s| s.public_key);
         stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p
+    }
+
+    fn peer(wg: &WireGuard, endpoint: &str, allowed: &str) -> Peer {
+        Peer {
+            public_key: wg.public_key(),
+            endpoint: Some(endpoint.parse().expect("endpoint")),
+            allowed_ips: vec![allowed.parse().expect("net")],
+            persistent_keepalive: None,
+        }
+    }
+
+    const A_EP: &str = "127.0.0.1:1001";
+    const B_EP: &str = "127.0.0.1:1002";
+
+    /// A and B after a completed handshake, B allowing `b_allows_from_a` as A's sources.
+    fn handshaken(b_allows_from_a: &str) -> (WireGuard, WireGuard) {
+        let mut a = WireGuard::new([1; 32]);
+        let mut b = WireGuard::new([2; 32]);
+        a.set_peers(vec![peer(&b, B_EP, "10.42.0.2/32")]);
+        b.set_peers(vec![peer(&a, A_EP, b_allows_from_a)]);
+        let (mut out, mut inbound) = (Vec::new(), VecDeque::new());
+        a.encapsulate(&ip_packet(Ipv4Addr::new(10, 42, 0, 1), Ipv4Addr::new(10, 42, 0, 2)), &mut out);
+        let (to, init) = out.pop().expect("a handshake initiation");
+        assert_eq!((to, init.len(), init[0]), (B_EP.parse().expect("ep"), 148, 1));
+        b.decapsulate(A_EP.parse().expect("ep"), &init, &mut out, &mut inbound);
+        let (_, response) = out.pop().expect("a handshake response");
+        assert_eq!(response[0], 2);
+        a.decapsulate(B_EP.parse().expect("ep"), &response, &mut out, &mut inbound);
+        // A answers with a keepalive, then flushes the packet queued during the handshake.
+        assert_eq!(out.len(), 2, "keepalive and queued packet");
+        for (_, datagram) in out.drain(..) {
+            b.decapsulate(A_EP.parse().expect("ep"), &datagram, &mut Vec::new(), &mut inbound);
+        }
+        assert!(a.stats()[0].last_handshake.is_some() && b.stats()[0].last_handshake.is_some());
+        (a, b)
+    }
+
+    #[test]
+    fn handshake_then_data_is_delivered() {
+        let (mut a, mut b) = handshaken("10.42.0.1/32");
+        let (mut out, mut inbound) = (Vec::new(), VecDeque::new());
+        let packet = ip_packet(Ipv4Addr::new(10, 42, 0, 1), Ipv4Addr::new(10, 42, 0, 2));
+        a.encapsulate(&packet, &mut out);
+        let (_, datagram) = out.pop().expect("data");
+        b.decapsulate(A_EP.parse().expect("ep"), &datagram, &mut out, &mut inbound);
+        assert_eq!(inbound.pop_front(), Some(packet));
+    }
+
+    #[test]
+    fn packet_from_outside_allowed_ips_is_dropped() {
+        let (mut a, mut b) = handshaken("10.42.0.1/32");
+        let (mut out, mut inbound) = (Vec::new(), VecDeque::new());
+        // A is (mis)configured to route 10.42.0.2 but sends from 10.42.0.7, which B does not allow.
+        a.encapsulate(&ip_packet(Ipv4Addr::new(10, 42, 0, 7), Ipv4Addr::new(10, 42, 0, 2)), &mut out);
+        let (_, datagram) = out.pop().expect("data");
+        b.decapsulate(A_EP.parse().expect("ep"), &datagram, &mut out, &mut inbound);
+        assert!(inbound.is_empty(), "a spoofed source was delivered");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn data_roams_the_endpoint_and_forgeries_do_not() {
+        let (mut a, mut b) = handshaken("10.42.0.1/32");
+        let (mut out, mut inbound) = (Vec::new(), VecDeque::new());
+        a.encapsulate(&ip_packet(Ipv4Addr::new(10, 42, 0, 1), Ipv4Addr::new(10, 42, 0, 2)), &mut out);
+        let (_, datagram) = out.pop().expect("data");
+        // A forged copy (one byte flipped) from another address: dropped, no roaming.
+        let mut forged = datagram.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let elsewhere: SocketAddr = "127.0.0.1:2002".parse().expect("ep");
+        b.decapsulate(elsewhere, &forged, &mut out, &mut inbound);
+        assert!(inbound.is_empty());
+        assert_eq!(b.stats()[0].endpoint, Some(A_EP.parse().expect("ep")));
+        // The genuine packet from a new address moves A's endpoint there.
+        b.decapsulate(elsewhere, &datagram, &mut out, &mut inbound);
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(b.stats()[0].endpoint, Some(elsewhere));
+    }
+
+    #[test]
+    fn handshake_with_a_bad_mac_or_unknown_key_gets_no_answer() {
+        let a = WireGuard::new([1; 32]);
+        let mut b = WireGuard::new([2; 32]);
+        let mut stranger = WireGuard::new([3; 32]);
+        stranger.set_peers(vec![peer(&b, B_EP, "10.42.0.2/32")]);
+        b.set_peers(vec![peer(&a, A_EP, "10.42.0.1/32")]);
+        let (mut out, mut inbound) = (Vec::new(), VecDeque::new());
+        stranger.encapsulate(&ip_packet(Ipv4Addr::new(10, 42, 0, 3), Ipv4Addr::new(10, 42, 0, 2)), &mut out);
+        let (_, init) = out.pop().expect("a handshake initiation");
+        let mut bad_mac = init.clone();
+        bad_mac[120] ^= 1;
+        b.decapsulate(A_EP.parse().expect("ep"), &bad_mac, &mut out, &mut inbound);
+        b.decapsulate(A_EP.parse().expect("ep"), &init, &mut out, &mut inbound);
+        assert!(out.is_empty() && inbound.is_empty(), "B answered a stranger or a forgery");
+    }
+
+    #[test]
+    fn set_peers_keeps_unchanged_sessions() {
+        let (mut a, _b) = handshaken("10.42.0.1/32");
+        let b_key = a.stats()[0].public_key;
+        let again = Peer {
+            public_key: b_key,
+            endpoint: None,
+            allowed_ips: vec!["10.42.0.2/32".parse().expect("net"), "10.42.9.0/24".parse().expect("net")],
+            persistent_keepalive: None,
+        };
+        a.set_peers(vec![again.clone()]);
+        let stats = a.stats();
+        assert!(stats[0].last_handshake.is_some(), "the session was dropped");
+        assert_eq!(stats[0].endpoint, Some(B_EP.parse().expect("ep")), "a None endpoint erased the known one");
+        assert!(a.routes(Ipv4Addr::new(10, 42, 9, 1)), "new allowed IPs not applied");
+        // A new keepalive needs a new Tunn: the session starts over.
+        a.set_peers(vec![Peer { persistent_keepalive: Some(25), ..again }]);
+        assert!(a.stats()[0].last_handshake.is_none());
+        a.set_peers(vec![]);
+        assert!(a.stats().is_empty() && !a.routes(Ipv4Addr::new(10, 42, 0, 2)));
     }
 }

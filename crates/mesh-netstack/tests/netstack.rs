@@ -1,6 +1,8 @@
 //! Two netstacks in one process, talking WireGuard over 127.0.0.1.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -180,10 +182,19 @@ async fn unrouted_ip_is_named_in_the_error() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_source_is_dropped() -> Result<()> {
     bounded(async {
-        // B connects from 10.42.0.3 (its first address), which A does not allow for B.
+        // B connects from 10.42.0.3 (its first address), an address A routes to another peer, C.
+        // If A accepted B's SYN, its SYN-ACK to 10.42.0.3 would go to C, starting with a handshake
+        // initiation to C's endpoint: a silent socket here, which must receive nothing.
         let a = stack(1, vec![A_IP]).await?;
         let b = stack(2, vec![Ipv4Addr::new(10, 42, 0, 3), B_IP]).await?;
-        a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/32"])?]);
+        let c_socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let c = Peer {
+            public_key: [9; 32],
+            endpoint: Some(c_socket.local_addr()?),
+            allowed_ips: vec!["10.42.0.3/32".parse()?],
+            persistent_keepalive: None,
+        };
+        a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/32"])?, c]);
         b.set_peers(vec![peer_of(&a, true, &["10.42.0.1/32"])?]);
         let _server = echo_server(&a, SocketAddrV4::new(A_IP, 80)).await?;
         let to = SocketAddrV4::new(A_IP, 80);
@@ -197,8 +208,13 @@ async fn spoofed_source_is_dropped() -> Result<()> {
             Err(e) => bail!("expected a timeout, got: {e}"),
             Ok(_) => bail!("A accepted packets from a source outside B's allowed IPs"),
         }
-        let a_stats = a.stats();
-        ensure!(a_stats[0].last_handshake.is_some(), "A and B never completed a handshake: {a_stats:?}");
+        let mut buf = [0u8; 256];
+        match c_socket.try_recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Ok((n, _)) => bail!("A answered the spoofed SYN: {n} bytes went to C's endpoint"),
+            Err(e) => bail!("C's socket: {e}"),
+        }
+        ensure!(a.stats().iter().any(|s| s.public_key == b.public_key() && s.last_handshake.is_some()));
         // Control: once A allows 10.42.0.3 for B, the same connection works.
         a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/31"])?]);
         let back = round_trip(&b, to, b"now allowed").await?;
@@ -318,6 +334,102 @@ async fn shutdown_stops_the_stack() -> Result<()> {
         a.shutdown().await;
         ensure!(matches!(handle.connect(SocketAddrV4::new(B_IP, 80), CONNECT).await, Err(Error::Shutdown)));
         ensure!(stream.write_all(b"x").await.is_err(), "wrote through a stopped stack");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_names_the_missing_handshake() -> Result<()> {
+    bounded(async {
+        let a = stack(1, vec![A_IP]).await?;
+        // A UDP socket on loopback that never answers: the handshake cannot complete.
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let key = [9u8; 32];
+        a.set_peers(vec![Peer {
+            public_key: key,
+            endpoint: Some(silent.local_addr()?),
+            allowed_ips: vec!["10.42.0.9/32".parse()?],
+            persistent_keepalive: None,
+        }]);
+        let to = SocketAddrV4::new(Ipv4Addr::new(10, 42, 0, 9), 80);
+        match a.connect(to, Duration::from_millis(800)).await {
+            Err(e @ Error::Timeout { .. }) => {
+                let text = e.to_string();
+                ensure!(text.starts_with("connecting to 10.42.0.9:80 timed out after 800ms"), "message: {text}");
+                ensure!(
+                    text.contains("no handshake with peer") && text.contains(&silent.local_addr()?.to_string()),
+                    "message: {text}"
+                );
+            }
+            Err(e) => bail!("expected a timeout, got: {e}"),
+            Ok(_) => bail!("connected through a peer that never answers"),
+        }
+        // The stack did try: a handshake initiation reached the silent endpoint.
+        let mut buf = [0u8; 256];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), silent.recv_from(&mut buf)).await??;
+        ensure!(n == 148 && buf[0] == 1, "expected a handshake initiation, got {n} bytes of type {}", buf[0]);
+        Ok(())
+    })
+    .await
+}
+
+/// Forwards datagrams between two loopback endpoints, dropping every `drop_every`-th one.
+async fn lossy_relay(
+    a: std::net::SocketAddr,
+    b: std::net::SocketAddr,
+    drop_every: u64,
+    dropped: Arc<AtomicU64>,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = relay.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        // Bounded: at most this many datagrams, and the test's own time limit.
+        for i in 1..=2_000_000u64 {
+            let Ok((n, from)) = relay.recv_from(&mut buf).await else { break };
+            let to = if from == a {
+                b
+            } else if from == b {
+                a
+            } else {
+                continue;
+            };
+            if i % drop_every == 0 {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let _ = relay.send_to(&buf[..n], to).await;
+        }
+    });
+    Ok((addr, task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_packet_loss() -> Result<()> {
+    bounded(async {
+        let a = stack(1, vec![A_IP]).await?;
+        let b = stack(2, vec![B_IP]).await?;
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (relay, relay_task) = lossy_relay(a.local_addr(), b.local_addr(), 50, dropped.clone()).await?;
+        let through_relay = |stack: &Netstack, allowed: &str| -> Result<Peer> {
+            Ok(Peer { endpoint: Some(relay), ..peer_of(stack, false, &[allowed])? })
+        };
+        a.set_peers(vec![through_relay(&b, "10.42.0.2/32")?]);
+        b.set_peers(vec![through_relay(&a, "10.42.0.1/32")?]);
+        let _server = echo_server(&b, SocketAddrV4::new(B_IP, 80)).await?;
+        let data = pattern(512 * 1024, 11);
+        let started = Instant::now();
+        let back = tokio::time::timeout(Duration::from_secs(30), round_trip(&a, SocketAddrV4::new(B_IP, 80), &data))
+            .await
+            .context("512 KiB echo with 2% loss took over 30 s")??;
+        ensure!(back == data, "the echoed bytes differ");
+        a.shutdown().await;
+        b.shutdown().await;
+        relay_task.abort();
+        let dropped = dropped.load(Ordering::Relaxed);
+        eprintln!("512 KiB echo through 2% loss in {:?} ({dropped} datagrams dropped)", started.elapsed());
+        ensure!(dropped > 0, "the relay dropped nothing: the test tests nothing");
         Ok(())
     })
     .await
