@@ -146,7 +146,7 @@ pub async fn run(ctx: Arc<Ctx>, lease_namespace: String) {
                     known.insert(uid, until);
                 }
                 Verdict::Expired { owner, since } => {
-                    if collect(&ctx, &node, &owner, since, lease.is_some()).await {
+                    if collect(&ctx, &leases, &node, &owner, since, lease.as_ref()).await {
                         ctx.metrics.ephemeral_collected.inc();
                         known.remove(&uid);
                     }
@@ -157,8 +157,17 @@ pub async fn run(ctx: Arc<Ctx>, lease_namespace: String) {
 }
 
 /// Deletes the expired ephemeral `node` of `owner`, after the MeshServices of the same owner
-/// placed on it. Whether the node was deleted (or was gone already).
-async fn collect(ctx: &Ctx, node: &MeshNode, owner: &str, since: Timestamp, had_lease: bool) -> bool {
+/// placed on it, then its Lease if the owner holds it. Whether the node was deleted (or was gone
+/// already).
+async fn collect(
+    ctx: &Ctx,
+    leases: &Api<Lease>,
+    node: &MeshNode,
+    owner: &str,
+    since: Timestamp,
+    lease: Option<&Lease>,
+) -> bool {
+    let had_lease = lease.is_some();
     let name = node.name_any();
     let services: Vec<Arc<MeshService>> = ctx
         .mesh_services
@@ -207,6 +216,16 @@ async fn collect(ctx: &Ctx, node: &MeshNode, owner: &str, since: Timestamp, had_
                 node = %name, %owner, expired = %since, services = services.len(),
                 "collected an ephemeral MeshNode ({CONNECT_OWNER_ANNOTATION}): {why}"
             );
+            // Its Lease too, if the owner holds it (someone else's is not this member's).
+            if let Some(lease) =
+                lease.filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(owner))
+                && let Err(e) = delete(leases, lease).await
+            {
+                tracing::warn!(
+                    node = %name, %owner, lease = %agent_lease_name(&name),
+                    "deleting the Lease of a collected ephemeral MeshNode failed: {e}; it stays (harmless: its node is gone)"
+                );
+            }
             true
         }
         Err(e) => {

@@ -44,10 +44,16 @@ impl LabUser {
         openssl(&["req", "-new", "-key", &key, "-subj", &subject, "-out", &csr], dir)?;
         let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
         let (ca_crt, ca_key) = (ca_crt.to_string_lossy(), ca_key.to_string_lossy());
+        // Extensions make it an X.509 v3 certificate, the only version rustls accepts.
+        let ext = format!("{name}.ext");
+        std::fs::write(
+            dir.join(&ext),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )?;
         openssl(
             &["x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-CAcreateserial", "-days", "2"]
                 .into_iter()
-                .chain(["-out", crt.as_str()])
+                .chain(["-extfile", ext.as_str(), "-out", crt.as_str()])
                 .collect::<Vec<_>>(),
             dir,
         )?;

@@ -138,7 +138,9 @@ impl Drop for Meshctl {
 
 /// What a TCP connection from the laptop to 127.0.0.1:`port` reads (`None`: nothing).
 fn fetch_local(mesh: &Mesh, port: u16) -> anyhow::Result<Option<String>> {
-    let out = mesh.nodes.exec(LAPTOP, &["socat", "-T", "3", "-u", &format!("TCP:127.0.0.1:{port},connect-timeout=3"), "-"])?;
+    let out = mesh
+        .nodes
+        .exec(LAPTOP, &["socat", "-T", "3", "-u", &format!("TCP:127.0.0.1:{port},connect-timeout=3"), "-"])?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok((out.status.success() && !text.is_empty()).then_some(text))
 }
@@ -147,7 +149,15 @@ fn fetch_local(mesh: &Mesh, port: u16) -> anyhow::Result<Option<String>> {
 fn fetch_socks(mesh: &Mesh, proxy: u16, host: &str, port: u16) -> anyhow::Result<Option<String>> {
     let out = mesh.nodes.exec(
         LAPTOP,
-        &["curl", "-s", "-m", "5", "--socks5-hostname", &format!("127.0.0.1:{proxy}"), &format!("telnet://{host}:{port}")],
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "--socks5-hostname",
+            &format!("127.0.0.1:{proxy}"),
+            &format!("telnet://{host}:{port}"),
+        ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok((!text.is_empty()).then_some(text))
@@ -172,6 +182,19 @@ async fn gone(mesh: &Mesh, node: &str, service: Option<(&str, &str)>) -> anyhow:
     Ok(left)
 }
 
+/// The mesh IP of the MeshService `default/name`, once meshctl has created it and the
+/// controller allocated one.
+async fn exposed_ip(mesh: &Mesh, name: &str, member: &Meshctl) -> anyhow::Result<std::net::Ipv4Addr> {
+    let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    eventually_async(Duration::from_secs(60), || async {
+        let service =
+            services.get_opt(name).await?.with_context(|| format!("no MeshService {name} yet: {}", member.output()))?;
+        let ip = service.status.and_then(|s| s.mesh_ip).with_context(|| format!("{name} has no mesh IP yet"))?;
+        Ok(ip.parse()?)
+    })
+    .await
+}
+
 /// The laptop's public key, once published.
 async fn public_key(mesh: &Mesh, node: &str) -> anyhow::Result<String> {
     let nodes: Api<MeshNode> = Api::all(mesh.cluster.client.clone());
@@ -186,8 +209,9 @@ async fn the_laptop_has_no_root_no_tun_and_no_net_admin() -> anyhow::Result<()> 
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     setup(&mesh).await?;
-    let out = as_user(&["sh", "-c", "id -u; test -e /dev/net/tun && echo tun; ip link add hmtest type dummy 2>&1 || true"])
-        .output()?;
+    let out =
+        as_user(&["sh", "-c", "id -u; test -e /dev/net/tun && echo tun; ip link add hmtest type dummy 2>&1 || true"])
+            .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let uid = text.lines().next().unwrap_or_default();
     ensure!(uid != "0" && !uid.is_empty(), "meshctl would run as uid {uid:?}: {text}");
@@ -263,19 +287,28 @@ async fn an_exposed_port_is_reached_by_name_from_a_node_and_a_clean_exit_leaves_
     let node1 = mesh.nodes.names[0].clone();
     let mut server = mesh.nodes.spawn(
         LAPTOP,
-        &["timeout", "90", "socat", "TCP-LISTEN:23000,bind=127.0.0.1,reuseaddr,fork", "SYSTEM:echo served-by-the-laptop"],
+        &[
+            "timeout",
+            "90",
+            "socat",
+            "TCP-LISTEN:23000,bind=127.0.0.1,reuseaddr,fork",
+            "SYSTEM:echo served-by-the-laptop",
+        ],
     )?;
     let result = async {
         let mut member = Meshctl::start(&alice, &["expose", "23000", "--as", NAME, "--port", "80", "--name", MEMBER])?;
-        let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-        let ip = wait_mesh_ip(&services, NAME).await?;
+        let ip = exposed_ip(&mesh, NAME, &member).await?;
         let info = mesh.info().await?;
         let dns = info[&node1].mesh_ip;
         eventually(Duration::from_secs(30), || {
             let answer = mesh.dig(&node1, dns, &format!("{NAME}.default.mesh.local"), false)?;
             ensure!(answer.addresses == [ip], "{node1} resolves {NAME}.default.mesh.local to {:?}", answer.addresses);
             let got = mesh.fetch(&node1, ip, 80)?;
-            ensure!(got.as_deref() == Some("served-by-the-laptop"), "{node1} -> {ip}:80 gave {got:?}: {}", member.output());
+            ensure!(
+                got.as_deref() == Some("served-by-the-laptop"),
+                "{node1} -> {ip}:80 gave {got:?}: {}",
+                member.output()
+            );
             Ok(())
         })
         .await?;
@@ -308,8 +341,7 @@ async fn a_killed_laptop_is_forgotten_within_the_bound() -> anyhow::Result<()> {
     let (alice, _) = setup(&mesh).await?;
     let node1 = mesh.nodes.names[0].clone();
     let mut member = Meshctl::start(&alice, &["expose", "23001", "--as", NAME, "--name", MEMBER])?;
-    let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-    wait_mesh_ip(&services, NAME).await?;
+    exposed_ip(&mesh, NAME, &member).await?;
     let key = public_key(&mesh, MEMBER).await?;
     eventually(Duration::from_secs(30), || {
         ensure!(mesh.wg_peers(&node1)?.contains(&key), "{node1} has not added the laptop's peer yet");
@@ -339,8 +371,7 @@ async fn a_second_user_cannot_touch_the_first_users_member() -> anyhow::Result<(
     let (alice, bob) = setup(&mesh).await?;
     let mut member = Meshctl::start(&alice, &["expose", "23002", "--as", NAME, "--name", MEMBER])?;
     let result = async {
-        let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
-        wait_mesh_ip(&services, NAME).await?;
+        exposed_ip(&mesh, NAME, &member).await?;
         let server = admin_server()?;
         let bob_client = bob.client(&server).await?;
         let refused = |what: &str, result: Result<(), kube::Error>| -> anyhow::Result<()> {

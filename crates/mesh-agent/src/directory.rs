@@ -32,10 +32,16 @@ pub struct Directory {
 }
 
 /// Drops what the agent never reads from a watched object before it is stored.
+/// Of the annotations, only the one that marks an ephemeral member is kept (it is not probed).
 fn slim<K: kube::Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
-    meta.annotations = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| key == mesh_api::CONNECT_OWNER_ANNOTATION);
+    }
+    if meta.annotations.as_ref().is_some_and(std::collections::BTreeMap::is_empty) {
+        meta.annotations = None;
+    }
 }
 
 impl Directory {

@@ -30,6 +30,10 @@ pub struct Member {
     pub mesh_ip: Option<Ipv4Addr>,
     /// The underlay address of `status.endpoint`.
     pub underlay: Option<Ipv4Addr>,
+    /// An ephemeral member (`meshctl connect`, annotation `mesh.harness.dev/connect-owner`): a
+    /// peer like any other, but not probed, since it comes and goes with a laptop's lid and has
+    /// no agent to answer; its absence never makes a node's Connected condition False.
+    pub ephemeral: bool,
 }
 
 /// What every node derives alike from one state of the directory.
@@ -201,6 +205,11 @@ impl Directory {
                     spec_endpoint: node.spec.endpoint.clone(),
                     mesh_ip,
                     underlay,
+                    ephemeral: node
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key(mesh_api::CONNECT_OWNER_ANNOTATION)),
                 },
             );
             entries.extend(convert::peer_entry(node, &mut resolve));
@@ -267,8 +276,12 @@ impl Directory {
         }
         let peers = self.peers(name, Some(&node.key.public_key()));
         let applied = Self::applied(&peers);
-        let probe_targets =
-            peers.names.values().filter_map(|n| Some((n.clone(), *self.node_ips.get(n.as_str())?))).collect();
+        let probe_targets = peers
+            .names
+            .values()
+            .filter(|n| !self.members.get(n.as_str()).is_some_and(|m| m.ephemeral))
+            .filter_map(|n| Some((n.clone(), *self.node_ips.get(n.as_str())?)))
+            .collect();
         let local = match me.mesh_ip {
             Some(node_ip) => Ok(self.local(name, node_ip, node)),
             None => Err(format!("MeshNode {name} has no mesh IP yet: is mesh-controller running?")),
@@ -429,6 +442,17 @@ pub(crate) mod tests {
 
     fn ips(plan: &NodePlan, peer: u8) -> Vec<String> {
         plan.device.peers[&key(peer).public_key()].allowed_ips.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn an_ephemeral_member_is_a_peer_but_not_a_probe_target() {
+        let mut laptop = node("laptop", 2);
+        laptop.metadata.annotations =
+            Some([(mesh_api::CONNECT_OWNER_ANNOTATION.to_owned(), "alice".to_owned())].into());
+        let nodes = [node("a", 1), laptop, node("c", 3)];
+        let plan = plan_of(&directory(&nodes, &[]), "a", 1, &settings());
+        assert!(plan.device.peers.contains_key(&key(2).public_key()), "the laptop is a peer");
+        assert_eq!(plan.probe_targets.keys().collect::<Vec<_>>(), ["c"], "only the permanent node is probed");
     }
 
     #[test]

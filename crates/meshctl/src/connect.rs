@@ -101,6 +101,7 @@ fn endpoint(choice: &EndpointChoice, port: u16, desired: &Desired) -> anyhow::Re
 
 /// Runs a session until Ctrl-C (or SIGTERM), then removes what it created.
 pub async fn run(session: Session, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
     let connection = kubeconfig::connect(cluster).await?;
     let client = connection.client.clone();
     let owner = member::whoami(&client).await.with_context(|| format!("connecting to {}", connection.target()))?;
@@ -126,10 +127,13 @@ pub async fn run(session: Session, cluster: &ClusterArgs) -> anyhow::Result<()> 
     let member = Member::create(&client, &cluster.mesh_namespace, &name, &owner, &namespaces).await?;
     let exposed: Vec<QualifiedName> = session.exposes.iter().map(|e| e.service.clone()).collect();
     let result = tokio::select! {
-        result = serve(&session, &member, &stack, &key, &client) => result,
+        result = serve(&session, &member, &stack, &key, &client, started) => result,
         signal = shutdown_signal() => signal,
     };
-    eprintln!("leaving the mesh: deleting MeshNode {name}{}", if exposed.is_empty() { "" } else { " and what it exposes" });
+    eprintln!(
+        "leaving the mesh: deleting MeshNode {name}{}",
+        if exposed.is_empty() { "" } else { " and what it exposes" }
+    );
     let left = member.leave(&exposed).await;
     stack.shutdown().await;
     result.and(left)
@@ -158,6 +162,7 @@ async fn serve(
     stack: &Netstack,
     key: &PrivateKey,
     client: &kube::Client,
+    started: tokio::time::Instant,
 ) -> anyhow::Result<()> {
     let opts = &session.member;
     let subnet: ipnet::Ipv4Net = opts.subnet.to_string().parse().context("the subnet")?;
@@ -169,7 +174,6 @@ async fn serve(
     let endpoint = endpoint(&opts.endpoint, port, &directory::desired(&first, opts.keepalive))?;
     member.publish(&key.public_key().to_base64(), endpoint.as_deref(), port).await?;
     member.renew(None).await?;
-    let started = tokio::time::Instant::now();
     let mesh_ip = tokio::select! {
         ip = member.wait_joined(opts.join_timeout) => ip?,
         r = renew_until_error(member, None) => return r,
@@ -187,11 +191,8 @@ async fn serve(
         stack.set_peers(desired.peers.clone());
         stack.set_addresses(desired.addresses.clone());
         *zone.lock().map_err(|_| anyhow::anyhow!("the zone lock is poisoned"))? = snapshot.zone;
-        let wanted: BTreeSet<SocketAddrV4> = desired
-            .hosted
-            .iter()
-            .flat_map(|(ip, ports, _)| ports.iter().map(|p| SocketAddrV4::new(*ip, *p)))
-            .collect();
+        let wanted: BTreeSet<SocketAddrV4> =
+            desired.hosted.iter().flat_map(|(ip, ports, _)| ports.iter().map(|p| SocketAddrV4::new(*ip, *p))).collect();
         listening.retain(|at, task| {
             let keep = wanted.contains(at);
             if !keep {
@@ -222,7 +223,8 @@ async fn serve(
         ));
     }
     if let Some(at) = opts.socks5 {
-        let listener = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at} (SOCKS5)"))?;
+        let listener =
+            tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at} (SOCKS5)"))?;
         eprintln!("SOCKS5 proxy on {at}: curl --socks5-hostname {at} http://NAME.NAMESPACE.mesh.local:PORT");
         tokio::spawn(relay::socks5(listener, stack.clone(), zone.clone(), subnet));
     }
@@ -242,11 +244,7 @@ async fn serve(
                 }
                 match stack.listen(at).await {
                     Ok(listener) => {
-                        eprintln!(
-                            "exposing 127.0.0.1:{} as {} ({at})",
-                            expose.local_port,
-                            expose.service.dns_name()
-                        );
+                        eprintln!("exposing 127.0.0.1:{} as {} ({at})", expose.local_port, expose.service.dns_name());
                         let what = format!("{} ({at})", expose.service);
                         listening.insert(at, tokio::spawn(relay::expose(listener, expose.local_port, what)));
                     }

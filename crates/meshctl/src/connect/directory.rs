@@ -126,14 +126,7 @@ pub fn plan(
     key: &PrivateKey,
     settings: &NodeSettings,
 ) -> Result<NodePlan, mesh_plan::PlanError> {
-    directory.plan(&NodeInput {
-        name,
-        key,
-        settings,
-        fallback: false,
-        underlay: None,
-        masquerade_underlay: None,
-    })
+    directory.plan(&NodeInput { name, key, settings, fallback: false, underlay: None, masquerade_underlay: None })
 }
 
 /// The stack's configuration from the plan: every peer with `keepalive` (the member is the side

@@ -76,7 +76,9 @@ pub fn socks_target(zone: &SharedZone, subnet: ipnet::Ipv4Net, to: &TargetAddr) 
     match to {
         TargetAddr::Domain(name, port) => target(zone, name, *port),
         TargetAddr::Ip(SocketAddr::V4(addr)) if subnet.contains(addr.ip()) => Ok(*addr),
-        TargetAddr::Ip(addr) => Err(format!("{addr} is outside the mesh subnet {subnet}: this proxy carries mesh traffic only")),
+        TargetAddr::Ip(addr) => {
+            Err(format!("{addr} is outside the mesh subnet {subnet}: this proxy carries mesh traffic only"))
+        }
     }
 }
 
@@ -93,7 +95,12 @@ pub async fn socks5(listener: TcpListener, stack: Netstack, zone: SharedZone, su
     }
 }
 
-async fn socks5_one(client: TcpStream, stack: &Netstack, zone: &SharedZone, subnet: ipnet::Ipv4Net) -> anyhow::Result<()> {
+async fn socks5_one(
+    client: TcpStream,
+    stack: &Netstack,
+    zone: &SharedZone,
+    subnet: ipnet::Ipv4Net,
+) -> anyhow::Result<()> {
     let proto = Socks5ServerProtocol::accept_no_auth(client).await.context("SOCKS5 greeting")?;
     let (proto, command, to) = proto.read_command().await.context("SOCKS5 request")?;
     if command != Socks5Command::TCPConnect {
