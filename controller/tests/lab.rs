@@ -17,6 +17,7 @@ use harness_mesh_e2e::Cluster;
 use harness_mesh_e2e::controller::{
     Controller, clean_slate, create_services, mesh_node_names, service, wait_allocated,
 };
+use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -702,83 +703,15 @@ async fn a_deletion_missed_while_the_watch_was_down_is_released_after_the_relist
 
 /// Where the lab installs the chart: the agents' Leases (and connecting users') live here.
 const RELEASE_NAMESPACE: &str = "harness-mesh";
-/// The group the chart's connect RBAC and admission policy name by default (connect.groups).
-const CONNECT_GROUP: &str = "harness-mesh:connect";
 /// The namespace this suite's connecting users expose MeshServices in.
 const EXPOSE_NAMESPACE: &str = "ctl-connect";
 
-/// A client authenticated as `user` (group [`CONNECT_GROUP`]) by a client certificate signed
-/// with the lab's CA (`.lab/pki`), made with the openssl CLI.
+/// A client authenticated as `user` (group [`CONNECT_GROUP`]) by a client certificate of the
+/// lab's CA ([`harness_mesh_e2e::users::LabUser`]).
 async fn connect_user(cluster: &Cluster, user: &str) -> anyhow::Result<kube::Client> {
-    use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
-    let pki = harness_mesh_e2e::repo_root().join(".lab/pki");
-    anyhow::ensure!(
-        pki.join("ca.key").exists(),
-        "the connect tests sign client certificates with the lab's CA ({}/ca.key), which this cluster lacks; run \
-         them on the lab (`make e2e-controller`)",
-        pki.display()
-    );
     let dir = std::env::temp_dir().join(format!("ctl-connect-certs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (key, csr, crt) =
-        (dir.join(format!("{user}.key")), dir.join(format!("{user}.csr")), dir.join(format!("{user}.crt")));
-    let openssl = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("openssl").args(args).output()?;
-        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    };
-    // A v3 certificate (webpki refuses v1, what `x509 -req` makes without extensions).
-    let ext = dir.join("client.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-    )?;
-    let subject = format!("/CN={user}/O={CONNECT_GROUP}");
-    let serial = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
-    let os = |s: &str| std::ffi::OsString::from(s);
-    openssl(&[
-        &os("req"),
-        &os("-new"),
-        &os("-newkey"),
-        &os("ec"),
-        &os("-pkeyopt"),
-        &os("ec_paramgen_curve:prime256v1"),
-        &os("-nodes"),
-        &os("-keyout"),
-        key.as_os_str(),
-        &os("-subj"),
-        &os(&subject),
-        &os("-out"),
-        csr.as_os_str(),
-    ])?;
-    openssl(&[
-        &os("x509"),
-        &os("-req"),
-        &os("-in"),
-        csr.as_os_str(),
-        &os("-CA"),
-        pki.join("ca.crt").as_os_str(),
-        &os("-CAkey"),
-        pki.join("ca.key").as_os_str(),
-        &os("-set_serial"),
-        &os(&serial),
-        &os("-extfile"),
-        ext.as_os_str(),
-        &os("-days"),
-        &os("1"),
-        &os("-out"),
-        crt.as_os_str(),
-    ])?;
-    let mut kubeconfig = Kubeconfig::read_from(&cluster.kubeconfig)?;
-    for named in &mut kubeconfig.auth_infos {
-        named.auth_info = Some(AuthInfo {
-            client_certificate: Some(crt.display().to_string()),
-            client_key: Some(key.display().to_string()),
-            ..AuthInfo::default()
-        });
-    }
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    let server = harness_mesh_e2e::users::server_of(&cluster.kubeconfig)?;
+    LabUser::new(user, &[CONNECT_GROUP], &server, &dir)?.client(&server).await
 }
 
 /// Makes `ns` a namespace where connecting users may expose services, as the chart does for

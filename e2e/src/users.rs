@@ -36,6 +36,11 @@ impl LabUser {
     /// from where the kubeconfig is used: `https://127.0.0.1:<port>` in a node, through its relay).
     pub fn new(name: &str, groups: &[&str], server: &str, dir: &Path) -> anyhow::Result<Self> {
         let pki = repo_root().join(".lab/pki");
+        ensure!(
+            pki.join("ca.key").exists(),
+            "lab users are signed with the lab's CA ({}/ca.key), which this cluster lacks: run on the lab",
+            pki.display()
+        );
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let subject: String =
             std::iter::once(format!("/CN={name}")).chain(groups.iter().map(|g| format!("/O={g}"))).collect();
@@ -50,8 +55,9 @@ impl LabUser {
             dir.join(&ext),
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
         )?;
+        let serial = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos().to_string();
         openssl(
-            &["x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-CAcreateserial", "-days", "2"]
+            &["x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-set_serial", &serial, "-days", "2"]
                 .into_iter()
                 .chain(["-extfile", ext.as_str(), "-out", crt.as_str()])
                 .collect::<Vec<_>>(),
@@ -88,4 +94,14 @@ impl LabUser {
         let config = kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
         Ok(Client::try_from(config)?)
     }
+}
+
+/// The API server URL a kubeconfig names (its first cluster's).
+pub fn server_of(kubeconfig: &Path) -> anyhow::Result<String> {
+    let config = Kubeconfig::read_from(kubeconfig)?;
+    config
+        .clusters
+        .iter()
+        .find_map(|c| c.cluster.as_ref()?.server.clone())
+        .with_context(|| format!("{} names no API server", kubeconfig.display()))
 }

@@ -141,6 +141,10 @@ async fn every_rendering_passes_a_server_side_dry_run() -> anyhow::Result<()> {
             for doc in &docs {
                 let (kind, name) = kind_and_name(doc);
                 match doc["metadata"]["namespace"].as_str() {
+                    // connect.exposeNamespaces (default: default): where connect users may expose.
+                    Some("default")
+                        if kind == "RoleBinding" && name.starts_with(&release) && name.ends_with("-connect-expose") => {
+                    }
                     Some(ns) => ensure!(ns == sandbox.namespace, "{kind} {name} is rendered into namespace {ns}"),
                     // Cluster-scoped: named after the release, so two releases never collide.
                     None if kind != "CustomResourceDefinition" => {
@@ -672,7 +676,8 @@ async fn the_controller_token_does_what_the_controller_does_and_no_more() -> any
         services.patch("svc", &PatchParams::default(), &finalizer).await.context("MeshService finalizer")?;
         let status = json!({"apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService", "status": {"meshIP": "10.42.250.2"}});
         services.patch_status("svc", &manager, &Patch::Apply(&status)).await.context("MeshService status")?;
-        forbidden("deleting a MeshService", services.delete("svc", &DeleteParams::default()).await, "cannot delete")?;
+        // It deletes the MeshServices a collected ephemeral member exposed (controller/src/ephemeral.rs).
+        services.delete("svc", &DeleteParams::default()).await.context("deleting a MeshService")?;
 
         // Events (events.k8s.io), created and then patched as kube-runtime's Recorder counts repeats.
         let events = Api::<Event>::namespaced(controller.clone(), &ns);
@@ -696,8 +701,10 @@ async fn the_controller_token_does_what_the_controller_does_and_no_more() -> any
             serde_json::from_value(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "chart-test-other"}}))?;
         leases.create(&PostParams::default(), &other).await.context("create cannot be limited to a name")?;
         forbidden("another Lease", leases.patch("chart-test-other", &PatchParams::default(), &renew).await, "cannot patch")?;
-        forbidden("reading another Lease", leases.get("chart-test-other").await, "cannot get")?;
-        forbidden("deleting its Lease", leases.delete("mesh-controller", &DeleteParams::default()).await, "cannot delete")?;
+        // It reads an ephemeral member's Lease and deletes it with the member (ephemeral.rs); RBAC
+        // cannot limit that to the mesh-agent- prefix.
+        leases.get("chart-test-other").await.context("reading another Lease")?;
+        leases.delete("chart-test-other", &DeleteParams::default()).await.context("deleting a lapsed Lease")?;
         forbidden(
             "a Lease outside its namespace",
             Api::<Lease>::namespaced(controller.clone(), "default").create(&PostParams::default(), &lease).await,
@@ -733,7 +740,7 @@ async fn rbac_grants_each_serviceaccount_exactly_its_verbs() -> anyhow::Result<(
         let mesh = "mesh.harness.dev";
         let cluster_wide_controller: Vec<Grant> = [
             grants(mesh, "meshnodes", "", &["list", "watch", "create", "patch", "delete"]),
-            grants(mesh, "meshservices", "", &["list", "watch", "patch"]),
+            grants(mesh, "meshservices", "", &["list", "watch", "patch", "delete"]),
             grants(mesh, "meshnodes/status", "", &["patch"]),
             grants(mesh, "meshservices/status", "", &["patch"]),
             grants("", "nodes", "", &["list", "watch"]),
@@ -742,7 +749,7 @@ async fn rbac_grants_each_serviceaccount_exactly_its_verbs() -> anyhow::Result<(
         ]
         .concat();
         let in_namespace_controller = [
-            grants("coordination.k8s.io", "leases", "", &["create"]),
+            grants("coordination.k8s.io", "leases", "", &["create", "get", "delete"]),
             grants("coordination.k8s.io", "leases", "mesh-controller", &["get", "patch"]),
             grants("", "configmaps", &format!("{}-ip-holds", sandbox.controller_sa()), &["get", "patch"]),
         ]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::mesh::{Mesh, eventually, eventually_async, wait_mesh_ip};
-use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser};
+use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser, server_of};
 use harness_mesh_e2e::{lab_sh, meshctl_binary, repo_root};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -58,11 +58,7 @@ async fn setup(mesh: &Mesh) -> anyhow::Result<(LabUser, LabUser)> {
 /// The API server URL of the admin kubeconfig (`https://127.0.0.1:<port>`, which the laptop
 /// node reaches through its relay too).
 fn admin_server() -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(repo_root().join(".lab/kubeconfig"))?;
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .map(str::to_owned)
-        .context("the lab kubeconfig names no server")
+    server_of(&repo_root().join(".lab/kubeconfig"))
 }
 
 /// A command on the laptop as the unprivileged user, every capability dropped, `/dev/net`

@@ -153,9 +153,8 @@ mod tests {
     use super::*;
 
     fn zone() -> SharedZone {
-        let mut z = Zone::default();
-        z.records = BTreeMap::from([("web.default.mesh.local".to_owned(), vec![Ipv4Addr::new(10, 42, 0, 9)])]);
-        Arc::new(Mutex::new(z))
+        let records = BTreeMap::from([("web.default.mesh.local".to_owned(), vec![Ipv4Addr::new(10, 42, 0, 9)])]);
+        Arc::new(Mutex::new(Zone { records, ..Zone::default() }))
     }
 
     #[test]
