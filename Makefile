@@ -9,7 +9,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale build crds check-crds fmt lint unit fuzz test e2e-controller e2e-vm kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -38,10 +38,22 @@ lint: ## rustfmt, clippy (warnings are errors), shellcheck, actionlint (the GitH
 	@actionlint="$$(e2e/lab/build-binaries.sh actionlint)" && echo "$$actionlint .github/workflows/*.yml" && \
 	  "$$actionlint" -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
 
+check-macos: ## type-check meshctl (laptop mode: connect, forward, expose) for x86_64-apple-darwin; needs rustup's target and clang; not linked (no macOS SDK here)
+	rustup target add x86_64-apple-darwin
+	@command -v clang >/dev/null || { echo "[check-macos] needs clang (apt-get install clang)" >&2; exit 1; }
+	@# ring compiles C even for a check: three headers of the macOS SDK it includes, as stubs.
+	@mkdir -p target/macos-stubs
+	@printf '#define TARGET_OS_OSX 1\n#define TARGET_OS_IPHONE 0\n#define TARGET_OS_MAC 1\n#define TARGET_OS_IOS 0\n' >target/macos-stubs/TargetConditionals.h
+	@printf '#define assert(x) ((void)0)\n' >target/macos-stubs/assert.h
+	@printf '#include <stddef.h>\nvoid *memcpy(void *, const void *, size_t);\nvoid *memset(void *, int, size_t);\nint memcmp(const void *, const void *, size_t);\nvoid *memmove(void *, const void *, size_t);\n' >target/macos-stubs/string.h
+	CC_x86_64_apple_darwin=clang CFLAGS_x86_64_apple_darwin="-target x86_64-apple-darwin -ffreestanding -nostdlibinc -I$(CURDIR)/target/macos-stubs" \
+	  $(CARGO) check --target x86_64-apple-darwin -p meshctl
+
 unit: ## the fast tests, no lab: every crate's unit tests (libraries and binaries), and the pure crates' property tests
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p mesh-core -p mesh-api -p mesh-wireguard -p mesh-dataplane --tests
 	$(CARGO) test -p mesh-agent --test cli
+	$(CARGO) test -p mesh-netstack --tests
 
 fuzz: ## the fuzz targets (proptest: endpoints, UAPI answers, keys, DNS) for longer: PROPTEST_CASES=N (10000)
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-core -p mesh-wireguard -p mesh-dataplane --test fuzz
@@ -73,6 +85,11 @@ VM_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-vm-1,hm-node-2 \
   HARNESS_MESH_AGENT_RESTART="$(CURDIR)/e2e/lab/lab.sh agent restart {node}" \
   HARNESS_MESH_STATE_DIR="$(CURDIR)/.lab/nodes/{node}" MESH_REQUIRE_KERNEL_WG=1
 
+e2e-laptop: deps ## laptop mode (e2e/tests/laptop.rs): meshctl connect/forward/expose as an unprivileged uid with no tun, on the running lab or a new 3-node one (kept up)
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	$(LAB) up --nodes 3 --mode plain
+	$(CARGO) test -p harness-mesh-e2e --no-fail-fast --test laptop -- --nocapture
+
 e2e-vm: deps ## the mixed mesh: lab with 2 namespace nodes + 1 VM node (kernel WireGuard); mesh, discovery and vm suites; takes the lab down
 	$(CARGO) build --workspace --bins
 	e2e/lab/vm-kernel.sh >/dev/null
@@ -97,8 +114,15 @@ bench: deps ## benchmarks (3-node lab, then 500 simulated nodes): one table at t
 	$(LAB) up --nodes 3
 	$(CARGO) bench -p mesh-controller --bench allocation
 	$(CARGO) bench -p harness-mesh-e2e --bench mesh
+	$(MAKE) bench-laptop
 	$(CARGO) bench -p mesh-controller --bench scale
 	$(CARGO) run -q -p harness-mesh-e2e --bin bench-report
+
+bench-laptop: deps ## laptop mode: release meshctl forward (unprivileged, no tun) next to the agents' wireguard-go, one run: target/bench/laptop.json
+	$(CARGO) build -q --release -p meshctl
+	$(CARGO) build -q -p mesh-controller -p mesh-agent
+	$(LAB) up --nodes 3
+	$(CARGO) bench -p harness-mesh-e2e --bench laptop
 
 SCALE_SIZES ?= 500 2000 5000
 bench-scale: deps ## the scale bench at several sizes (SCALE_SIZES, MeshNodes; 10 MeshServices each): target/bench/scale-N.json, table at the end

@@ -18,16 +18,14 @@
 //!
 //! The tests share the laptop node, so they take turns. Everything is bounded and cleaned up.
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use harness_mesh_e2e::controller::service;
+use harness_mesh_e2e::laptop::{LAPTOP, Meshctl, as_user, fetch_local, laptop_node_up};
 use harness_mesh_e2e::mesh::{Mesh, eventually, eventually_async, wait_mesh_ip};
 use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser, server_of};
-use harness_mesh_e2e::{lab_sh, meshctl_binary, repo_root};
+use harness_mesh_e2e::{meshctl_binary, repo_root};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
@@ -35,9 +33,6 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 const CONVERGE: Duration = Duration::from_secs(90);
-const LAPTOP: &str = "hm-node-202";
-/// The unprivileged user of the lab's SSH nodes.
-const USER: &str = "hm-user";
 /// How long a killed member may stay: Lease 30 s + grace 15 s + the controller's 5 s sweep, and
 /// a few seconds for the agents to drop the peer.
 const FORGOTTEN_WITHIN: Duration = Duration::from_secs(60);
@@ -46,7 +41,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 
 /// The laptop node up, and users in the connect group (kubeconfigs for the laptop's relay).
 async fn setup(mesh: &Mesh) -> anyhow::Result<(LabUser, LabUser)> {
-    tokio::task::spawn_blocking(|| lab_sh(&["ssh-node", "202"])).await??;
+    tokio::task::spawn_blocking(laptop_node_up).await??;
     let _ = mesh;
     let dir = repo_root().join("target/e2e-laptop");
     let server = admin_server()?;
@@ -59,86 +54,6 @@ async fn setup(mesh: &Mesh) -> anyhow::Result<(LabUser, LabUser)> {
 /// node reaches through its relay too).
 fn admin_server() -> anyhow::Result<String> {
     server_of(&repo_root().join(".lab/kubeconfig"))
-}
-
-/// A command on the laptop as the unprivileged user, every capability dropped, `/dev/net`
-/// hidden.
-fn as_user(args: &[&str]) -> Command {
-    let script = format!(
-        "set -e; if [ -d /dev/net ]; then mount -t tmpfs none /dev/net; fi; \
-         exec setpriv --reuid={USER} --regid={USER} --init-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- \"$@\""
-    );
-    let mut command = Command::new(repo_root().join("e2e/lab/lab.sh"));
-    command
-        .args(["exec", LAPTOP, "--", "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", &script, "sh"])
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null());
-    command
-}
-
-/// A running meshctl on the laptop; killed (SIGKILL) when dropped if still running.
-struct Meshctl {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Meshctl {
-    fn start(user: &LabUser, args: &[&str]) -> anyhow::Result<Self> {
-        let meshctl = meshctl_binary()?;
-        let meshctl = meshctl.to_string_lossy();
-        let kubeconfig = user.kubeconfig.to_string_lossy();
-        let log = repo_root().join(format!("target/e2e-laptop/meshctl-{}-{}.log", user.name, args.join("_")));
-        let out = File::create(&log)?;
-        let mut all = vec![meshctl.as_ref(), "--kubeconfig", kubeconfig.as_ref()];
-        all.extend_from_slice(args);
-        let child = as_user(&all).stdout(out.try_clone()?).stderr(out).spawn().context("starting meshctl")?;
-        Ok(Self { child, log })
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status()?;
-        ensure!(status.success(), "kill {signal} meshctl failed");
-        Ok(())
-    }
-
-    /// Waits (bounded) for the process to end; its output when it does.
-    fn wait(&mut self, within: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(format!("{status}: {}", self.output()));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        anyhow::bail!("meshctl still runs after {within:?}: {}", self.output())
-    }
-
-    /// The resident memory of the process, in KiB.
-    fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
-    }
-}
-
-impl Drop for Meshctl {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// What a TCP connection from the laptop to 127.0.0.1:`port` reads (`None`: nothing).
-fn fetch_local(mesh: &Mesh, port: u16) -> anyhow::Result<Option<String>> {
-    let out = mesh
-        .nodes
-        .exec(LAPTOP, &["socat", "-T", "3", "-u", &format!("TCP:127.0.0.1:{port},connect-timeout=3"), "-"])?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    Ok((out.status.success() && !text.is_empty()).then_some(text))
 }
 
 /// What `curl --socks5-hostname` through the laptop's proxy reads from `host:port`.
@@ -235,6 +150,7 @@ async fn forward_and_socks5_reach_a_mesh_service_on_its_listed_port_only() -> an
         let ip = wait_mesh_ip(&services, NAME).await?;
         let started = Instant::now();
         let member = Meshctl::start(
+            &meshctl_binary()?,
             &alice,
             &["forward", NAME, "28511:18511", "28512:18512", "--name", "laptop-fwd", "--socks5", "127.0.0.1:21080"],
         )?;
@@ -292,7 +208,11 @@ async fn an_exposed_port_is_reached_by_name_from_a_node_and_a_clean_exit_leaves_
         ],
     )?;
     let result = async {
-        let mut member = Meshctl::start(&alice, &["expose", "23000", "--as", NAME, "--port", "80", "--name", MEMBER])?;
+        let mut member = Meshctl::start(
+            &meshctl_binary()?,
+            &alice,
+            &["expose", "23000", "--as", NAME, "--port", "80", "--name", MEMBER],
+        )?;
         let ip = exposed_ip(&mesh, NAME, &member).await?;
         let info = mesh.info().await?;
         let dns = info[&node1].mesh_ip;
@@ -336,7 +256,7 @@ async fn a_killed_laptop_is_forgotten_within_the_bound() -> anyhow::Result<()> {
     let mesh = Mesh::get(CONVERGE).await?;
     let (alice, _) = setup(&mesh).await?;
     let node1 = mesh.nodes.names[0].clone();
-    let mut member = Meshctl::start(&alice, &["expose", "23001", "--as", NAME, "--name", MEMBER])?;
+    let mut member = Meshctl::start(&meshctl_binary()?, &alice, &["expose", "23001", "--as", NAME, "--name", MEMBER])?;
     exposed_ip(&mesh, NAME, &member).await?;
     let key = public_key(&mesh, MEMBER).await?;
     eventually(Duration::from_secs(30), || {
@@ -365,7 +285,7 @@ async fn a_second_user_cannot_touch_the_first_users_member() -> anyhow::Result<(
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::get(CONVERGE).await?;
     let (alice, bob) = setup(&mesh).await?;
-    let mut member = Meshctl::start(&alice, &["expose", "23002", "--as", NAME, "--name", MEMBER])?;
+    let mut member = Meshctl::start(&meshctl_binary()?, &alice, &["expose", "23002", "--as", NAME, "--name", MEMBER])?;
     let result = async {
         exposed_ip(&mesh, NAME, &member).await?;
         let server = admin_server()?;
@@ -393,7 +313,7 @@ async fn a_second_user_cannot_touch_the_first_users_member() -> anyhow::Result<(
             leases.patch(&lease, &PatchParams::default(), &Patch::Merge(&renew)).await.map(|_| ()),
         )?;
         // And through meshctl: the name is taken, and says by whom.
-        let mut other = Meshctl::start(&bob, &["connect", "--name", MEMBER])?;
+        let mut other = Meshctl::start(&meshctl_binary()?, &bob, &["connect", "--name", MEMBER])?;
         let out = other.wait(Duration::from_secs(30))?;
         ensure!(out.contains(&format!("MeshNode {MEMBER} exists, made by meshctl connect for alice")), "{out}");
         ensure!(!gone(&mesh, MEMBER, None).await?.is_empty(), "bob's failed connect removed alice's member");

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -40,7 +40,17 @@ struct WgPeer {
     endpoint: Option<SocketAddr>,
     allowed_ips: Vec<Ipv4Net>,
     keepalive: Option<u16>,
+    /// The first handshake, until it completes: when an initiation was last sent, and how many
+    /// were sent early (see [`FIRST_HANDSHAKE_RETRIES`]).
+    first: Option<(Instant, u32)>,
 }
+
+/// Early retries of a peer's first handshake, at 250 ms, 500 ms, 1 s and 2 s, before
+/// WireGuard's own 5 s: a new member's first initiation usually reaches the other nodes before
+/// their agents have added it as a peer (they apply the directory a moment later), and would
+/// otherwise cost the full 5 s retry. Only while no session ever existed.
+const FIRST_HANDSHAKE_RETRIES: u32 = 4;
+const FIRST_HANDSHAKE_RETRY: Duration = Duration::from_millis(250);
 
 /// All peers of one netstack and the state to move packets between them and the TCP/IP stack.
 pub(crate) struct WireGuard {
@@ -152,6 +162,7 @@ impl WireGuard {
                             endpoint: peer.endpoint,
                             allowed_ips: peer.allowed_ips,
                             keepalive: peer.persistent_keepalive,
+                            first: None,
                         },
                     );
                     self.by_key.insert(key, index);
@@ -203,6 +214,9 @@ impl WireGuard {
         };
         match peer.tunn.encapsulate(packet, &mut self.buf) {
             TunnResult::WriteToNetwork(data) => {
+                if data.first() == Some(&1) && peer.tunn.stats().0.is_none() && peer.first.is_none() {
+                    peer.first = Some((Instant::now(), 0));
+                }
                 if let Some(endpoint) = peer.endpoint {
                     out.push((endpoint, data.to_vec()));
                 }
@@ -294,6 +308,17 @@ impl WireGuard {
         // Resets at most once a second, whatever the tick.
         self.rate_limiter.reset_count();
         for peer in self.peers.values_mut() {
+            if let Some((sent, retries)) = peer.first {
+                if peer.tunn.stats().0.is_some() || retries >= FIRST_HANDSHAKE_RETRIES {
+                    peer.first = None;
+                } else if sent.elapsed() >= FIRST_HANDSHAKE_RETRY * 2u32.pow(retries)
+                    && let Some(endpoint) = peer.endpoint
+                    && let TunnResult::WriteToNetwork(data) = peer.tunn.format_handshake_initiation(&mut self.buf, true)
+                {
+                    out.push((endpoint, data.to_vec()));
+                    peer.first = Some((Instant::now(), retries + 1));
+                }
+            }
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(data) => {
                     if let Some(endpoint) = peer.endpoint {

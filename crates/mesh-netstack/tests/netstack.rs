@@ -434,3 +434,32 @@ async fn survives_packet_loss() -> Result<()> {
     })
     .await
 }
+
+/// A new member's first initiation usually arrives before the other side has added it as a
+/// peer (its agent applies the directory a moment later): the first handshake is retried early
+/// (0.25, 0.5, 1, 2 s), so the connection opens well before WireGuard's own 5 s retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_handshake_lost_to_a_late_peer_is_retried_before_five_seconds() -> Result<()> {
+    bounded(async {
+        let a = stack(1, vec![A_IP]).await?;
+        let b = stack(2, vec![B_IP]).await?;
+        let _server = echo_server(&b, SocketAddrV4::new(B_IP, 7)).await?;
+        a.set_peers(vec![peer_of(&b, true, &["10.42.0.2/32"])?]);
+        let late = {
+            let (a, b) = (a.clone(), b.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                // No endpoint: b cannot initiate itself, only answer a.
+                b.set_peers(vec![peer_of(&a, false, &["10.42.0.1/32"]).expect("peer")]);
+            })
+        };
+        let started = Instant::now();
+        // Without the early retries this takes WireGuard's 5 s REKEY_TIMEOUT and times out.
+        let stream = a.connect(SocketAddrV4::new(B_IP, 7), Duration::from_millis(4500)).await;
+        late.await?;
+        let stream = stream.with_context(|| format!("no connection after {:?}", started.elapsed()))?;
+        drop(stream);
+        Ok(())
+    })
+    .await
+}
