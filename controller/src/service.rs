@@ -149,7 +149,16 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
         "kind": KIND,
         "status": plan.status,
     });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    match api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
+        Ok(_) => {}
+        // Deleted between the cache read and the write (a member leaving, a collection): as the
+        // branch above, release rather than leak, and no error to retry.
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            forget(&owner, ctx);
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e.into()),
+    }
     ctx.metrics.wrote(KIND);
     if plan.wake_namesakes {
         wake_namesakes(&name, &namespace, ctx);
