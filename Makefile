@@ -5,11 +5,12 @@ SHELL := /bin/bash
 NODES ?= 3
 MODE ?= plain
 VM_NODES ?= 0
+NAT_NODES ?= 0
 CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -33,7 +34,7 @@ fmt: ## format the code
 
 lint: ## rustfmt, clippy (warnings are errors), shellcheck, actionlint (the GitHub workflows)
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets --features harness-mesh-e2e/kubelet-lab,harness-mesh-e2e/vm-lab -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features harness-mesh-e2e/kubelet-lab,harness-mesh-e2e/vm-lab,harness-mesh-e2e/nat-lab -- -D warnings
 	shellcheck -x -P SCRIPTDIR e2e/lab/*.sh e2e/kind/*.sh images/*.sh
 	@actionlint="$$(e2e/lab/build-binaries.sh actionlint)" && echo "$$actionlint .github/workflows/*.yml" && \
 	  "$$actionlint" -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
@@ -59,16 +60,17 @@ fuzz: ## the fuzz targets (proptest: endpoints, UAPI answers, keys, DNS) for lon
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-core -p mesh-wireguard -p mesh-dataplane --test fuzz
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-agent --bin mesh-agent fuzz_
 
-test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes, or the running lab), then e2e-controller, e2e-vm and kubelet-e2e
+test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes, or the running lab), then e2e-controller, e2e-vm, e2e-nat and kubelet-e2e
 	$(CARGO) build --workspace --bins
 	@set -e; was_up=0; $(LAB) status >/dev/null 2>&1 && was_up=1; \
-	  if [ $$was_up = 1 ] && { grep -q '^MODE=kubelet' .lab/config || ! grep -q '^VM_NODES=0' .lab/config; }; then $(LAB) down; was_up=0; fi; \
+	  if [ $$was_up = 1 ] && { grep -q '^MODE=kubelet' .lab/config || ! grep -q '^VM_NODES=0' .lab/config || grep -q '^NAT_NODES=[1-9]' .lab/config; }; then $(LAB) down; was_up=0; fi; \
 	  trap '[ $$was_up = 1 ] || $(LAB) down' EXIT; \
 	  $(LAB) up --nodes 3 --mode plain; \
 	  $(CARGO) test --workspace --no-fail-fast --exclude mesh-controller; \
 	  $(CARGO) test -p mesh-controller --no-fail-fast --bins
 	$(MAKE) e2e-controller
 	$(MAKE) e2e-vm
+	$(MAKE) e2e-nat
 	$(MAKE) kubelet-e2e
 
 e2e-controller: deps ## the controller suite (controller/tests/lab.rs) on a lab of its own with no nodes: its controller acts on every object; takes the lab down
@@ -99,6 +101,19 @@ e2e-vm: deps ## the mixed mesh: lab with 2 namespace nodes + 1 VM node (kernel W
 	  start=$$SECONDS; $(LAB) down; trap '$(LAB) down; echo "[e2e-vm] took $$((SECONDS - start)) s"' EXIT; \
 	  $(LAB) up --nodes 2 --vm-nodes 1; \
 	  MESH_AGENT_TEST_BINARY="$(CURDIR)/$$tests" $(VM_SUITE_ENV) $(CARGO) test -p harness-mesh-e2e --features vm-lab --no-fail-fast --test vm --test mesh --test discovery
+
+# Nodes behind NAT: 2 open namespace nodes and 1 behind a NAT router of its own (e2e/lab/nat.sh).
+NAT_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-node-2,hm-nat-1 \
+  HARNESS_MESH_NODE_EXEC="$(CURDIR)/e2e/lab/lab.sh exec {node} --" \
+  HARNESS_MESH_AGENT_RESTART="$(CURDIR)/e2e/lab/lab.sh agent restart {node}" \
+  HARNESS_MESH_STATE_DIR="$(CURDIR)/.lab/nodes/{node}"
+
+e2e-nat: deps ## a node behind NAT: lab with 2 open nodes + 1 NATed node (nftables masquerade); the nat suite (join, service, learned endpoints, conntrack flush, no plaintext); takes the lab down
+	$(CARGO) build -p mesh-controller -p mesh-agent -p meshctl
+	$(CARGO) test -p harness-mesh-e2e --features nat-lab --test nat --no-run
+	@set -e; start=$$SECONDS; $(LAB) down; trap '$(LAB) down; echo "[e2e-nat] took $$((SECONDS - start)) s"' EXIT; \
+	  $(LAB) up --nodes 2 --nat-nodes 1; \
+	  $(NAT_SUITE_ENV) $(CARGO) test -p harness-mesh-e2e --features nat-lab --no-fail-fast --test nat -- --nocapture
 
 kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + cluster_services + mesh + discovery + meshctl + enroll suites, the pod-network attacks, then uninstall (helm uninstall leaves nothing); takes the lab down
 	$(CARGO) build --workspace --bins
@@ -155,11 +170,11 @@ images: ## build the controller and agent images (docker, podman or buildah; pul
 kind-e2e: ## the e2e suite on a kind cluster (needs Docker, kind, kubectl, helm)
 	e2e/kind/run.sh
 
-lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet, VM_NODES=K (0)
+lab-up: deps ## start the lab (idempotent) with mesh-controller and N agents: NODES=N (3), MODE=plain|kubelet, VM_NODES=K (0), NAT_NODES=K (0)
 	@[ -x target/debug/mesh-agent ] || echo "[make] building mesh-controller, mesh-agent and meshctl into target/debug (cargo; the first build on 2 cores takes about 3 min, later ones seconds)"
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
 	@if [ "$(VM_NODES)" != 0 ]; then $(CARGO) build -q -p harness-mesh-e2e --bin lab-vm-exec && e2e/lab/vm-kernel.sh >/dev/null; fi
-	$(LAB) up --nodes $(NODES) --mode $(MODE) --vm-nodes $(VM_NODES)
+	$(LAB) up --nodes $(NODES) --mode $(MODE) --vm-nodes $(VM_NODES) --nat-nodes $(NAT_NODES)
 
 lab-down: ## stop the lab; leaves no process and no hm-* namespace
 	$(LAB) down

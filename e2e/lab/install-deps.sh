@@ -14,7 +14,8 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 # built without a registry (buildah; gcc and libc6-dev for the static pause binary; objcopy to
 # strip debug info; busybox-static for test pods; python3 for the egress proxy). The fifth: the
 # VM nodes (lab.sh up --vm-nodes K): QEMU, and what builds their kernel modules' index, initrd
-# and disk images (depmod, cpio, mke2fs). The last: systemd-analyze, which rates the hardening of
+# and disk images (depmod, cpio, mke2fs), and conntrack, with which the NAT tests flush a NAT
+# router's state (lab.sh up --nat-nodes K). The last: systemd-analyze, which rates the hardening of
 # the systemd unit meshctl enroll installs (meshctl's unit tests).
 wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
@@ -23,7 +24,7 @@ wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl
   containerd:containerd runc:/usr/sbin/runc containernetworking-plugins:/usr/lib/cni/bridge
   buildah:buildah gcc:gcc libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a binutils:objcopy
   busybox-static:/bin/busybox python3:/usr/bin/python3
-  qemu-system-x86:qemu-system-x86_64 kmod:/usr/sbin/depmod cpio:cpio e2fsprogs:/usr/sbin/mke2fs
+  qemu-system-x86:qemu-system-x86_64 kmod:/usr/sbin/depmod cpio:cpio e2fsprogs:/usr/sbin/mke2fs conntrack:conntrack
   systemd:systemd-analyze)
 missing=()
 for pair in "${wanted[@]}"; do

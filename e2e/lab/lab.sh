@@ -97,12 +97,18 @@ Commands:
                              VMs with Debian's cloud kernel, on the lab bridge at
                              192.168.77.(220+K), each running mesh-agent --wireguard=kernel
                              (plain mode only; e2e/lab/vm.sh, e2e/lab/README.md)
+                 --nat-nodes K  NAT nodes hm-nat-1..K (0-9, default \$LAB_NAT_NODES or 0), each
+                             behind a NAT router hm-natr-K of its own (nftables masquerade;
+                             192.168.77.(230+K) on the bridge, 10.77.K.0/30 to its node), with
+                             an agent and a MeshNode with persistentKeepalive: 25 (plain mode
+                             only; e2e/lab/nat.sh, e2e/lab/README.md)
   down           Stop every lab process, delete every hm-* network namespace and .lab/.
   status         Show each component, the apiserver version and the nodes; exit 0 if up, 3 if not.
   exec NODE [--] CMD [ARG...]
                  Run CMD on NODE (hm-node-N, or just N): in its network namespace and its private
                  mount namespace (own /run/wireguard, the node's /sys). Exit status is CMD's.
-                 On a VM node (hm-vm-K) CMD runs in the VM, through lab-vm-exec.
+                 On a VM node (hm-vm-K) CMD runs in the VM, through lab-vm-exec; NODE may
+                 be a NAT node (hm-nat-K), or its router (hm-natr-K: ip netns exec).
   agent start|stop|restart|kill NODE
                  Start NODE's mesh-agent (the lab must be up), stop it (SIGTERM, SIGKILL after
                  \$LAB_AGENT_STOP_SECONDS), restart it, or SIGKILL it at once (fault tests).
@@ -560,6 +566,8 @@ socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
 . "$here/kubelet.sh"
 # shellcheck source=e2e/lab/vm.sh
 . "$here/vm.sh"
+# shellcheck source=e2e/lab/nat.sh
+. "$here/nat.sh"
 
 # The holder's script: $0 becomes its argv[0] ("$lab/holder/hm-node-i"), which names the lab, so
 # `down` finds a holder even without its pid file. The holder's mount namespace is a slave of the
@@ -597,8 +605,12 @@ node_relay_pid() { pid_of "apiserver-relay-$1" "$socat_bin"; }
 agent_pid() { pid_of "mesh-agent-$1" "$bin_dir/mesh-agent"; }
 relay_pid() { pid_of apiserver-relay "$socat_bin"; }
 
-# Prints the node named by $1 (hm-node-N or N); dies on anything else.
+# Prints the node named by $1 (hm-node-N or N, or a NAT node hm-nat-K); dies on anything else.
 node_name() {
+  if is_nat_name "$1"; then
+    echo "$1"
+    return 0
+  fi
   local n="${1#hm-node-}"
   if ! [[ "$n" =~ ^[1-9][0-9]{0,2}$ && "$n" -le $max_nodes ]]; then
     die "not a node name: '$1' (hm-node-1..hm-node-$max_nodes, or just the number)"
@@ -841,6 +853,7 @@ write_config() {
 NODES=$1
 MODE=$2
 VM_NODES=${3:-0}
+NAT_NODES=${4:-0}
 API_PORT=$api_port
 ETCD_PORT=$etcd_port
 ETCD_PEER_PORT=$etcd_peer_port
@@ -851,6 +864,7 @@ EOF
 cmd_up() {
   # Without --mode (or $LAB_MODE), a running lab keeps its mode, and a new one is plain.
   local nodes="${LAB_NODES:-0}" mode="${LAB_MODE:-}" without_tun=() vms="${LAB_VM_NODES:-0}"
+  local nats="${LAB_NAT_NODES:-0}"
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes="$2"; shift 2 ;;
@@ -861,6 +875,8 @@ cmd_up() {
       --without-tun=*) without_tun+=("${1#*=}"); shift ;;
       --vm-nodes) [ $# -ge 2 ] || die "--vm-nodes needs a value"; vms="$2"; shift 2 ;;
       --vm-nodes=*) vms="${1#*=}"; shift ;;
+      --nat-nodes) [ $# -ge 2 ] || die "--nat-nodes needs a value"; nats="$2"; shift 2 ;;
+      --nat-nodes=*) nats="${1#*=}"; shift ;;
       -h | --help) usage; exit 0 ;;
       *) usage >&2; die "unknown argument to up: $1" ;;
     esac
@@ -886,6 +902,11 @@ cmd_up() {
   if [ "$vms" -gt 0 ] && [ "$nodes" -gt $vm_net_offset ]; then
     die "with VM nodes at most $vm_net_offset namespace nodes (192.168.77.$((vm_net_offset + 1))+ are the VMs')"
   fi
+  [[ "$nats" =~ ^[0-9]$ && "$nats" -le $nat_max ]] || die "--nat-nodes must be an integer from 0 to $nat_max, got '$nats'"
+  if [ "$nats" -gt 0 ] && [ "$mode" = kubelet ]; then die "NAT nodes run in plain mode only"; fi
+  if [ "$nats" -gt 0 ] && [ "$nodes" -gt $nat_net_offset ]; then
+    die "with NAT nodes at most $nat_net_offset namespace nodes (192.168.77.$((nat_net_offset + 1))+ are the NAT routers')"
+  fi
 
   lock
   # Namespaces named like this lab's that this clone never made (no config of its own): the
@@ -902,6 +923,7 @@ cmd_up() {
     nodes="$present"
   fi
   if [ "$(vms_present)" -gt "$vms" ]; then vms="$(vms_present)"; fi
+  if [ "$(nats_present)" -gt "$nats" ]; then nats="$(nats_present)"; fi
   mkdir -p "$lab"
   if [ ${#without_tun[@]} -gt 0 ]; then
     mkdir -p "$nodes_dir"
@@ -911,11 +933,11 @@ cmd_up() {
   check_mode_compatible "$mode"
   configure_mode "$mode"
   preflight_ports
-  if [ "$nodes" -gt 0 ]; then preflight_nodes; fi
+  if [ "$nodes" -gt 0 ] || [ "$nats" -gt 0 ]; then preflight_nodes; fi
   if [ "$mode" = kubelet ]; then kubelet_preflight; fi
   ensure_binaries
   if [ "$mode" = kubelet ]; then ensure_kubelet_binaries; fi
-  write_config "$nodes" "$mode" "$vms"
+  write_config "$nodes" "$mode" "$vms" "$nats"
   ensure_pki
   start_etcd
   start_apiserver
@@ -927,12 +949,16 @@ cmd_up() {
   else
     install_chart
     start_nodes "$nodes"
+    start_nat_nodes "$nats"
     start_controller
     start_agents "$nodes"
+    start_nat_agents "$nats"
     start_vms "$vms"
   fi
-  log "lab is up ($mode mode): KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)" \
-    "$([ "$vms" = 0 ] || echo "and $vms VM node(s)")"
+  local extra=""
+  if [ "$vms" != 0 ]; then extra+=" and $vms VM node(s)"; fi
+  if [ "$nats" != 0 ]; then extra+=" and $nats NAT node(s)"; fi
+  log "lab is up ($mode mode): KUBECONFIG=$kubeconfig (server https://127.0.0.1:$api_port), $nodes node(s)$extra"
 }
 
 # Removes the node namespaces (and what runs in them) when this clone has no lab config: they
@@ -941,7 +967,7 @@ remove_foreign_nodes() {
   [ ! -e "$config" ] || return 0
   local ns stale=() pids=()
   for ns in $(lab_netns); do
-    [ "$ns" = "$bridge_ns" ] || [[ "$ns" == "${netns_prefix}node-"* ]] && stale+=("$ns")
+    [ "$ns" = "$bridge_ns" ] || [[ "$ns" == "${netns_prefix}node-"* ]] || [[ "$ns" == "${netns_prefix}nat"* ]] && stale+=("$ns")
   done
   [ ${#stale[@]} -gt 0 ] || return 0
   preflight_ports
@@ -1000,6 +1026,15 @@ cmd_exec() {
     [ -d "$vm_dir/$node" ] || die "no VM node $node"
     k="$(vm_index "$node")"
     exec ip netns exec "$bridge_ns" "$bin_dir/lab-vm-exec" run "$(vm_addr "$k"):$vm_exec_port" "$vm_token" -- "$@"
+  fi
+  if is_nat_router_name "$1"; then
+    node="$1"
+    shift
+    if [ "${1:-}" = -- ]; then shift; fi
+    [ $# -ge 1 ] || die "usage: lab.sh exec $node [--] CMD [ARG...]"
+    netns_exists "$node" || die "no NAT router $node"
+    exec ip netns exec "$node" \
+      env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u all_proxy "$@"
   fi
   node="$(node_name "$1")"
   shift
@@ -1385,7 +1420,7 @@ cmd_status() {
   [ $# -eq 0 ] || die "status takes no arguments"
   if [ -f "$config" ]; then
     api_port="$(sed -n 's/^API_PORT=//p' "$config")"
-    printf 'config:          %s\n' "$(grep -E '^(NODES|MODE|VM_NODES)=' "$config" | tr '\n' ' ')"
+    printf 'config:          %s\n' "$(grep -E '^(NODES|MODE|VM_NODES|NAT_NODES)=' "$config" | tr '\n' ' ')"
   fi
   local name pid up=0
   for name in "${components[@]}"; do
@@ -1419,7 +1454,7 @@ cmd_status() {
     up=3
   fi
   for ns in $(lab_netns); do
-    [[ "$ns" =~ ^hm-node-[0-9]+$ ]] || printf '%-16s %s\n' "netns:" "$ns"
+    [[ "$ns" =~ ^hm-(node|nat|natr)-[0-9]+$ ]] || printf '%-16s %s\n' "netns:" "$ns"
   done
   # One line per node: its address, holder, relay and agent.
   local node holder relay agent
@@ -1450,6 +1485,7 @@ cmd_status() {
     printf '%-16s %-15s holder %s, relay %s, agent %s\n' "$node:" "$node_net.${node#hm-node-}" \
       "$holder" "$relay" "$agent"
   done
+  nat_status || up=3
   local vm k
   # The relay on the lab bridge: the VMs' way to the apiserver, and in kubelet mode the
   # `kubernetes` Service's endpoint.

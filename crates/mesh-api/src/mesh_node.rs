@@ -63,8 +63,10 @@ pub struct MeshNodeSpec {
     #[schemars(transform = schema::mesh_ip)]
     pub mesh_ip: Option<String>,
 
-    /// Seconds between keepalive packets that other peers send to this node, 0..65535; 0 or
-    /// unset turns keepalives off. Set it (25 is usual) for a node behind NAT.
+    /// Seconds between keepalive packets, 0..65535. Other peers send them to this node, and this
+    /// node's agent sends them to every peer (a peer's own shorter interval wins); 0 or unset
+    /// turns keepalives off. Set it (25 is usual) for a node behind NAT, whose own keepalives keep
+    /// the NAT's mapping open so that the peers' packets to the learned address get through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 65535))]
     pub persistent_keepalive: Option<i32>,

@@ -26,6 +26,9 @@ pub struct Member {
     pub listen_port: u16,
     /// `spec.endpoint`: overrides the detected endpoint.
     pub spec_endpoint: Option<String>,
+    /// `spec.persistentKeepalive` (seconds; `None` when unset, 0 or out of range): the interval
+    /// other peers use towards this node, and the one this node uses towards every peer.
+    pub persistent_keepalive: Option<u16>,
     /// `status.meshIP`.
     pub mesh_ip: Option<Ipv4Addr>,
     /// The underlay address of `status.endpoint`.
@@ -172,6 +175,23 @@ impl std::fmt::Display for PlanError {
 
 impl std::error::Error for PlanError {}
 
+/// A node's own `spec.persistentKeepalive`, when set, applied to every peer on its device too:
+/// a node behind a NAT keeps its mapping open from its side (the peers' keepalives towards it
+/// reach it only while the mapping lives). Where a peer asks for a shorter interval of its own,
+/// that one stays.
+fn with_own_keepalive(
+    mut peers: BTreeMap<Key, mesh_wireguard::PeerConfig>,
+    own: Option<u16>,
+) -> BTreeMap<Key, mesh_wireguard::PeerConfig> {
+    if let Some(own) = own {
+        for peer in peers.values_mut() {
+            let theirs = peer.persistent_keepalive.filter(|k| *k > 0);
+            peer.persistent_keepalive = Some(theirs.map_or(own, |t| t.min(own)));
+        }
+    }
+    peers
+}
+
 /// The public key no real node has (all zero, a low-order point): the own key of a node that
 /// has not published one, so that no entry is skipped as its own.
 const NO_KEY: Key = Key::from_bytes([0; 32]);
@@ -203,6 +223,11 @@ impl Directory {
                 Member {
                     listen_port: u16::try_from(node.spec.listen_port).unwrap_or(mesh_api::DEFAULT_LISTEN_PORT as u16),
                     spec_endpoint: node.spec.endpoint.clone(),
+                    persistent_keepalive: node
+                        .spec
+                        .persistent_keepalive
+                        .and_then(|k| u16::try_from(k).ok())
+                        .filter(|k| *k > 0),
                     mesh_ip,
                     underlay,
                     ephemeral: node
@@ -300,7 +325,7 @@ impl Directory {
             endpoint,
             listen_port,
             fallback: false,
-            device: DeviceConfig { peers: peers.peers, ..empty },
+            device: DeviceConfig { peers: with_own_keepalive(peers.peers, me.persistent_keepalive), ..empty },
             names: peers.names,
             skipped: peers.skipped,
             applied: Some(applied),
@@ -442,6 +467,32 @@ pub(crate) mod tests {
 
     fn ips(plan: &NodePlan, peer: u8) -> Vec<String> {
         plan.device.peers[&key(peer).public_key()].allowed_ips.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_node_behind_nat_sends_keepalives_to_every_peer() {
+        let keepalive = |plan: &NodePlan, peer: u8| plan.device.peers[&key(peer).public_key()].persistent_keepalive;
+        let mut natted = node("n", 1);
+        natted.spec.persistent_keepalive = Some(25);
+        natted.status.as_mut().unwrap().peer.as_mut().unwrap().persistent_keepalive = Some(25);
+        let mut short = node("s", 3);
+        short.status.as_mut().unwrap().peer.as_mut().unwrap().persistent_keepalive = Some(10);
+        let dir = directory(&[natted, node("o", 2), short], &[]);
+        // The NATed node: its own interval towards every peer, a peer's shorter one kept.
+        let own = plan_of(&dir, "n", 1, &settings());
+        assert_eq!(keepalive(&own, 2), Some(25));
+        assert_eq!(keepalive(&own, 3), Some(10));
+        // An open node: the NATed peer's interval towards it, nothing towards the other.
+        let open = plan_of(&dir, "o", 2, &settings());
+        assert_eq!(keepalive(&open, 1), Some(25));
+        assert_eq!(keepalive(&open, 3), Some(10));
+        // 0, unset or out of range: off, the peers' own intervals as published.
+        for spec in [None, Some(0), Some(-1), Some(70_000)] {
+            let mut n = node("n", 1);
+            n.spec.persistent_keepalive = spec;
+            let plan = plan_of(&directory(&[n, node("o", 2)], &[]), "n", 1, &settings());
+            assert_eq!(keepalive(&plan, 2), None, "spec {spec:?}");
+        }
     }
 
     #[test]

@@ -116,11 +116,32 @@ impl DevicePlan {
     }
 }
 
-/// Compares the actual device with the desired one and returns only what differs.
-///
-/// An endpoint the device learned by roaming is kept when the desired peer has none; a desired
-/// endpoint always wins. Keepalive `None` and `Some(0)` are the same (off).
+/// How recent a peer's last handshake must be for its session to count as live. WireGuard
+/// rekeys every 120 s while traffic flows and gives a session up after 180 s (`REJECT_AFTER_TIME`),
+/// so a handshake younger than this means the endpoint the device has is one packets arrive from.
+pub const LIVE_SESSION: Duration = Duration::from_secs(180);
+
+/// True when `peer` completed a handshake less than [`LIVE_SESSION`] before `now`.
+pub fn session_live(peer: &PeerState, now: SystemTime) -> bool {
+    peer.handshake_age(now).is_some_and(|age| age < LIVE_SESSION)
+}
+
+/// Compares the actual device with the desired one and returns only what differs, at the
+/// current time (see [`plan_at`]).
 pub fn plan(actual: &DeviceState, desired: &DeviceConfig) -> DevicePlan {
+    plan_at(actual, desired, SystemTime::now())
+}
+
+/// Compares the actual device with the desired one at `now` and returns only what differs.
+///
+/// Endpoints: an endpoint the device learned by roaming is kept when the desired peer has none.
+/// A desired endpoint is applied only while the peer has no live session (never a handshake, or
+/// the last one [`LIVE_SESSION`] or longer ago, as the device reports it): a peer behind a NAT
+/// publishes its private address, but its packets arrive from the NAT's public one, which
+/// WireGuard learns by roaming; overwriting that on every sync would cut the peer off until it
+/// sends again. A wrong learned endpoint still gets corrected once its session goes stale.
+/// Keepalive `None` and `Some(0)` are the same (off).
+pub fn plan_at(actual: &DeviceState, desired: &DeviceConfig, now: SystemTime) -> DevicePlan {
     let mut plan = DevicePlan::default();
     if actual.private_key.as_ref() != Some(&desired.private_key) {
         plan.private_key = Some(desired.private_key.clone());
@@ -134,10 +155,11 @@ pub fn plan(actual: &DeviceState, desired: &DeviceConfig) -> DevicePlan {
             plan.add.push((*key, want.clone()));
             continue;
         };
+        let keep_learned = have.config.endpoint.is_some() && session_live(have, now);
         let have = &have.config;
         let update = PeerUpdate {
             public_key: *key,
-            endpoint: want.endpoint.filter(|e| have.endpoint != Some(*e)),
+            endpoint: want.endpoint.filter(|e| !keep_learned && have.endpoint != Some(*e)),
             allowed_ips: (want.allowed_ips != have.allowed_ips).then(|| want.allowed_ips.clone()),
             persistent_keepalive: (want.persistent_keepalive.unwrap_or(0) != have.persistent_keepalive.unwrap_or(0))
                 .then(|| want.persistent_keepalive.unwrap_or(0)),
@@ -279,6 +301,54 @@ mod tests {
         assert_eq!(plan.update[0].endpoint, Some("192.168.77.1:51820".parse().unwrap()));
     }
 
+    /// Peer 1 behind a NAT: the directory has its private address, the device learned the NAT's.
+    fn roamed(handshake_age: Option<u64>, now: SystemTime) -> (DeviceState, DeviceConfig) {
+        let mut desired = three_peers();
+        desired.peers.get_mut(&key(1)).unwrap().endpoint = Some("10.77.1.2:51820".parse().unwrap());
+        let mut actual = state(&desired);
+        let peer = actual.peers.get_mut(&key(1)).unwrap();
+        peer.config.endpoint = Some("192.168.77.231:51820".parse().unwrap());
+        peer.last_handshake = handshake_age.map(|s| now - Duration::from_secs(s));
+        (actual, desired)
+    }
+
+    #[test]
+    fn a_live_session_keeps_its_learned_endpoint() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for age in [0, 5, 179] {
+            let (actual, desired) = roamed(Some(age), now);
+            let plan = plan_at(&actual, &desired, now);
+            assert!(plan.is_empty(), "handshake {age} s ago: {plan:?}");
+        }
+        // Other changes to that peer still apply, without its endpoint.
+        let (actual, mut desired) = roamed(Some(10), now);
+        desired.peers.get_mut(&key(1)).unwrap().allowed_ips.insert("10.42.7.7/32".parse().unwrap());
+        let plan = plan_at(&actual, &desired, now);
+        assert_eq!(plan.update.len(), 1);
+        assert_eq!(plan.update[0].endpoint, None);
+        assert!(plan.update[0].allowed_ips.is_some());
+    }
+
+    #[test]
+    fn without_a_live_session_the_directory_endpoint_wins() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // Never a handshake, or a stale one: the learned endpoint may be wrong, so it is corrected.
+        for age in [None, Some(180), Some(600)] {
+            let (actual, desired) = roamed(age, now);
+            let plan = plan_at(&actual, &desired, now);
+            assert_eq!(plan.update.len(), 1, "handshake {age:?}: {plan:?}");
+            assert_eq!(plan.update[0].endpoint, Some("10.77.1.2:51820".parse().unwrap()));
+        }
+        // A live peer that has no endpoint at all gets the directory's.
+        let (mut actual, desired) = roamed(Some(1), now);
+        actual.peers.get_mut(&key(1)).unwrap().config.endpoint = None;
+        assert_eq!(plan_at(&actual, &desired, now).update[0].endpoint, Some("10.77.1.2:51820".parse().unwrap()));
+        // A handshake in the future (clock step) counts as live.
+        let (mut actual, desired) = roamed(None, now);
+        actual.peers.get_mut(&key(1)).unwrap().last_handshake = Some(now + Duration::from_secs(30));
+        assert!(plan_at(&actual, &desired, now).is_empty());
+    }
+
     #[test]
     fn keepalive_none_and_zero_are_both_off() {
         let mut desired = three_peers();
@@ -350,6 +420,36 @@ mod tests {
             for (key, peer) in &result.peers {
                 if before.peers.contains_key(key) {
                     prop_assert_eq!(peer.rx_bytes, 7);
+                }
+            }
+        }
+
+        /// With live sessions: a live peer's endpoint is never touched, every other difference is
+        /// applied as without them, and a second plan is empty.
+        #[test]
+        fn a_live_session_endpoint_is_never_replaced(
+            before in arb_device(),
+            after in arb_device(),
+            ages in proptest::collection::vec(proptest::option::of(0u64..400), 6),
+        ) {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            let mut actual = state(&before);
+            for (i, peer) in actual.peers.values_mut().enumerate() {
+                peer.last_handshake = ages[i % ages.len()].map(|s| now - Duration::from_secs(s));
+            }
+            let plan = plan_at(&actual, &after, now);
+            let result = applied(&actual, &plan);
+            prop_assert!(plan_at(&result, &after, now).is_empty());
+            for (key, want) in &after.peers {
+                let got = &result.peers[key].config;
+                prop_assert_eq!(&got.allowed_ips, &want.allowed_ips);
+                prop_assert_eq!(got.persistent_keepalive.unwrap_or(0), want.persistent_keepalive.unwrap_or(0));
+                match actual.peers.get(key) {
+                    Some(old) if old.config.endpoint.is_some() && session_live(old, now) => {
+                        prop_assert_eq!(got.endpoint, old.config.endpoint);
+                    }
+                    _ if want.endpoint.is_some() => prop_assert_eq!(got.endpoint, want.endpoint),
+                    _ => {}
                 }
             }
         }

@@ -14,5 +14,7 @@ pub mod device;
 pub mod key;
 pub mod uapi;
 
-pub use device::{DeviceConfig, DevicePlan, DeviceState, PeerConfig, PeerState, PeerUpdate, plan};
+pub use device::{
+    DeviceConfig, DevicePlan, DeviceState, LIVE_SESSION, PeerConfig, PeerState, PeerUpdate, plan, plan_at,
+};
 pub use key::{Key, KeyError, PrivateKey};

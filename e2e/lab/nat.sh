@@ -1,0 +1,179 @@
+# shellcheck shell=bash disable=SC2154 # lab.sh, which sources this file, sets the lab's variables
+# NAT nodes (lab.sh up --nat-nodes K): nodes hm-nat-1..K, each behind a NAT router of its own,
+# hm-natr-1..K. Sourced by lab.sh (it uses lab.sh's helpers and variables). See "NAT nodes" in
+# e2e/lab/README.md.
+#
+#  hm-lab: hm-br ── hm-r<K> ══ wan0 192.168.77.(230+K)/24   hm-natr-K   lan0 10.77.K.1/30 ══ eth0 10.77.K.2/30   hm-nat-K
+#                              (nftables masquerade on wan0; forward: new only from lan0)       (default route via 10.77.K.1)
+#
+# The router is a network namespace and nothing else (its rules, routes and sysctl live with
+# it; no process runs there). The node is a node like hm-node-i: holder, apiserver relay (the
+# unix socket crosses namespaces, so the agent reaches the apiserver on its own 127.0.0.1 behind
+# the NAT), mesh-agent, and a MeshNode with spec.persistentKeepalive: 25.
+
+# shellcheck disable=SC2034 # read by lab.sh
+nat_max=9 # the most NAT nodes (--nat-nodes 0-9)
+# Router K has $node_net.$((nat_net_offset + K)) on the lab bridge (VMs take 221..229).
+nat_net_offset=230
+# The keepalive a NATed node's MeshNode asks for (the usual 25 s, below Linux's 30 s UDP timeout).
+nat_keepalive=25
+
+nat_router_addr() { echo "$node_net.$((nat_net_offset + $1))"; }
+# The private /30 between router K and its node: .1 the router (lan0), .2 the node (eth0).
+nat_private_net() { echo "10.77.$1"; }
+
+is_nat_name() { [[ "$1" =~ ^hm-nat-[1-9]$ ]]; }
+is_nat_router_name() { [[ "$1" =~ ^hm-natr-[1-9]$ ]]; }
+
+# The lab's NAT nodes, hm-nat-1..K in order.
+lab_nats() { lab_netns | awk '/^hm-nat-[1-9]$/' | sort -t- -k3 -n; }
+
+# The number of the highest NAT node that exists (0 if none).
+nats_present() {
+  local node m=0
+  for node in $(lab_nats); do
+    if [ "${node#hm-nat-}" -gt "$m" ]; then m="${node#hm-nat-}"; fi
+  done
+  echo "$m"
+}
+
+# The router's rules: masquerade what leaves through wan0; forward only what the private side
+# starts (and its replies); nothing to the router itself from outside but replies.
+nat_ruleset() {
+  cat <<'EOF'
+table ip hm_nat
+delete table ip hm_nat
+table ip hm_nat {
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "lan0" oifname "wan0" ct state new accept
+  }
+  chain input {
+    type filter hook input priority filter; policy drop;
+    iifname "lo" accept
+    iifname "lan0" accept
+    ct state established,related accept
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan0" masquerade
+  }
+}
+EOF
+}
+
+# Gives NAT node K its router and node namespaces, links, addresses, route and rules, unless
+# they have them all already. $2 lists the bridge ports that are up.
+ensure_nat_net() {
+  local k="$1" ports="$2" node="hm-nat-$1" router="hm-natr-$1" wan lan
+  wan="$(nat_router_addr "$k")/24"
+  lan="$(nat_private_net "$k")"
+  if netns_exists "$router" && netns_exists "$node" && [[ " $ports " == *" hm-r$k "* ]] &&
+    [[ "$(ip -n "$router" -o -4 addr show dev wan0 up 2>/dev/null)" == *" inet $wan "* ]] &&
+    [[ "$(ip -n "$node" -o -4 addr show dev eth0 up 2>/dev/null)" == *" inet $lan.2/30 "* ]] &&
+    ip netns exec "$router" nft list table ip hm_nat >/dev/null 2>&1; then
+    return 0
+  fi
+  log "creating NAT node $node behind router $router (wan0 $wan on $bridge, lan0 $lan.1/30, node eth0 $lan.2/30)"
+  netns_exists "$router" || ip netns add "$router"
+  netns_exists "$node" || ip netns add "$node"
+  ip -n "$router" link set lo up
+  ip -n "$node" link set lo up
+  if ! ip -n "$router" link show wan0 >/dev/null 2>&1; then
+    ip -n "$bridge_ns" link delete "hm-r$k" >/dev/null 2>&1 || true
+    ip -n "$bridge_ns" link add "hm-r$k" type veth peer name wan0 netns "$router"
+  fi
+  ip -n "$bridge_ns" link set "hm-r$k" master "$bridge" up
+  ip -n "$router" addr replace "$wan" dev wan0
+  ip -n "$router" link set wan0 up
+  if ! ip -n "$node" link show eth0 >/dev/null 2>&1; then
+    ip -n "$router" link delete lan0 >/dev/null 2>&1 || true
+    ip -n "$router" link add lan0 type veth peer name eth0 netns "$node"
+  fi
+  ip -n "$router" addr replace "$lan.1/30" dev lan0
+  ip -n "$router" link set lan0 up
+  ip -n "$node" addr replace "$lan.2/30" dev eth0
+  ip -n "$node" link set eth0 up
+  ip -n "$node" route replace default via "$lan.1" dev eth0
+  ip netns exec "$router" sysctl -qw net.ipv4.ip_forward=1
+  nat_ruleset | ip netns exec "$router" nft -f -
+}
+
+# NAT nodes 1..$1 with their routers, holders and relays (only what is missing), and a MeshNode
+# for each.
+start_nat_nodes() {
+  local nats="$1" k node holder ports new_relays=() deadline
+  [ "$nats" -gt 0 ] || return 0
+  command -v nft >/dev/null || die "nft is missing: run e2e/lab/install-deps.sh"
+  start_relay
+  ensure_run_wireguard
+  ensure_bridge
+  ports="$(ip -n "$bridge_ns" -o link show master "$bridge" up |
+    awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
+  for ((k = 1; k <= nats; k++)); do
+    node="hm-nat-$k"
+    ensure_nat_net "$k" "$ports"
+    mkdir -p "$nodes_dir/$node"
+    chmod 700 "$nodes_dir" "$nodes_dir/$node"
+    if ! holder="$(holder_pid "$node")"; then
+      start_holder "$node"
+      holder="$(holder_pid "$node")"
+    fi
+    if ! node_relay_pid "$node" >/dev/null; then
+      spawn "apiserver-relay-$node" "$socat_bin" nsenter -t "$holder" -n -m -- "$socat_bin" \
+        "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
+      new_relays+=("$node:$holder")
+    fi
+  done
+  deadline=$((SECONDS + wait_seconds))
+  for node in "${new_relays[@]}"; do
+    until relay_listening "${node#*:}"; do
+      [ $SECONDS -lt $deadline ] ||
+        die "the relay on ${node%%:*} does not listen; see $log_dir/apiserver-relay-${node%%:*}.log"
+      sleep 0.02
+    done
+  done
+  apply_nat_meshnodes "$nats"
+}
+
+# One MeshNode hm-nat-K per NAT node, with spec.persistentKeepalive (server-side apply, field
+# manager harness-mesh-lab: it owns that field alone).
+apply_nat_meshnodes() {
+  local nats="$1" k
+  for ((k = 1; k <= nats; k++)); do
+    printf -- '---\napiVersion: mesh.harness.dev/v1alpha1\nkind: MeshNode\nmetadata:\n  name: hm-nat-%s\nspec:\n  persistentKeepalive: %s\n' \
+      "$k" "$nat_keepalive"
+  done | lab_kubectl apply --server-side --field-manager=harness-mesh-lab -f - >/dev/null
+}
+
+# A mesh-agent on each of the NAT nodes 1..$1 that has none running, if the agent is built.
+start_nat_agents() {
+  local nats="$1" k
+  [ "$nats" -gt 0 ] || return 0
+  link_agent || return 0 # start_agents said so already
+  for ((k = 1; k <= nats; k++)); do
+    agent_pid "hm-nat-$k" >/dev/null || start_agent "hm-nat-$k"
+  done
+}
+
+# status: one line per NAT node (its router, holder, relay and agent); returns 3 if any part is
+# missing.
+nat_status() {
+  local node k router pid holder relay agent up=0
+  for node in $(lab_nats); do
+    k="${node#hm-nat-}"
+    router="hm-natr-$k"
+    holder=stopped relay=stopped agent=stopped
+    if pid="$(holder_pid "$node")"; then holder="pid $pid"; else up=3; fi
+    if pid="$(node_relay_pid "$node")"; then relay="pid $pid"; else up=3; fi
+    if pid="$(agent_pid "$node")"; then agent="pid $pid"; fi
+    if ! netns_exists "$router" || ! ip netns exec "$router" nft list table ip hm_nat >/dev/null 2>&1; then
+      router="$router (missing)"
+      up=3
+    fi
+    printf '%-16s %-15s behind %s at %s, holder %s, relay %s, agent %s\n' "$node:" \
+      "$(nat_private_net "$k").2" "$router" "$(nat_router_addr "$k")" "$holder" "$relay" "$agent"
+  done
+  return $up
+}
