@@ -219,6 +219,20 @@ pub fn requested_ip(mesh_ip: Option<&str>) -> Result<Option<std::net::Ipv4Addr>,
     mesh_ip.map(mesh_core::parse_mesh_ip).transpose().map_err(|e| Error::Permanent(e.to_string()))
 }
 
+/// Writes `patch` (the controller's fields of the status) to `name` by server-side apply; `false`
+/// when the object is gone (deleted since the cache said it was there).
+pub async fn write_status<K>(api: &Api<K>, name: &str, patch: &serde_json::Value) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let params = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch_status(name, &params, &kube::api::Patch::Apply(patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the object `name` exists, read from the API server's storage rather than its watch
 /// cache: a list with a field selector, since the controller's role may list but not get.
 pub async fn is_there<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>

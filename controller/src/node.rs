@@ -152,15 +152,11 @@ async fn apply(node: &MeshNode, ctx: &Ctx) -> Result<Action, Error> {
         "status": plan.status,
     });
     let api: Api<MeshNode> = Api::all(ctx.client.clone());
-    match api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
-        Ok(_) => {}
+    if !crate::context::write_status(&api, &name, &patch).await? {
         // Deleted between the cache read and the write (a member leaving, a collection): as the
         // branch above, release rather than leak, and no error to retry.
-        Err(kube::Error::Api(status)) if status.code == 404 => {
-            forget(&owner, ctx);
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(e.into()),
+        forget(&owner, ctx);
+        return Ok(Action::await_change());
     }
     ctx.metrics.wrote(KIND);
     ctx.emit(node, k8s_node.as_deref(), plan.events).await;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -12,7 +12,7 @@ use mesh_api::{MeshService, NetworkType};
 use mesh_core::Owner;
 use serde_json::json;
 
-use crate::context::{Ctx, Error, FIELD_MANAGER, is_there, remove_legacy_finalizer};
+use crate::context::{Ctx, Error, is_there, remove_legacy_finalizer};
 pub use crate::rules::service::owner_of;
 use crate::rules::service::{self as rules, Allocation};
 
@@ -149,15 +149,11 @@ async fn apply(service: &MeshService, ctx: &Ctx) -> Result<Action, Error> {
         "kind": KIND,
         "status": plan.status,
     });
-    match api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
-        Ok(_) => {}
+    if !crate::context::write_status(&api, &name, &patch).await? {
         // Deleted between the cache read and the write (a member leaving, a collection): as the
         // branch above, release rather than leak, and no error to retry.
-        Err(kube::Error::Api(status)) if status.code == 404 => {
-            forget(&owner, ctx);
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(e.into()),
+        forget(&owner, ctx);
+        return Ok(Action::await_change());
     }
     ctx.metrics.wrote(KIND);
     if plan.wake_namesakes {

@@ -732,6 +732,35 @@ relay_listening() {
   [ -n "$(nsenter -t "$1" -n ss -Hltn "src 127.0.0.1:$api_port" 2>/dev/null)" ]
 }
 
+# Node $1's state directory, holder and API-server relay (only what is missing); a relay started
+# here is added to the global new_relays ("node:holder pid") for wait_new_relays.
+start_node_runtime() {
+  local node="$1" holder
+  mkdir -p "$nodes_dir/$node"
+  chmod 700 "$nodes_dir" "$nodes_dir/$node"
+  if ! holder="$(holder_pid "$node")"; then
+    start_holder "$node"
+    holder="$(holder_pid "$node")"
+  fi
+  if ! node_relay_pid "$node" >/dev/null; then
+    spawn "apiserver-relay-$node" "$socat_bin" nsenter -t "$holder" -n -m -- "$socat_bin" \
+      "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
+    new_relays+=("$node:$holder")
+  fi
+}
+
+# Waits (bounded) until every relay in new_relays listens.
+wait_new_relays() {
+  local node deadline=$((SECONDS + wait_seconds))
+  for node in "${new_relays[@]}"; do
+    until relay_listening "${node#*:}"; do
+      [ $SECONDS -lt $deadline ] ||
+        die "the relay on ${node%%:*} does not listen; see $log_dir/apiserver-relay-${node%%:*}.log"
+      sleep 0.02
+    done
+  done
+}
+
 # Node namespaces hm-node-1..$1 with their holders and relays (only what is missing), the bridge
 # that joins them, and a MeshNode for each.
 start_nodes() {
@@ -740,33 +769,17 @@ start_nodes() {
   start_relay
   ensure_run_wireguard
   ensure_bridge
-  local ports i node holder new_relays=() deadline
+  local ports i node
+  new_relays=()
   ports="$(ip -n "$bridge_ns" -o link show master "$bridge" up |
     awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | tr '\n' ' ')"
   for ((i = 1; i <= nodes; i++)); do
     node="hm-node-$i"
     if is_ssh_node "$node"; then continue; fi
     ensure_node_net "$i" "$ports"
-    mkdir -p "$nodes_dir/$node"
-    chmod 700 "$nodes_dir" "$nodes_dir/$node"
-    if ! holder="$(holder_pid "$node")"; then
-      start_holder "$node"
-      holder="$(holder_pid "$node")"
-    fi
-    if ! node_relay_pid "$node" >/dev/null; then
-      spawn "apiserver-relay-$node" "$socat_bin" nsenter -t "$holder" -n -m -- "$socat_bin" \
-        "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
-      new_relays+=("$node:$holder")
-    fi
+    start_node_runtime "$node"
   done
-  deadline=$((SECONDS + wait_seconds))
-  for node in "${new_relays[@]}"; do
-    until relay_listening "${node#*:}"; do
-      [ $SECONDS -lt $deadline ] ||
-        die "the relay on ${node%%:*} does not listen; see $log_dir/apiserver-relay-${node%%:*}.log"
-      sleep 0.02
-    done
-  done
+  wait_new_relays
   apply_meshnodes "$nodes"
 }
 

@@ -103,7 +103,8 @@ ensure_nat_net() {
 # NAT nodes 1..$1 with their routers, holders and relays (only what is missing), and a MeshNode
 # for each.
 start_nat_nodes() {
-  local nats="$1" k node holder ports new_relays=() deadline
+  local nats="$1" k node ports
+  new_relays=()
   [ "$nats" -gt 0 ] || return 0
   command -v nft >/dev/null || die "nft is missing: run e2e/lab/install-deps.sh"
   start_relay
@@ -114,26 +115,9 @@ start_nat_nodes() {
   for ((k = 1; k <= nats; k++)); do
     node="hm-nat-$k"
     ensure_nat_net "$k" "$ports"
-    mkdir -p "$nodes_dir/$node"
-    chmod 700 "$nodes_dir" "$nodes_dir/$node"
-    if ! holder="$(holder_pid "$node")"; then
-      start_holder "$node"
-      holder="$(holder_pid "$node")"
-    fi
-    if ! node_relay_pid "$node" >/dev/null; then
-      spawn "apiserver-relay-$node" "$socat_bin" nsenter -t "$holder" -n -m -- "$socat_bin" \
-        "TCP-LISTEN:$api_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$api_sock"
-      new_relays+=("$node:$holder")
-    fi
+    start_node_runtime "$node"
   done
-  deadline=$((SECONDS + wait_seconds))
-  for node in "${new_relays[@]}"; do
-    until relay_listening "${node#*:}"; do
-      [ $SECONDS -lt $deadline ] ||
-        die "the relay on ${node%%:*} does not listen; see $log_dir/apiserver-relay-${node%%:*}.log"
-      sleep 0.02
-    done
-  done
+  wait_new_relays
   apply_nat_meshnodes "$nats"
 }
 
