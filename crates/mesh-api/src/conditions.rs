@@ -25,6 +25,10 @@ pub const PLACEMENT_DENIED: &str = "PlacementDenied";
 pub const NO_READY_PODS: &str = "NoReadyPods";
 /// The node's agent reaches its peers through the tunnel.
 pub const CONNECTED: &str = "Connected";
+/// The node's agent reaches some peers through a relay (`status.relayedPeers`), because no
+/// direct WireGuard handshake with them succeeds; False: every path is direct, or (reason
+/// `NoRelay`) some peers have neither.
+pub const RELAYED: &str = "Relayed";
 /// The short name `<service>.mesh.local` resolves to this service (false: another namespace has
 /// a service of the same name, or the name is reserved; the long name always works).
 pub const SHORT_NAME: &str = "ShortName";

@@ -20,7 +20,7 @@ mod schema;
 
 pub use crd::{CRD_FILES, crds, render_crd_files};
 pub use mesh_node::{
-    APPLIED_PEERS_ANNOTATION, AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry,
+    APPLIED_PEERS_ANNOTATION, AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry, RelayedPeer,
     agent_lease_name,
 };
 pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType};

@@ -81,6 +81,17 @@ pub struct MeshNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = schema::namespace_list)]
     pub service_namespaces: Option<Vec<String>>,
+
+    /// This node relays: it carries mesh traffic between two members that have no direct
+    /// WireGuard path to each other (both behind NAT, say). Set it on a node every member
+    /// reaches (a public endpoint). Its agent then forwards between peers on the WireGuard
+    /// interface, and a member whose handshake with a peer has not succeeded for a few seconds
+    /// sends that peer's traffic through a relay instead, while it keeps trying the direct path
+    /// (which wins again as soon as a handshake succeeds). Members trust a relay with the
+    /// addresses of the peers it carries, so only an administrator sets this field (agents
+    /// cannot write a MeshNode's spec). Unset: false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<bool>,
 }
 
 fn default_listen_port() -> i32 {
@@ -95,6 +106,7 @@ impl Default for MeshNodeSpec {
             mesh_ip: None,
             persistent_keepalive: None,
             service_namespaces: None,
+            relay: None,
         }
     }
 }
@@ -181,6 +193,18 @@ impl AppliedPeers {
     }
 }
 
+/// A peer this node reaches through a relay, not directly (`status.relayedPeers`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayedPeer {
+    /// The peer's MeshNode name.
+    #[schemars(length(max = 253))]
+    pub peer: String,
+    /// The relay's MeshNode name (a node with `spec.relay: true`).
+    #[schemars(length(max = 253))]
+    pub via: String,
+}
+
 /// What the controller and the node's agent report for a MeshNode.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -220,7 +244,14 @@ pub struct MeshNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, Connected. One
+    /// The peers this node's agent reaches through a relay because no direct WireGuard
+    /// handshake with them succeeds (the `Relayed` condition says why), at most 1024. Written by
+    /// the agent; empty when every path is direct.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub relayed_peers: Vec<RelayedPeer>,
+
+    /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, Connected, Relayed. One
     /// entry per type, at most 16, messages at most 8192 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(transform = schema::conditions, extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -27,7 +27,8 @@
 //! - **forward, priority filter** (chain `forward`): from the tunnel, only replies and the
 //!   connections DNATed to a hosted service's pod, checked on their original destination (the
 //!   service IP and one of its listed ports: kube-proxy's DNAT of a NodePort on a service IP
-//!   does not count). Everything else from the tunnel is dropped.
+//!   does not count); on a relay ([`Member::relay`]), also mesh traffic from one peer to another,
+//!   back out of the tunnel. Everything else from the tunnel is dropped.
 //!
 //! Pods on the node are clients of the mesh: what they send to mesh IPs arrives on pod
 //! interfaces and is forwarded into the tunnel with the node's mesh IP as source
@@ -82,6 +83,9 @@ pub struct Member {
     pub agent_tcp: BTreeSet<u16>,
     /// Further ports open (TCP and UDP) on the node's mesh IP, as the operator configured.
     pub exposed: BTreeSet<u16>,
+    /// The node is a relay (`spec.relay`): it forwards mesh traffic from one peer to another,
+    /// in and out of the WireGuard interface, and nothing else.
+    pub relay: bool,
 }
 
 /// Source NAT of what the node forwards into the mesh: packets leaving `interface` from outside
@@ -185,6 +189,14 @@ pub fn render(hosted: &[Hosted], member: Option<&Member>, masquerade: Option<&Ma
                  proto-dst {{ {} }} accept",
                 service.ip,
                 port_list(&service.ports)
+            );
+        }
+        if m.relay {
+            let subnet = m.subnet;
+            let _ = writeln!(
+                out,
+                "    # a relay carries mesh traffic between its peers (spec.relay)\n    \
+                 iifname \"{wg}\" oifname \"{wg}\" ip saddr {subnet} ip daddr {subnet} accept"
             );
         }
         let _ = writeln!(out, "    # a node is not a router\n    iifname \"{wg}\" drop\n  }}");
@@ -321,6 +333,7 @@ mod tests {
             agent_udp: BTreeSet::from([53, 51821]),
             agent_tcp: BTreeSet::from([53]),
             exposed: BTreeSet::new(),
+            relay: false,
         }
     }
 

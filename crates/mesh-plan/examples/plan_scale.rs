@@ -97,6 +97,7 @@ fn main() {
             fallback: false,
             underlay: None,
             masquerade_underlay: None,
+            without_direct: &std::collections::BTreeSet::new(),
         };
         let node_plan = directory.plan(&input).expect("node-1 is in the directory");
         plan = plan.min(started.elapsed());

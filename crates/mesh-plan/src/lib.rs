@@ -9,9 +9,11 @@
 //! - [`plan`]: [`Directory`], what every node reading one directory state derives alike (entries,
 //!   placements indexed by node, DNS zone), computed once per change; and [`NodePlan`], the
 //!   per-node part (WireGuard device config, hosted IPs, link addresses, nftables ruleset, DNS
-//!   listen addresses, the applied-peers digest, probe targets).
+//!   listen addresses, the applied-peers digest, probe targets);
+//! - [`relay`]: the peers a node reaches through a relay when it has no direct path to them.
 
 pub mod convert;
 pub mod plan;
+pub mod relay;
 
 pub use plan::{Directory, LinkAddresses, Local, NodeInput, NodePlan, NodeSettings, PlanError};

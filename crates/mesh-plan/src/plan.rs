@@ -18,6 +18,7 @@ use mesh_dataplane::firewall;
 use mesh_wireguard::{DeviceConfig, Key, PrivateKey};
 
 use crate::convert;
+use crate::relay::{self, Paths};
 
 /// A node of the directory as a node's own plan needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub struct Member {
     /// peer like any other, but not probed, since it comes and goes with a laptop's lid and has
     /// no agent to answer; its absence never makes a node's Connected condition False.
     pub ephemeral: bool,
+    /// `spec.relay`: it carries traffic between members that have no direct path.
+    pub relay: bool,
 }
 
 /// What every node derives alike from one state of the directory.
@@ -97,6 +100,10 @@ pub struct NodeInput<'a> {
     pub underlay: Option<Ipv4Addr>,
     /// With masquerading on: the underlay interface (never translated); `None`: no source NAT.
     pub masquerade_underlay: Option<&'a str>,
+    /// Peers the node's device has had no live session with for a while (the agent's
+    /// observation): they go through a relay ([`crate::relay`]). Ephemeral members are never
+    /// relayed (they have no agent to relay the other way).
+    pub without_direct: &'a BTreeSet<String>,
 }
 
 /// What the node's link should carry.
@@ -110,6 +117,9 @@ pub struct LinkAddresses {
     pub service_ips: BTreeSet<Ipv4Addr>,
     /// The mesh subnet, routed into the interface.
     pub subnet: Ipv4Net,
+    /// The node relays (`spec.relay`): IPv4 forwarding on the interface, so that what arrives
+    /// from one peer for another goes back out to it.
+    pub forwarding: bool,
 }
 
 /// What needs the node's own mesh IP: hosting, the link and the ruleset.
@@ -152,6 +162,8 @@ pub struct NodePlan {
     pub local: Result<Local, String>,
     /// Where to serve DNS (empty: nowhere).
     pub dns_listen: Vec<Ipv4Addr>,
+    /// Peers reached through a relay, and those reached neither directly nor through one.
+    pub paths: Paths,
 }
 
 /// Why there is no plan at all.
@@ -235,6 +247,7 @@ impl Directory {
                         .annotations
                         .as_ref()
                         .is_some_and(|a| a.contains_key(mesh_api::CONNECT_OWNER_ANNOTATION)),
+                    relay: node.spec.relay.unwrap_or(false),
                 },
             );
             entries.extend(convert::peer_entry(node, &mut resolve));
@@ -297,10 +310,15 @@ impl Directory {
                 probe_targets: BTreeMap::new(),
                 local: Err("this node runs without WireGuard".to_owned()),
                 dns_listen,
+                paths: Paths::default(),
             });
         }
         let peers = self.peers(name, Some(&node.key.public_key()));
         let applied = Self::applied(&peers);
+        let paths = self.paths(name, &peers, node.without_direct);
+        let keys: BTreeMap<&str, Key> = peers.names.iter().map(|(k, n)| (n.as_str(), *k)).collect();
+        let mut device_peers = with_own_keepalive(peers.peers, me.persistent_keepalive);
+        relay::reroute(&mut device_peers, &keys, &paths.relayed);
         let probe_targets = peers
             .names
             .values()
@@ -325,14 +343,40 @@ impl Directory {
             endpoint,
             listen_port,
             fallback: false,
-            device: DeviceConfig { peers: with_own_keepalive(peers.peers, me.persistent_keepalive), ..empty },
+            device: DeviceConfig { peers: device_peers, ..empty },
             names: peers.names,
             skipped: peers.skipped,
             applied: Some(applied),
             probe_targets,
             local,
             dns_listen,
+            paths,
         })
+    }
+
+    /// The relayed and stranded peers of node `me` among `without_direct`: only its applied,
+    /// non-ephemeral peers count, and the relays are the directory's members with `spec.relay`
+    /// that have a mesh IP (the same set at both ends of a pair).
+    fn paths(&self, me: &str, peers: &Peers, without_direct: &BTreeSet<String>) -> Paths {
+        if self.members.get(me).is_some_and(|m| m.ephemeral) {
+            return Paths::default();
+        }
+        let candidates: BTreeSet<String> = without_direct
+            .iter()
+            .filter(|n| peers.names.values().any(|p| p == *n))
+            .filter(|n| !self.members.get(n.as_str()).is_some_and(|m| m.ephemeral))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Paths::default();
+        }
+        let relays: BTreeSet<&str> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.relay && m.mesh_ip.is_some() && !m.ephemeral)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        relay::choose(me, &candidates, &relays)
     }
 
     /// Hosting, link and ruleset of node `name` at `node_ip`.
@@ -355,6 +399,7 @@ impl Directory {
             agent_udp,
             agent_tcp: dns,
             exposed: settings.expose_ports.clone(),
+            relay: self.members.get(name).is_some_and(|m| m.relay),
         };
         let masquerade = node.masquerade_underlay.map(|underlay| firewall::Masquerade {
             interface: settings.interface.clone(),
@@ -368,6 +413,7 @@ impl Directory {
             node_ip,
             service_ips: hosted.iter().map(|h| h.ip).collect(),
             subnet: settings.subnet,
+            forwarding: self.members.get(name).is_some_and(|m| m.relay),
         };
         Local { node_ip, hosted, refused, link, ruleset }
     }
@@ -453,6 +499,16 @@ pub(crate) mod tests {
     }
 
     fn plan_of(dir: &Directory, name: &str, i: u8, settings: &NodeSettings) -> NodePlan {
+        plan_without_direct(dir, name, i, settings, &BTreeSet::new())
+    }
+
+    fn plan_without_direct(
+        dir: &Directory,
+        name: &str,
+        i: u8,
+        settings: &NodeSettings,
+        without_direct: &BTreeSet<String>,
+    ) -> NodePlan {
         let key = key(i);
         let input = NodeInput {
             name,
@@ -461,6 +517,7 @@ pub(crate) mod tests {
             fallback: false,
             underlay: Some(Ipv4Addr::new(192, 168, 77, i)),
             masquerade_underlay: None,
+            without_direct,
         };
         dir.plan(&input).unwrap()
     }
@@ -493,6 +550,52 @@ pub(crate) mod tests {
             let plan = plan_of(&directory(&[n, node("o", 2)], &[]), "n", 1, &settings());
             assert_eq!(keepalive(&plan, 2), None, "spec {spec:?}");
         }
+    }
+
+    #[test]
+    fn two_nodes_without_a_direct_path_go_through_the_relay_and_the_relay_forwards() {
+        let mut relay = node("relay", 1);
+        relay.spec.relay = Some(true);
+        let mut laptop = node("laptop", 4);
+        laptop.metadata.annotations =
+            Some([(mesh_api::CONNECT_OWNER_ANNOTATION.to_owned(), "alice".to_owned())].into());
+        let dir = directory(&[relay, node("nat-1", 2), node("nat-3", 3), laptop], &[]);
+        let settings = settings();
+        let no_direct: BTreeSet<String> = ["nat-3".to_owned(), "laptop".to_owned()].into();
+
+        let plan = plan_without_direct(&dir, "nat-1", 2, &settings, &no_direct);
+        assert_eq!(plan.paths.relayed, [("nat-3".to_owned(), "relay".to_owned())].into());
+        assert!(plan.paths.stranded.is_empty(), "{:?}", plan.paths);
+        assert_eq!(ips(&plan, 1), ["10.42.0.1/32", "10.42.0.3/32"], "nat-3's address is accepted from the relay");
+        assert!(ips(&plan, 3).is_empty(), "and from nat-3 directly no more");
+        assert_eq!(ips(&plan, 4), ["10.42.0.4/32"], "an ephemeral member is never relayed");
+        assert_eq!(plan.device.peers[&key(3).public_key()].persistent_keepalive, Some(relay::RELAYED_KEEPALIVE));
+        assert_eq!(plan.applied, plan_of(&dir, "nat-1", 2, &settings).applied, "the digest is the directory's");
+        let local = plan.local.unwrap();
+        assert!(!local.link.forwarding && !local.ruleset.contains("relay"), "nat-1 is no relay");
+
+        // The other end decides alike.
+        let other = plan_without_direct(&dir, "nat-3", 3, &settings, &["nat-1".to_owned()].into());
+        assert_eq!(other.paths.relayed, [("nat-1".to_owned(), "relay".to_owned())].into());
+
+        // The relay's own device is unchanged; it forwards between its peers.
+        let relay_plan = plan_of(&dir, "relay", 1, &settings);
+        assert_eq!(ips(&relay_plan, 3), ["10.42.0.3/32"]);
+        let local = relay_plan.local.unwrap();
+        assert!(local.link.forwarding);
+        assert!(
+            local.ruleset.contains(
+                "iifname \"wg-harness\" oifname \"wg-harness\" ip saddr 10.42.0.0/16 ip daddr 10.42.0.0/16 accept"
+            ),
+            "{}",
+            local.ruleset
+        );
+
+        // Without a relay, the plan says why.
+        let dir = directory(&[node("nat-1", 2), node("nat-3", 3)], &[]);
+        let plan = plan_without_direct(&dir, "nat-1", 2, &settings, &no_direct);
+        assert!(plan.paths.relayed.is_empty() && plan.paths.stranded["nat-3"].contains("no member is a relay"));
+        assert_eq!(ips(&plan, 3), ["10.42.0.3/32"], "no relay: the direct entry stays");
     }
 
     #[test]
@@ -580,6 +683,7 @@ pub(crate) mod tests {
             fallback: false,
             underlay: None,
             masquerade_underlay: Some("eth0"),
+            without_direct: &std::collections::BTreeSet::new(),
         };
         let ruleset = dir.plan(&input).unwrap().local.unwrap().ruleset;
         assert!(ruleset.contains("snat ip to 10.42.0.1") && ruleset.contains("iifname != \"eth0\""), "{ruleset}");
@@ -637,6 +741,7 @@ pub(crate) mod tests {
             fallback: false,
             underlay: None,
             masquerade_underlay: None,
+            without_direct: &std::collections::BTreeSet::new(),
         };
         assert!(dir.plan(&input).unwrap_err().to_string().contains("MeshNode gone does not exist"));
     }
@@ -653,6 +758,7 @@ pub(crate) mod tests {
             fallback: true,
             underlay: None,
             masquerade_underlay: None,
+            without_direct: &std::collections::BTreeSet::new(),
         };
         let plan = dir.plan(&input).unwrap();
         assert!(plan.fallback && plan.device.peers.is_empty() && plan.applied.is_none() && plan.local.is_err());

@@ -123,6 +123,7 @@ impl SimNode {
             fallback: false,
             underlay: Some(self.address),
             masquerade_underlay: None,
+            without_direct: &std::collections::BTreeSet::new(),
         };
         let plan = snapshot.plan(&input)?;
         let published = Published {
@@ -133,6 +134,7 @@ impl SimNode {
             // `none` alike.
             backend: Backend::Userspace,
             connected: None,
+            paths: None,
         };
         let executed =
             executor::execute(&plan, &snapshot.zone, &mut self.dataplane, &mut self.status, &published, resync).await;

@@ -126,7 +126,15 @@ pub fn plan(
     key: &PrivateKey,
     settings: &NodeSettings,
 ) -> Result<NodePlan, mesh_plan::PlanError> {
-    directory.plan(&NodeInput { name, key, settings, fallback: false, underlay: None, masquerade_underlay: None })
+    directory.plan(&NodeInput {
+        name,
+        key,
+        settings,
+        fallback: false,
+        underlay: None,
+        masquerade_underlay: None,
+        without_direct: &std::collections::BTreeSet::new(),
+    })
 }
 
 /// The stack's configuration from the plan: every peer with `keepalive` (the member is the side
