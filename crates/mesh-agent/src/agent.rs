@@ -6,7 +6,7 @@
 //! liveness Lease renewal. Errors are logged, counted and retried on the next round; nothing
 //! here exits the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -394,7 +394,18 @@ pub struct Agent {
     /// Allowed IPs and placements already reported as refused (to log each once).
     refused: (Vec<desired::Dropped>, Vec<desired::Refused>),
     nonce: u64,
+    /// Since when the device has had no live session with each peer that has none.
+    no_session_since: BTreeMap<String, Instant>,
+    /// The peers without a live session for [`RELAY_AFTER`] or more: the plan relays them.
+    without_direct: BTreeSet<String>,
+    /// The relayed and stranded peers of the last plan (`None` in fallback).
+    paths: Option<mesh_plan::relay::Paths>,
 }
+
+/// How long a peer may go without a live WireGuard session (a handshake in the last 180 s)
+/// before its traffic goes through a relay (`mesh_plan::relay`). Open nodes complete their
+/// first handshake within a second; a node behind NAT within one round of its keepalives.
+const RELAY_AFTER: Duration = Duration::from_secs(5);
 
 impl Agent {
     /// Opens the device and starts watching the directory.
@@ -470,6 +481,9 @@ impl Agent {
             reported: Vec::new(),
             refused: Default::default(),
             nonce,
+            no_session_since: BTreeMap::new(),
+            without_direct: BTreeSet::new(),
+            paths: None,
         })
     }
 
@@ -482,6 +496,7 @@ impl Agent {
         }
         let mut resync = tokio::time::interval(self.config.resync_interval);
         let mut lease = tokio::time::interval(Duration::from_secs(10));
+        let mut retry_direct = tokio::time::interval(mesh_plan::relay::RETRY_DIRECT_EVERY);
         let mut probes = tokio::time::interval(self.config.probe_interval);
         probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel::<Vec<(String, Option<Duration>)>>(4);
@@ -499,6 +514,12 @@ impl Agent {
                     self.sync_logged(false).await;
                 }
                 _ = resync.tick() => self.sync_logged(true).await,
+                _ = retry_direct.tick(), if self.paths.as_ref().is_some_and(|p| !p.relayed.is_empty()) => {
+                    if let Err(err) = self.retry_direct().await {
+                        tracing::warn!("retrying the direct paths of relayed peers: {err:#}");
+                    }
+                    self.sync_logged(false).await;
+                }
                 _ = lease.tick() => {
                     let (namespace, node) = (&self.config.lease_namespace, &self.config.node);
                     match renew_lease(&self.client, namespace, node, 40, self.applied.as_ref()).await {
@@ -525,17 +546,45 @@ impl Agent {
                 }
                 Some(results) = probe_rx.recv() => {
                     probing = false;
-                    if let Err(err) = self.report_health(results).await {
-                        tracing::warn!("reporting health: {err:#}");
-                        // The device may be gone (its wireguard-go restarted): a sync opens it
-                        // again and sets it up, now rather than at the next resync.
-                        if self.machine.device.get().await.is_err() {
+                    match self.report_health(results).await {
+                        Ok(true) => {
+                            tracing::info!(without_direct = ?self.without_direct, "the peers without a direct path changed: planning their paths again");
                             self.sync_logged(false).await;
+                        }
+                        Ok(false) => {}
+                        Err(err) => {
+                            tracing::warn!("reporting health: {err:#}");
+                            // The device may be gone (its wireguard-go restarted): a sync opens it
+                            // again and sets it up, now rather than at the next resync.
+                            if self.machine.device.get().await.is_err() {
+                                self.sync_logged(false).await;
+                            }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Turns off the keepalive of each relayed peer's direct entry; the sync that follows turns
+    /// it on again, and WireGuard then sends a keepalive there, so tries a direct handshake (and
+    /// retries it for 90 s). Nothing else is sent to an entry with no allowed IPs.
+    async fn retry_direct(&mut self) -> anyhow::Result<()> {
+        let relayed = self.paths.as_ref().map(|p| p.relayed.clone()).unwrap_or_default();
+        let update: Vec<mesh_wireguard::PeerUpdate> = self
+            .peer_names
+            .iter()
+            .filter(|(_, name)| relayed.contains_key(name.as_str()))
+            .map(|(key, _)| mesh_wireguard::PeerUpdate {
+                persistent_keepalive: Some(0),
+                ..mesh_wireguard::PeerUpdate::new(*key)
+            })
+            .collect();
+        if update.is_empty() {
+            return Ok(());
+        }
+        let plan = DevicePlan { update, ..DevicePlan::default() };
+        self.machine.apply_device(&plan).await
     }
 
     async fn sync_logged(&mut self, resync: bool) {
@@ -561,6 +610,7 @@ impl Agent {
             listen_port: self.endpoint.1,
             backend: self.machine.device.backend(),
             connected: self.summary.clone(),
+            paths: self.paths.clone(),
         }
     }
 
@@ -599,8 +649,10 @@ impl Agent {
             fallback,
             underlay,
             masquerade_underlay: masquerade.as_deref(),
+            without_direct: &self.without_direct,
         };
         let plan = directory.plan(&input)?;
+        self.paths = (!plan.fallback).then(|| plan.paths.clone());
         self.metrics.plan_seconds.observe(planning.elapsed().as_secs_f64());
         self.report(&directory, &plan);
         self.endpoint = (plan.endpoint.clone(), plan.listen_port);
@@ -681,8 +733,9 @@ impl Agent {
     }
 
     /// Records a probe round, updates the per-peer metrics, and publishes `Connected` when the
-    /// summary changed.
-    async fn report_health(&mut self, results: Vec<(String, Option<Duration>)>) -> anyhow::Result<()> {
+    /// summary changed. Returns whether the set of peers without a direct path changed (the
+    /// caller plans again: their traffic moves to or from a relay).
+    async fn report_health(&mut self, results: Vec<(String, Option<Duration>)>) -> anyhow::Result<bool> {
         let state = self.machine.device.get().await?;
         let now = SystemTime::now();
         let mut by_name: BTreeMap<&str, (Option<Duration>, u64, u64)> = BTreeMap::new();
@@ -694,6 +747,7 @@ impl Agent {
         for (name, rtt) in results {
             self.windows.entry(name).or_default().record(rtt);
         }
+        let without_direct = observe_sessions(&self.peer_names, &mut self.no_session_since, &by_name, Instant::now());
         let mut healths = Vec::new();
         for name in self.peer_names.values() {
             let window = self.windows.get(name).cloned().unwrap_or_default();
@@ -728,6 +782,62 @@ impl Agent {
                 self.metrics.status_writes.inc();
             }
         }
-        Ok(())
+        let changed = without_direct != self.without_direct;
+        self.without_direct = without_direct;
+        Ok(changed)
+    }
+}
+
+/// The peers (of `peer_names`) whose device entry has had no live session (a handshake younger
+/// than [`health::HANDSHAKE_STALE_AFTER`]) for [`RELAY_AFTER`] or more at `now`, given each
+/// peer's handshake age in `by_name`; `no_session_since` remembers since when each one has had
+/// none.
+fn observe_sessions(
+    peer_names: &BTreeMap<Key, String>,
+    no_session_since: &mut BTreeMap<String, Instant>,
+    by_name: &BTreeMap<&str, (Option<Duration>, u64, u64)>,
+    now: Instant,
+) -> BTreeSet<String> {
+    let mut without = BTreeSet::new();
+    let mut since = BTreeMap::new();
+    for name in peer_names.values() {
+        let age = by_name.get(name.as_str()).and_then(|(age, _, _)| *age);
+        if age.is_some_and(|a| a < health::HANDSHAKE_STALE_AFTER) {
+            continue;
+        }
+        let first = no_session_since.get(name).copied().unwrap_or(now);
+        if now.duration_since(first) >= RELAY_AFTER {
+            without.insert(name.clone());
+        }
+        since.insert(name.clone(), first);
+    }
+    *no_session_since = since;
+    without
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_without_a_direct_path_only_after_some_seconds_with_no_live_session() {
+        let key = |i: u8| PrivateKey::from_bytes([i; 32]).public_key();
+        let names: BTreeMap<Key, String> = [(key(1), "open".to_owned()), (key(2), "nat".to_owned())].into();
+        let mut since = BTreeMap::new();
+        let start = Instant::now();
+        let ages = |nat: Option<u64>| -> BTreeMap<&'static str, (Option<Duration>, u64, u64)> {
+            [("open", (Some(Duration::from_secs(3)), 0, 0)), ("nat", (nat.map(Duration::from_secs), 0, 0))].into()
+        };
+        assert!(observe_sessions(&names, &mut since, &ages(None), start).is_empty(), "not yet");
+        let later = start + RELAY_AFTER;
+        assert_eq!(observe_sessions(&names, &mut since, &ages(None), later), BTreeSet::from(["nat".to_owned()]));
+        // A stale session counts as none; a live one ends it, and the clock starts again after.
+        assert_eq!(observe_sessions(&names, &mut since, &ages(Some(200)), later).len(), 1);
+        assert!(observe_sessions(&names, &mut since, &ages(Some(1)), later).is_empty());
+        assert!(observe_sessions(&names, &mut since, &ages(None), later + Duration::from_secs(1)).is_empty());
+        // A peer that left is forgotten.
+        let only_open: BTreeMap<Key, String> = [(key(1), "open".to_owned())].into();
+        observe_sessions(&only_open, &mut since, &ages(None), later);
+        assert!(since.is_empty());
     }
 }

@@ -209,12 +209,20 @@ mod tests {
             fallback: false,
             underlay: None,
             masquerade_underlay: None,
+            without_direct: &std::collections::BTreeSet::new(),
         };
         (dir.plan(&input).unwrap(), dir.zone.clone())
     }
 
     fn published() -> Published {
-        Published { public_key: None, endpoint: None, listen_port: 51820, backend: Backend::Kernel, connected: None }
+        Published {
+            public_key: None,
+            endpoint: None,
+            listen_port: 51820,
+            backend: Backend::Kernel,
+            connected: None,
+            paths: None,
+        }
     }
 
     #[tokio::test]

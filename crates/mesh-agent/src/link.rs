@@ -1,6 +1,6 @@
 //! The IP side of `wg-harness`, over rtnetlink: MTU and up, the node's mesh address and the
-//! hosted service addresses (all /32), and the route for the mesh subnet with the node's mesh
-//! IP as preferred source. Also finds the node's underlay address for its endpoint.
+//! hosted service addresses (all /32), the route for the mesh subnet with the node's mesh
+//! IP as preferred source, and on a relay IPv4 forwarding on the interface. Also finds the node's underlay address for its endpoint.
 //!
 //! Every call compares with what the kernel has and changes only what differs.
 
@@ -126,6 +126,23 @@ impl Links {
                 .await
                 .with_context(|| format!("routing {} into {interface}", wanted.subnet))?;
             changed.push(format!("route {} src {}", wanted.subnet, wanted.node_ip));
+        }
+
+        if wanted.forwarding {
+            // Only ever turned on: replies to pods and the DNAT to a pod-backed service need it
+            // on a non-relay too, and the ruleset's forward chain is what keeps a node that is
+            // not a relay from forwarding between peers.
+            let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+            let now = tokio::fs::read_to_string(&path).await.with_context(|| format!("reading {path}"))?;
+            if now.trim() != "1" {
+                tokio::fs::write(&path, "1").await.with_context(|| {
+                    format!(
+                        "turning on IPv4 forwarding on {interface} ({path}) for spec.relay: the agent needs a \
+                         writable /proc/sys (a privileged container, or CAP_NET_ADMIN in its own network namespace)"
+                    )
+                })?;
+                changed.push("forwarding on (relay)".to_owned());
+            }
         }
         Ok(changed)
     }

@@ -14,9 +14,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use mesh_api::conditions::{CONNECTED, Want, merge, same};
-use mesh_api::{AppliedPeers, Backend, MeshNode, MeshNodeStatus};
+use mesh_api::conditions::{CONNECTED, RELAYED, Want, merge, same};
+use mesh_api::{AppliedPeers, Backend, MeshNode, MeshNodeStatus, RelayedPeer};
 use mesh_dataplane::health::Summary;
+use mesh_plan::relay::Paths;
 use serde_json::json;
 
 use crate::directory::Directory;
@@ -38,26 +39,78 @@ pub struct Published {
     pub backend: Backend,
     /// Health of the peers, once probed.
     pub connected: Option<Summary>,
+    /// How the node reaches the peers it has no direct path to (`None` in fallback).
+    pub paths: Option<Paths>,
 }
 
-/// The `Connected` conditions of `current` after publishing `published` (unchanged ones keep
-/// their transition time).
-fn conditions(current: &MeshNodeStatus, published: &Published, generation: Option<i64>) -> (Vec<Condition>, bool) {
-    let current_connected: Vec<_> = current.conditions.iter().filter(|c| c.type_ == CONNECTED).cloned().collect();
-    match &published.connected {
-        Some(summary) => {
-            let want = Want {
-                type_: CONNECTED,
-                status: summary.connected,
-                reason: summary.reason,
-                message: summary.message.clone(),
-            };
-            let merged = merge(&current_connected, &[want], generation);
-            let same = same(&current_connected, &merged);
-            (merged, same)
-        }
-        None => (current_connected, true),
+/// How many peers a `Relayed` message names before it says "and N more".
+const NAMED_IN_MESSAGE: usize = 20;
+
+/// `items` joined by ", ", at most [`NAMED_IN_MESSAGE`] of them, then how many more.
+fn bounded_list(items: Vec<String>) -> String {
+    let more = items.len().saturating_sub(NAMED_IN_MESSAGE);
+    let mut text = items.into_iter().take(NAMED_IN_MESSAGE).collect::<Vec<_>>().join(", ");
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
     }
+    text
+}
+
+/// The `Relayed` condition of `paths`: True when some peer goes through a relay; False with
+/// reason `NoRelay` when some peer has neither a direct path nor a relay, else `AllDirect`. The
+/// message names peers and relays only, so it changes only when a path does.
+pub fn relayed_condition(paths: &Paths) -> Want {
+    let stranded = bounded_list(paths.stranded.iter().map(|(peer, why)| format!("{peer} ({why})")).collect());
+    if !paths.relayed.is_empty() {
+        let relayed = bounded_list(paths.relayed.iter().map(|(peer, via)| format!("{peer} via {via}")).collect());
+        let mut message = format!(
+            "reaches {} peer(s) through a relay, since no direct WireGuard handshake with them succeeds (both ends \
+             behind NAT?): {relayed}; the direct path is retried every {} s and wins back once a handshake succeeds",
+            paths.relayed.len(),
+            mesh_plan::relay::RETRY_DIRECT_EVERY.as_secs()
+        );
+        if !stranded.is_empty() {
+            message.push_str(&format!("; unreachable: {stranded}"));
+        }
+        Want::yes(RELAYED, "NoDirectPath", message)
+    } else if !paths.stranded.is_empty() {
+        Want::no(RELAYED, "NoRelay", format!("unreachable, directly or through a relay: {stranded}"))
+    } else {
+        Want::no(RELAYED, "AllDirect", "every peer is reached directly")
+    }
+}
+
+/// `status.relayedPeers` of `paths`.
+pub fn relayed_peers(paths: Option<&Paths>) -> Vec<RelayedPeer> {
+    paths.map_or_else(Vec::new, |p| {
+        p.relayed.iter().map(|(peer, via)| RelayedPeer { peer: peer.clone(), via: via.clone() }).collect()
+    })
+}
+
+/// The agent's conditions (`Connected`, `Relayed`) of `current` after publishing `published`
+/// (unchanged ones keep their transition time; one with nothing to say yet is kept as it is),
+/// and whether they say what `current` says.
+fn conditions(current: &MeshNodeStatus, published: &Published, generation: Option<i64>) -> (Vec<Condition>, bool) {
+    let ours: Vec<Condition> =
+        current.conditions.iter().filter(|c| c.type_ == CONNECTED || c.type_ == RELAYED).cloned().collect();
+    let mut wants = Vec::new();
+    let mut kept = Vec::new();
+    match &published.connected {
+        Some(summary) => wants.push(Want {
+            type_: CONNECTED,
+            status: summary.connected,
+            reason: summary.reason,
+            message: summary.message.clone(),
+        }),
+        None => kept.extend(ours.iter().filter(|c| c.type_ == CONNECTED).cloned()),
+    }
+    match &published.paths {
+        Some(paths) => wants.push(relayed_condition(paths)),
+        None => kept.extend(ours.iter().filter(|c| c.type_ == RELAYED).cloned()),
+    }
+    kept.extend(merge(&ours, &wants, generation));
+    let same = same(&ours, &kept);
+    (kept, same)
 }
 
 /// Whether `node`'s status already says exactly `published`.
@@ -68,6 +121,7 @@ pub fn shows(node: &MeshNode, published: &Published) -> bool {
         && current.endpoint == published.endpoint
         && current.listen_port == Some(i32::from(published.listen_port))
         && current.backend == Some(published.backend)
+        && current.relayed_peers == relayed_peers(published.paths.as_ref())
         && same_conditions
 }
 
@@ -81,6 +135,7 @@ pub async fn write(client: &Client, node: &MeshNode, published: &Published) -> a
         endpoint: published.endpoint.clone(),
         listen_port: Some(i32::from(published.listen_port)),
         backend: Some(published.backend),
+        relayed_peers: relayed_peers(published.paths.as_ref()),
         conditions,
         ..MeshNodeStatus::default()
     };
@@ -202,6 +257,7 @@ mod tests {
             listen_port: 51820,
             backend: Backend::Userspace,
             connected: None,
+            paths: None,
         }
     }
 
@@ -229,5 +285,39 @@ mod tests {
         assert!(needs_write(last.as_ref(), &node_showing(Some(&p)), &moved, false), "a change is written");
         assert!(needs_write(None, &stale, &p, false), "nothing written yet");
         assert!(!needs_write(None, &node_showing(Some(&p)), &p, false), "the copy shows it already");
+    }
+
+    #[test]
+    fn a_relayed_peer_is_published_and_the_condition_says_why() {
+        let mut paths = Paths::default();
+        let direct = relayed_condition(&paths);
+        assert_eq!((direct.status, direct.reason), (false, "AllDirect"));
+        paths.stranded.insert("nat-3".into(), "no direct handshake, and no member is a relay".into());
+        let none = relayed_condition(&paths);
+        assert_eq!((none.status, none.reason), (false, "NoRelay"));
+        assert!(none.message.contains("nat-3 (no direct handshake, and no member is a relay)"), "{}", none.message);
+        paths.stranded.clear();
+        for i in 0..25 {
+            paths.relayed.insert(format!("nat-{i:02}"), "relay".into());
+        }
+        let relayed = relayed_condition(&paths);
+        assert_eq!((relayed.status, relayed.reason), (true, "NoDirectPath"));
+        assert!(
+            relayed.message.contains("nat-00 via relay")
+                && relayed.message.ends_with("wins back once a handshake succeeds")
+        );
+        assert!(relayed.message.contains("and 5 more") && !relayed.message.contains("nat-24"), "{}", relayed.message);
+
+        // Published: written when a path changes, not again after.
+        let mut p = published("192.0.2.1:51820");
+        p.paths = Some(paths.clone());
+        let node = node_showing(Some(&published("192.0.2.1:51820")));
+        assert!(!shows(&node, &p), "the relayed peers are not shown yet");
+        let mut shown = node.clone();
+        let status = shown.status.as_mut().unwrap();
+        status.relayed_peers = relayed_peers(Some(&paths));
+        status.conditions = conditions(&MeshNodeStatus::default(), &p, None).0;
+        assert_eq!(status.relayed_peers.len(), 25);
+        assert!(shows(&shown, &p));
     }
 }
