@@ -38,8 +38,13 @@ pub fn render(view: &MeshView, services: bool) -> String {
     }
     for edge in view.edges() {
         let (colour, style) = edge_style(edge.health);
+        // A relayed pair: dashed, labelled with its relay.
+        let (style, label) = match &edge.via {
+            Some(relay) => ("dashed", format!(", label={}, fontsize=9", quote(&format!("via {relay}")))),
+            None => (style, String::new()),
+        };
         out.push_str(&format!(
-            "  {} -- {} [color=\"{colour}\", style={style}, tooltip={}];\n",
+            "  {} -- {} [color=\"{colour}\", style={style}{label}, tooltip={}];\n",
             quote(&edge.a),
             quote(&edge.b),
             quote(&edge.detail)

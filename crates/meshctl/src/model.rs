@@ -91,6 +91,12 @@ pub struct NodeView {
     pub agent: AgentView,
     /// Whether it has applied the current peer set, and if not why.
     pub convergence: NodeConvergence,
+    /// It carries traffic between members with no direct path (`spec.relay`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
+    /// The peers its agent reaches through a relay: peer → relay (`status.relayedPeers`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub relayed: BTreeMap<String, String>,
 }
 
 impl NodeView {
@@ -295,6 +301,9 @@ pub struct Link {
     /// Why, in words (the agent's reason, or why it is unknown).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The relay `from`'s agent sends through, when it has no direct path to `to`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// A cell of the reachability matrix.
@@ -322,6 +331,8 @@ pub struct Edge {
     pub health: EdgeHealth,
     /// `a → b: ...; b → a: ...`.
     pub detail: String,
+    /// The relay either end goes through, when the pair has no direct path.
+    pub via: Option<String>,
 }
 
 /// The colour of an edge.
@@ -415,7 +426,8 @@ impl MeshView {
                     _ => EdgeHealth::Unknown,
                 };
                 let detail = format!("{}; {}", describe(ab), describe(ba));
-                out.push(Edge { a: a.name.clone(), b: b.name.clone(), health, detail });
+                let via = ab.via.clone().or_else(|| ba.via.clone());
+                out.push(Edge { a: a.name.clone(), b: b.name.clone(), health, detail, via });
             }
         }
         out
@@ -440,9 +452,10 @@ pub fn describe(link: &Link) -> String {
         LinkState::Unknown => "unknown",
         LinkState::NoTunnel => "no tunnel",
     };
+    let via = link.via.as_ref().map(|relay| format!(", relayed via {relay}")).unwrap_or_default();
     match &link.detail {
-        Some(detail) => format!("{} → {}: {state} ({detail})", link.from, link.to),
-        None => format!("{} → {}: {state}", link.from, link.to),
+        Some(detail) => format!("{} → {}: {state}{via} ({detail})", link.from, link.to),
+        None => format!("{} → {}: {state}{via}", link.from, link.to),
     }
 }
 
@@ -478,6 +491,8 @@ fn node_view(node: &MeshNode, leases: Option<&BTreeMap<String, Lease>>, now: Tim
         connected,
         agent: agent_view(leases.and_then(|l| l.get(&name)), now),
         convergence: NodeConvergence { state: ConvergenceState::Pending, reasons: Vec::new() },
+        relay: node.spec.relay.unwrap_or(false),
+        relayed: status.relayed_peers.iter().map(|r| (r.peer.clone(), r.via.clone())).collect(),
         name,
     }
 }
@@ -610,7 +625,8 @@ fn links(views: &[NodeView], reports: &BTreeMap<String, Option<Report>>, expecte
         let report = reports.get(&from.name).cloned().flatten();
         for to in views.iter().filter(|v| v.name != from.name) {
             let (state, detail) = cell(from, to, expected, report.as_ref());
-            out.push(Link { from: from.name.clone(), to: to.name.clone(), state, detail });
+            let via = from.relayed.get(&to.name).cloned();
+            out.push(Link { from: from.name.clone(), to: to.name.clone(), state, detail, via });
         }
     }
     out
@@ -713,6 +729,7 @@ pub(crate) mod fixtures {
             }),
             observed_generation: Some(1),
             conditions,
+            ..MeshNodeStatus::default()
         });
         node
     }

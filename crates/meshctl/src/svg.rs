@@ -254,6 +254,9 @@ fn edges(svg: &mut String, view: &MeshView, layout: &Layout) {
             EdgeHealth::Unknown => (palette::UNKNOWN, "", 2.0),
             EdgeHealth::NoTunnel => (palette::UNKNOWN, r#" stroke-dasharray="7 6""#, 1.6),
         };
+        // A relayed pair: short dashes (its title names the relay).
+        let dash =
+            if edge.via.is_some() && edge.health != EdgeHealth::NoTunnel { r#" stroke-dasharray="3 5""# } else { dash };
         let ((x1, y1), (x2, y2)) = (layout.centres[a], layout.centres[b]);
         let _ = writeln!(
             svg,

@@ -185,6 +185,7 @@ fn matrix(view: &MeshView) -> String {
         .map(|from| {
             let mut row = vec![from.name.clone()];
             row.extend(view.nodes.iter().map(|to| match view.link(&from.name, &to.name) {
+                Some(link) if link.via.is_some() => format!("{}r", symbol(link.state)),
                 Some(link) => symbol(link.state).to_owned(),
                 None => "·".to_owned(),
             }));
@@ -192,8 +193,8 @@ fn matrix(view: &MeshView) -> String {
         })
         .collect();
     let mut out = table(&headers, &rows);
-    out.push_str("✓ reachable   ✗ not reachable   ? unknown   - no tunnel (fallback node)\n");
-    for link in view.reachability.iter().filter(|l| l.state == LinkState::Unreachable) {
+    out.push_str("✓ reachable   ✗ not reachable   ? unknown   - no tunnel (fallback node)   r relayed\n");
+    for link in view.reachability.iter().filter(|l| l.state == LinkState::Unreachable || l.via.is_some()) {
         out.push_str(&format!("  {}\n", crate::model::describe(link)));
     }
     out
@@ -234,6 +235,30 @@ mod tests {
             &MeshView::build(&nodes, &services, Err("agent liveness unknown: no Leases"), Timestamp::UNIX_EPOCH),
             false,
         )
+    }
+
+    #[test]
+    fn a_relayed_pair_is_marked_in_the_matrix_and_named_below_it() {
+        let (mut nodes, services) = lab();
+        nodes[0].spec.relay = Some(true);
+        for (i, peer) in [(1, "hm-node-3"), (2, "hm-node-2")] {
+            nodes[i].status.as_mut().unwrap().relayed_peers =
+                vec![mesh_api::RelayedPeer { peer: peer.into(), via: "hm-node-1".into() }];
+        }
+        let view = MeshView::build(&nodes, &services, Err("no Leases"), Timestamp::UNIX_EPOCH);
+        let t = status(&view, false);
+        let row = t.lines().find(|l| l.starts_with("hm-node-2 ") && l.contains('✓')).unwrap();
+        assert_eq!(row.split_whitespace().collect::<Vec<_>>()[1..], ["✓", "·", "✓r", "-"], "{t}");
+        assert!(t.contains("  hm-node-2 → hm-node-3: reachable, relayed via hm-node-1\n"), "{t}");
+        assert!(t.contains("  hm-node-3 → hm-node-2: not reachable, relayed via hm-node-1 (no handshake)\n"), "{t}");
+        let edge = view.edges().into_iter().find(|e| e.a == "hm-node-2" && e.b == "hm-node-3").unwrap();
+        assert_eq!(edge.via.as_deref(), Some("hm-node-1"));
+        let dot = crate::dot::render(&view, false);
+        assert!(
+            dot.contains("\"hm-node-2\" -- \"hm-node-3\" [color=")
+                && dot.contains("style=dashed, label=\"via hm-node-1\""),
+            "{dot}"
+        );
     }
 
     #[test]
