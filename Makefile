@@ -102,17 +102,18 @@ e2e-vm: deps ## the mixed mesh: lab with 2 namespace nodes + 1 VM node (kernel W
 	  $(LAB) up --nodes 2 --vm-nodes 1; \
 	  MESH_AGENT_TEST_BINARY="$(CURDIR)/$$tests" $(VM_SUITE_ENV) $(CARGO) test -p harness-mesh-e2e --features vm-lab --no-fail-fast --test vm --test mesh --test discovery
 
-# Nodes behind NAT: 2 open namespace nodes and 1 behind a NAT router of its own (e2e/lab/nat.sh).
-NAT_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-node-2,hm-nat-1 \
+# Nodes behind NAT: 2 open namespace nodes (hm-node-1 the mesh relay) and 2 behind a NAT router
+# each (e2e/lab/nat.sh).
+NAT_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-node-2,hm-nat-1,hm-nat-2 \
   HARNESS_MESH_NODE_EXEC="$(CURDIR)/e2e/lab/lab.sh exec {node} --" \
   HARNESS_MESH_AGENT_RESTART="$(CURDIR)/e2e/lab/lab.sh agent restart {node}" \
   HARNESS_MESH_STATE_DIR="$(CURDIR)/.lab/nodes/{node}"
 
-e2e-nat: deps ## a node behind NAT: lab with 2 open nodes + 1 NATed node (nftables masquerade); the nat suite (join, service, learned endpoints, conntrack flush, no plaintext); takes the lab down
+e2e-nat: deps ## nodes behind NAT: lab with 2 open nodes (one the relay) + 2 NATed nodes (nftables masquerade); the nat suite (join, service, learned endpoints, conntrack flush, relay between two NATs, moving NATs, no plaintext); takes the lab down
 	$(CARGO) build -p mesh-controller -p mesh-agent -p meshctl
 	$(CARGO) test -p harness-mesh-e2e --features nat-lab --test nat --no-run
 	@set -e; start=$$SECONDS; $(LAB) down; trap '$(LAB) down; echo "[e2e-nat] took $$((SECONDS - start)) s"' EXIT; \
-	  $(LAB) up --nodes 2 --nat-nodes 1; \
+	  $(LAB) up --nodes 2 --nat-nodes 2; \
 	  $(NAT_SUITE_ENV) $(CARGO) test -p harness-mesh-e2e --features nat-lab --no-fail-fast --test nat -- --nocapture
 
 kubelet-e2e: deps ## the chart as real pods: lab in kubelet mode (3 nodes), kubelet + cluster_services + mesh + discovery + meshctl + enroll suites, the pod-network attacks, then uninstall (helm uninstall leaves nothing); takes the lab down

@@ -125,6 +125,9 @@ Commands:
                  copy-on-write /etc, /usr/local and /var (changes stay in .lab/ssh/hm-node-K/).
                  Logins: root and $ssh_user with the key .lab/ssh/client_ed25519; the host keys
                  are in .lab/ssh/known_hosts. Idempotent; \`up\` leaves SSH nodes alone.
+  nat-move K J   Move NAT node hm-nat-K behind router hm-natr-J, as a machine that moves to
+                 another network (its underlay address changes; J=K moves it back home). With
+                 2 or more NAT nodes, \`up\` makes hm-node-1 the mesh relay (spec.relay: true).
   help, --help   This text.
 
 Nodes: hm-node-i has eth0 = 192.168.77.i/24, the peer of hm-v<i>, a port of the bridge hm-br in
@@ -1560,6 +1563,7 @@ main() {
     controller) cmd_controller "$@" ;;
     apiserver) cmd_apiserver "$@" ;;
     ssh-node) cmd_ssh_node "$@" ;;
+    nat-move) cmd_nat_move "$@" ;;
     help | -h | --help) usage ;;
     "") usage >&2; exit 2 ;;
     *) usage >&2; log "unknown command: $cmd"; exit 2 ;;

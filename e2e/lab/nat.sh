@@ -37,8 +37,9 @@ nats_present() {
   echo "$m"
 }
 
-# The router's rules: masquerade what leaves through wan0; forward only what the private side
-# starts (and its replies); nothing to the router itself from outside but replies.
+# The router's rules: masquerade what leaves through wan0; forward only what a private side
+# (lan0, or lanK of a node moved here by nat-move) starts, and its replies; nothing between two
+# private sides; nothing to the router itself from outside but replies.
 nat_ruleset() {
   cat <<'EOF'
 table ip hm_nat
@@ -47,12 +48,12 @@ table ip hm_nat {
   chain forward {
     type filter hook forward priority filter; policy drop;
     ct state established,related accept
-    iifname "lan0" oifname "wan0" ct state new accept
+    iifname "lan*" oifname "wan0" ct state new accept
   }
   chain input {
     type filter hook input priority filter; policy drop;
     iifname "lo" accept
-    iifname "lan0" accept
+    iifname "lan*" accept
     ct state established,related accept
   }
   chain postrouting {
@@ -119,6 +120,41 @@ start_nat_nodes() {
   done
   wait_new_relays
   apply_nat_meshnodes "$nats"
+  [ "$nats" -lt 2 ] || designate_mesh_relay
+}
+
+# The open node that relays between NAT nodes, which cannot reach each other directly: the
+# first namespace node. spec.relay is applied with a field manager of its own, so it survives
+# the lab's own applies of the node's MeshNode.
+nat_relay_node="hm-node-1"
+designate_mesh_relay() {
+  netns_exists "$nat_relay_node" || { log "no $nat_relay_node: the NAT nodes have no mesh relay"; return 0; }
+  printf -- 'apiVersion: mesh.harness.dev/v1alpha1\nkind: MeshNode\nmetadata:\n  name: %s\nspec:\n  relay: true\n' \
+    "$nat_relay_node" | lab_kubectl apply --server-side --field-manager=harness-mesh-lab-relay -f - >/dev/null
+  log "$nat_relay_node relays between the NAT nodes (spec.relay: true)"
+}
+
+# nat-move K J: moves NAT node K behind router J, as a machine that moves to another network
+# would: its link to its router is deleted and a new one made to router J (lanK there,
+# 10.77.(100+10J+K).0/30, the node .2 with its default route via .1). J = K moves it back home
+# (10.77.K.0/30 on lan0). Its agent, its key and its MeshNode stay; its underlay address changes.
+cmd_nat_move() {
+  [ $# -eq 2 ] || die "usage: lab.sh nat-move K J (NAT node K behind router J; J=K: home)"
+  local k="$1" j="$2" node router lan net
+  [[ "$k" =~ ^[1-9]$ && "$j" =~ ^[1-9]$ ]] || die "nat-move: K and J are NAT node numbers 1-9"
+  node="hm-nat-$k" router="hm-natr-$j"
+  netns_exists "$node" && netns_exists "$router" || die "nat-move: no $node or no $router (lab.sh up --nat-nodes)"
+  if [ "$j" = "$k" ]; then lan=lan0 net="$(nat_private_net "$k")"; else lan="lan$k" net="10.77.$((100 + 10 * j + k))"; fi
+  # Deleting the node's end deletes the router's end, wherever it is.
+  ip -n "$node" link delete eth0 >/dev/null 2>&1 || true
+  ip -n "$router" link delete "$lan" >/dev/null 2>&1 || true
+  ip -n "$router" link add "$lan" type veth peer name eth0 netns "$node"
+  ip -n "$router" addr replace "$net.1/30" dev "$lan"
+  ip -n "$router" link set "$lan" up
+  ip -n "$node" addr replace "$net.2/30" dev eth0
+  ip -n "$node" link set eth0 up
+  ip -n "$node" route replace default via "$net.1" dev eth0
+  log "$node is behind $router now: eth0 $net.2/30, $router $lan $net.1/30, outside $(nat_router_addr "$j")"
 }
 
 # One MeshNode hm-nat-K per NAT node, with spec.persistentKeepalive (server-side apply, field

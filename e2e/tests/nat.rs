@@ -345,3 +345,411 @@ async fn the_routers_underlay_carries_only_wireguard() -> anyhow::Result<()> {
     eprintln!("[nat] {router}/wan0: {} WireGuard packets, no plaintext", wireguard.len());
     Ok(())
 }
+
+// ---- Two NATs: the relay -------------------------------------------------------------------
+
+/// The lab's mesh relay (`e2e/lab/nat.sh` sets `spec.relay: true` on it with 2+ NAT nodes).
+const RELAY: &str = "hm-node-1";
+/// The field manager the lab designates the relay with.
+const RELAY_MANAGER: &str = "harness-mesh-lab-relay";
+const IPERF_PORT: u16 = 18201;
+
+/// The suite's two NAT nodes and its open nodes; fails unless there are both, and the relay.
+fn two_nats(mesh: &Mesh) -> anyhow::Result<(String, String, Vec<String>)> {
+    let (natted, open): (Vec<String>, Vec<String>) = mesh.nodes.names.iter().cloned().partition(|n| is_natted(n));
+    match &natted[..] {
+        [a, b, ..] if open.iter().any(|o| o == RELAY) => Ok((a.clone(), b.clone(), open)),
+        _ => bail!(
+            "the relay tests need two NAT nodes and {RELAY} in HARNESS_MESH_NODES (make e2e-nat), got {:?}",
+            mesh.nodes.names
+        ),
+    }
+}
+
+/// Sets (or clears) `spec.relay` on `node`, as the lab does.
+async fn designate_relay(mesh: &Mesh, node: &str, relay: bool) -> anyhow::Result<()> {
+    let api: Api<mesh_api::MeshNode> = Api::all(mesh.cluster.client.clone());
+    let patch = json!({"apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode", "spec": {"relay": relay}});
+    api.patch(node, &PatchParams::apply(RELAY_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// `node`'s status: its relayed peers (peer → relay) and its `Relayed` condition
+/// (status, reason, message).
+async fn relay_status(
+    mesh: &Mesh,
+    node: &str,
+) -> anyhow::Result<(BTreeMap<String, String>, Option<(String, String, String)>)> {
+    let api: Api<mesh_api::MeshNode> = Api::all(mesh.cluster.client.clone());
+    let status = api.get(node).await?.status.unwrap_or_default();
+    let relayed = status.relayed_peers.into_iter().map(|r| (r.peer, r.via)).collect();
+    let condition = status
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == mesh_api::conditions::RELAYED)
+        .map(|c| (c.status, c.reason, c.message));
+    Ok((relayed, condition))
+}
+
+/// Every pair of the suite's nodes pings both ways.
+fn every_pair_pings(mesh: &Mesh, ips: &BTreeMap<String, Ipv4Addr>) -> anyhow::Result<()> {
+    for from in &mesh.nodes.names {
+        for to in mesh.nodes.names.iter().filter(|n| *n != from) {
+            ensure!(pings(mesh, from, ips[to])?, "{from} -> {to} ({}) does not answer", ips[to]);
+        }
+    }
+    Ok(())
+}
+
+/// The public key whose entry on `node`'s device holds `ip` (`wg show ... allowed-ips`).
+fn holder_of(mesh: &Mesh, node: &str, ip: Ipv4Addr) -> anyhow::Result<Option<String>> {
+    let out = mesh.nodes.exec_ok(node, &["wg", "show", "wg-harness", "allowed-ips"])?;
+    let cidr = format!("{ip}/32");
+    Ok(out
+        .lines()
+        .find(|l| l.split_whitespace().skip(1).any(|c| c == cidr))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_natted_nodes_reach_each_other_through_the_relay_and_their_status_says_so() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, open) = two_nats(&mesh)?;
+    let info = mesh.info().await?;
+    // A fresh join of the second NAT node: no agent, no device, its router's mappings gone.
+    agent("stop", &second)?;
+    let _ = mesh.nodes.exec(&second, &["ip", "link", "delete", "wg-harness"]);
+    mesh.nodes.exec_ok(&router_of(&second), &["conntrack", "-F"])?;
+    let ips = mesh_ips(&mesh).await?;
+    let churn = Churn::start(&mesh).await?;
+    let result = async {
+        let start = Instant::now();
+        agent("start", &second)?;
+        eventually(Duration::from_secs(60), || every_pair_pings(&mesh, &ips)).await?;
+        let took = start.elapsed();
+        eprintln!("[nat] {second} joined (agent started) -> every pair pings both ways, behind two NATs: {took:.2?}");
+        ensure!(took < Duration::from_secs(30), "{second} took {took:?} to reach every node, {first} included");
+        // Relayed: each NAT node holds the other's address on the relay's entry.
+        let relay_key = &info[RELAY].public_key;
+        for (me, other) in [(&first, &second), (&second, &first)] {
+            let holder = holder_of(&mesh, me, ips[other])?;
+            ensure!(
+                holder.as_ref() == Some(relay_key),
+                "{me} holds {other}'s address {} on {holder:?}, not on the relay {RELAY} ({relay_key})",
+                ips[other]
+            );
+        }
+        // And it stays up while the directory keeps changing.
+        stream(&mesh, &first, ips[&second], 10, 3)?;
+        anyhow::Ok(())
+    }
+    .await;
+    churn.stop().await?;
+    result?;
+
+    // The status says which links are relayed, and why; direct wherever it works.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut problems = Vec::new();
+        for (me, other) in [(&first, &second), (&second, &first)] {
+            let (relayed, condition) = relay_status(&mesh, me).await?;
+            let want: BTreeMap<String, String> = [(other.clone(), RELAY.to_owned())].into();
+            if relayed != want {
+                problems.push(format!("{me} relays {relayed:?}, not {want:?}"));
+            }
+            match &condition {
+                Some((status, reason, message))
+                    if status == "True"
+                        && reason == "NoDirectPath"
+                        && message.contains(&format!("{other} via {RELAY}")) => {}
+                other => problems.push(format!("{me}'s Relayed condition: {other:?}")),
+            }
+        }
+        for node in &open {
+            let (relayed, condition) = relay_status(&mesh, node).await?;
+            if !relayed.is_empty() || condition.as_ref().map(|c| c.1.as_str()) != Some("AllDirect") {
+                problems.push(format!("{node} (open) relays {relayed:?}, Relayed: {condition:?}"));
+            }
+        }
+        if problems.is_empty() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "status after 20 s: {}", problems.join("; "));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // meshctl shows it.
+    let out = Command::new(harness_mesh_e2e::meshctl_binary()?)
+        .args(["--kubeconfig", mesh.cluster.kubeconfig.to_str().context("kubeconfig path")?, "status"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "meshctl status: {}", String::from_utf8_lossy(&out.stderr));
+    let line = format!("{first} → {second}: reachable, relayed via {RELAY}");
+    ensure!(text.contains(&line), "meshctl status does not say {line:?}:\n{text}");
+    eprintln!("[nat] meshctl status: {line}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_relay_two_natted_nodes_cannot_meet_and_their_status_says_why() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, _) = two_nats(&mesh)?;
+    let ips = mesh_ips(&mesh).await?;
+    designate_relay(&mesh, RELAY, false).await?;
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (relayed, condition) = relay_status(&mesh, &first).await?;
+            let said = condition.as_ref().is_some_and(|(status, reason, message)| {
+                status == "False" && reason == "NoRelay" && message.contains(&second) && message.contains("spec.relay")
+            });
+            if relayed.is_empty() && said {
+                eprintln!("[nat] no relay: {first}'s Relayed condition: {:?}", condition.map(|c| c.2));
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{first} without a relay: relays {relayed:?}, Relayed {condition:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        ensure!(!pings(&mesh, &first, ips[&second])?, "{first} reaches {second} with no relay: no NAT in between?");
+        anyhow::Ok(())
+    }
+    .await;
+    designate_relay(&mesh, RELAY, true).await?;
+    result?;
+    let start = Instant::now();
+    eventually(Duration::from_secs(30), || {
+        ensure!(pings(&mesh, &first, ips[&second])? && pings(&mesh, &second, ips[&first])?, "not yet");
+        Ok(())
+    })
+    .await?;
+    eprintln!("[nat] relay designated -> {first} and {second} ping each other: {:.2?}", start.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_cannot_send_as_a_relayed_peer_directly_or_through_the_relay() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, open) = two_nats(&mesh)?;
+    let attacker = open.iter().find(|n| *n != RELAY).context("an open node other than the relay")?.clone();
+    let info = mesh.info().await?;
+    let ips = mesh_ips(&mesh).await?;
+    let spoofed = ips[&second].to_string();
+    eventually(Duration::from_secs(30), || {
+        ensure!(pings(&mesh, &second, ips[&first])?, "{second} -> {first} not up yet");
+        Ok(())
+    })
+    .await?;
+    // The attacker takes the relayed peer's address, and routes the victim through the relay.
+    let relay_key = &info[RELAY].public_key;
+    let relay_ips = format!("{}/32,{}/32", ips[RELAY], ips[&first]);
+    let attack = || -> anyhow::Result<[PingStats; 2]> {
+        mesh.nodes.exec_ok(&attacker, &["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "wg-harness"])?;
+        let ping = |mesh: &Mesh| -> anyhow::Result<PingStats> {
+            let out = mesh.nodes.exec(
+                &attacker,
+                &["ping", "-n", "-q", "-c", "5", "-i", "0.2", "-W", "1", "-I", &spoofed, &ips[&first].to_string()],
+            )?;
+            PingStats::parse(&String::from_utf8_lossy(&out.stdout))
+        };
+        let direct = ping(&mesh)?;
+        mesh.nodes.exec_ok(&attacker, &["wg", "set", "wg-harness", "peer", relay_key, "allowed-ips", &relay_ips])?;
+        let relayed = ping(&mesh)?;
+        Ok([direct, relayed])
+    };
+    let result = attack();
+    // The attacker's own agent puts its device and link back; do it now rather than at its resync.
+    let _ = mesh.nodes.exec(&attacker, &["ip", "addr", "del", &format!("{spoofed}/32"), "dev", "wg-harness"]);
+    agent("restart", &attacker)?;
+    let [direct, relayed] = result?;
+    eprintln!("[nat] {attacker} as {second} ({spoofed}) -> {first}: directly {direct:?}, through {RELAY} {relayed:?}");
+    ensure!(direct.received == 0, "{first} answered {attacker} sending directly as {second}: {direct:?}");
+    ensure!(relayed.received == 0, "{first} answered {attacker} sending through {RELAY} as {second}: {relayed:?}");
+    // The real one still gets through.
+    ensure!(pings(&mesh, &second, ips[&first])?, "{second} -> {first} after the attack");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relayed_traffic_crosses_both_routers_encrypted_only() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, _) = two_nats(&mesh)?;
+    let ips = mesh_ips(&mesh).await?;
+    eventually(Duration::from_secs(30), || {
+        ensure!(pings(&mesh, &first, ips[&second])?, "{first} -> {second} not up yet");
+        Ok(())
+    })
+    .await?;
+    let secret = "hm-relay-secret!";
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let routers = [router_of(&first), router_of(&second)];
+    let mut captures = Vec::new();
+    for router in &routers {
+        captures
+            .push(mesh.nodes.spawn(router, &["timeout", "20", "tcpdump", "-i", "wan0", "-U", "-w", "-", "-s", "0"])?);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut result = Ok(());
+    for (from, to) in [(&first, &second), (&second, &first)] {
+        let ping = ["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-p", &hex(secret), &ips[to].to_string()];
+        let stats = PingStats::parse(&String::from_utf8_lossy(&mesh.nodes.exec(from, &ping)?.stdout))?;
+        if stats.received != 3 {
+            result = Err(anyhow::anyhow!("{from} -> {to} through the relay: {stats:?}"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for router in &routers {
+        let _ = mesh.nodes.exec(router, &["pkill", "-INT", "-x", "tcpdump"]);
+    }
+    let mut pcaps = Vec::new();
+    for mut capture in captures {
+        let mut pcap = Vec::new();
+        capture.stdout.take().context("capture stdout")?.read_to_end(&mut pcap)?;
+        let _ = capture.wait();
+        pcaps.push(pcap);
+    }
+    result?;
+    for (router, pcap) in routers.iter().zip(&pcaps) {
+        ensure!(pcap.len() > 24, "the capture on {router}/wan0 recorded nothing");
+        ensure!(
+            !pcap.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the marker sent through the relay crossed {router}/wan0 in plaintext"
+        );
+        let wireguard = udp_payloads(pcap, 51820);
+        ensure!(!wireguard.is_empty(), "no WireGuard packet crossed {router}/wan0");
+        eprintln!(
+            "[nat] relayed {first} <-> {second}: {router}/wan0 saw {} WireGuard packets, no plaintext",
+            wireguard.len()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_moving_to_another_nat_reconverges() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, _) = two_nats(&mesh)?;
+    let ips = mesh_ips(&mesh).await?;
+    let (k, j) = (first.trim_start_matches("hm-nat-"), second.trim_start_matches("hm-nat-"));
+    let lab = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new(repo_root().join("e2e/lab/lab.sh")).args(args).output()?;
+        ensure!(out.status.success(), "lab.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    eventually(Duration::from_secs(30), || every_pair_pings(&mesh, &ips)).await?;
+    let api: Api<mesh_api::MeshNode> = Api::all(mesh.cluster.client.clone());
+    let endpoint = |api: Api<mesh_api::MeshNode>, name: String| async move {
+        anyhow::Ok(api.get(&name).await?.status.and_then(|s| s.endpoint).unwrap_or_default())
+    };
+    let home = endpoint(api.clone(), first.clone()).await?;
+    let mut result = Ok(());
+    for (router, label) in [(j, "to the other NAT"), (k, "back home")] {
+        lab(&["nat-move", k, router])?;
+        let start = Instant::now();
+        let moved = eventually(Duration::from_secs(60), || every_pair_pings(&mesh, &ips)).await;
+        if let Err(err) = moved {
+            result = Err(err.context(format!("{first} moved {label} (behind hm-natr-{router})")));
+            break;
+        }
+        eprintln!(
+            "[nat] {first} moved {label} (behind hm-natr-{router}) -> every pair pings both ways: {:.2?}",
+            start.elapsed()
+        );
+        // It publishes its new underlay address.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let now = endpoint(api.clone(), first.clone()).await?;
+            if (router == k) == (now == home) {
+                eprintln!("[nat] {first} publishes {now}");
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{first} behind hm-natr-{router} still publishes {now} (home: {home})");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    if result.is_err() {
+        let _ = lab(&["nat-move", k, k]);
+    }
+    result
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relayed_and_direct_paths_measured_side_by_side() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, open) = two_nats(&mesh)?;
+    let direct_peer = open.iter().find(|n| *n != RELAY).context("an open node other than the relay")?.clone();
+    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    // An iperf3 port on each target: a service on it (a node's own mesh IP opens only the agent's).
+    let targets = [(second.clone(), "nat-e2e-iperf-relayed"), (direct_peer.clone(), "nat-e2e-iperf-direct")];
+    let mut service_ips = Vec::new();
+    for (node, name) in &targets {
+        delete_service_and_wait(&api, name).await?;
+        api.create(
+            &PostParams::default(),
+            &service(name, json!({"node": node, "network": {"type": "mesh", "ports": [IPERF_PORT]}})),
+        )
+        .await?;
+        service_ips.push(wait_mesh_ip(&api, name).await?);
+    }
+    let result = async {
+        let mut rows = Vec::new();
+        // Alternate the two paths so that the machine's noise hits both.
+        for round in 0..2 {
+            for ((node, _), ip) in targets.iter().zip(&service_ips) {
+                let path = if *node == second { "relayed" } else { "direct" };
+                eventually(Duration::from_secs(30), || {
+                    ensure!(pings(&mesh, &first, *ip)?, "{first} -> {ip} not up yet");
+                    Ok(())
+                })
+                .await?;
+                let rtt = mesh.ping(&first, *ip, 20, 0.1)?;
+                ensure!(rtt.received >= 18, "{first} -> {node} ({path}): {rtt:?}");
+                let bps = iperf(&mesh, node, &first, *ip)?;
+                eprintln!(
+                    "[nat] round {round}: {first} -> {node} ({path}): ping avg {:.3} ms, iperf3 -t 3 {:.1} Mbit/s",
+                    rtt.avg_ms.unwrap_or(f64::NAN),
+                    bps / 1e6
+                );
+                rows.push((path, rtt.avg_ms.unwrap_or(f64::NAN), bps));
+            }
+        }
+        for path in ["direct", "relayed"] {
+            let (rtts, rates): (Vec<f64>, Vec<f64>) =
+                rows.iter().filter(|r| r.0 == path).map(|r| (r.1, r.2 / 1e6)).unzip();
+            eprintln!("[nat] {path}: ping avg {rtts:.3?} ms, iperf3 {rates:.1?} Mbit/s");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    for (_, name) in &targets {
+        delete_service_and_wait(&api, name).await?;
+    }
+    result
+}
+
+/// Throughput in bit/s of one `iperf3 -t 3` TCP run from `client` to `server`'s address `ip`,
+/// bounded (the server takes one client and exits within 30 s).
+fn iperf(mesh: &Mesh, server: &str, client: &str, ip: Ipv4Addr) -> anyhow::Result<f64> {
+    let port = IPERF_PORT.to_string();
+    let mut listener = mesh.nodes.spawn(server, &["timeout", "30", "iperf3", "-s", "-1", "-p", &port])?;
+    let mut result = Err(anyhow::anyhow!("iperf3 to {ip} never ran"));
+    for _ in 0..20 {
+        let out = mesh
+            .nodes
+            .exec(client, &["timeout", "20", "iperf3", "-c", &ip.to_string(), "-p", &port, "-t", "3", "-J"])?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
+            result = Ok(bps);
+            break;
+        }
+        result = Err(anyhow::anyhow!("iperf3 to {ip} from {client} failed: {}", report["error"]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = listener.kill();
+    let _ = listener.wait();
+    result
+}
