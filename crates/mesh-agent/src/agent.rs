@@ -400,6 +400,8 @@ pub struct Agent {
     without_direct: BTreeSet<String>,
     /// The relayed and stranded peers of the last plan (`None` in fallback).
     paths: Option<mesh_plan::relay::Paths>,
+    /// The detected underlay address of the last sync (`None` with `--advertise-address`).
+    underlay: Option<Ipv4Addr>,
 }
 
 /// How long a peer may go without a live WireGuard session (a handshake in the last 180 s)
@@ -484,6 +486,7 @@ impl Agent {
             no_session_since: BTreeMap::new(),
             without_direct: BTreeSet::new(),
             paths: None,
+            underlay: None,
         })
     }
 
@@ -551,7 +554,11 @@ impl Agent {
                             tracing::info!(without_direct = ?self.without_direct, "the peers without a direct path changed: planning their paths again");
                             self.sync_logged(false).await;
                         }
-                        Ok(false) => {}
+                        Ok(false) => {
+                            if self.underlay_moved().await {
+                                self.sync_logged(false).await;
+                            }
+                        }
                         Err(err) => {
                             tracing::warn!("reporting health: {err:#}");
                             // The device may be gone (its wireguard-go restarted): a sync opens it
@@ -563,6 +570,50 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether the node's detected underlay address changed since the last sync (the machine
+    /// moved to another network: a laptop, a node behind a NAT that was replaced); the sync that
+    /// follows handles it. Checked every probe round; not with `--advertise-address`.
+    async fn underlay_moved(&self) -> bool {
+        if self.config.advertise_address.is_some() || self.underlay.is_none() {
+            return false;
+        }
+        match self.machine.links.underlay_ipv4(&self.config.interface).await {
+            Ok(now) => now != self.underlay,
+            Err(err) => {
+                tracing::warn!("reading the underlay address: {err:#}");
+                false
+            }
+        }
+    }
+
+    /// Sets every peer's endpoint again as the device has it: that drops the source address
+    /// wireguard-go keeps per peer, which after the underlay address changed is gone (it would
+    /// keep sending from it, and clears it only after 15 s without replies).
+    async fn reset_peer_sources(&mut self) {
+        let state = match self.machine.device.get().await {
+            Ok(state) => state,
+            Err(err) => {
+                tracing::warn!("reading the WireGuard device: {err:#}");
+                return;
+            }
+        };
+        let update: Vec<mesh_wireguard::PeerUpdate> = state
+            .peers
+            .iter()
+            .filter_map(|(key, peer)| {
+                Some(mesh_wireguard::PeerUpdate {
+                    endpoint: Some(peer.config.endpoint?),
+                    ..mesh_wireguard::PeerUpdate::new(*key)
+                })
+            })
+            .collect();
+        if !update.is_empty()
+            && let Err(err) = self.machine.apply_device(&DevicePlan { update, ..DevicePlan::default() }).await
+        {
+            tracing::warn!("setting the peers' endpoints again: {err:#}");
         }
     }
 
@@ -637,6 +688,13 @@ impl Agent {
             Some(ip) => Some(ip),
             None => self.machine.links.underlay_ipv4(&self.config.interface).await?,
         };
+        if self.config.advertise_address.is_none() {
+            if self.underlay.is_some() && underlay != self.underlay && !fallback {
+                tracing::info!(from = ?self.underlay, to = ?underlay, "the underlay address changed: resetting the peers' source addresses; the new endpoint is published");
+                self.reset_peer_sources().await;
+            }
+            self.underlay = underlay;
+        }
         let masquerade =
             if self.config.masquerade && !fallback { self.masquerade_underlay(underlay).await? } else { None };
 
