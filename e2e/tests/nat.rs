@@ -766,3 +766,95 @@ fn iperf(mesh: &Mesh, server: &str, client: &str, ip: Ipv4Addr) -> anyhow::Resul
     let _ = listener.wait();
     result
 }
+
+/// Fresh devices on both NAT nodes (agent stopped, `wg-harness` deleted, agent started), so that
+/// no session from an earlier test is taken for a live direct path.
+fn fresh_nat_devices(mesh: &Mesh, nodes: &[&String]) -> anyhow::Result<()> {
+    for node in nodes {
+        agent("stop", node)?;
+        let _ = mesh.nodes.exec(node, &["ip", "link", "delete", "wg-harness"]);
+        agent("start", node)?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relayed_pair_goes_direct_once_a_direct_path_works() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, _) = two_nats(&mesh)?;
+    let ips = mesh_ips(&mesh).await?;
+    let info = mesh.info().await?;
+    let router = router_of(&second);
+    let public = router_addr(&mesh, &router)?;
+    let private = info[&second].endpoint.clone();
+    eventually(Duration::from_secs(30), || {
+        let holder = holder_of(&mesh, &first, ips[&second])?;
+        ensure!(holder.as_ref() == Some(&info[RELAY].public_key), "{first} holds {second} on {holder:?}");
+        Ok(())
+    })
+    .await
+    .context("the pair is not relayed to begin with")?;
+    // A port forward on the second router, and the node's endpoint set to it, as an
+    // administrator would: now a direct path works.
+    let dnat = [
+        "add table ip hm_nat_e2e".to_owned(),
+        "add chain ip hm_nat_e2e prerouting { type nat hook prerouting priority dstnat ; }".to_owned(),
+        format!("add rule ip hm_nat_e2e prerouting iifname \"wan0\" udp dport 51820 dnat to {private}"),
+    ];
+    // The router's own forward chain drops what it does not accept: the rule goes there.
+    let accept = format!(
+        "insert rule ip hm_nat forward iifname \"wan0\" ip daddr {} udp dport 51820 accept comment \"hm-nat-e2e\"",
+        private.split(':').next().unwrap_or_default()
+    );
+    let api: Api<mesh_api::MeshNode> = Api::all(mesh.cluster.client.clone());
+    let manager = PatchParams::apply("harness-mesh-nat-e2e").force();
+    let endpoint = |value: serde_json::Value| json!({"apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode", "spec": value});
+    for command in &dnat {
+        mesh.nodes.exec_ok(&router, &["nft", command])?;
+    }
+    mesh.nodes.exec_ok(&router, &["nft", &accept])?;
+    api.patch(&second, &manager, &Patch::Apply(&endpoint(json!({"endpoint": format!("{public}:51820")})))).await?;
+    let start = Instant::now();
+    let result = async {
+        // The direct retry (every 30 s) finds it; both ends go direct and say so.
+        let deadline = Instant::now() + Duration::from_secs(75);
+        loop {
+            let holder = holder_of(&mesh, &first, ips[&second])?;
+            let (relayed, condition) = relay_status(&mesh, &first).await?;
+            if holder.as_ref() == Some(&info[&second].public_key) && relayed.is_empty() {
+                eprintln!(
+                    "[nat] a direct path to {second} opened -> {first} routes it directly: {:.2?} (Relayed: {:?})",
+                    start.elapsed(),
+                    condition.map(|c| c.1)
+                );
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{first} still holds {second}'s address on {holder:?} and relays {relayed:?} after {:.0?}",
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        eventually(Duration::from_secs(15), || {
+            ensure!(pings(&mesh, &first, ips[&second])? && pings(&mesh, &second, ips[&first])?, "not both ways");
+            Ok(())
+        })
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    // Undo: no port forward, the published endpoint again, fresh devices (the direct session
+    // would otherwise count as live for up to 180 s), and back through the relay.
+    let _ = mesh.nodes.exec(&router, &["nft", "delete", "table", "ip", "hm_nat_e2e"]);
+    let rules = mesh.nodes.exec_ok(&router, &["nft", "-a", "list", "chain", "ip", "hm_nat", "forward"])?;
+    for handle in rules.lines().filter(|l| l.contains("hm-nat-e2e")).filter_map(|l| l.rsplit("handle ").next()) {
+        mesh.nodes.exec_ok(&router, &["nft", "delete", "rule", "ip", "hm_nat", "forward", "handle", handle.trim()])?;
+    }
+    api.patch(&second, &manager, &Patch::Apply(&endpoint(json!({})))).await?;
+    mesh.nodes.exec_ok(&router, &["conntrack", "-F"])?;
+    fresh_nat_devices(&mesh, &[&first, &second])?;
+    eventually(Duration::from_secs(60), || every_pair_pings(&mesh, &ips)).await.context("after the undo")?;
+    result
+}
