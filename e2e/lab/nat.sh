@@ -143,7 +143,9 @@ cmd_nat_move() {
   local k="$1" j="$2" node router lan net
   [[ "$k" =~ ^[1-9]$ && "$j" =~ ^[1-9]$ ]] || die "nat-move: K and J are NAT node numbers 1-9"
   node="hm-nat-$k" router="hm-natr-$j"
-  netns_exists "$node" && netns_exists "$router" || die "nat-move: no $node or no $router (lab.sh up --nat-nodes)"
+  if ! netns_exists "$node" || ! netns_exists "$router"; then
+    die "nat-move: no $node or no $router (lab.sh up --nat-nodes)"
+  fi
   if [ "$j" = "$k" ]; then lan=lan0 net="$(nat_private_net "$k")"; else lan="lan$k" net="10.77.$((100 + 10 * j + k))"; fi
   # Deleting the node's end deletes the router's end, wherever it is.
   ip -n "$node" link delete eth0 >/dev/null 2>&1 || true
