@@ -418,17 +418,20 @@ async fn survives_packet_loss() -> Result<()> {
         a.set_peers(vec![through_relay(&b, "10.42.0.2/32")?]);
         b.set_peers(vec![through_relay(&a, "10.42.0.1/32")?]);
         let _server = echo_server(&b, SocketAddrV4::new(B_IP, 80)).await?;
-        let data = pattern(512 * 1024, 11);
+        // A correctness test, bounded loosely: smoltcp recovers from loss by timeout (1 s at
+        // least, doubling when a retransmission is the one dropped), and this machine's load
+        // stretches that; 512 KiB took 3 to over 30 s here.
+        let data = pattern(256 * 1024, 11);
         let started = Instant::now();
-        let back = tokio::time::timeout(Duration::from_secs(30), round_trip(&a, SocketAddrV4::new(B_IP, 80), &data))
+        let back = tokio::time::timeout(Duration::from_secs(50), round_trip(&a, SocketAddrV4::new(B_IP, 80), &data))
             .await
-            .context("512 KiB echo with 2% loss took over 30 s")??;
+            .context("256 KiB echo with 2% loss took over 50 s")??;
         ensure!(back == data, "the echoed bytes differ");
         a.shutdown().await;
         b.shutdown().await;
         relay_task.abort();
         let dropped = dropped.load(Ordering::Relaxed);
-        eprintln!("512 KiB echo through 2% loss in {:?} ({dropped} datagrams dropped)", started.elapsed());
+        eprintln!("256 KiB echo through 2% loss in {:?} ({dropped} datagrams dropped)", started.elapsed());
         ensure!(dropped > 0, "the relay dropped nothing: the test tests nothing");
         Ok(())
     })
