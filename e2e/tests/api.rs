@@ -57,6 +57,8 @@ async fn valid_objects_are_accepted_and_defaulted() -> anyhow::Result<()> {
         json!({"network": {"type": "dual", "ports": [53]}, "node": "worker-1", "meshIP": "10.42.7.7"}),
         json!({"network": {"type": "host"}, "node": "edge.example.com"}),
         json!({"network": {"ports": [1, 65535]}, "selector": {"app.kubernetes.io/name": "x", "tier": ""}}),
+        // A mapped port, and one that is not.
+        json!({"network": {"ports": [8000, 8020], "targetPorts": [{"port": 8000, "targetPort": 80}]}, "node": "w"}),
     ];
     for spec in services {
         // A name of the test's own: a dry-run create still fails when the name is taken (by the
@@ -155,6 +157,26 @@ fn malformed_objects() -> Vec<Malformed> {
             json!({"network": {"type": "host"}, "node": "w", "meshIP": "10.42.7.7"}),
             &["spec.meshIP", "type is host"],
         ),
+        service(
+            json!({"network": {"ports": [8000], "targetPorts": [{"port": 8020, "targetPort": 80}]}, "node": "w"}),
+            &["spec.network.targetPorts", "must be one of spec.network.ports"],
+        ),
+        service(
+            json!({"network": {"ports": [8000], "targetPorts": [{"port": 8000, "targetPort": 0}]}, "node": "w"}),
+            &["spec.network.targetPorts[0].targetPort", "greater than or equal to 1"],
+        ),
+        service(
+            json!({"network": {"ports": [8000], "targetPorts": [{"port": 8000, "targetPort": 80}, {"port": 8000, "targetPort": 81}]}, "node": "w"}),
+            &["spec.network.targetPorts[1]", "Duplicate value"],
+        ),
+        service(
+            json!({"network": {"ports": [8000], "targetPorts": [{"port": 8000}]}, "node": "w"}),
+            &["spec.network.targetPorts[0].targetPort", "Required value"],
+        ),
+        service(
+            json!({"network": {"type": "host", "targetPorts": [{"port": 8000, "targetPort": 80}]}, "node": "w"}),
+            &["spec.network.targetPorts", "type is host"],
+        ),
         Malformed {
             kind: "MeshService",
             name: "dotted.name",
@@ -242,7 +264,9 @@ async fn kubectl_shows_printer_columns_and_explains_fields() -> anyhow::Result<(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    for fragment in ["How the service is exposed on the mesh", "ports", "reachable on the mesh IP", "type", "dual"] {
+    for fragment in
+        ["How the service is exposed on the mesh", "ports", "reachable on the mesh IP", "type", "dual", "targetPorts"]
+    {
         assert!(explained.contains(fragment), "kubectl explain lacks {fragment:?}:\n{explained}");
     }
     let explained = cluster.kubectl_ok(&["explain", "meshnode.spec.persistentKeepalive"])?;

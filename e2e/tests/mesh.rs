@@ -1,6 +1,7 @@
 //! The mesh end to end, on real WireGuard tunnels between real agents: every pair of nodes
 //! talks over the mesh, a service's IP is open on its listed ports only, the underlay carries
-//! nothing but WireGuard, deleted nodes leave every peer list, an agent restart loses no
+//! nothing but WireGuard, a mapped port reaches its target port (which stays closed itself),
+//! deleted nodes leave every peer list, an agent restart loses no
 //! packet (not even to the restarted node), and a node cannot send with another node's address.
 //!
 //! Cluster-agnostic: on the lab by default, on any cluster described by `HARNESS_MESH_*` (see
@@ -21,6 +22,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(90);
 /// The suite's service, named for this suite alone (the kubelet suite has an `e2e-web` of its own).
 const WEB: &str = "mesh-e2e-web";
+/// The service whose port is mapped to another.
+const MAPPED: &str = "mesh-e2e-mapped";
 /// The service the spoofing test sends to.
 const SPOOF_TARGET: &str = "mesh-e2e-spoof-target";
 
@@ -80,6 +83,37 @@ async fn a_service_is_reachable_from_every_node_on_its_listed_ports_only() -> an
     let _ = listed.wait();
     let _ = unlisted.wait();
     delete_service_and_wait(&api, WEB).await?;
+    result
+}
+
+#[tokio::test]
+async fn a_mapped_port_reaches_its_target_port_which_stays_closed_itself() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let [first, host, third] = [0, 1, 2].map(|i| mesh.nodes.names[i].clone());
+    let api: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    delete_service_and_wait(&api, MAPPED).await?;
+    // The process listens on 18002; the mesh IP offers 18003, mapped to it.
+    let mut process = mesh.serve_tcp(&host, 18002, "target")?;
+    let result = async {
+        let network = json!({"type": "mesh", "ports": [18003], "targetPorts": [{"port": 18003, "targetPort": 18002}]});
+        api.create(&PostParams::default(), &service(MAPPED, json!({"node": host, "network": network}))).await?;
+        let ip = wait_mesh_ip(&api, MAPPED).await?;
+        for client in [&first, &third] {
+            let took = eventually(Duration::from_secs(30), || {
+                let got = mesh.fetch(client, ip, 18003)?;
+                if got.as_deref() == Some("target") { Ok(()) } else { bail!("{client} got {got:?} from {ip}:18003") }
+            })
+            .await?;
+            eprintln!("{client} reached {MAPPED} at {ip}:18003 (-> 18002) after {took:?}");
+            assert_eq!(mesh.fetch(client, ip, 18002)?, None, "{client} reached the target port 18002 on {ip} itself");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = process.kill();
+    let _ = process.wait();
+    delete_service_and_wait(&api, MAPPED).await?;
     result
 }
 

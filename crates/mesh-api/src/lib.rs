@@ -23,7 +23,7 @@ pub use mesh_node::{
     APPLIED_PEERS_ANNOTATION, AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry, RelayedPeer,
     agent_lease_name,
 };
-pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType};
+pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType, PortMapping};
 pub use schema::{MAX_ALLOWED_IPS, MAX_CONDITION_MESSAGE, MAX_CONDITIONS, MAX_PLACED_SERVICES_PER_NODE};
 
 /// The API group of every harness-mesh resource.

@@ -74,12 +74,19 @@ pub struct MeshServiceSpec {
     pub mesh_ip: Option<String>,
 }
 
-/// The service's network block: `{type: mesh, ports: [8000, 8020]}`.
+/// The service's network block: `{type: mesh, ports: [8000, 8020]}`, and optionally where a
+/// port goes behind the mesh IP (`targetPorts: [{port: 8000, targetPort: 80}]`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
     validation = Rule::new("self.type == 'host' || (has(self.ports) && size(self.ports) > 0)")
         .message("spec.network.ports must list at least one port for type mesh or dual: only listed ports are reachable on the mesh IP")
         .field_path(".ports"),
+    validation = Rule::new("!has(self.targetPorts) || self.targetPorts.all(m, has(self.ports) && m.port in self.ports)")
+        .message("spec.network.targetPorts[].port must be one of spec.network.ports: only a listed port can be mapped")
+        .field_path(".targetPorts"),
+    validation = Rule::new("self.type != 'host' || !has(self.targetPorts)")
+        .message("spec.network.targetPorts must not be set when spec.network.type is host: a host service has no mesh IP to map ports on")
+        .field_path(".targetPorts"),
 )]
 pub struct NetworkSpec {
     /// How the service is reached. `mesh`: only on its mesh IP, only on the listed ports.
@@ -94,6 +101,26 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(range(min = 1, max = 65535)), length(max = 64), extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<i32>,
+    /// Where a listed port goes behind the mesh IP, when not to the same port: `{port: 8000,
+    /// targetPort: 80}` sends connections to port 8000 of the mesh IP to port 80 of the backing
+    /// pod, or of the hosting node's process (which then listens on 80 of the mesh IP or
+    /// 0.0.0.0). Each `port` must be listed in `ports` and mapped once (at most 64). The target
+    /// port itself is not reachable on the mesh IP unless it is listed too. Not for type host.
+    #[serde(default, rename = "targetPorts", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["port"]))]
+    pub target_ports: Vec<PortMapping>,
+}
+
+/// One port of a MeshService's mesh IP and the port behind it that receives its connections.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    /// The port on the mesh IP, 1..65535: one of `spec.network.ports`.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The port of the pod or process behind it, 1..65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub target_port: i32,
 }
 
 /// How a MeshService is reached: `mesh`, `host` or `dual`.

@@ -341,6 +341,8 @@ pub struct Placement {
     pub exposure: Exposure,
     /// The ports reachable on its mesh IP.
     pub ports: Vec<u16>,
+    /// Listed ports whose connections go to another port behind the mesh IP: port → target.
+    pub target_ports: BTreeMap<u16, u16>,
     /// The pod-network IP of the backing pod, when the service's traffic has to be forwarded
     /// to a pod rather than served by a process on the node.
     pub pod_ip: Option<Ipv4Addr>,
@@ -353,6 +355,9 @@ pub struct Hosted {
     pub ip: Ipv4Addr,
     /// The only ports open on it.
     pub ports: BTreeSet<u16>,
+    /// Open ports whose connections go to another port behind the IP (the pod's, or the
+    /// node's process on this IP): port → target. Only listed ports, never to themselves.
+    pub target_ports: BTreeMap<u16, u16>,
     /// `namespace/name`, for the ruleset's comments.
     pub service: String,
     /// Where the open ports are forwarded to (the backing pod's IP), if not to the node itself.
@@ -367,12 +372,14 @@ pub fn hosted(me: &str, node_ip: Option<Ipv4Addr>, placements: &[Placement]) -> 
         .filter(|p| p.node.as_deref() == Some(me) && p.exposure != Exposure::Host)
         .filter_map(|p| {
             let ip = p.mesh_ip.filter(|ip| Some(*ip) != node_ip)?;
-            Some(Hosted {
-                ip,
-                ports: p.ports.iter().copied().collect(),
-                service: p.service.clone(),
-                forward_to: p.pod_ip,
-            })
+            let ports: BTreeSet<u16> = p.ports.iter().copied().collect();
+            let target_ports = p
+                .target_ports
+                .iter()
+                .filter(|(port, target)| ports.contains(port) && port != target)
+                .map(|(p, t)| (*p, *t))
+                .collect();
+            Some(Hosted { ip, ports, target_ports, service: p.service.clone(), forward_to: p.pod_ip })
         })
         .collect();
     hosted.sort();
@@ -458,6 +465,17 @@ mod tests {
         assert_eq!(peers("a", &key(1), &[e]).peers[&key(2)].persistent_keepalive, None);
     }
 
+    #[test]
+    fn only_listed_ports_map_and_never_to_themselves() {
+        let placements = [Placement {
+            target_ports: BTreeMap::from([(8000, 80), (8020, 8020), (9999, 99)]),
+            ..placement("ns/web", "10.42.1.1", "n1", Exposure::Mesh)
+        }];
+        let hosted = hosted("n1", None, &placements);
+        assert_eq!(hosted[0].target_ports, BTreeMap::from([(8000, 80)]));
+        assert_eq!(hosted[0].ports, BTreeSet::from([8000, 8020]));
+    }
+
     fn placement(service: &str, ip: &str, node: &str, exposure: Exposure) -> Placement {
         Placement {
             service: service.into(),
@@ -465,6 +483,7 @@ mod tests {
             node: Some(node.into()),
             exposure,
             ports: vec![8000, 8020],
+            target_ports: BTreeMap::new(),
             pod_ip: None,
         }
     }

@@ -44,6 +44,11 @@
 //! IP's, so peers see the mesh IP they connected to. Unlisted ports still reach the input
 //! chain and are refused there.
 //!
+//! A mapped port (`spec.network.targetPorts`, [`Hosted::target_ports`]) is DNATed to its target
+//! port: of the pod, or of the same mesh IP for a process on the node. The input chain accepts
+//! such a connection by the port it was made to (`ct original proto-dst`), so the target port
+//! itself stays closed on the mesh IP unless it is listed too.
+//!
 //! Traffic the node forwards into the mesh for others (its pods, containers) leaves the WireGuard
 //! interface with the node's own mesh IP as source ([`Masquerade`]): a peer accepts from each
 //! node only that node's addresses (WireGuard's allowed IPs), and pod addresses are none of them.
@@ -145,6 +150,15 @@ pub fn render(hosted: &[Hosted], member: Option<&Member>, masquerade: Option<&Ma
     for service in hosted {
         let ip = service.ip;
         let _ = writeln!(out, "    # {}", service.service.replace('\n', " "));
+        if service.forward_to.is_none() && !service.target_ports.is_empty() {
+            // Mapped to another port of this IP (the node's process): judged by the port asked
+            // for, so the target port itself stays closed unless it is listed too.
+            let _ = writeln!(
+                out,
+                "    ip daddr {ip} ct status dnat meta l4proto {{ tcp, udp }} ct original proto-dst {{ {} }} accept",
+                port_list(service.target_ports.keys())
+            );
+        }
         if !service.ports.is_empty() {
             let ports = port_list(&service.ports);
             let _ = writeln!(out, "    ip daddr {ip} tcp dport {{ {ports} }} accept");
@@ -212,19 +226,30 @@ pub fn render(hosted: &[Hosted], member: Option<&Member>, masquerade: Option<&Ma
             m.node_ip
         );
     }
-    if !forwarded.is_empty() {
+    let translated: Vec<&Hosted> = hosted
+        .iter()
+        .filter(|h| !h.ports.is_empty() && (h.forward_to.is_some() || !h.target_ports.is_empty()))
+        .collect();
+    if !translated.is_empty() {
         // nft names priority -100 `dstnat` in prerouting only; output takes the number.
         for (chain, hook, priority) in
             [("forward_to_pods", "prerouting", "dstnat"), ("forward_to_pods_local", "output", "-100")]
         {
             let _ = writeln!(out, "  chain {chain} {{\n    type nat hook {hook} priority {priority}; policy accept;");
-            for service in &forwarded {
-                let (ip, pod) = (service.ip, service.forward_to.unwrap_or(service.ip));
-                let ports: Vec<String> = service.ports.iter().map(u16::to_string).collect();
-                let ports = ports.join(", ");
+            for service in &translated {
+                let (ip, backend) = (service.ip, service.forward_to.unwrap_or(service.ip));
                 let _ = writeln!(out, "    # {}", service.service.replace('\n', " "));
-                let _ = writeln!(out, "    ip daddr {ip} tcp dport {{ {ports} }} dnat ip to {pod}");
-                let _ = writeln!(out, "    ip daddr {ip} udp dport {{ {ports} }} dnat ip to {pod}");
+                for (port, target) in &service.target_ports {
+                    for proto in ["tcp", "udp"] {
+                        let _ = writeln!(out, "    ip daddr {ip} {proto} dport {port} dnat ip to {backend}:{target}");
+                    }
+                }
+                let same: Vec<&u16> = service.ports.iter().filter(|p| !service.target_ports.contains_key(p)).collect();
+                if service.forward_to.is_some() && !same.is_empty() {
+                    let ports = port_list(same);
+                    let _ = writeln!(out, "    ip daddr {ip} tcp dport {{ {ports} }} dnat ip to {backend}");
+                    let _ = writeln!(out, "    ip daddr {ip} udp dport {{ {ports} }} dnat ip to {backend}");
+                }
             }
             out.push_str("  }\n");
         }
@@ -243,6 +268,8 @@ pub fn render_removal() -> String {
 mod tests {
     use std::collections::BTreeSet;
 
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -252,6 +279,7 @@ mod tests {
             ports: BTreeSet::from([8020, 8000]),
             service: "default/graph-node".into(),
             forward_to: None,
+            target_ports: BTreeMap::new(),
         }];
         assert_eq!(
             render(&hosted, None, None),
@@ -273,6 +301,7 @@ mod tests {
             ports: BTreeSet::new(),
             service: "a\nflush ruleset".into(),
             forward_to: None,
+            target_ports: BTreeMap::new(),
         }];
         let script = render(&hosted, None, None);
         assert!(!script.lines().any(|l| l.trim_start().starts_with("flush")));
@@ -286,6 +315,7 @@ mod tests {
             ports: BTreeSet::from([8080]),
             service: "default/web".into(),
             forward_to: Some("10.244.1.2".parse().unwrap()),
+            target_ports: BTreeMap::new(),
         }];
         let script = render(&hosted, None, None);
         let rule = "ip daddr 10.42.7.7 tcp dport { 8080 } dnat ip to 10.244.1.2";
@@ -297,12 +327,63 @@ mod tests {
     }
 
     #[test]
+    fn a_mapped_port_goes_to_its_target_and_the_target_stays_closed() {
+        // A process on the node: 8000 of the mesh IP goes to 80 of the same IP.
+        let process = Hosted {
+            ip: "10.42.7.7".parse().unwrap(),
+            ports: BTreeSet::from([8000, 8020]),
+            service: "default/web".into(),
+            forward_to: None,
+            target_ports: BTreeMap::from([(8000, 80)]),
+        };
+        let script = render(std::slice::from_ref(&process), None, None);
+        for chain_name in ["forward_to_pods", "forward_to_pods_local"] {
+            assert_eq!(
+                chain(&script, chain_name)[1..],
+                [
+                    "# default/web",
+                    "ip daddr 10.42.7.7 tcp dport 8000 dnat ip to 10.42.7.7:80",
+                    "ip daddr 10.42.7.7 udp dport 8000 dnat ip to 10.42.7.7:80"
+                ],
+                "{script}"
+            );
+        }
+        let input = chain(&script, "service_ports");
+        let mapped =
+            "ip daddr 10.42.7.7 ct status dnat meta l4proto { tcp, udp } ct original proto-dst { 8000 } accept";
+        let listed = "ip daddr 10.42.7.7 tcp dport { 8000, 8020 } accept";
+        let position = |rule: &str| input.iter().position(|l| *l == rule);
+        assert!(position(mapped) < position(listed) && position(mapped).is_some(), "{script}");
+        assert!(
+            !script.contains("dport { 80 }") && !script.contains("dport { 80,"),
+            "80 itself is not opened: {script}"
+        );
+
+        // A pod: the mapped port to the pod's target port, the others as they are.
+        let pod = Hosted { forward_to: Some("10.244.1.2".parse().unwrap()), ..process };
+        let script = render(&[pod], None, None);
+        assert_eq!(
+            chain(&script, "forward_to_pods")[1..],
+            [
+                "# default/web",
+                "ip daddr 10.42.7.7 tcp dport 8000 dnat ip to 10.244.1.2:80",
+                "ip daddr 10.42.7.7 udp dport 8000 dnat ip to 10.244.1.2:80",
+                "ip daddr 10.42.7.7 tcp dport { 8020 } dnat ip to 10.244.1.2",
+                "ip daddr 10.42.7.7 udp dport { 8020 } dnat ip to 10.244.1.2"
+            ],
+            "{script}"
+        );
+        assert!(!chain(&script, "service_ports").iter().any(|l| l.contains("ct status dnat")), "{script}");
+    }
+
+    #[test]
     fn no_nat_chain_without_a_pod_backed_service() {
         let hosted = [Hosted {
             ip: "10.42.7.7".parse().unwrap(),
             ports: BTreeSet::from([8080]),
             service: "default/web".into(),
             forward_to: None,
+            target_ports: BTreeMap::new(),
         }];
         assert!(!render(&hosted, None, None).contains("nat"));
     }
@@ -352,6 +433,7 @@ mod tests {
             ports: BTreeSet::from([8080, 8443]),
             service: "default/web".into(),
             forward_to: Some("10.244.1.2".parse().unwrap()),
+            target_ports: BTreeMap::new(),
         }
     }
 

@@ -8,7 +8,7 @@
 //! `make test` runs them with proptest's default 256 cases each; `PROPTEST_CASES=100000 make
 //! fuzz` runs them for longer.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use mesh_dataplane::desired::{Exposure, Hosted, PeerEntry, digest, peers};
@@ -147,6 +147,7 @@ proptest! {
                 service,
                 // Every other one is pod-backed: its name is also written in the NAT chains.
                 forward_to: (i % 2 == 1).then(|| Ipv4Addr::new(10, 244, 1, i as u8)),
+                target_ports: BTreeMap::new(),
             })
             .collect();
         let script = firewall::render(&hosted, None, None);

@@ -56,7 +56,7 @@ fn main() {
             let mut s = MeshService::new(
                 &format!("svc-{i}"),
                 MeshServiceSpec {
-                    network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![80] },
+                    network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![80], target_ports: Vec::new() },
                     selector: None,
                     node: Some(node.clone()),
                     mesh_ip: None,

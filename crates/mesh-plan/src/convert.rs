@@ -126,6 +126,13 @@ pub fn placement(service: &MeshService) -> Placement {
         node: status.and_then(|s| s.node.clone()),
         exposure: exposure(service.spec.network.type_),
         ports: service.spec.network.ports.iter().filter_map(|p| u16::try_from(*p).ok()).collect(),
+        target_ports: service
+            .spec
+            .network
+            .target_ports
+            .iter()
+            .filter_map(|m| Some((u16::try_from(m.port).ok()?, u16::try_from(m.target_port).ok()?)))
+            .collect(),
         pod_ip: status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()),
     }
 }

@@ -460,7 +460,7 @@ pub(crate) mod tests {
         let mut s = MeshService::new(
             name,
             MeshServiceSpec {
-                network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000] },
+                network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000], target_ports: Vec::new() },
                 selector: None,
                 node: Some(node.into()),
                 mesh_ip: None,

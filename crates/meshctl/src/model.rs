@@ -259,6 +259,9 @@ pub struct ServiceView {
     pub network_type: NetworkType,
     /// Ports reachable on its mesh IP.
     pub ports: Vec<i32>,
+    /// Listed ports that go to another port behind the mesh IP: port → target.
+    #[serde(rename = "targetPorts", skip_serializing_if = "BTreeMap::is_empty")]
+    pub target_ports: BTreeMap<i32, i32>,
     /// Its mesh IP (none for host services).
     #[serde(rename = "meshIP", skip_serializing_if = "Option::is_none")]
     pub mesh_ip: Option<String>,
@@ -274,6 +277,17 @@ pub struct ServiceView {
 }
 
 impl ServiceView {
+    /// Its ports as `meshctl` prints them: `8000`, or `8000→80` for a mapped one.
+    pub fn port_labels(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| match self.target_ports.get(p) {
+                Some(target) if target != p => format!("{p}→{target}"),
+                _ => p.to_string(),
+            })
+            .collect()
+    }
+
     /// `Ready=True`.
     pub fn is_ready(&self) -> bool {
         self.ready.as_ref().is_some_and(|c| c.status == "True")
@@ -676,6 +690,7 @@ fn service_view(service: &MeshService) -> ServiceView {
         name: service.metadata.name.clone().unwrap_or_default(),
         network_type: service.spec.network.type_,
         ports: service.spec.network.ports.clone(),
+        target_ports: service.spec.network.target_ports.iter().map(|m| (m.port, m.target_port)).collect(),
         mesh_ip: status.mesh_ip,
         node: status.node,
         dns_name: status.dns_name,
@@ -761,7 +776,7 @@ pub(crate) mod fixtures {
         let mut s = MeshService::new(
             name,
             MeshServiceSpec {
-                network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000] },
+                network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000], target_ports: Vec::new() },
                 selector: None,
                 node: Some(node.into()),
                 mesh_ip: None,

@@ -207,7 +207,7 @@ fn card_lines(node: &NodeView) -> [String; 3] {
 }
 
 fn pill_lines(service: &ServiceView) -> [String; 2] {
-    let ports: Vec<String> = service.ports.iter().map(i32::to_string).collect();
+    let ports = service.port_labels();
     let address = service.mesh_ip.clone().unwrap_or_else(|| format!("{} (host address)", service.type_name()));
     let second = if ports.is_empty() { address } else { format!("{address} :{}", ports.join(",")) };
     [format!("{}/{}", service.namespace, service.name), second]

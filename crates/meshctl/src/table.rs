@@ -157,7 +157,7 @@ fn services(view: &MeshView, wide: bool) -> String {
                 },
             ];
             if wide {
-                let ports: Vec<String> = s.ports.iter().map(i32::to_string).collect();
+                let ports = s.port_labels();
                 row.push(if ports.is_empty() { "-".to_owned() } else { ports.join(",") });
             }
             row
@@ -259,6 +259,16 @@ mod tests {
                 && dot.contains("style=dashed, label=\"via hm-node-1\""),
             "{dot}"
         );
+    }
+
+    #[test]
+    fn a_mapped_port_shows_its_target_in_the_wide_table() {
+        let (nodes, mut services) = lab();
+        services[0].spec.network.target_ports = vec![mesh_api::PortMapping { port: 8000, target_port: 80 }];
+        let view = MeshView::build(&nodes, &services, Err("no Leases"), Timestamp::UNIX_EPOCH);
+        let t = status(&view, true);
+        let row = t.lines().find(|l| l.starts_with("default/graph-node ")).unwrap();
+        assert!(row.trim_end().ends_with("8000→80"), "{row}");
     }
 
     #[test]
