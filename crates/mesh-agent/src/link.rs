@@ -135,13 +135,16 @@ impl Links {
             let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
             let now = tokio::fs::read_to_string(&path).await.with_context(|| format!("reading {path}"))?;
             if now.trim() != "1" {
-                tokio::fs::write(&path, "1").await.with_context(|| {
-                    format!(
-                        "turning on IPv4 forwarding on {interface} ({path}) for spec.relay: the agent needs a \
-                         writable /proc/sys (a privileged container, or CAP_NET_ADMIN in its own network namespace)"
-                    )
-                })?;
-                changed.push("forwarding on (relay)".to_owned());
+                // Not fatal: the rest of the node's data plane must still be programmed. A node
+                // whose IPv4 forwarding is on (a Kubernetes node usually) needs no write.
+                match tokio::fs::write(&path, "1").await {
+                    Ok(()) => changed.push("forwarding on (relay)".to_owned()),
+                    Err(err) => tracing::warn!(
+                        "cannot turn on IPv4 forwarding on {interface} ({path}: {err}), so this node does not relay \
+                         (spec.relay): turn on net.ipv4.ip_forward on the node, or run the agent privileged \
+                         (chart: agent.privileged) so that /proc/sys is writable"
+                    ),
+                }
             }
         }
         Ok(changed)
