@@ -10,7 +10,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -139,6 +139,18 @@ bench-laptop: deps ## laptop mode: release meshctl forward (unprivileged, no tun
 	$(CARGO) build -q -p mesh-controller -p mesh-agent
 	$(LAB) up --nodes 3
 	$(CARGO) bench -p harness-mesh-e2e --bench laptop
+
+# The peers bench-peers measures against, pinned and cached like the Go binaries (cargo install
+# into the cache, then a copy under target/ that the lab's unprivileged laptop user can run).
+ONETUN_VERSION := 0.3.10
+ONETUN_ROOT := $(HOME)/.cache/harness-mesh/peers/onetun-$(ONETUN_VERSION)
+bench-peers: deps ## side by side with a peer, one lab run: meshctl forward against onetun $(ONETUN_VERSION) (start -> first byte, iperf3); target/bench/peers.json
+	@test -x $(ONETUN_ROOT)/bin/onetun || $(CARGO) install --locked --version $(ONETUN_VERSION) --root $(ONETUN_ROOT) onetun
+	mkdir -p target/peers && cp $(ONETUN_ROOT)/bin/onetun target/peers/onetun
+	$(CARGO) build -q --release -p meshctl
+	$(CARGO) build -q -p mesh-controller -p mesh-agent
+	$(LAB) up --nodes 3
+	ONETUN=$(CURDIR)/target/peers/onetun $(CARGO) bench -p harness-mesh-e2e --bench peers
 
 SCALE_SIZES ?= 500 2000 5000
 bench-scale: deps ## the scale bench at several sizes (SCALE_SIZES, MeshNodes; 10 MeshServices each): target/bench/scale-N.json, table at the end
