@@ -858,3 +858,39 @@ async fn a_relayed_pair_goes_direct_once_a_direct_path_works() -> anyhow::Result
     eventually(Duration::from_secs(60), || every_pair_pings(&mesh, &ips)).await.context("after the undo")?;
     result
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_restart_loses_no_relayed_packet() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::get(CONVERGE).await?;
+    let (first, second, _) = two_nats(&mesh)?;
+    let ips = mesh_ips(&mesh).await?;
+    let info = mesh.info().await?;
+    eventually(Duration::from_secs(30), || {
+        let holder = holder_of(&mesh, &first, ips[&second])?;
+        ensure!(holder.as_ref() == Some(&info[RELAY].public_key), "{first} holds {second} on {holder:?}");
+        Ok(())
+    })
+    .await
+    .context("the pair is not relayed to begin with")?;
+    // 10 pps through the relay, from the node whose agent restarts, for the whole restart and
+    // the relay's observation window after it.
+    let pinger = mesh.start_ping(&first, ips[&second], Duration::from_secs(120))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let restart = Instant::now();
+    mesh.nodes.restart_agent(&first)?;
+    let took = restart.elapsed();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let losses = pinger.stop(&mesh)?;
+    eprintln!(
+        "[nat] {first} -> {second} (relayed): {} sent, lost {:?} while {first}'s agent restarted ({took:.2?})",
+        losses.sent, losses.lost
+    );
+    ensure!(
+        losses.lost.is_empty() && losses.last_answered + 3 >= losses.sent,
+        "{first} -> {second} lost relayed packets while {first}'s agent restarted: {losses:?}"
+    );
+    let holder = holder_of(&mesh, &first, ips[&second])?;
+    ensure!(holder.as_ref() == Some(&info[RELAY].public_key), "after the restart {first} holds {second} on {holder:?}");
+    Ok(())
+}

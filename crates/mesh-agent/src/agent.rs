@@ -402,6 +402,8 @@ pub struct Agent {
     paths: Option<mesh_plan::relay::Paths>,
     /// The detected underlay address of the last sync (`None` with `--advertise-address`).
     underlay: Option<Ipv4Addr>,
+    /// The first sync has looked for relayed peers on the device (see [`Agent::sync`]).
+    adopted_paths: bool,
 }
 
 /// How long a peer may go without a live WireGuard session (a handshake in the last 180 s)
@@ -487,6 +489,7 @@ impl Agent {
             without_direct: BTreeSet::new(),
             paths: None,
             underlay: None,
+            adopted_paths: false,
         })
     }
 
@@ -571,6 +574,22 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The peers (by name, from `names`) whose entry on the device as it is holds no allowed IP
+    /// and has no live session: a previous run of this agent sent their traffic through a relay.
+    async fn relayed_on_device(&self, names: &BTreeMap<Key, String>) -> BTreeSet<String> {
+        let Ok(state) = self.machine.device.get().await else {
+            return BTreeSet::new();
+        };
+        let now = SystemTime::now();
+        state
+            .peers
+            .iter()
+            .filter(|(_, peer)| peer.config.allowed_ips.is_empty())
+            .filter(|(_, peer)| peer.handshake_age(now).is_none_or(|age| age >= health::HANDSHAKE_STALE_AFTER))
+            .filter_map(|(key, _)| names.get(key).cloned())
+            .collect()
     }
 
     /// Whether the node's detected underlay address changed since the last sync (the machine
@@ -700,7 +719,7 @@ impl Agent {
 
         let planning = Instant::now();
         let directory = self.directory.snapshot(Some(self.config.subnet), &self.short_names);
-        let input = NodeInput {
+        let mut input = NodeInput {
             name: &self.config.node,
             key: &self.key,
             settings: &self.settings,
@@ -709,7 +728,25 @@ impl Agent {
             masquerade_underlay: masquerade.as_deref(),
             without_direct: &self.without_direct,
         };
-        let plan = directory.plan(&input)?;
+        let mut plan = directory.plan(&input)?;
+        let mut adopted = BTreeSet::new();
+        if !self.adopted_paths && !fallback {
+            // The first sync of this agent (a restart, an upgrade): peers the device already
+            // sends through a relay stay relayed, rather than going direct for the observation
+            // window and dropping their traffic meanwhile.
+            self.adopted_paths = true;
+            adopted = self.relayed_on_device(&plan.names).await;
+            if !adopted.is_empty() {
+                tracing::info!(peers = ?adopted, "adopting the device's relayed peers");
+                let since = Instant::now().checked_sub(RELAY_AFTER).unwrap_or_else(Instant::now);
+                self.no_session_since.extend(adopted.iter().map(|n| (n.clone(), since)));
+                input.without_direct = &adopted;
+                plan = directory.plan(&input)?;
+            }
+        }
+        if !adopted.is_empty() {
+            self.without_direct = adopted;
+        }
         self.paths = (!plan.fallback).then(|| plan.paths.clone());
         self.metrics.plan_seconds.observe(planning.elapsed().as_secs_f64());
         self.report(&directory, &plan);
