@@ -33,6 +33,7 @@ use crate::directory::Directory;
 use crate::dns::DnsServer;
 use crate::link::Links;
 use crate::metrics::{ChangeLabel, Metrics, PeerLabel};
+use crate::resolver::Names;
 use crate::{probe, status::renew_lease};
 
 /// The agent's own flags, parsed by clap straight into the configuration the loop reads.
@@ -181,6 +182,21 @@ pub struct Config {
     /// every other interface of the node.
     #[arg(long, env = "MESH_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// How the node's own processes (getaddrinfo: curl, ssh, a native service) find the zone's
+    /// names. hosts: a managed block (`# BEGIN harness-mesh` .. `# END harness-mesh`) in
+    /// --hosts-file with every name the agent's DNS serves, rewritten when the names change;
+    /// lines outside it are never touched. resolved: split DNS through systemd-resolved's D-Bus
+    /// API (the agent's DNS server on the WireGuard link, ~mesh.local its routing-only domain;
+    /// needs the system bus and port 53). auto: resolved where systemd-resolved answers on the
+    /// system bus, else hosts. off: leave the resolver alone. The agent takes out what it added
+    /// when it exits.
+    #[arg(long, env = "MESH_RESOLVER", value_enum, default_value_t = crate::resolver::Mode::Off)]
+    pub resolver: crate::resolver::Mode,
+
+    /// The hosts file of --resolver hosts (in a pod: the node's /etc/hosts mounted in).
+    #[arg(long, env = "MESH_HOSTS_FILE", default_value = "/etc/hosts")]
+    pub hosts_file: PathBuf,
 }
 
 /// `--subnet`: the grammar of `mesh_core::Subnet` (the controller's), host bits refused.
@@ -394,6 +410,8 @@ pub struct Agent {
     /// Allowed IPs and placements already reported as refused (to log each once).
     refused: (Vec<desired::Dropped>, Vec<desired::Refused>),
     nonce: u64,
+    /// The node's resolver (--resolver).
+    names: Names,
 }
 
 impl Agent {
@@ -424,6 +442,7 @@ impl Agent {
         };
         tracing::info!(backend = ?device.backend(), interface = %config.interface, public_key = %key.public_key(), "WireGuard device ready");
         let links = Links::connect()?;
+        let names = Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port).await?;
         let directory = Directory::watch(client.clone());
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
         // In fallback there is nothing to probe: Connected says why there is no tunnel.
@@ -470,6 +489,7 @@ impl Agent {
             reported: Vec::new(),
             refused: Default::default(),
             nonce,
+            names,
         })
     }
 
@@ -491,6 +511,7 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => {
                     tracing::info!("stopping");
+                    self.names.remove().await;
                     return Ok(());
                 }
                 () = changed.notified() => {
@@ -656,6 +677,10 @@ impl Agent {
         }
         if let Ok(local) = &plan.local {
             self.metrics.applied_services.set(local.hosted.len() as i64);
+        }
+        let server = plan.dns_listen.first().copied();
+        if let Err(err) = self.names.update(&directory.zone, server, resync, &self.machine.links).await {
+            tracing::warn!("--resolver {:?}: {err:#}", self.config.resolver);
         }
         executed.dataplane
     }
