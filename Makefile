@@ -10,7 +10,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop fmt lint unit fuzz test e2e-controller e2e-resolver e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -86,6 +86,11 @@ VM_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-vm-1,hm-node-2 \
   HARNESS_MESH_NODE_EXEC="$(CURDIR)/e2e/lab/lab.sh exec {node} --" \
   HARNESS_MESH_AGENT_RESTART="$(CURDIR)/e2e/lab/lab.sh agent restart {node}" \
   HARNESS_MESH_STATE_DIR="$(CURDIR)/.lab/nodes/{node}" MESH_REQUIRE_KERNEL_WG=1
+
+e2e-resolver: deps ## names for native processes (e2e/tests/resolver.rs): getent and curl by name on the nodes (agents in --resolver hosts, each node its own /etc/hosts) and on a machine enrolled with --resolver hosts, on the running lab or a new 3-node one (kept up); make test runs it in its plain tier
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	$(LAB) up --nodes 3 --mode plain
+	$(CARGO) test -p harness-mesh-e2e --no-fail-fast --test resolver -- --nocapture
 
 e2e-laptop: deps ## laptop mode (e2e/tests/laptop.rs): meshctl connect/forward/expose as an unprivileged uid with no tun, on the running lab or a new 3-node one (kept up)
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl

@@ -442,7 +442,8 @@ impl Agent {
         };
         tracing::info!(backend = ?device.backend(), interface = %config.interface, public_key = %key.public_key(), "WireGuard device ready");
         let links = Links::connect()?;
-        let names = Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port).await?;
+        let names =
+            Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port).await?;
         let directory = Directory::watch(client.clone());
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
         // In fallback there is nothing to probe: Connected says why there is no tunnel.

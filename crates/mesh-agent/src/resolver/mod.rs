@@ -69,9 +69,10 @@ impl Names {
                 Names::Resolved { client: resolved::Resolved::new(&bus, zone).await?, interface: interface.to_owned() }
             }
             Mode::Auto => match auto_resolved(dns_port).await {
-                Ok(bus) => {
-                    Names::Resolved { client: resolved::Resolved::new(&bus, zone).await?, interface: interface.to_owned() }
-                }
+                Ok(bus) => Names::Resolved {
+                    client: resolved::Resolved::new(&bus, zone).await?,
+                    interface: interface.to_owned(),
+                },
                 Err(why) => {
                     tracing::info!("--resolver auto: {why}; using the hosts file {}", hosts_file.display());
                     hosts()
@@ -90,7 +91,13 @@ impl Names {
 
     /// Brings the node's resolver up to date with `zone` (served by the agent at `server`).
     /// `resync`: apply again even if nothing seems to have changed.
-    pub async fn update(&mut self, zone: &Zone, server: Option<Ipv4Addr>, resync: bool, links: &Links) -> anyhow::Result<()> {
+    pub async fn update(
+        &mut self,
+        zone: &Zone,
+        server: Option<Ipv4Addr>,
+        resync: bool,
+        links: &Links,
+    ) -> anyhow::Result<()> {
         match self {
             Names::Off => Ok(()),
             Names::Hosts(file) => {

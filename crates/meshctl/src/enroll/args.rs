@@ -71,11 +71,50 @@ pub struct EnrollArgs {
     #[arg(long)]
     pub no_wait: bool,
 
+    /// How the machine's own processes find *.mesh.local (the agent's --resolver). auto:
+    /// resolved where systemd-resolved runs on the machine, else hosts. resolved: split DNS on
+    /// wg-harness through systemd-resolved (the agent's DNS server for ~mesh.local only). hosts: a
+    /// managed block ("# BEGIN harness-mesh" .. "# END harness-mesh") in /etc/hosts, lines outside
+    /// it untouched. off: leave the machine's resolver alone. The agent takes out what it added
+    /// when it stops, and unenroll leaves /etc/hosts as it was
+    #[arg(long, value_enum, default_value_t = Resolver::Auto)]
+    pub resolver: Resolver,
+
     #[command(flatten)]
     pub ssh: SshArgs,
 
     #[command(flatten)]
     pub credentials: CredentialArgs,
+}
+
+/// `meshctl enroll --resolver`: the enrolled agent's `--resolver`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolver {
+    /// resolved where systemd-resolved runs, else hosts
+    Auto,
+    /// Split DNS through systemd-resolved's D-Bus API
+    Resolved,
+    /// A managed block in /etc/hosts
+    Hosts,
+    /// Leave the machine's resolver alone
+    Off,
+}
+
+impl Resolver {
+    /// The agent's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolver::Auto => "auto",
+            Resolver::Resolved => "resolved",
+            Resolver::Hosts => "hosts",
+            Resolver::Off => "off",
+        }
+    }
+
+    /// Whether the agent may write /etc/hosts.
+    pub fn may_write_hosts(self) -> bool {
+        matches!(self, Resolver::Auto | Resolver::Hosts)
+    }
 }
 
 /// Where the agent's credential comes from, and how the machine reaches the API server.
