@@ -156,19 +156,13 @@ fn getent_netns(node: &str, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect())
 }
 
-/// An HTTP server on `node` (socat, at most 90 s) answering `reply`.
-fn serve_http(mesh: &Mesh, node: &str, port: u16, reply: &str) -> anyhow::Result<Child> {
-    let response = format!("printf 'HTTP/1.0 200 OK\\r\\nContent-Length: {}\\r\\n\\r\\n{reply}'", reply.len());
-    mesh.nodes.spawn(
-        node,
-        &["timeout", "90", "socat", &format!("TCP-LISTEN:{port},reuseaddr,fork"), &format!("SYSTEM:{response}")],
-    )
-}
-
-/// `curl http://NAME:PORT/` on `node`: by name, through the node's resolver.
+/// `curl http://NAME:PORT/` on `node`: by name, through the node's resolver. The server is
+/// `Mesh::serve_tcp` (a bare reply: HTTP/0.9 to curl).
 fn curl(mesh: &Mesh, node: &str, name: &str, port: u16) -> anyhow::Result<String> {
     let url = format!("http://{name}:{port}/");
-    mesh.nodes.exec_ok(node, &["curl", "-sS", "--noproxy", "*", "--max-time", "5", "--retry", "3", &url])
+    let args =
+        ["curl", "-sS", "--http0.9", "--noproxy", "*", "--max-time", "5", "--retry", "3", "--retry-connrefused", &url];
+    Ok(mesh.nodes.exec_ok(node, &args)?.trim().to_owned())
 }
 
 fn median_max(times: &mut [Duration]) -> (Duration, Duration) {
@@ -255,14 +249,19 @@ async fn create_update_delete(
             ensure!(seen == [mesh_ip], "{node}: getent hosts {fqdn} answers {seen:?}, the mesh IP is {mesh_ip}");
         }
         if attempt == 0 {
-            let mut server = serve_http(mesh, HOST_NODE, PORT, "hello-by-name")?;
+            // At most 20 s, and stopped with SIGTERM, which `timeout` passes on to socat (a
+            // SIGKILL would end `timeout` only and leave socat listening).
+            let mut server = mesh.nodes.spawn(
+                HOST_NODE,
+                &["timeout", "20", "socat", &format!("TCP-LISTEN:{PORT},reuseaddr,fork"), "SYSTEM:echo hello-by-name"],
+            )?;
             let reached: anyhow::Result<()> = curl_from.iter().try_for_each(|node| {
                 let body = curl(mesh, node, &fqdn, PORT)?;
                 ensure!(body == "hello-by-name", "{node}: curl http://{fqdn}:{PORT}/ said {body:?}");
                 println!("[resolver] {node}: curl http://{fqdn}:{PORT}/ reached the service by name");
                 Ok(())
             });
-            let _ = server.kill();
+            let _ = Command::new("kill").arg(server.id().to_string()).status();
             let _ = server.wait();
             reached?;
         }

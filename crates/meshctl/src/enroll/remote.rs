@@ -485,7 +485,7 @@ done
 if command -v nft >/dev/null 2>&1; then nft delete table inet harness_mesh 2>/dev/null || true; fi
 # The agent takes its block out of /etc/hosts when it stops; if it was killed first, its cleanup
 # does (only the block: every other line stays as it was).
-if grep -q '^# BEGIN harness-mesh' /etc/hosts 2>/dev/null && [ -x {AGENT_PATH} ]; then
+if grep -q "^# BEGIN harness-mesh" /etc/hosts 2>/dev/null && [ -x {AGENT_PATH} ]; then
   {AGENT_PATH} cleanup --keep-state --hosts-file /etc/hosts >/dev/null 2>&1 || true
 fi
 rm -rf /etc/harness-mesh {STATE_DIR} /run/harness-mesh /usr/local/lib/harness-mesh
