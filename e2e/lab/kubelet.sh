@@ -538,7 +538,7 @@ install_chart_workloads() {
     --set agent.image.pullPolicy=Never \
     --set 'mesh.placementNamespaces={*}' --set "mesh.podCIDRs={$pod_cidr}" \
     --set "mesh.shortNameNamespaces={$lab_short_name_namespaces}" \
-    --set agent.resolver=off \
+    --set agent.resolver=off --set mesh.zone="$(lab_zone)" \
     --set agent.dns.onUnderlay=true --set agent.dns.service.enabled=true \
     --set agent.dns.service.clusterIP="$mesh_dns_ip" --set coreDNS.stubDomain.enabled=true \
     --set coreDNS.stubDomain.configMapName=coredns-custom --set coreDNS.stubDomain.namespace=kube-system \

@@ -547,7 +547,7 @@ start_controller() {
   KUBECONFIG="$controller_kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
     --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace="$chart_namespace" \
     --identity=lab-mesh-controller --placement-namespaces="$lab_placement_namespaces" \
-    --short-name-namespaces="$lab_short_name_namespaces"
+    --short-name-namespaces="$lab_short_name_namespaces" --zone="$(lab_zone)"
 }
 
 # --- nodes ----------------------------------------------------------------------------------
@@ -863,7 +863,7 @@ start_agent() {
     env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$nodes_dir/$node/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
     --lease-namespace "$chart_namespace" --short-name-namespaces "$lab_short_name_namespaces" \
-    --resolver "$(agent_resolver "$node" "$holder")"
+    --resolver "$(agent_resolver "$node" "$holder")" --zone "$(lab_zone)"
 }
 
 # A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.
@@ -894,12 +894,22 @@ check_config_compatible() {
   [ "$old" = "$new" ] || die "the running lab uses other ports ($old); run 'lab.sh down' first"
 }
 
+# The lab's DNS zone (mesh-controller and mesh-agent --zone, the chart's mesh.zone): a running
+# lab's (ZONE= in .lab/config), else $HM_LAB_ZONE (e.g. mesh.internal, make e2e-resolver-zone),
+# else mesh.local.
+lab_zone() {
+  local zone=""
+  if [ -f "$config" ]; then zone="$(sed -n 's/^ZONE=//p' "$config")"; fi
+  echo "${zone:-${HM_LAB_ZONE:-mesh.local}}"
+}
+
 write_config() {
   cat >"$config.tmp" <<EOF
 NODES=$1
 MODE=$2
 VM_NODES=${3:-0}
 NAT_NODES=${4:-0}
+ZONE=$(lab_zone)
 API_PORT=$api_port
 ETCD_PORT=$etcd_port
 ETCD_PEER_PORT=$etcd_peer_port

@@ -92,6 +92,7 @@ async fn chart_lints_clean_and_its_schema_refuses_bad_values() -> anyhow::Result
             ("coreDNS.stubDomain.upstreams={mesh.example}", "/coreDNS/stubDomain/upstreams/0"),
             ("agent.resolver=resolvd", "/agent/resolver"),
             ("agent.hostsFile=etc/hosts", "/agent/hostsFile"),
+            ("mesh.zone=mesh..internal", "/mesh/zone"),
         ];
         for (set, expected) in refused {
             let err = helm.template("chart-test-lint", "chart-test-lint", &[set], false).expect_err(set).to_string();
@@ -343,6 +344,19 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
             service["spec"]["clusterIP"] == "10.96.0.53"
                 && service["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
         );
+
+        // One setting, mesh.zone, names the zone for the controller, the agents and CoreDNS.
+        let zoned: Vec<&str> = sets.iter().copied().chain(["mesh.zone=mesh.internal"]).collect();
+        let docs = documents(&helm.template("chart-test-w", "chart-test-w", &zoned, false)?)?;
+        let corefile = find_named(&docs, "ConfigMap", "-coredns")?["data"]["mesh.internal.server"]
+            .as_str()
+            .context("no server block for mesh.internal")?;
+        ensure!(corefile.starts_with("mesh.internal:53 {"), "{corefile}");
+        for (kind, suffix) in [("Deployment", "-controller"), ("DaemonSet", "-agent")] {
+            let env = &find_named(&docs, kind, suffix)?["spec"]["template"]["spec"]["containers"][0]["env"];
+            let zone = env.as_array().and_then(|e| e.iter().find(|e| e["name"] == "MESH_ZONE")).map(|e| &e["value"]);
+            ensure!(zone == Some(&json!("mesh.internal")), "{kind}: MESH_ZONE {zone:?}");
+        }
         Ok(())
     })
     .await

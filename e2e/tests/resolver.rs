@@ -9,6 +9,10 @@
 //! - on a machine enrolled with `meshctl enroll --resolver hosts` (the lab's SSH node
 //!   hm-node-201): the same, and `meshctl unenroll` leaves its /etc/hosts byte for byte as it was.
 //!
+//! Under the lab's zone: mesh.local, or the one `.lab/config` names (`HM_LAB_ZONE=mesh.internal
+//! lab.sh up`, as `make e2e-resolver-zone` runs it), which the controller, the agents and
+//! `meshctl enroll --zone` then all use.
+//!
 //! The services are the suite's own (unique names in namespace `e2e-resolver`); whatever else the
 //! hosts files hold is ignored. Every wait is bounded. Lab only: it reads /etc/hosts of the nodes.
 
@@ -58,6 +62,15 @@ fn require_lab() -> anyhow::Result<()> {
          HARNESS_MESH_KUBECONFIG"
     );
     Ok(())
+}
+
+/// The running lab's DNS zone (ZONE= in .lab/config), else mesh.local.
+fn lab_zone() -> String {
+    std::fs::read_to_string(repo_root().join(".lab/config"))
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("ZONE=").map(str::to_owned)))
+        .filter(|z| !z.is_empty())
+        .unwrap_or_else(|| "mesh.local".to_owned())
 }
 
 fn now_ns() -> u128 {
@@ -224,7 +237,7 @@ async fn create_update_delete(
     let mut samples = Vec::new();
     for attempt in 0..TRIES {
         let name = format!("{prefix}-{}-{attempt}", std::process::id());
-        let fqdn = format!("{name}.{NS}.mesh.local");
+        let fqdn = format!("{name}.{NS}.{}", lab_zone());
         let _ = api.delete(&name, &DeleteParams::default()).await;
         // Create: the watchers wait for the mesh IP, which only the controller knows once the
         // object exists; so they first wait for any answer, then the address is checked.
@@ -317,7 +330,7 @@ async fn hosts_mode_names_follow_create_update_and_delete_on_every_node() -> any
     }
     let curl_from: Vec<String> = nodes.iter().filter(|n| *n != HOST_NODE).cloned().collect();
     let samples = create_update_delete(&mesh, &nodes, "e2e-res", &curl_from).await?;
-    report("lab node", &samples)
+    report(&format!("zone {}, lab node", lab_zone()), &samples)
 }
 
 /// Runs meshctl on the runner node with the lab's admin kubeconfig (at most `limit`).
@@ -401,7 +414,8 @@ async fn an_enrolled_machine_in_hosts_mode_resolves_and_unenroll_restores_its_ho
 
     let ssh = ssh_flags();
     let target = format!("root@{SSH_ADDR}");
-    let mut args = vec!["enroll", &target, "--name", MACHINE, "--wait", "90s", "--resolver", "hosts"];
+    let zone = lab_zone();
+    let mut args = vec!["enroll", &target, "--name", MACHINE, "--wait", "90s", "--resolver", "hosts", "--zone", &zone];
     args.extend(ssh.iter().map(String::as_str));
     let (ok, text) = tokio::task::spawn_blocking({
         let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
@@ -415,10 +429,7 @@ async fn an_enrolled_machine_in_hosts_mode_resolves_and_unenroll_restores_its_ho
     // The machine's own name and the nodes' are in its block once the agent synced.
     eventually_async(Duration::from_secs(30), || async {
         let hosts = mesh.nodes.exec_ok(SSH_NODE, &["cat", "/etc/hosts"])?;
-        ensure!(
-            hosts.contains(&format!("\t{MACHINE}.node.mesh.local\n")),
-            "no block with the machine's name:\n{hosts}"
-        );
+        ensure!(hosts.contains(&format!("\t{MACHINE}.node.{zone}\n")), "no block with the machine's name:\n{hosts}");
         ensure!(hosts.starts_with(&before), "the lines before the block changed:\n{hosts}");
         Ok(())
     })
@@ -426,7 +437,7 @@ async fn an_enrolled_machine_in_hosts_mode_resolves_and_unenroll_restores_its_ho
 
     let machine = vec![SSH_NODE.to_owned()];
     let samples = create_update_delete(&mesh, &machine, "e2e-res-m", &machine).await?;
-    report("enrolled machine", &samples)?;
+    report(&format!("zone {zone}, enrolled machine"), &samples)?;
 
     // Unenroll: the machine's /etc/hosts is as it was, byte for byte.
     let ssh = ssh_flags();

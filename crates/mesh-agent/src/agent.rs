@@ -197,6 +197,12 @@ pub struct Config {
     /// The hosts file of --resolver hosts (in a pod: the node's /etc/hosts mounted in).
     #[arg(long, env = "MESH_HOSTS_FILE", default_value = "/etc/hosts")]
     pub hosts_file: PathBuf,
+
+    /// The DNS zone the agent serves and puts in the node's resolver, e.g. mesh.internal (the
+    /// suffix reserved for private use, which mDNS never claims). Must match mesh-controller's
+    /// --zone (the chart's mesh.zone sets both).
+    #[arg(long, env = "MESH_ZONE", default_value = mesh_dataplane::dns::ZONE, value_parser = mesh_dataplane::dns::check_zone)]
+    pub zone: String,
 }
 
 /// `--subnet`: the grammar of `mesh_core::Subnet` (the controller's), host bits refused.
@@ -284,6 +290,8 @@ struct Machine {
     echo: Option<(Ipv4Addr, JoinHandle<()>)>,
     /// The DNS server, if serving.
     dns: Option<DnsServer>,
+    /// The zone it serves (--zone).
+    zone: String,
 }
 
 impl DataPlane for Machine {
@@ -364,8 +372,8 @@ impl DataPlane for Machine {
             if let Some(old) = self.dns.take() {
                 let _ = old.shutdown().await;
             }
-            self.dns = Some(DnsServer::start(&addrs, mesh_dataplane::dns::ZONE).await?);
-            tracing::info!(?addrs, "serving DNS for {}", mesh_dataplane::dns::ZONE);
+            self.dns = Some(DnsServer::start(&addrs, &self.zone).await?);
+            tracing::info!(?addrs, "serving DNS for {}", self.zone);
         }
         if let Some(server) = &self.dns {
             let updated = server.update(&zone.records).await;
@@ -443,7 +451,8 @@ impl Agent {
         tracing::info!(backend = ?device.backend(), interface = %config.interface, public_key = %key.public_key(), "WireGuard device ready");
         let links = Links::connect()?;
         let names =
-            Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port).await?;
+            Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port, &config.zone)
+                .await?;
         let directory = Directory::watch(client.clone());
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
         // In fallback there is nothing to probe: Connected says why there is no tunnel.
@@ -467,6 +476,7 @@ impl Agent {
             firewall: None,
             echo: None,
             dns: None,
+            zone: config.zone.clone(),
         };
         let status =
             NodeStatus { node: config.node.clone(), writer: Writer::new(client.clone()), directory: directory.clone() };
@@ -628,8 +638,15 @@ impl Agent {
         self.endpoint = (plan.endpoint.clone(), plan.listen_port);
         let published = self.published();
 
-        let executed =
-            executor::execute(&plan, &directory.zone, &mut self.machine, &mut self.status, &published, resync).await;
+        // The plan's zone is under mesh.local; --zone moves it.
+        let rezoned;
+        let zone = if self.config.zone == mesh_dataplane::dns::ZONE {
+            &directory.zone
+        } else {
+            rezoned = mesh_dataplane::dns::rezone(&directory.zone, &self.config.zone);
+            &rezoned
+        };
+        let executed = executor::execute(&plan, zone, &mut self.machine, &mut self.status, &published, resync).await;
         match &executed.status {
             Ok(true) => {
                 self.metrics.api_writes.inc();
@@ -680,7 +697,7 @@ impl Agent {
             self.metrics.applied_services.set(local.hosted.len() as i64);
         }
         let server = plan.dns_listen.first().copied();
-        if let Err(err) = self.names.update(&directory.zone, server, resync, &self.machine.links).await {
+        if let Err(err) = self.names.update(zone, server, resync, &self.machine.links).await {
             tracing::warn!("--resolver {:?}: {err:#}", self.config.resolver);
         }
         executed.dataplane

@@ -45,8 +45,13 @@ pub enum Names {
 impl Names {
     /// Picks and prepares the mode. `dns_port` is the agent's DNS port (resolved can only use
     /// port 53).
-    pub async fn start(mode: Mode, hosts_file: PathBuf, interface: &str, dns_port: u16) -> anyhow::Result<Self> {
-        let zone = mesh_dataplane::dns::ZONE;
+    pub async fn start(
+        mode: Mode,
+        hosts_file: PathBuf,
+        interface: &str,
+        dns_port: u16,
+        zone: &str,
+    ) -> anyhow::Result<Self> {
         let hosts = || Names::Hosts(hosts::HostsFile { path: hosts_file.clone() });
         let names = match mode {
             Mode::Off => Names::Off,

@@ -80,11 +80,31 @@ pub struct EnrollArgs {
     #[arg(long, value_enum, default_value_t = Resolver::Auto)]
     pub resolver: Resolver,
 
+    /// The mesh's DNS zone, as the chart's mesh.zone (the agent's --zone), e.g. mesh.internal
+    #[arg(long, env = "MESH_ZONE", default_value = "mesh.local", value_parser = parse_zone)]
+    pub zone: String,
+
     #[command(flatten)]
     pub ssh: SshArgs,
 
     #[command(flatten)]
     pub credentials: CredentialArgs,
+}
+
+/// A zone as the agent takes it: two or more DNS labels, lowercase, no trailing dot.
+fn parse_zone(text: &str) -> Result<String, String> {
+    let zone = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if zone.split('.').count() < 2 || !zone.split('.').all(label_ok) || zone.len() > 200 {
+        return Err(format!("{text:?} is not a DNS zone such as mesh.local or mesh.internal"));
+    }
+    Ok(zone)
 }
 
 /// `meshctl enroll --resolver`: the enrolled agent's `--resolver`.

@@ -222,10 +222,10 @@ impl Record {
 }
 
 /// The agent's environment file (systemd `EnvironmentFile=`, sourced by the supervisor).
-pub fn agent_env(name: &str, resolver: Resolver) -> String {
+pub fn agent_env(name: &str, resolver: Resolver, zone: &str) -> String {
     format!(
         "# mesh-agent's environment, written by meshctl enroll.\n\
-         NODE_NAME={name}\nKUBECONFIG={KUBECONFIG_PATH}\nMESH_TOKEN_FILE={TOKEN_PATH}\nMESH_RESOLVER={}\nRUST_LOG=info\n",
+         NODE_NAME={name}\nKUBECONFIG={KUBECONFIG_PATH}\nMESH_TOKEN_FILE={TOKEN_PATH}\nMESH_RESOLVER={}\nMESH_ZONE={zone}\nRUST_LOG=info\n",
         resolver.as_str()
     )
 }
@@ -555,12 +555,12 @@ mod tests {
             "/usr/local/bin/mesh-agent --state-dir /var/lib/harness-mesh --lease-namespace harness-mesh \
              --metrics-addr 127.0.0.1:9464"
         );
-        let env = agent_env("edge-1", Resolver::Hosts);
+        let env = agent_env("edge-1", Resolver::Hosts, "mesh.internal");
         assert!(env.contains("NODE_NAME=edge-1\n") && env.contains("KUBECONFIG=/etc/harness-mesh/kubeconfig\n"));
         let unit = systemd_unit("harness-mesh", Resolver::Auto);
         assert!(unit.contains("EnvironmentFile=/etc/harness-mesh/agent.env\n"));
         assert!(env.contains("MESH_TOKEN_FILE=/etc/harness-mesh/token\n"), "{env}");
-        assert!(env.contains("MESH_RESOLVER=hosts\n"), "{env}");
+        assert!(env.contains("MESH_RESOLVER=hosts\n") && env.contains("MESH_ZONE=mesh.internal\n"), "{env}");
         assert!(unit.contains("ReadWritePaths=/etc/harness-mesh -/etc/hosts\n"), "hosts or auto may write /etc/hosts");
         assert!(systemd_unit("harness-mesh", Resolver::Off).contains("ReadWritePaths=/etc/harness-mesh\n"));
         assert!(unit.contains("KillMode=process\n") && unit.contains("Restart=always\n"));
