@@ -187,7 +187,7 @@ pub struct Config {
     /// names. hosts: a managed block (`# BEGIN harness-mesh` .. `# END harness-mesh`) in
     /// --hosts-file with every name the agent's DNS serves, rewritten when the names change;
     /// lines outside it are never touched. resolved: split DNS through systemd-resolved's D-Bus
-    /// API (the agent's DNS server on the WireGuard link, ~mesh.local its routing-only domain;
+    /// API (the agent's DNS server on the WireGuard link, ~ZONE (--zone) its routing-only domain;
     /// needs the system bus and port 53). auto: resolved where systemd-resolved answers on the
     /// system bus, else hosts. off: leave the resolver alone. The agent takes out what it added
     /// when it exits.
