@@ -84,6 +84,16 @@ create() {
   log "made namespace $name (network: loopback only; own /run/netns, /run/wireguard and /etc/netns)"
 }
 
+# True when another namespace here has its private /etc/netns mounted.
+etc_netns_in_use() {
+  local dir
+  for dir in "$root"/*/; do
+    [ -f "$dir/mnt" ] || continue
+    nsenter --mount="$dir/mnt" findmnt -n /etc/netns >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+
 delete() {
   local name="$1" dir="$root/$1" left
   [ -d "$dir" ] || { log "no namespace $name"; return 0; }
@@ -94,7 +104,9 @@ delete() {
   umount "$dir/net" 2>/dev/null || true
   umount "$dir/mnt" 2>/dev/null || true
   rm -rf "$dir"
-  if [ -f "$root/made-etc-netns" ] && [ -z "$(find "$root" -mindepth 1 -maxdepth 1 -type d)" ]; then
+  # The empty /etc/netns made as a mount point goes once no other namespace mounts on it (one
+  # made by an older ns.sh, which does not, does not keep it).
+  if [ -f "$root/made-etc-netns" ] && ! etc_netns_in_use; then
     rmdir /etc/netns 2>/dev/null && rm -f "$root/made-etc-netns"
   fi
   log "deleted namespace $name"
