@@ -10,7 +10,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-resolver e2e-resolver-zone e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -60,7 +60,7 @@ fuzz: ## the fuzz targets (proptest: endpoints, UAPI answers, keys, DNS) for lon
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-core -p mesh-wireguard -p mesh-dataplane --test fuzz
 	PROPTEST_CASES=$${PROPTEST_CASES:-10000} $(CARGO) test -p mesh-agent --bin mesh-agent fuzz_
 
-test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes, or the running lab), then e2e-controller, e2e-vm, e2e-nat and kubelet-e2e
+test: deps check-crds lint ## the whole suite: drift check, lints, unit, property and lab tests (3 nodes, or the running lab), then e2e-controller, e2e-resolver-zone, e2e-vm, e2e-nat and kubelet-e2e
 	$(CARGO) build --workspace --bins
 	@set -e; was_up=0; $(LAB) status >/dev/null 2>&1 && was_up=1; \
 	  if [ $$was_up = 1 ] && { grep -q '^MODE=kubelet' .lab/config || ! grep -q '^VM_NODES=0' .lab/config || grep -q '^NAT_NODES=[1-9]' .lab/config; }; then $(LAB) down; was_up=0; fi; \
@@ -69,6 +69,7 @@ test: deps check-crds lint ## the whole suite: drift check, lints, unit, propert
 	  $(CARGO) test --workspace --no-fail-fast --exclude mesh-controller; \
 	  $(CARGO) test -p mesh-controller --no-fail-fast --bins
 	$(MAKE) e2e-controller
+	$(MAKE) e2e-resolver-zone
 	$(MAKE) e2e-vm
 	$(MAKE) e2e-nat
 	$(MAKE) kubelet-e2e
@@ -86,6 +87,19 @@ VM_SUITE_ENV := HARNESS_MESH_NODES=hm-node-1,hm-vm-1,hm-node-2 \
   HARNESS_MESH_NODE_EXEC="$(CURDIR)/e2e/lab/lab.sh exec {node} --" \
   HARNESS_MESH_AGENT_RESTART="$(CURDIR)/e2e/lab/lab.sh agent restart {node}" \
   HARNESS_MESH_STATE_DIR="$(CURDIR)/.lab/nodes/{node}" MESH_REQUIRE_KERNEL_WG=1
+
+e2e-resolver: deps ## names for native processes (e2e/tests/resolver.rs): getent and curl by name on the nodes (agents in --resolver hosts, each node its own /etc/hosts) and on a machine enrolled with --resolver hosts, on the running lab or a new 3-node one (kept up); make test runs it in its plain tier
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	$(LAB) up --nodes 3 --mode plain
+	$(CARGO) test -p harness-mesh-e2e --no-fail-fast --test resolver -- --nocapture
+
+e2e-resolver-zone: deps ## the resolver suite under another zone: a lab of its own whose controller, agents and enroll use mesh.internal (HM_LAB_ZONE); takes the lab down
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	$(CARGO) test -p harness-mesh-e2e --test resolver --no-run
+	@set -e; $(LAB) down; trap '$(LAB) down' EXIT; \
+	  HM_LAB_ZONE=mesh.internal $(LAB) up --nodes 3 --mode plain; \
+	  grep -qx 'ZONE=mesh.internal' .lab/config || { echo "[e2e-resolver-zone] the lab did not take the zone" >&2; exit 1; }; \
+	  $(CARGO) test -p harness-mesh-e2e --no-fail-fast --test resolver -- --nocapture
 
 e2e-laptop: deps ## laptop mode (e2e/tests/laptop.rs): meshctl connect/forward/expose as an unprivileged uid with no tun, on the running lab or a new 3-node one (kept up)
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl

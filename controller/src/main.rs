@@ -95,6 +95,12 @@ struct Args {
     #[arg(long, env = "MESH_SHORT_NAME_NAMESPACES", value_delimiter = ',', default_value = "default")]
     short_name_namespaces: Vec<String>,
 
+    /// The DNS zone of the mesh (status.dnsName, condition messages), e.g. mesh.internal (the
+    /// suffix reserved for private use, which mDNS never claims). Must match the agents' --zone
+    /// (the chart's mesh.zone sets both).
+    #[arg(long, env = "MESH_ZONE", default_value = mesh_dataplane::dns::ZONE, value_parser = mesh_dataplane::dns::check_zone)]
+    zone: String,
+
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -231,6 +237,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         .with_policy(rules::service::Policy {
             placement_namespaces: args.placement_namespaces.clone(),
             short_name_namespaces: args.short_name_namespaces.clone(),
+            zone: args.zone.clone(),
         }),
     );
     {

@@ -16,7 +16,8 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 # VM nodes (lab.sh up --vm-nodes K): QEMU, and what builds their kernel modules' index, initrd
 # and disk images (depmod, cpio, mke2fs), and conntrack, with which the NAT tests flush a NAT
 # router's state (lab.sh up --nat-nodes K). The last: systemd-analyze, which rates the hardening of
-# the systemd unit meshctl enroll installs (meshctl's unit tests).
+# the systemd unit meshctl enroll installs (meshctl's unit tests), and dbus-daemon, the private
+# session bus on which the agent's unit tests of --resolver resolved meet a stub systemd-resolved.
 wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
   iperf3:iperf3 iputils-ping:ping
@@ -25,7 +26,7 @@ wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl
   buildah:buildah gcc:gcc libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a binutils:objcopy
   busybox-static:/bin/busybox python3:/usr/bin/python3
   qemu-system-x86:qemu-system-x86_64 kmod:/usr/sbin/depmod cpio:cpio e2fsprogs:/usr/sbin/mke2fs conntrack:conntrack
-  systemd:systemd-analyze)
+  systemd:systemd-analyze dbus-daemon:dbus-daemon)
 missing=()
 for pair in "${wanted[@]}"; do
   what="${pair#*:}"

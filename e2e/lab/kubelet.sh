@@ -514,7 +514,9 @@ meshnodes_ready() {
 # The whole chart, with the images built for the nodes, and waits for its pods. The agents serve
 # mesh.local on the node addresses too, behind the Service $mesh_dns_ip, and the chart's CoreDNS
 # stub domain (ConfigMap coredns-custom in kube-system, the k3s convention) forwards mesh.local
-# there; install_cluster_dns imports it.
+# there; install_cluster_dns imports it. agent.resolver=off: the chart's default (auto, here
+# hosts) would mount hostPath /etc/hosts, and the kubelet nodes' holders do not give each node a
+# hosts file of its own, so that would be the host's; the plain nodes test --resolver hosts.
 install_chart_workloads() {
   local agent controller sum
   agent="$(lab_image mesh-agent)"
@@ -536,6 +538,7 @@ install_chart_workloads() {
     --set agent.image.pullPolicy=Never \
     --set 'mesh.placementNamespaces={*}' --set "mesh.podCIDRs={$pod_cidr}" \
     --set "mesh.shortNameNamespaces={$lab_short_name_namespaces}" \
+    --set agent.resolver=off --set mesh.zone="$(lab_zone)" \
     --set agent.dns.onUnderlay=true --set agent.dns.service.enabled=true \
     --set agent.dns.service.clusterIP="$mesh_dns_ip" --set coreDNS.stubDomain.enabled=true \
     --set coreDNS.stubDomain.configMapName=coredns-custom --set coreDNS.stubDomain.namespace=kube-system \

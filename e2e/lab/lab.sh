@@ -526,6 +526,10 @@ write_token_kubeconfig() {
 # that any other namespace gets none.
 lab_placement_namespaces='*'
 lab_short_name_namespaces='default,e2e-discovery,e2e-discovery-2'
+# How the plain and NAT nodes' agents give the node's own processes the zone's names (mesh-agent
+# --resolver): hosts, each node with an /etc/hosts of its own (node_hosts_file). HM_LAB_RESOLVER=off
+# runs them as before issue 23 (to see the resolver suite fail without it).
+lab_resolver="${HM_LAB_RESOLVER:-hosts}"
 
 # Runs mesh-controller (leader election on, as in a cluster) when the workspace has built it (`make lab-up` does: cargo build -p mesh-controller). Metrics on
 # 127.0.0.1:$LAB_CONTROLLER_METRICS_PORT. Its election identity is fixed, as a pod's name is in a
@@ -546,7 +550,7 @@ start_controller() {
   KUBECONFIG="$controller_kubeconfig" RUST_LOG="${RUST_LOG:-info}" daemon mesh-controller \
     --metrics-addr="127.0.0.1:$controller_metrics_port" --lease-namespace="$chart_namespace" \
     --identity=lab-mesh-controller --placement-namespaces="$lab_placement_namespaces" \
-    --short-name-namespaces="$lab_short_name_namespaces"
+    --short-name-namespaces="$lab_short_name_namespaces" --zone="$(lab_zone)"
 }
 
 # --- nodes ----------------------------------------------------------------------------------
@@ -714,7 +718,35 @@ ensure_node_net() {
 start_holder() {
   local node="$1" tun=with-tun
   if [ -e "$nodes_dir/$node.without-tun" ]; then tun=without-tun; fi
+  node_hosts_file "$node"
   spawn_holder "$node" slave "$holder_script" "$tun"
+}
+
+# Node $1's own /etc/hosts: /etc/netns/NODE/hosts, which `ip netns exec NODE` bind-mounts on
+# /etc/hosts (so the holder, everything started in it, and every `ip netns exec NODE` command see
+# it, never the host's file). Made from the host's /etc/hosts when missing; `down` removes it.
+# Must exist before the holder starts. (Inside e2e/lab/ns.sh, /etc/netns is private to the lab.)
+node_hosts_file() {
+  local dir="/etc/netns/$1"
+  [ -f "$dir/hosts" ] && return 0
+  mkdir -p "$dir"
+  cp /etc/hosts "$dir/hosts" 2>/dev/null || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$dir/hosts"
+  chmod 644 "$dir/hosts"
+}
+
+# --resolver for node $1's agent: $lab_resolver, but off unless the holder's /etc/hosts is the
+# node's own file (a holder started before node_hosts_file existed shares the host's /etc/hosts,
+# which the lab never writes).
+agent_resolver() {
+  local node="$1" holder="$2"
+  [ "$lab_resolver" = hosts ] || { echo "$lab_resolver"; return 0; }
+  if [ -f "/etc/netns/$node/hosts" ] &&
+    [ "$(nsenter -t "$holder" -m stat -L -c %d:%i /etc/hosts 2>/dev/null)" = "$(stat -L -c %d:%i "/etc/netns/$node/hosts")" ]; then
+    echo hosts
+  else
+    log "warning: $node's /etc/hosts is the host's (its holder predates the lab's per-node hosts files): its agent runs with --resolver off; restart the lab (lab.sh down; up) for hosts"
+    echo off
+  fi
 }
 
 # Starts node $1's holder: `bash -c "$3" ARGV0 "$4"...` in the node's network namespace and a
@@ -833,7 +865,8 @@ start_agent() {
   spawn "mesh-agent-$node" "$bin_dir/mesh-agent" nsenter -t "$holder" -n -m -- \
     env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$nodes_dir/$node/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
-    --lease-namespace "$chart_namespace" --short-name-namespaces "$lab_short_name_namespaces"
+    --lease-namespace "$chart_namespace" --short-name-namespaces "$lab_short_name_namespaces" \
+    --resolver "$(agent_resolver "$node" "$holder")" --zone "$(lab_zone)"
 }
 
 # A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.
@@ -864,12 +897,22 @@ check_config_compatible() {
   [ "$old" = "$new" ] || die "the running lab uses other ports ($old); run 'lab.sh down' first"
 }
 
+# The lab's DNS zone (mesh-controller and mesh-agent --zone, the chart's mesh.zone): a running
+# lab's (ZONE= in .lab/config), else $HM_LAB_ZONE (e.g. mesh.internal, make e2e-resolver-zone),
+# else mesh.local.
+lab_zone() {
+  local zone=""
+  if [ -f "$config" ]; then zone="$(sed -n 's/^ZONE=//p' "$config")"; fi
+  echo "${zone:-${HM_LAB_ZONE:-mesh.local}}"
+}
+
 write_config() {
   cat >"$config.tmp" <<EOF
 NODES=$1
 MODE=$2
 VM_NODES=${3:-0}
 NAT_NODES=${4:-0}
+ZONE=$(lab_zone)
 API_PORT=$api_port
 ETCD_PORT=$etcd_port
 ETCD_PEER_PORT=$etcd_peer_port
@@ -1420,6 +1463,13 @@ cmd_down() {
     umount -l "$m" 2>/dev/null || log "warning: could not unmount $m"
   done < <(awk -v p="$lab/" 'index($2, p) == 1 { print $2 }' /proc/self/mounts | sort -r)
   if [ -f "$run_dir/made-run-wireguard" ]; then rmdir /run/wireguard 2>/dev/null || true; fi
+  # 7. The nodes' own hosts files (node_hosts_file).
+  local d
+  for d in /etc/netns/"$netns_prefix"*; do
+    [ -d "$d" ] || continue
+    rm -f "$d/hosts"
+    rmdir "$d" 2>/dev/null || log "warning: $d has files the lab did not make; left in place"
+  done
   [ ${#stopped_pids[@]} -eq 0 ] || await_reaped "${stopped_pids[@]}"
   remove_lab_cgroups
   if [ -e "$lab" ]; then

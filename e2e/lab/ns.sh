@@ -25,7 +25,8 @@ Usage: e2e/lab/ns.sh NAME [CMD [ARG...]]
 Runs CMD (default: \$SHELL) in the private lab namespace NAME, made on first use and kept until
 --delete: a network namespace of its own, where only the loopback interface exists (so the
 lab's 127.0.0.1 ports and its hm-* node namespaces cannot collide with another lab's), and a
-mount namespace of its own with private tmpfs on /run/netns and /run/wireguard. Files, the
+mount namespace of its own with private tmpfs on /run/netns, /run/wireguard and /etc/netns
+(where the lab keeps each node's /etc/hosts). Files, the
 repository and the caches (~/.cache/harness-mesh, cargo's and Go's) are shared with the host.
 
 Inside NAME there is no network at all beyond loopback: fetch what needs the package registries
@@ -70,12 +71,27 @@ create() {
   # host's /run are harmless (lab.sh would make /run/wireguard itself).
   mkdir -p /run/netns
   [ -d /run/wireguard ] || mkdir -m 0700 /run/wireguard
+  # lab.sh gives each node its own /etc/hosts as /etc/netns/NODE/hosts, which `ip netns exec`
+  # bind-mounts on /etc/hosts: private here too, so that two labs' hm-node-1 never share one (an
+  # empty /etc/netns made here goes with the last namespace).
+  if [ ! -d /etc/netns ]; then mkdir -m 0755 /etc/netns && : >"$root/made-etc-netns"; fi
   unshare --net="$dir/net" --mount="$dir/mnt" --propagation private -- sh -ec '
     mount -t tmpfs -o mode=0755,size=1m hm-ns-netns /run/netns
     mount -t tmpfs -o mode=0700,size=16m hm-ns-wireguard /run/wireguard
+    mount -t tmpfs -o mode=0755,size=1m hm-ns-etc-netns /etc/netns
     ip link set lo up
   ' || { umount "$dir/net" "$dir/mnt" 2>/dev/null || true; rm -rf "$dir"; die "could not make namespace $name"; }
-  log "made namespace $name (network: loopback only; own /run/netns and /run/wireguard)"
+  log "made namespace $name (network: loopback only; own /run/netns, /run/wireguard and /etc/netns)"
+}
+
+# True when another namespace here has its private /etc/netns mounted.
+etc_netns_in_use() {
+  local dir
+  for dir in "$root"/*/; do
+    [ -f "$dir/mnt" ] || continue
+    nsenter --mount="$dir/mnt" findmnt -n /etc/netns >/dev/null 2>&1 && return 0
+  done
+  return 1
 }
 
 delete() {
@@ -88,6 +104,11 @@ delete() {
   umount "$dir/net" 2>/dev/null || true
   umount "$dir/mnt" 2>/dev/null || true
   rm -rf "$dir"
+  # The empty /etc/netns made as a mount point goes once no other namespace mounts on it (one
+  # made by an older ns.sh, which does not, does not keep it).
+  if [ -f "$root/made-etc-netns" ] && ! etc_netns_in_use; then
+    rmdir /etc/netns 2>/dev/null && rm -f "$root/made-etc-netns"
+  fi
   log "deleted namespace $name"
 }
 

@@ -90,6 +90,9 @@ async fn chart_lints_clean_and_its_schema_refuses_bad_values() -> anyhow::Result
             ("coreDNS.stubDomain.enabled=true", "needs somewhere to forward mesh.local"),
             ("agent.dns.service.enabled=true", "needs agent.deploy, agent.dns.enabled and agent.dns.onUnderlay"),
             ("coreDNS.stubDomain.upstreams={mesh.example}", "/coreDNS/stubDomain/upstreams/0"),
+            ("agent.resolver=resolvd", "/agent/resolver"),
+            ("agent.hostsFile=etc/hosts", "/agent/hostsFile"),
+            ("mesh.zone=mesh..internal", "/mesh/zone"),
         ];
         for (set, expected) in refused {
             let err = helm.template("chart-test-lint", "chart-test-lint", &[set], false).expect_err(set).to_string();
@@ -105,6 +108,11 @@ async fn chart_lints_clean_and_its_schema_refuses_bad_values() -> anyhow::Result
             .expect_err("ServiceMonitor without Services")
             .to_string();
         ensure!(err.contains("serviceMonitor.enabled needs metrics.service.enabled"), "{err}");
+        let err = helm
+            .template("chart-test-lint", "chart-test-lint", &["agent.resolver=resolved", "agent.dns.port=5353"], false)
+            .expect_err("resolved without DNS on port 53")
+            .to_string();
+        ensure!(err.contains("agent.resolver=resolved needs agent.dns.enabled with agent.dns.port 53"), "{err}");
         Ok(())
     })
     .await
@@ -284,6 +292,7 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
         ensure!(host_path("state") == Some(json!({"path": "/var/lib/harness-mesh", "type": "DirectoryOrCreate"})));
         ensure!(host_path("dev-net-tun").is_none(), "the agent needs no tun device: the device DaemonSet holds it");
         ensure!(a["readinessProbe"]["httpGet"]["path"] == "/healthz" && a["livenessProbe"]["tcpSocket"].is_object());
+        check_resolver_mounts(&helm)?;
 
         // The device DaemonSet: wireguard-go on the tun device, updated only on delete (a chart
         // upgrade never restarts it), no API token, NET_ADMIN only.
@@ -335,9 +344,62 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
             service["spec"]["clusterIP"] == "10.96.0.53"
                 && service["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
         );
+
+        // One setting, mesh.zone, names the zone for the controller, the agents and CoreDNS.
+        let zoned: Vec<&str> = sets.iter().copied().chain(["mesh.zone=mesh.internal"]).collect();
+        let docs = documents(&helm.template("chart-test-w", "chart-test-w", &zoned, false)?)?;
+        let corefile = find_named(&docs, "ConfigMap", "-coredns")?["data"]["mesh.internal.server"]
+            .as_str()
+            .context("no server block for mesh.internal")?;
+        ensure!(corefile.starts_with("mesh.internal:53 {"), "{corefile}");
+        for (kind, suffix) in [("Deployment", "-controller"), ("DaemonSet", "-agent")] {
+            let env = &find_named(&docs, kind, suffix)?["spec"]["template"]["spec"]["containers"][0]["env"];
+            let zone = env.as_array().and_then(|e| e.iter().find(|e| e["name"] == "MESH_ZONE")).map(|e| &e["value"]);
+            ensure!(zone == Some(&json!("mesh.internal")), "{kind}: MESH_ZONE {zone:?}");
+        }
         Ok(())
     })
     .await
+}
+
+/// `agent.resolver` (default auto) mounts only what its mode needs: the node's hosts file for
+/// hosts, its system bus for resolved, both for auto, neither for off.
+fn check_resolver_mounts(helm: &chart::Helm) -> anyhow::Result<()> {
+    let hosts = json!({"path": "/etc/hosts", "type": "File"});
+    let bus = json!({"path": "/run/dbus", "type": "DirectoryOrCreate"});
+    for (set, mode, want_hosts, want_bus) in [
+        (None, "auto", true, true),
+        (Some("agent.resolver=hosts"), "hosts", true, false),
+        (Some("agent.resolver=resolved"), "resolved", false, true),
+        (Some("agent.resolver=off"), "off", false, false),
+    ] {
+        let sets: Vec<&str> = set.into_iter().collect();
+        let docs = documents(&helm.template("chart-test-w", "chart-test-w", &sets, false)?)?;
+        let agent = &find_named(&docs, "DaemonSet", "-agent")?["spec"]["template"]["spec"];
+        let a = &agent["containers"][0];
+        let env = |name: &str| {
+            a["env"].as_array().and_then(|e| e.iter().find(|e| e["name"] == name)).map(|e| e["value"].clone())
+        };
+        ensure!(env("MESH_RESOLVER") == Some(json!(mode)), "{mode}: MESH_RESOLVER {:?}", env("MESH_RESOLVER"));
+        let volumes = agent["volumes"].as_array().context("volumes")?;
+        let host_path = |name: &str| volumes.iter().find(|v| v["name"] == name).map(|v| v["hostPath"].clone());
+        let mounted = |name: &str, path: &str| {
+            a["volumeMounts"].as_array().is_some_and(|m| m.iter().any(|m| m["name"] == name && m["mountPath"] == path))
+        };
+        ensure!(
+            (host_path("node-hosts") == Some(hosts.clone())) == want_hosts
+                && mounted("node-hosts", "/host/etc/hosts") == want_hosts
+                && (env("MESH_HOSTS_FILE") == Some(json!("/host/etc/hosts"))) == want_hosts,
+            "{mode}: the node's hosts file mounted: {}, expected {want_hosts}",
+            !want_hosts
+        );
+        ensure!(
+            (host_path("node-dbus") == Some(bus.clone())) == want_bus && mounted("node-dbus", "/run/dbus") == want_bus,
+            "{mode}: the node's /run/dbus mounted: {}, expected {want_bus}",
+            !want_bus
+        );
+    }
+    Ok(())
 }
 
 /// `kubectl get -f FILE -o name` for the objects in `yaml`: the names that exist.

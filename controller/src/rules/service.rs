@@ -28,12 +28,18 @@ pub struct Policy {
     pub placement_namespaces: Vec<String>,
     /// Namespaces whose services get `<service>.mesh.local`.
     pub short_name_namespaces: Vec<String>,
+    /// The DNS zone (`--zone`, chart `mesh.zone`): `status.dnsName` and the messages name it.
+    pub zone: String,
 }
 
 impl Default for Policy {
     /// `default` only, for both.
     fn default() -> Self {
-        Self { placement_namespaces: vec!["default".into()], short_name_namespaces: vec!["default".into()] }
+        Self {
+            placement_namespaces: vec!["default".into()],
+            short_name_namespaces: vec!["default".into()],
+            zone: mesh_dataplane::dns::ZONE.into(),
+        }
     }
 }
 
@@ -160,7 +166,7 @@ pub fn plan(service: &MeshService, allocation: &Allocation, policy: &Policy, ind
     let generation = service.metadata.generation;
     let status = MeshServiceStatus {
         mesh_ip: ip.map(|ip| ip.to_string()),
-        dns_name: Some(format!("{name}.{namespace}.mesh.local")),
+        dns_name: Some(format!("{name}.{namespace}.{}", policy.zone)),
         node: host.as_ref().ok().map(|h| h.node.clone()),
         pod_ip: host.as_ref().ok().and_then(|h| h.pod_ip.clone()),
         observed_generation: generation,
@@ -216,11 +222,12 @@ pub fn namesakes(name: &str, namespace: &str, policy: &Policy, index: &Index) ->
 
 /// Whether `<name>.mesh.local` resolves to the service `namespace/name`, and why not.
 pub fn short_name(name: &str, namespace: &str, policy: &Policy, index: &Index) -> Want {
+    let zone = &policy.zone;
     if RESERVED_SHORT_NAMES.contains(&name) {
         return Want::no(
             SHORT_NAME,
             "Reserved",
-            format!("{name}.mesh.local is reserved (node names live under it); use {name}.{namespace}.mesh.local"),
+            format!("{name}.{zone} is reserved (node names live under it); use {name}.{namespace}.{zone}"),
         );
     }
     if !listed(&policy.short_name_namespaces, namespace) {
@@ -228,22 +235,22 @@ pub fn short_name(name: &str, namespace: &str, policy: &Policy, index: &Index) -
             SHORT_NAME,
             "NamespaceNotListed",
             format!(
-                "{name}.mesh.local is reserved for services in namespace(s) [{}] (--short-name-namespaces), so that no \
-                 other namespace can take it; use {name}.{namespace}.mesh.local",
+                "{name}.{zone} is reserved for services in namespace(s) [{}] (--short-name-namespaces), so that no \
+                 other namespace can take it; use {name}.{namespace}.{zone}",
                 policy.short_name_namespaces.join(", ")
             ),
         );
     }
     let others = namesakes(name, namespace, policy, index);
     if others.is_empty() {
-        Want::yes(SHORT_NAME, "Unique", format!("{name}.mesh.local resolves to this service"))
+        Want::yes(SHORT_NAME, "Unique", format!("{name}.{zone} resolves to this service"))
     } else {
         Want::no(
             SHORT_NAME,
             "Ambiguous",
             format!(
-                "{name}.mesh.local is not published: namespace(s) {} also have a MeshService named {name}; use \
-                 {name}.{namespace}.mesh.local",
+                "{name}.{zone} is not published: namespace(s) {} also have a MeshService named {name}; use \
+                 {name}.{namespace}.{zone}",
                 others.join(", ")
             ),
         )
@@ -431,6 +438,16 @@ mod tests {
     fn with_status(mut s: MeshService, status: MeshServiceStatus) -> MeshService {
         s.status = Some(status);
         s
+    }
+
+    #[test]
+    fn another_zone_names_the_service_and_its_short_name() {
+        let index = with_nodes(&["n1"]);
+        let s = service("default", "web", json!({"node": "n1"}));
+        let policy = Policy { zone: "mesh.internal".into(), ..Policy::default() };
+        let plan = plan(&s, &granted("10.42.0.5"), &policy, &index);
+        assert_eq!(plan.status.dns_name.as_deref(), Some("web.default.mesh.internal"));
+        assert_eq!(cond(&plan, SHORT_NAME).2, "web.mesh.internal resolves to this service");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::directory::Directory;
 use crate::dns::DnsServer;
 use crate::link::Links;
 use crate::metrics::{ChangeLabel, Metrics, PeerLabel};
+use crate::resolver::Names;
 use crate::{probe, status::renew_lease};
 
 /// The agent's own flags, parsed by clap straight into the configuration the loop reads.
@@ -181,6 +182,27 @@ pub struct Config {
     /// every other interface of the node.
     #[arg(long, env = "MESH_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// How the node's own processes (getaddrinfo: curl, ssh, a native service) find the zone's
+    /// names. hosts: a managed block (`# BEGIN harness-mesh` .. `# END harness-mesh`) in
+    /// --hosts-file with every name the agent's DNS serves, rewritten when the names change;
+    /// lines outside it are never touched. resolved: split DNS through systemd-resolved's D-Bus
+    /// API (the agent's DNS server on the WireGuard link, ~ZONE (--zone) its routing-only domain;
+    /// needs the system bus and port 53). auto: resolved where systemd-resolved answers on the
+    /// system bus, else hosts. off: leave the resolver alone. The agent takes out what it added
+    /// when it exits.
+    #[arg(long, env = "MESH_RESOLVER", value_enum, default_value_t = crate::resolver::Mode::Off)]
+    pub resolver: crate::resolver::Mode,
+
+    /// The hosts file of --resolver hosts (in a pod: the node's /etc/hosts mounted in).
+    #[arg(long, env = "MESH_HOSTS_FILE", default_value = "/etc/hosts")]
+    pub hosts_file: PathBuf,
+
+    /// The DNS zone the agent serves and puts in the node's resolver, e.g. mesh.internal (the
+    /// suffix reserved for private use, which mDNS never claims). Must match mesh-controller's
+    /// --zone (the chart's mesh.zone sets both).
+    #[arg(long, env = "MESH_ZONE", default_value = mesh_dataplane::dns::ZONE, value_parser = mesh_dataplane::dns::check_zone)]
+    pub zone: String,
 }
 
 /// `--subnet`: the grammar of `mesh_core::Subnet` (the controller's), host bits refused.
@@ -268,6 +290,8 @@ struct Machine {
     echo: Option<(Ipv4Addr, JoinHandle<()>)>,
     /// The DNS server, if serving.
     dns: Option<DnsServer>,
+    /// The zone it serves (--zone).
+    zone: String,
 }
 
 impl DataPlane for Machine {
@@ -348,8 +372,8 @@ impl DataPlane for Machine {
             if let Some(old) = self.dns.take() {
                 let _ = old.shutdown().await;
             }
-            self.dns = Some(DnsServer::start(&addrs, mesh_dataplane::dns::ZONE).await?);
-            tracing::info!(?addrs, "serving DNS for {}", mesh_dataplane::dns::ZONE);
+            self.dns = Some(DnsServer::start(&addrs, &self.zone).await?);
+            tracing::info!(?addrs, "serving DNS for {}", self.zone);
         }
         if let Some(server) = &self.dns {
             let updated = server.update(&zone.records).await;
@@ -404,6 +428,8 @@ pub struct Agent {
     underlay: Option<Ipv4Addr>,
     /// The first sync has looked for relayed peers on the device (see [`Agent::sync`]).
     adopted_paths: bool,
+    /// The node's resolver (--resolver).
+    names: Names,
 }
 
 /// How long a peer may go without a live WireGuard session (a handshake in the last 180 s)
@@ -439,6 +465,9 @@ impl Agent {
         };
         tracing::info!(backend = ?device.backend(), interface = %config.interface, public_key = %key.public_key(), "WireGuard device ready");
         let links = Links::connect()?;
+        let names =
+            Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port, &config.zone)
+                .await?;
         let directory = Directory::watch(client.clone());
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
         // In fallback there is nothing to probe: Connected says why there is no tunnel.
@@ -462,6 +491,7 @@ impl Agent {
             firewall: None,
             echo: None,
             dns: None,
+            zone: config.zone.clone(),
         };
         let status =
             NodeStatus { node: config.node.clone(), writer: Writer::new(client.clone()), directory: directory.clone() };
@@ -490,6 +520,7 @@ impl Agent {
             paths: None,
             underlay: None,
             adopted_paths: false,
+            names,
         })
     }
 
@@ -512,6 +543,7 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => {
                     tracing::info!("stopping");
+                    self.names.remove().await;
                     return Ok(());
                 }
                 () = changed.notified() => {
@@ -753,8 +785,15 @@ impl Agent {
         self.endpoint = (plan.endpoint.clone(), plan.listen_port);
         let published = self.published();
 
-        let executed =
-            executor::execute(&plan, &directory.zone, &mut self.machine, &mut self.status, &published, resync).await;
+        // The plan's zone is under mesh.local; --zone moves it.
+        let rezoned;
+        let zone = if self.config.zone == mesh_dataplane::dns::ZONE {
+            &directory.zone
+        } else {
+            rezoned = mesh_dataplane::dns::rezone(&directory.zone, &self.config.zone);
+            &rezoned
+        };
+        let executed = executor::execute(&plan, zone, &mut self.machine, &mut self.status, &published, resync).await;
         match &executed.status {
             Ok(true) => {
                 self.metrics.api_writes.inc();
@@ -803,6 +842,10 @@ impl Agent {
         }
         if let Ok(local) = &plan.local {
             self.metrics.applied_services.set(local.hosted.len() as i64);
+        }
+        let server = plan.dns_listen.first().copied();
+        if let Err(err) = self.names.update(zone, server, resync, &self.machine.links).await {
+            tracing::warn!("--resolver {:?}: {err:#}", self.config.resolver);
         }
         executed.dataplane
     }

@@ -1,7 +1,8 @@
 //! Leaving a node: `mesh-agent cleanup`, and the agent's own exit when its release is being
 //! uninstalled, remove everything the agent put on the node: the WireGuard link (its addresses
-//! and the mesh route go with it), the nftables table, wireguard-go's socket, and the state dir
-//! with the private key (unless kept).
+//! and the mesh route go with it), the nftables table, wireguard-go's socket, the harness-mesh
+//! block of the hosts file (`--resolver hosts`), and the state dir with the private key (unless
+//! kept).
 //!
 //! A DaemonSet's agent cannot tell from SIGTERM alone whether it is restarting (a rollout, an
 //! upgrade, `kubectl delete pod`: everything must stay so that no packet is lost) or leaving for
@@ -33,6 +34,8 @@ pub struct Cleanup {
     pub nft: std::path::PathBuf,
     /// The state dir, or `None` to keep it (and the key: a reinstall keeps the node's identity).
     pub state_dir: Option<std::path::PathBuf>,
+    /// The hosts file whose harness-mesh block goes (`--resolver hosts`), if any.
+    pub hosts_file: Option<std::path::PathBuf>,
 }
 
 impl Cleanup {
@@ -73,6 +76,13 @@ impl Cleanup {
             Ok(true) => removed.push(format!("nftables table inet {}", firewall::TABLE)),
             Ok(false) => {}
             Err(err) => failed.push(format!("{err:#}")),
+        }
+        if let Some(path) = &self.hosts_file {
+            match (crate::resolver::hosts::HostsFile { path: path.clone() }).remove() {
+                Ok(true) => removed.push(format!("the harness-mesh block of {}", path.display())),
+                Ok(false) => {}
+                Err(err) => failed.push(format!("{err:#}")),
+            }
         }
         if let Some(dir) = &self.state_dir {
             // Only the agent's own files: the directory is whatever --state-dir names.

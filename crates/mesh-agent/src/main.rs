@@ -21,6 +21,7 @@ mod keystore;
 mod link;
 mod metrics;
 mod probe;
+mod resolver;
 mod token;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -70,8 +71,9 @@ enum Command {
     /// wireguard-go in the foreground until SIGTERM.
     Device(DeviceArgs),
     /// Remove everything the agent put on this node: the WireGuard link with its addresses and
-    /// route, the nftables table inet harness_mesh, wireguard-go's socket and (unless
-    /// --keep-state) the state dir with the private key. Stop the agent first; a running one puts
+    /// route, the nftables table inet harness_mesh, wireguard-go's socket, the harness-mesh block
+    /// of the hosts file (--resolver hosts) and (unless --keep-state) the state dir with the
+    /// private key. Stop the agent first; a running one puts
     /// it all back.
     Cleanup(CleanupArgs),
 }
@@ -104,6 +106,10 @@ struct CleanupArgs {
     /// The nft binary.
     #[arg(long, env = "MESH_NFT", default_value = "nft")]
     nft: PathBuf,
+    /// The hosts file whose harness-mesh block (--resolver hosts) goes; lines outside the block
+    /// stay as they are.
+    #[arg(long, env = "MESH_HOSTS_FILE", default_value = "/etc/hosts")]
+    hosts_file: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -136,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 interface: args.interface,
                 nft: args.nft,
                 state_dir: (!args.keep_state).then_some(args.state_dir),
+                hosts_file: Some(args.hosts_file),
             };
             let removed = cleanup.run().await?;
             if removed.is_empty() {
@@ -215,6 +222,7 @@ async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> {
                     interface: config.interface,
                     nft: config.nft,
                     state_dir: (!config.keep_state_on_uninstall).then_some(config.state_dir),
+                    hosts_file: Some(config.hosts_file.clone()),
                 };
                 match cleanup.run().await {
                     Ok(removed) => tracing::info!(?removed, "this node is clean"),

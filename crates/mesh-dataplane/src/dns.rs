@@ -47,6 +47,48 @@ use crate::desired::Exposure;
 /// The DNS zone of the mesh.
 pub const ZONE: &str = "mesh.local";
 
+/// `--zone`: a zone other than [`ZONE`] (e.g. `mesh.internal`, the suffix reserved for private
+/// use, which no mDNS resolver claims), normalised: lowercase, no trailing dot. At least two
+/// labels of letters, digits and `-`, none starting or ending with `-`.
+pub fn check_zone(text: &str) -> Result<String, String> {
+    let zone = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let labels: Vec<&str> = zone.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if labels.len() < 2 || !labels.iter().all(label_ok) || zone.len() > 200 {
+        return Err(format!(
+            "{text:?} is not a DNS zone such as mesh.local or mesh.internal (two or more labels of letters, digits \
+             and '-', at most 200 characters)"
+        ));
+    }
+    Ok(zone)
+}
+
+/// `zone` with every name moved from under [`ZONE`] to under `to` (`db.default.mesh.local` →
+/// `db.default.mesh.internal`); names that would grow past 253 characters are left out. The
+/// plan computes the zone under [`ZONE`]; an agent with `--zone` serves it under its own.
+pub fn rezone(zone: &Zone, to: &str) -> Zone {
+    if to == ZONE {
+        return zone.clone();
+    }
+    let suffix = format!(".{ZONE}");
+    let records = zone
+        .records
+        .iter()
+        .filter_map(|(name, addrs)| {
+            let head = name.strip_suffix(&suffix)?;
+            let moved = format!("{head}.{to}");
+            (moved.len() <= MAX_NAME).then_some((moved, addrs.clone()))
+        })
+        .collect();
+    Zone { records, ambiguous: zone.ambiguous.clone(), unpublished: zone.unpublished.clone() }
+}
+
 /// The label under [`ZONE`] that holds the node names: `<node>.node.mesh.local`.
 pub const NODE_LABEL: &str = "node";
 
@@ -351,6 +393,32 @@ fn check_node_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod zone_setting_tests {
+    use super::*;
+
+    #[test]
+    fn another_zone_is_checked_and_every_name_moves_under_it() {
+        assert_eq!(check_zone("Mesh.Internal.").unwrap(), "mesh.internal");
+        for bad in ["", "internal", "mesh..internal", "-mesh.internal", "mesh.internal-", "mesh internal", "."] {
+            assert!(check_zone(bad).is_err(), "{bad:?}");
+        }
+        let nodes =
+            [Node { name: "w1".into(), mesh_ip: Some(Ipv4Addr::new(10, 42, 0, 1)), underlay: None, in_tunnel: true }];
+        let zone = zone(&nodes, &[]);
+        assert_eq!(rezone(&zone, ZONE), zone);
+        let moved = rezone(&zone, "mesh.internal");
+        assert_eq!(moved.records.keys().collect::<Vec<_>>(), ["w1.node.mesh.internal"]);
+        assert_eq!(moved.records["w1.node.mesh.internal"], [Ipv4Addr::new(10, 42, 0, 1)]);
+        let long = format!("{}.internal", "a".repeat(60) + "." + &"b".repeat(60) + "." + &"c".repeat(60));
+        let too_long = Zone {
+            records: [(format!("{}.{ZONE}", "x".repeat(63)), vec![Ipv4Addr::new(10, 42, 0, 2)])].into(),
+            ..Zone::default()
+        };
+        assert!(rezone(&too_long, &long).records.is_empty(), "a name past 253 characters is left out");
+    }
 }
 
 #[cfg(test)]

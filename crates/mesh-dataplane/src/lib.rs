@@ -8,9 +8,12 @@
 //!   listed ports, and the node a member rather than a router (nothing forwarded from the
 //!   tunnel, mesh addresses only on the tunnel);
 //! - [`health`]: per-peer health from handshake age and probe results, and the bounded summary
-//!   that goes into the `Connected` condition.
+//!   that goes into the `Connected` condition;
+//! - [`hosts`]: the agent's managed block in `/etc/hosts` (`--resolver hosts`): render, splice
+//!   into a file's text, remove.
 
 pub mod desired;
 pub mod dns;
 pub mod firewall;
 pub mod health;
+pub mod hosts;

@@ -190,7 +190,8 @@ async fn serve(
         let desired = directory::desired(&plan, opts.keepalive);
         stack.set_peers(desired.peers.clone());
         stack.set_addresses(desired.addresses.clone());
-        *zone.lock().map_err(|_| anyhow::anyhow!("the zone lock is poisoned"))? = snapshot.zone;
+        *zone.lock().map_err(|_| anyhow::anyhow!("the zone lock is poisoned"))? =
+            mesh_dataplane::dns::rezone(&snapshot.zone, &opts.zone);
         let wanted: BTreeSet<SocketAddrV4> =
             desired.hosted.iter().flat_map(|(ip, ports, _)| ports.iter().map(|p| SocketAddrV4::new(*ip, *p))).collect();
         listening.retain(|at, task| {
@@ -212,20 +213,20 @@ async fn serve(
             "forwarding {at} -> {} port {} ({})",
             forward.service,
             forward.ports.remote,
-            forward.service.dns_name()
+            forward.service.dns_name_in(&opts.zone)
         );
         tokio::spawn(relay::forward(
             listener,
             stack.clone(),
             zone.clone(),
-            forward.service.dns_name(),
+            forward.service.dns_name_in(&opts.zone),
             forward.ports.remote,
         ));
     }
     if let Some(at) = opts.socks5 {
         let listener =
             tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at} (SOCKS5)"))?;
-        eprintln!("SOCKS5 proxy on {at}: curl --socks5-hostname {at} http://NAME.NAMESPACE.mesh.local:PORT");
+        eprintln!("SOCKS5 proxy on {at}: curl --socks5-hostname {at} http://NAME.NAMESPACE.{}:PORT", opts.zone);
         tokio::spawn(relay::socks5(listener, stack.clone(), zone.clone(), subnet));
     }
     let mut desired = desired;
@@ -244,7 +245,11 @@ async fn serve(
                 }
                 match stack.listen(at).await {
                     Ok(listener) => {
-                        eprintln!("exposing 127.0.0.1:{} as {} ({at})", expose.local_port, expose.service.dns_name());
+                        eprintln!(
+                            "exposing 127.0.0.1:{} as {} ({at})",
+                            expose.local_port,
+                            expose.service.dns_name_in(&opts.zone)
+                        );
                         let what = format!("{} ({at})", expose.service);
                         listening.insert(at, tokio::spawn(relay::expose(listener, expose.local_port, what)));
                     }

@@ -44,6 +44,11 @@ pub struct MemberArgs {
     /// `curl --socks5-hostname 127.0.0.1:1080 http://NAME.NAMESPACE.mesh.local:PORT`
     #[arg(long, value_name = "ADDR")]
     pub socks5: Option<SocketAddr>,
+
+    /// The mesh's DNS zone, as the chart's mesh.zone (names under it are what --socks5 resolves
+    /// and what forward and expose print), e.g. mesh.internal
+    #[arg(long, env = "MESH_ZONE", value_name = "ZONE", default_value = mesh_dataplane::dns::ZONE, value_parser = mesh_dataplane::dns::check_zone)]
+    pub zone: String,
 }
 
 /// `meshctl connect`.
@@ -129,9 +134,9 @@ pub struct QualifiedName {
 }
 
 impl QualifiedName {
-    /// `NAME.NAMESPACE.mesh.local`, the name the zone serves.
-    pub fn dns_name(&self) -> String {
-        mesh_dataplane::dns::service_name(&self.namespace, &self.name)
+    /// `NAME.NAMESPACE.ZONE`: the name under another zone (`--zone`).
+    pub fn dns_name_in(&self, zone: &str) -> String {
+        format!("{}.{}.{zone}", self.name, self.namespace)
     }
 }
 
@@ -229,7 +234,8 @@ mod tests {
         );
         let q: QualifiedName = "web.team-a".parse().expect("valid");
         assert_eq!((q.name.as_str(), q.namespace.as_str()), ("web", "team-a"));
-        assert_eq!(q.dns_name(), "web.team-a.mesh.local");
+        assert_eq!(q.dns_name_in(mesh_dataplane::dns::ZONE), "web.team-a.mesh.local");
+        assert_eq!(q.dns_name_in("mesh.internal"), "web.team-a.mesh.internal");
     }
 
     #[test]

@@ -71,11 +71,70 @@ pub struct EnrollArgs {
     #[arg(long)]
     pub no_wait: bool,
 
+    /// How the machine's own processes find *.mesh.local (the agent's --resolver). auto:
+    /// resolved where systemd-resolved runs on the machine, else hosts. resolved: split DNS on
+    /// wg-harness through systemd-resolved (the agent's DNS server for ~mesh.local only). hosts: a
+    /// managed block ("# BEGIN harness-mesh" .. "# END harness-mesh") in /etc/hosts, lines outside
+    /// it untouched. off: leave the machine's resolver alone. The agent takes out what it added
+    /// when it stops, and unenroll leaves /etc/hosts as it was
+    #[arg(long, value_enum, default_value_t = Resolver::Auto)]
+    pub resolver: Resolver,
+
+    /// The mesh's DNS zone, as the chart's mesh.zone (the agent's --zone), e.g. mesh.internal
+    #[arg(long, env = "MESH_ZONE", default_value = "mesh.local", value_parser = parse_zone)]
+    pub zone: String,
+
     #[command(flatten)]
     pub ssh: SshArgs,
 
     #[command(flatten)]
     pub credentials: CredentialArgs,
+}
+
+/// A zone as the agent takes it: two or more DNS labels, lowercase, no trailing dot.
+fn parse_zone(text: &str) -> Result<String, String> {
+    let zone = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if zone.split('.').count() < 2 || !zone.split('.').all(label_ok) || zone.len() > 200 {
+        return Err(format!("{text:?} is not a DNS zone such as mesh.local or mesh.internal"));
+    }
+    Ok(zone)
+}
+
+/// `meshctl enroll --resolver`: the enrolled agent's `--resolver`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolver {
+    /// resolved where systemd-resolved runs, else hosts
+    Auto,
+    /// Split DNS through systemd-resolved's D-Bus API
+    Resolved,
+    /// A managed block in /etc/hosts
+    Hosts,
+    /// Leave the machine's resolver alone
+    Off,
+}
+
+impl Resolver {
+    /// The agent's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolver::Auto => "auto",
+            Resolver::Resolved => "resolved",
+            Resolver::Hosts => "hosts",
+            Resolver::Off => "off",
+        }
+    }
+
+    /// Whether the agent may write /etc/hosts.
+    pub fn may_write_hosts(self) -> bool {
+        matches!(self, Resolver::Auto | Resolver::Hosts)
+    }
 }
 
 /// Where the agent's credential comes from, and how the machine reaches the API server.

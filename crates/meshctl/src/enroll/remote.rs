@@ -18,6 +18,8 @@
 
 use std::collections::BTreeMap;
 
+use super::args::Resolver;
+
 /// The agent binary on the machine.
 pub const AGENT_PATH: &str = "/usr/local/bin/mesh-agent";
 /// The agent's kubeconfig.
@@ -220,10 +222,11 @@ impl Record {
 }
 
 /// The agent's environment file (systemd `EnvironmentFile=`, sourced by the supervisor).
-pub fn agent_env(name: &str) -> String {
+pub fn agent_env(name: &str, resolver: Resolver, zone: &str) -> String {
     format!(
         "# mesh-agent's environment, written by meshctl enroll.\n\
-         NODE_NAME={name}\nKUBECONFIG={KUBECONFIG_PATH}\nMESH_TOKEN_FILE={TOKEN_PATH}\nRUST_LOG=info\n"
+         NODE_NAME={name}\nKUBECONFIG={KUBECONFIG_PATH}\nMESH_TOKEN_FILE={TOKEN_PATH}\nMESH_RESOLVER={}\nMESH_ZONE={zone}\nRUST_LOG=info\n",
+        resolver.as_str()
     )
 }
 
@@ -243,7 +246,9 @@ pub fn agent_command(lease_namespace: &str) -> String {
 /// (/dev/net/tun), no home directories, no kernel tunables, modules, logs or clock, and the
 /// address families it speaks (unix, IPv4, IPv6, netlink). `systemd-analyze security` rates it
 /// below 3 ("OK"); the unit's test keeps it there. wireguard-go, its child, gets the same.
-pub fn systemd_unit(lease_namespace: &str) -> String {
+///
+/// With `--resolver hosts` or `auto`, /etc/hosts is writable too (`-`: where it exists).
+pub fn systemd_unit(lease_namespace: &str, resolver: Resolver) -> String {
     format!(
         "# harness-mesh agent, installed by meshctl enroll; meshctl unenroll removes it.\n\
          [Unit]\n\
@@ -266,7 +271,7 @@ pub fn systemd_unit(lease_namespace: &str) -> String {
          StateDirectoryMode=0700\n\
          RuntimeDirectory=wireguard\n\
          RuntimeDirectoryPreserve=yes\n\
-         ReadWritePaths={config_dir}\n\
+         ReadWritePaths={config_dir}{hosts}\n\
          ProtectHome=yes\n\
          PrivateTmp=yes\n\
          DevicePolicy=closed\n\
@@ -293,6 +298,7 @@ pub fn systemd_unit(lease_namespace: &str) -> String {
          WantedBy=multi-user.target\n",
         command = agent_command(lease_namespace),
         config_dir = CONFIG_DIR,
+        hosts = if resolver.may_write_hosts() { " -/etc/hosts" } else { "" },
     )
 }
 
@@ -477,6 +483,11 @@ while [ $i -lt 50 ] && [ -S /run/wireguard/wg-harness.sock ]; do
   if ! ip link show wg-harness >/dev/null 2>&1; then rm -f /run/wireguard/wg-harness.sock; fi
 done
 if command -v nft >/dev/null 2>&1; then nft delete table inet harness_mesh 2>/dev/null || true; fi
+# The agent takes its block out of /etc/hosts when it stops; if it was killed first, its cleanup
+# does (only the block: every other line stays as it was).
+if grep -q "^# BEGIN harness-mesh" /etc/hosts 2>/dev/null && [ -x {AGENT_PATH} ]; then
+  {AGENT_PATH} cleanup --keep-state --hosts-file /etc/hosts >/dev/null 2>&1 || true
+fi
 rm -rf /etc/harness-mesh {STATE_DIR} /run/harness-mesh /usr/local/lib/harness-mesh
 rm -f {AGENT_PATH} {LOG_PATH} {LOG_PATH}.1
 echo removed
@@ -544,11 +555,14 @@ mod tests {
             "/usr/local/bin/mesh-agent --state-dir /var/lib/harness-mesh --lease-namespace harness-mesh \
              --metrics-addr 127.0.0.1:9464"
         );
-        let env = agent_env("edge-1");
+        let env = agent_env("edge-1", Resolver::Hosts, "mesh.internal");
         assert!(env.contains("NODE_NAME=edge-1\n") && env.contains("KUBECONFIG=/etc/harness-mesh/kubeconfig\n"));
-        let unit = systemd_unit("harness-mesh");
+        let unit = systemd_unit("harness-mesh", Resolver::Auto);
         assert!(unit.contains("EnvironmentFile=/etc/harness-mesh/agent.env\n"));
         assert!(env.contains("MESH_TOKEN_FILE=/etc/harness-mesh/token\n"), "{env}");
+        assert!(env.contains("MESH_RESOLVER=hosts\n") && env.contains("MESH_ZONE=mesh.internal\n"), "{env}");
+        assert!(unit.contains("ReadWritePaths=/etc/harness-mesh -/etc/hosts\n"), "hosts or auto may write /etc/hosts");
+        assert!(systemd_unit("harness-mesh", Resolver::Off).contains("ReadWritePaths=/etc/harness-mesh\n"));
         assert!(unit.contains("KillMode=process\n") && unit.contains("Restart=always\n"));
         let supervisor = supervisor_script("mesh");
         assert!(supervisor.starts_with("#!/bin/sh\n"));
@@ -562,7 +576,7 @@ mod tests {
     fn the_systemd_unit_is_hardened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(UNIT_NAME);
-        std::fs::write(&path, systemd_unit("harness-mesh")).unwrap();
+        std::fs::write(&path, systemd_unit("harness-mesh", Resolver::Auto)).unwrap();
         let out = std::process::Command::new("systemd-analyze")
             .args(["security", "--offline=yes", "--threshold=30"])
             .arg(&path)
