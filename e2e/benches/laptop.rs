@@ -17,38 +17,19 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::laptop::{LAPTOP, Meshctl, fetch_local, laptop_node_up};
+use harness_mesh_e2e::measure::median;
 use harness_mesh_e2e::mesh::{Mesh, wait_mesh_ip};
 use harness_mesh_e2e::repo_root;
 use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser, server_of};
 use kube::api::{Api, DeleteParams, PostParams};
 use mesh_api::MeshService;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const NAME: &str = "bench-laptop";
 const IPERF_PORT: u16 = 5311;
 const REPLY_PORT: u16 = 5312;
 const STARTS: usize = 5;
 const RUNS: usize = 3;
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// One `iperf3 -t 5` from `client` to `ip:port`, in bit/s (the server runs on hm-node-2).
-fn iperf(mesh: &Mesh, client: &str, ip: &str, port: u16) -> anyhow::Result<f64> {
-    let port = port.to_string();
-    for _ in 0..10 {
-        let out = mesh.nodes.exec(client, &["timeout", "20", "iperf3", "-c", ip, "-p", &port, "-t", "5", "-J"])?;
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return Ok(bps);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    anyhow::bail!("iperf3 from {client} to {ip}:{port} gave no result")
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -94,8 +75,8 @@ async fn main() -> anyhow::Result<()> {
         let mut member = Meshctl::start(&meshctl, &alice, &args)?;
         let (mut laptop_bps, mut agent_bps) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
-            laptop_bps.push(iperf(&mesh, LAPTOP, "127.0.0.1", 25311).context("through meshctl forward")?);
-            agent_bps.push(iperf(&mesh, &node1, &ip, IPERF_PORT).context("over the agents' mesh")?);
+            laptop_bps.push(mesh.iperf_client(LAPTOP, "127.0.0.1", 25311, 5).context("through meshctl forward")?);
+            agent_bps.push(mesh.iperf_client(&node1, &ip, IPERF_PORT, 5).context("over the agents' mesh")?);
         }
         let rss = member.rss_kib().map(|k| k as f64 / 1024.0);
         member.signal("-TERM")?;

@@ -22,7 +22,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use harness_mesh_e2e::controller::service;
-use harness_mesh_e2e::measure::{self, ApiCounters};
+use harness_mesh_e2e::measure::{self, ApiCounters, median};
 use harness_mesh_e2e::mesh::{Mesh, wait_mesh_ip};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::MeshService;
@@ -42,12 +42,6 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
 /// Per-packet round-trip times (ms) of `count` pings from `node` to `target`.
 fn ping_times(mesh: &Mesh, node: &str, target: Ipv4Addr, count: u32) -> anyhow::Result<Vec<f64>> {
     let out = mesh
@@ -64,29 +58,6 @@ fn reachable(mesh: &Mesh, node: &str, ip: Ipv4Addr) -> bool {
     mesh.nodes
         .exec(node, &["socat", "-T", "1", "-u", &format!("TCP:{ip}:{PORT},connect-timeout=0.2"), "-"])
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("bench"))
-}
-
-/// Throughput in bit/s of one `iperf3 -t 5` TCP run from `client` to `server`'s address `ip`.
-fn iperf(mesh: &Mesh, server: &str, client: &str, ip: Ipv4Addr) -> anyhow::Result<f64> {
-    let port = IPERF_PORT.to_string();
-    let mut listener = mesh.nodes.spawn(server, &["timeout", "30", "iperf3", "-s", "-1", "-p", &port])?;
-    let mut result = Err(anyhow::anyhow!("iperf3 to {ip} never ran"));
-    // The server needs a moment to listen; retry the client a few times.
-    for _ in 0..20 {
-        let out = mesh
-            .nodes
-            .exec(client, &["timeout", "20", "iperf3", "-c", &ip.to_string(), "-p", &port, "-t", "5", "-J"])?;
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            result = Ok(bps);
-            break;
-        }
-        result = Err(anyhow::anyhow!("iperf3 to {ip} from {client} failed: {}", report["error"]));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = listener.kill();
-    let _ = listener.wait();
-    result
 }
 
 /// The lab agents' pids (from `.lab/pids/`), by node; empty on another cluster.
@@ -235,8 +206,8 @@ async fn main() -> anyhow::Result<()> {
     let iperf_ip = wait_mesh_ip(&api, "bench-iperf").await?;
     let (mut mesh_bps, mut veth_bps) = (Vec::new(), Vec::new());
     for _ in 0..IPERF_RUNS {
-        mesh_bps.push(iperf(&mesh, &target, &client, iperf_ip)?);
-        veth_bps.push(iperf(&mesh, &target, &client, underlay)?);
+        mesh_bps.push(mesh.iperf(&target, &client, iperf_ip, IPERF_PORT, 5)?);
+        veth_bps.push(mesh.iperf(&target, &client, underlay, IPERF_PORT, 5)?);
     }
     api.delete("bench-iperf", &DeleteParams::default()).await?;
     let boringtun = std::env::var_os("HOME")

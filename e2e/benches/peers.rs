@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::laptop::{LAPTOP, Meshctl, as_user, fetch_local, laptop_node_up};
+use harness_mesh_e2e::measure::median;
 use harness_mesh_e2e::mesh::{Mesh, wait_mesh_ip};
 use harness_mesh_e2e::repo_root;
 use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser, server_of};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::{MeshNode, MeshNodeSpec, MeshService};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const NAME: &str = "bench-peers";
 /// onetun's MeshNode.
@@ -33,29 +34,8 @@ const REPLY_PORT: u16 = 5322;
 const TRIES: usize = 10;
 const RUNS: usize = 3;
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn worst(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::NAN, f64::max)
-}
-
-/// One `iperf3 -t 5` from the laptop to 127.0.0.1:`port`, in bit/s.
-fn iperf(mesh: &Mesh, port: u16) -> anyhow::Result<f64> {
-    let port = port.to_string();
-    for _ in 0..10 {
-        let out =
-            mesh.nodes.exec(LAPTOP, &["timeout", "20", "iperf3", "-c", "127.0.0.1", "-p", &port, "-t", "5", "-J"])?;
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return Ok(bps);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    anyhow::bail!("iperf3 through 127.0.0.1:{port} on the laptop gave no result")
 }
 
 /// Waits until 127.0.0.1:`port` on the laptop answers `reply`; the time since `started`.
@@ -183,8 +163,8 @@ async fn main() -> anyhow::Result<()> {
         first_byte(&mesh, 25422, Instant::now(), "onetun")?;
         let (mut ours_bps, mut peer_bps) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
-            ours_bps.push(iperf(&mesh, 25411).context("through meshctl forward")?);
-            peer_bps.push(iperf(&mesh, 25421).context("through onetun")?);
+            ours_bps.push(mesh.iperf_client(LAPTOP, "127.0.0.1", 25411, 5).context("through meshctl forward")?);
+            peer_bps.push(mesh.iperf_client(LAPTOP, "127.0.0.1", 25421, 5).context("through onetun")?);
         }
         stop(child);
         member.signal("-TERM")?;

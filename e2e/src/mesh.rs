@@ -115,6 +115,36 @@ impl Mesh {
         Ok(out.lines().map(str::to_owned).collect())
     }
 
+    /// One `iperf3 -t SECONDS` TCP run from `client` to `ip:port`, where a server already listens,
+    /// in bit/s (`end.sum_received`); retried a few times while the server starts.
+    pub fn iperf_client(&self, client: &str, ip: &str, port: u16, seconds: u32) -> anyhow::Result<f64> {
+        let (port_text, secs) = (port.to_string(), seconds.to_string());
+        let limit = (seconds + 15).to_string();
+        let mut error = serde_json::Value::Null;
+        for _ in 0..20 {
+            let out = self
+                .nodes
+                .exec(client, &["timeout", &limit, "iperf3", "-c", ip, "-p", &port_text, "-t", &secs, "-J"])?;
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return Ok(bps);
+            }
+            error = report["error"].clone();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("iperf3 from {client} to {ip}:{port} gave no result: {error}")
+    }
+
+    /// As [`Mesh::iperf_client`], against a one-shot `iperf3 -s -1` started on `server` for it.
+    pub fn iperf(&self, server: &str, client: &str, ip: Ipv4Addr, port: u16, seconds: u32) -> anyhow::Result<f64> {
+        let mut listener =
+            self.nodes.spawn(server, &["timeout", "60", "iperf3", "-s", "-1", "-p", &port.to_string()])?;
+        let result = self.iperf_client(client, &ip.to_string(), port, seconds);
+        let _ = listener.kill();
+        let _ = listener.wait();
+        result
+    }
+
     /// Pings `target` from `node`, `count` times at `interval`; returns (sent, received, avg
     /// rtt ms) from ping's summary.
     pub fn ping(&self, node: &str, target: Ipv4Addr, count: u32, interval: f64) -> anyhow::Result<PingStats> {

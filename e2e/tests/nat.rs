@@ -721,7 +721,7 @@ async fn relayed_and_direct_paths_measured_side_by_side() -> anyhow::Result<()> 
                 .await?;
                 let rtt = mesh.ping(&first, *ip, 20, 0.1)?;
                 ensure!(rtt.received >= 18, "{first} -> {node} ({path}): {rtt:?}");
-                let bps = iperf(&mesh, node, &first, *ip)?;
+                let bps = mesh.iperf(node, &first, *ip, IPERF_PORT, 3)?;
                 eprintln!(
                     "[nat] round {round}: {first} -> {node} ({path}): ping avg {:.3} ms, iperf3 -t 3 {:.1} Mbit/s",
                     rtt.avg_ms.unwrap_or(f64::NAN),
@@ -741,29 +741,6 @@ async fn relayed_and_direct_paths_measured_side_by_side() -> anyhow::Result<()> 
     for (_, name) in &targets {
         delete_service_and_wait(&api, name).await?;
     }
-    result
-}
-
-/// Throughput in bit/s of one `iperf3 -t 3` TCP run from `client` to `server`'s address `ip`,
-/// bounded (the server takes one client and exits within 30 s).
-fn iperf(mesh: &Mesh, server: &str, client: &str, ip: Ipv4Addr) -> anyhow::Result<f64> {
-    let port = IPERF_PORT.to_string();
-    let mut listener = mesh.nodes.spawn(server, &["timeout", "30", "iperf3", "-s", "-1", "-p", &port])?;
-    let mut result = Err(anyhow::anyhow!("iperf3 to {ip} never ran"));
-    for _ in 0..20 {
-        let out = mesh
-            .nodes
-            .exec(client, &["timeout", "20", "iperf3", "-c", &ip.to_string(), "-p", &port, "-t", "3", "-J"])?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            result = Ok(bps);
-            break;
-        }
-        result = Err(anyhow::anyhow!("iperf3 to {ip} from {client} failed: {}", report["error"]));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = listener.kill();
-    let _ = listener.wait();
     result
 }
 
