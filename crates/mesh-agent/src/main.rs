@@ -16,7 +16,6 @@ mod agent;
 mod backend;
 mod cleanup;
 mod device;
-mod dns;
 mod keystore;
 mod link;
 mod metrics;
@@ -36,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{Agent, Config};
 use crate::backend::Choice;
 // Shared with the library (mesh-sim reuses them); `crate::directory` and `crate::status` resolve here.
-use mesh_agent::{directory, status};
+use mesh_agent::{directory, dns, status};
 
 /// The harness-mesh node agent: WireGuard, service IPs, port rules and peer health for one node.
 ///
