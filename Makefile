@@ -10,7 +10,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-resolver e2e-resolver-zone e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale bench-sync build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-resolver e2e-resolver-zone e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -146,6 +146,7 @@ bench: deps ## benchmarks (3-node lab, then 500 simulated nodes): one table at t
 	$(CARGO) bench -p harness-mesh-e2e --bench mesh
 	$(MAKE) bench-laptop
 	$(CARGO) bench -p mesh-controller --bench scale
+	$(MAKE) bench-sync
 	$(CARGO) run -q -p harness-mesh-e2e --bin bench-report
 
 bench-laptop: deps ## laptop mode: release meshctl forward (unprivileged, no tun) next to the agents' wireguard-go, one run: target/bench/laptop.json
@@ -167,6 +168,9 @@ bench-peers: deps ## side by side with a peer, one lab run: meshctl forward agai
 	ONETUN=$(CURDIR)/target/peers/onetun $(CARGO) bench -p harness-mesh-e2e --bench peers
 
 SCALE_SIZES ?= 500 2000 5000
+bench-sync: ## one agent's sync in CPU at 5,000 MeshNodes / 50,000 MeshServices, no lab (directory, plan, DNS update): target/bench/sync.json
+	$(CARGO) run -q --release -p mesh-agent --example sync_scale
+
 bench-scale: deps ## the scale bench at several sizes (SCALE_SIZES, MeshNodes; 10 MeshServices each): target/bench/scale-N.json, table at the end
 	$(CARGO) build --workspace --bins
 	$(CARGO) build --release -p mesh-agent

@@ -1,10 +1,21 @@
-//! How long one agent's plan takes at a given directory size:
-//! `cargo run --release -p mesh-plan --example plan_scale -- [nodes] [services]` (default 5,000
-//! MeshNodes and 50,000 MeshServices). Prints the time to derive the shared [`Directory`] and
-//! one node's plan, best of 5.
+//! What one agent's sync costs in CPU at a given directory size, without the kernel:
+//! `cargo run --release -p mesh-agent --example sync_scale -- [nodes] [services]` (default 5,000
+//! MeshNodes and 50,000 MeshServices; `make bench-sync`, part of `make bench`). Prints, best of
+//! 5, and writes to target/bench/sync.json:
+//! - *directory*: deriving the shared [`Directory`] from the objects (what every sync does);
+//! - *plan*: one node's plan from it;
+//! - *DNS, every name*: the agent's DNS server given the whole zone the first time (a new
+//!   server, or what every sync cost before the server applied only what differs);
+//! - *DNS, one change*: the same server given the zone again after one service's IP changed
+//!   (the steady state: a sync after one change).
+//!
+//! Not included: reading the device back and writing the peers that changed (wireguard-go's
+//! UAPI or netlink), nft, and the status writes, which the scale bench (`make bench-scale`)
+//! measures on a real agent.
 
 use std::time::{Duration, Instant};
 
+use mesh_agent::dns::DnsServer;
 use mesh_api::{
     Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec,
     NetworkType, PeerEntry,
@@ -78,8 +89,10 @@ fn main() {
         dns_on_underlay: false,
         expose_ports: Default::default(),
     };
-    let (mut build, mut plan) = (Duration::MAX, Duration::MAX);
-    for _ in 0..5 {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    let loopback = ["127.0.0.1:0".parse().expect("an address")];
+    let (mut build, mut plan, mut dns_all, mut dns_one) = (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
+    for round in 0..5 {
         let started = Instant::now();
         let directory = Directory::build(
             &mesh_nodes,
@@ -102,10 +115,41 @@ fn main() {
         let node_plan = directory.plan(&input).expect("node-1 is in the directory");
         plan = plan.min(started.elapsed());
         assert_eq!(node_plan.device.peers.len(), nodes - 1);
+
+        let server = runtime.block_on(DnsServer::start(&loopback, "mesh.local")).expect("a DNS server on loopback");
+        let started = Instant::now();
+        let updated = runtime.block_on(server.update(&directory.zone.records));
+        dns_all = dns_all.min(started.elapsed());
+        assert_eq!(updated.changed, directory.zone.records.len(), "{:?}", updated.rejected);
+        // One service moves to another IP: one name differs.
+        let mut records = directory.zone.records.clone();
+        let (_, ips) = records.iter_mut().find(|(name, _)| name.starts_with("svc-")).expect("a service's name");
+        *ips = vec![std::net::Ipv4Addr::new(10, 44, 255, round)];
+        let started = Instant::now();
+        let updated = runtime.block_on(server.update(&records));
+        dns_one = dns_one.min(started.elapsed());
+        assert_eq!(updated.changed, 1);
+        runtime.block_on(server.shutdown()).expect("the DNS server stops");
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let report = serde_json::json!({
+        "nodes": nodes,
+        "services": services,
+        "directory_ms": ms(build),
+        "plan_ms": ms(plan),
+        "dns_every_name_ms": ms(dns_all),
+        "dns_one_change_ms": ms(dns_one),
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    if std::fs::create_dir_all(&out).is_ok() {
+        let _ = std::fs::write(out.join("sync.json"), report.to_string());
     }
     println!(
-        "{nodes} MeshNodes, {services} MeshServices: shared directory {:.1} ms, one node's plan {:.1} ms",
-        build.as_secs_f64() * 1e3,
-        plan.as_secs_f64() * 1e3
+        "{nodes} MeshNodes, {services} MeshServices, best of 5: directory {:.1} ms, plan {:.1} ms, \
+         DNS every name {:.1} ms, DNS one change {:.1} ms",
+        ms(build),
+        ms(plan),
+        ms(dns_all),
+        ms(dns_one)
     );
 }
