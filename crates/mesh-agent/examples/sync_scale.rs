@@ -79,16 +79,7 @@ fn main() {
             s
         })
         .collect();
-    let settings = NodeSettings {
-        interface: "wg-harness".into(),
-        subnet: "10.0.0.0/8".parse().expect("a subnet"),
-        pod_cidrs: Vec::new(),
-        mtu: 1420,
-        probe_port: 51821,
-        dns_port: 53,
-        dns_on_underlay: false,
-        expose_ports: Default::default(),
-    };
+    let settings = NodeSettings::defaults("10.0.0.0/8".parse().expect("a subnet"));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
     let loopback = ["127.0.0.1:0".parse().expect("an address")];
     let (mut build, mut plan, mut dns_all, mut dns_one) = (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);

@@ -108,8 +108,6 @@ async fn program<D: DataPlane>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use mesh_api::{Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry};
     use mesh_dataplane::dns::ShortNames;
     use mesh_plan::{Directory, NodeInput, NodeSettings, convert};
@@ -191,16 +189,7 @@ mod tests {
             &ShortNames::Every,
             convert::literal_endpoint,
         );
-        let settings = NodeSettings {
-            interface: "wg-harness".into(),
-            subnet: "10.42.0.0/16".parse().unwrap(),
-            pod_cidrs: Vec::new(),
-            mtu: 1420,
-            probe_port: 51821,
-            dns_port: 53,
-            dns_on_underlay: false,
-            expose_ports: BTreeSet::new(),
-        };
+        let settings = NodeSettings::defaults("10.42.0.0/16".parse().unwrap());
         let key = PrivateKey::from_bytes([1; 32]);
         let input = NodeInput {
             name: "a",

@@ -84,6 +84,24 @@ pub struct NodeSettings {
     pub expose_ports: BTreeSet<u16>,
 }
 
+impl NodeSettings {
+    /// The agent's own defaults (its flags' default values) on the mesh `subnet`: interface
+    /// `wg-harness`, MTU 1420, the probe echo on UDP 51821, DNS on port 53 of the mesh IP only,
+    /// no pod CIDRs and no extra exposed ports. For the simulator, benchmarks and tests.
+    pub fn defaults(subnet: Ipv4Net) -> Self {
+        Self {
+            interface: "wg-harness".to_owned(),
+            subnet,
+            pod_cidrs: Vec::new(),
+            mtu: 1420,
+            probe_port: 51821,
+            dns_port: 53,
+            dns_on_underlay: false,
+            expose_ports: BTreeSet::new(),
+        }
+    }
+}
+
 /// One node's identity and what the agent learned from the machine (impure facts are inputs).
 #[derive(Clone, Copy, Debug)]
 pub struct NodeInput<'a> {
@@ -477,14 +495,8 @@ pub(crate) mod tests {
 
     fn settings() -> NodeSettings {
         NodeSettings {
-            interface: "wg-harness".into(),
-            subnet: "10.42.0.0/16".parse().unwrap(),
             pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-            mtu: 1420,
-            probe_port: 51821,
-            dns_port: 53,
-            dns_on_underlay: false,
-            expose_ports: BTreeSet::new(),
+            ..NodeSettings::defaults("10.42.0.0/16".parse().unwrap())
         }
     }
 

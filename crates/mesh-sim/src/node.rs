@@ -84,16 +84,7 @@ impl SimNode {
     /// with `directory`'s copy.
     pub fn new(name: String, address: Ipv4Addr, client: Client, directory: Directory) -> anyhow::Result<Self> {
         let key = PrivateKey::generate().context("generating a WireGuard key")?;
-        let settings = NodeSettings {
-            interface: "wg-harness".to_owned(),
-            subnet: SUBNET.parse().context("the simulated subnet")?,
-            pod_cidrs: Vec::new(),
-            mtu: 1420,
-            probe_port: 51821,
-            dns_port: 53,
-            dns_on_underlay: false,
-            expose_ports: Default::default(),
-        };
+        let settings = NodeSettings::defaults(SUBNET.parse().context("the simulated subnet")?);
         let status = NodeStatus { node: name.clone(), writer: Writer::new(client.clone()), directory };
         Ok(Self {
             name,
