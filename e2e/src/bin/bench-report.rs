@@ -1,6 +1,6 @@
 //! `bench-report`: the last step of `make bench`. Reads what the benchmarks wrote under
-//! target/bench/ (controller.json, mesh.json, scale.json), prints them as one Markdown table
-//! (the README's performance section is a copy of it), and writes the rows to
+//! target/bench/ (controller.json, mesh.json, scale.json, sync.json), prints them as one
+//! Markdown table (the README's performance section is a copy of it), and writes the rows to
 //! target/bench/summary.json. A missing file leaves its rows out and says so.
 //!
 //! `bench-report --scale N...` is the last step of `make bench-scale`: one row per figure, one
@@ -269,6 +269,22 @@ fn main() -> anyhow::Result<()> {
                 num(&s, "real_agent.idle_cpu_percent"),
                 num(&s, "real_agent.idle_rss_mib")
             ),
+        );
+    }
+
+    if let Some(y) = read(&dir, "sync.json") {
+        let (nodes, services) = (num(&y, "nodes"), num(&y, "services"));
+        row(
+            &format!("**one agent's sync in CPU, {nodes} nodes, {services} services (no kernel, best of 5)**"),
+            String::new(),
+        );
+        row(
+            "shared directory / one node's plan",
+            format!("{:.1} / {:.1} ms", num(&y, "directory_ms"), num(&y, "plan_ms")),
+        );
+        row(
+            "DNS server: one name changed / every name (a new server)",
+            format!("{:.1} / {:.1} ms", num(&y, "dns_one_change_ms"), num(&y, "dns_every_name_ms")),
         );
     }
 
