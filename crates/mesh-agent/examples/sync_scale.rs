@@ -132,8 +132,13 @@ fn main() {
         "dns_one_change_ms": ms(dns_one),
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    if std::fs::create_dir_all(&out).is_ok() {
-        let _ = std::fs::write(out.join("sync.json"), report.to_string());
+    if let Err(err) =
+        std::fs::create_dir_all(&out).and_then(|()| std::fs::write(out.join("sync.json"), report.to_string()))
+    {
+        eprintln!(
+            "sync_scale: could not write {}/sync.json ({err}); bench-report will leave its rows out",
+            out.display()
+        );
     }
     println!(
         "{nodes} MeshNodes, {services} MeshServices, best of 5: directory {:.1} ms, plan {:.1} ms, \
