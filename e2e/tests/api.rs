@@ -59,6 +59,9 @@ async fn valid_objects_are_accepted_and_defaulted() -> anyhow::Result<()> {
         json!({"network": {"ports": [1, 65535]}, "selector": {"app.kubernetes.io/name": "x", "tier": ""}}),
         // A mapped port, and one that is not.
         json!({"network": {"ports": [8000, 8020], "targetPorts": [{"port": 8000, "targetPort": 80}]}, "node": "w"}),
+        // A container on a node's engine, with a mapped port.
+        json!({"network": {"ports": [8000], "targetPorts": [{"port": 8000, "targetPort": 80}]}, "node": "w",
+            "container": {"name": "graph-node_1.b"}}),
     ];
     for spec in services {
         // A name of the test's own: a dry-run create still fails when the name is taken (by the
@@ -177,6 +180,26 @@ fn malformed_objects() -> Vec<Malformed> {
             json!({"network": {"type": "host", "targetPorts": [{"port": 8000, "targetPort": 80}]}, "node": "w"}),
             &["spec.network.targetPorts", "type is host"],
         ),
+        service(
+            json!({"network": {"ports": [80]}, "selector": {"app": "x"}, "container": {"name": "web"}}),
+            &["spec.container", "needs spec.node"],
+        ),
+        service(
+            json!({"network": {"type": "dual", "ports": [80]}, "node": "w", "container": {"name": "web"}}),
+            &["spec.container", "needs spec.network.type mesh"],
+        ),
+        service(
+            json!({"network": {"ports": [80]}, "node": "w", "container": {"name": "-web"}}),
+            &["spec.container.name", "should match"],
+        ),
+        service(
+            json!({"network": {"ports": [80]}, "node": "w", "container": {}}),
+            &["spec.container.name", "Required value"],
+        ),
+        service(
+            json!({"network": {"ports": [80]}, "node": "w", "container": {"name": "x".repeat(129)}}),
+            &["spec.container.name", "128"],
+        ),
         Malformed {
             kind: "MeshService",
             name: "dotted.name",
@@ -269,6 +292,8 @@ async fn kubectl_shows_printer_columns_and_explains_fields() -> anyhow::Result<(
     {
         assert!(explained.contains(fragment), "kubectl explain lacks {fragment:?}:\n{explained}");
     }
+    let explained = cluster.kubectl_ok(&["explain", "meshservice.spec.container"])?;
+    assert!(explained.contains("Docker or Podman container") && explained.contains("name"), "{explained}");
     let explained = cluster.kubectl_ok(&["explain", "meshnode.spec.persistentKeepalive"])?;
     assert!(explained.contains("keepalive"), "{explained}");
 

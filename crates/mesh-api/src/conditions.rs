@@ -33,6 +33,10 @@ pub const RELAYED: &str = "Relayed";
 /// a service of the same name, or the name is reserved; the long name always works).
 pub const SHORT_NAME: &str = "ShortName";
 
+/// MeshNode: the node's agent reaches a Docker-compatible container engine (reported only while
+/// some service asks for a container on the node; False: the message says which socket failed).
+pub const CONTAINER_ENGINE: &str = "ContainerEngine";
+
 /// A condition a component wants to report, before times are filled in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Want {

@@ -20,10 +20,12 @@ mod schema;
 
 pub use crd::{CRD_FILES, crds, render_crd_files};
 pub use mesh_node::{
-    APPLIED_PEERS_ANNOTATION, AppliedPeers, Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry, RelayedPeer,
-    agent_lease_name,
+    APPLIED_PEERS_ANNOTATION, AppliedPeers, Backend, ContainerBackend, MeshNode, MeshNodeSpec, MeshNodeStatus,
+    PeerEntry, RelayedPeer, agent_lease_name,
 };
-pub use mesh_service::{MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType, PortMapping};
+pub use mesh_service::{
+    ContainerRef, MeshService, MeshServiceSpec, MeshServiceStatus, NetworkSpec, NetworkType, PortMapping,
+};
 pub use schema::{MAX_ALLOWED_IPS, MAX_CONDITION_MESSAGE, MAX_CONDITIONS, MAX_PLACED_SERVICES_PER_NODE};
 
 /// The API group of every harness-mesh resource.

@@ -205,6 +205,31 @@ pub struct RelayedPeer {
     pub via: String,
 }
 
+/// What the node's agent found of the container behind one of the MeshServices it hosts
+/// (`status.containers`): the controller turns it into the service's Ready condition.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerBackend {
+    /// The MeshService, `namespace/name`.
+    #[schemars(length(max = 317))]
+    pub service: String,
+    /// The container it names (`spec.container.name`).
+    #[schemars(length(max = 128))]
+    pub container: String,
+    /// Whether the container runs with an address the agent forwards to.
+    pub ready: bool,
+    /// The container's IPv4 address, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = schema::ipv4)]
+    pub ip: Option<String>,
+    /// Why (CamelCase): `Running`, `NotRunning`, `NotFound`, `NoAddress`, `NoEngine`.
+    #[schemars(length(max = 64))]
+    pub reason: String,
+    /// What the agent saw, for people.
+    #[schemars(length(max = 1024))]
+    pub message: String,
+}
+
 /// What the controller and the node's agent report for a MeshNode.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -251,7 +276,13 @@ pub struct MeshNodeStatus {
     #[schemars(length(max = 1024))]
     pub relayed_peers: Vec<RelayedPeer>,
 
-    /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, Connected, Relayed. One
+    /// The containers behind the MeshServices this node hosts (`spec.container`), as its agent
+    /// finds them in the node's container engine, at most 512. Written by the agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 512), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["service"]))]
+    pub containers: Vec<ContainerBackend>,
+
+    /// Kubernetes-style conditions: Ready, Allocated, IPConflict, PoolExhausted, Connected, Relayed, ContainerEngine. One
     /// entry per type, at most 16, messages at most 8192 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(transform = schema::conditions, extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -43,6 +43,12 @@ use crate::schema;
     validation = Rule::new("!(has(self.selector) && has(self.node))")
         .message("spec.selector and spec.node are mutually exclusive: set exactly one")
         .field_path(".node"),
+    validation = Rule::new("!has(self.container) || has(self.node)")
+        .message("spec.container needs spec.node: the container runs on that MeshNode's container engine")
+        .field_path(".container"),
+    validation = Rule::new("!has(self.container) || self.network.type == 'mesh'")
+        .message("spec.container needs spec.network.type mesh: the container is reached on its mesh IP only, through the hosting node's forward to the container's address")
+        .field_path(".container"),
     validation = Rule::new("self.network.type != 'host' || !has(self.meshIP)")
         .message("spec.meshIP must not be set when spec.network.type is host: a host service has no mesh IP")
         .field_path(".meshIP"),
@@ -61,10 +67,18 @@ pub struct MeshServiceSpec {
     pub selector: Option<BTreeMap<String, String>>,
 
     /// Name of the MeshNode whose process backs the service (host network or a remote
-    /// machine). Exclusive with `selector`.
+    /// machine), or whose container engine runs `container`. Exclusive with `selector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = schema::object_name)]
     pub node: Option<String>,
+
+    /// A Docker or Podman container on the MeshNode named in `node` backs the service: that
+    /// node's agent finds it through the engine's API, forwards the listed ports of the mesh IP
+    /// to the container's address (mapped by `network.targetPorts`), and follows it as it stops,
+    /// starts or changes address. The service is Ready only while the container runs. Needs
+    /// `node` and network type `mesh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
 
     /// A specific mesh IP to request, a plain IPv4 address inside the mesh subnet. Honoured when
     /// free; when another object holds it, the service reports an IPConflict condition. Leave
@@ -72,6 +86,16 @@ pub struct MeshServiceSpec {
     #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
     #[schemars(transform = schema::mesh_ip)]
     pub mesh_ip: Option<String>,
+}
+
+/// The container that backs a MeshService (`spec.container`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerRef {
+    /// The container's name in the node's engine (`docker ps` / `podman ps`, NAMES column):
+    /// a letter or digit, then letters, digits, `_`, `.` or `-`, at most 128 characters.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$"))]
+    pub name: String,
 }
 
 /// The service's network block: `{type: mesh, ports: [8000, 8020]}`, and optionally where a

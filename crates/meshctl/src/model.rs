@@ -779,6 +779,7 @@ pub(crate) mod fixtures {
                 network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000], target_ports: Vec::new() },
                 selector: None,
                 node: Some(node.into()),
+                container: None,
                 mesh_ip: None,
             },
         );
