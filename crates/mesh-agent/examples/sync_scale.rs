@@ -70,6 +70,7 @@ fn main() {
                     network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![80], target_ports: Vec::new() },
                     selector: None,
                     node: Some(node.clone()),
+                    container: None,
                     mesh_ip: None,
                 },
             );
@@ -102,6 +103,7 @@ fn main() {
             underlay: None,
             masquerade_underlay: None,
             without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
         };
         let node_plan = directory.plan(&input).expect("node-1 is in the directory");
         plan = plan.min(started.elapsed());

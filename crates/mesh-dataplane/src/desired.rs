@@ -281,7 +281,16 @@ pub fn check_placements(me: &str, bounds: &Bounds, placements: Vec<Placement>) -
             if p.node.as_deref() != Some(me) || p.exposure == Exposure::Host {
                 return true;
             }
-            let why = match (p.mesh_ip, p.pod_ip) {
+            let container = p.container_ip.and_then(|ip| {
+                if bounds.node_addresses.contains(&ip) {
+                    Some(format!("its container's address {ip} is a node's address"))
+                } else if bounds.subnet.is_some_and(|s| s.contains(&ip)) {
+                    Some(format!("its container's address {ip} is inside the mesh subnet"))
+                } else {
+                    None
+                }
+            });
+            let why = container.or_else(|| match (p.mesh_ip, p.pod_ip) {
                 (Some(ip), _) if bounds.subnet.is_none_or(|s| !s.contains(&ip)) => Some(format!(
                     "its mesh IP {ip} is outside the mesh subnet{}",
                     bounds.subnet.map(|s| format!(" {s}")).unwrap_or_default()
@@ -304,7 +313,7 @@ pub fn check_placements(me: &str, bounds: &Bounds, placements: Vec<Placement>) -
                     }
                 )),
                 _ => None,
-            };
+            });
             match why {
                 Some(why) => {
                     refused.push(Refused { service: p.service.clone(), why });
@@ -346,6 +355,13 @@ pub struct Placement {
     /// The pod-network IP of the backing pod, when the service's traffic has to be forwarded
     /// to a pod rather than served by a process on the node.
     pub pod_ip: Option<Ipv4Addr>,
+    /// The container that backs the service (`spec.container.name`) in the hosting node's
+    /// engine.
+    pub container: Option<String>,
+    /// That container's address while it runs, as the hosting node's agent finds it in its
+    /// engine (the API does not carry it: the agent fills it in before planning). A container
+    /// service without one is not hosted: its IP stays off the node, so nothing else answers.
+    pub container_ip: Option<Ipv4Addr>,
 }
 
 /// A service IP this node hosts.
@@ -379,7 +395,12 @@ pub fn hosted(me: &str, node_ip: Option<Ipv4Addr>, placements: &[Placement]) -> 
                 .filter(|(port, target)| ports.contains(port) && port != target)
                 .map(|(p, t)| (*p, *t))
                 .collect();
-            Some(Hosted { ip, ports, target_ports, service: p.service.clone(), forward_to: p.pod_ip })
+            // A container service is forwarded to its running container, and not hosted without.
+            let forward_to = match &p.container {
+                Some(_) => Some(p.container_ip?),
+                None => p.pod_ip,
+            };
+            Some(Hosted { ip, ports, target_ports, service: p.service.clone(), forward_to })
         })
         .collect();
     hosted.sort();
@@ -485,7 +506,39 @@ mod tests {
             ports: vec![8000, 8020],
             target_ports: BTreeMap::new(),
             pod_ip: None,
+            container: None,
+            container_ip: None,
         }
+    }
+
+    #[test]
+    fn a_container_service_is_forwarded_to_its_running_container_and_not_hosted_without_one() {
+        let web = Placement { container: Some("web".into()), ..placement("ns/web", "10.42.1.1", "n1", Exposure::Mesh) };
+        assert!(hosted("n1", None, std::slice::from_ref(&web)).is_empty(), "no running container, no hosting");
+        let running = Placement { container_ip: Some("10.88.0.5".parse().unwrap()), ..web };
+        let hosted = hosted("n1", None, &[running]);
+        assert_eq!(hosted[0].forward_to, Some("10.88.0.5".parse().unwrap()));
+        assert_eq!(hosted[0].ip, "10.42.1.1".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn a_container_address_on_a_node_or_in_the_mesh_is_refused() {
+        let bounds = Bounds {
+            subnet: Some("10.42.0.0/16".parse().unwrap()),
+            node_addresses: ["192.168.77.2".parse().unwrap()].into(),
+            pod_cidrs: vec![],
+        };
+        let container = |name: &str, ip: &str| Placement {
+            container: Some(name.into()),
+            container_ip: Some(ip.parse().unwrap()),
+            ..placement(&format!("ns/{name}"), "10.42.1.1", "n1", Exposure::Mesh)
+        };
+        let placements =
+            vec![container("ok", "10.88.0.5"), container("node", "192.168.77.2"), container("mesh", "10.42.0.9")];
+        let (kept, refused) = check_placements("n1", &bounds, placements);
+        assert_eq!(kept.iter().map(|p| p.service.as_str()).collect::<Vec<_>>(), ["ns/ok"]);
+        assert_eq!(refused.iter().map(|r| r.service.as_str()).collect::<Vec<_>>(), ["ns/node", "ns/mesh"]);
+        assert!(refused[0].why.contains("container's address 192.168.77.2"), "{refused:?}");
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub fn render(hosted: &[Hosted], member: Option<&Member>, masquerade: Option<&Ma
     let mut out = String::new();
     // Create-then-delete makes the delete succeed whether or not the table existed.
     let _ = writeln!(out, "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{");
+    // Where hosted services forward to (pods, containers), when nothing forwarded is translated.
+    let targets: BTreeSet<Ipv4Addr> =
+        if masquerade.is_none() { hosted.iter().filter_map(|h| h.forward_to).collect() } else { BTreeSet::new() };
+    let targets = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     if let Some(m) = member {
         let (wg, subnet) = (plain(&m.interface), m.subnet);
         let _ = writeln!(
@@ -137,6 +141,14 @@ pub fn render(hosted: &[Hosted], member: Option<&Member>, masquerade: Option<&Ma
                 let _ = writeln!(out, "    iifname \"{}\" ip daddr {subnet} drop", plain(&masq.underlay));
             }
             None => {
+                if !targets.is_empty() {
+                    // Replies of the pods and containers a hosted service forwards to: judged by
+                    // conntrack in the forward chain, where anything but a reply is dropped.
+                    let _ = writeln!(
+                        out,
+                        "    iifname != {{ \"{wg}\", \"lo\" }} ip saddr {{ {targets} }} ip daddr {subnet} accept"
+                    );
+                }
                 let _ = writeln!(out, "    iifname != {{ \"{wg}\", \"lo\" }} ip daddr {subnet} drop");
             }
         }
@@ -203,6 +215,14 @@ pub fn render(hosted: &[Hosted], member: Option<&Member>, masquerade: Option<&Ma
                  proto-dst {{ {} }} accept",
                 service.ip,
                 port_list(&service.ports)
+            );
+        }
+        if !targets.is_empty() {
+            // Without source NAT only their replies go back into the tunnel (see the guard).
+            let _ = writeln!(
+                out,
+                "    # replies of forwarded services\n    oifname \"{wg}\" ip saddr {{ {targets} }} ct state \
+                 established,related accept\n    oifname \"{wg}\" ip saddr {{ {targets} }} drop"
             );
         }
         if m.relay {
@@ -493,10 +513,21 @@ mod tests {
                 "# default/web",
                 "iifname \"wg-harness\" ct status dnat ct original ip daddr 10.42.7.7 meta l4proto { tcp, udp } ct \
                  original proto-dst { 8080, 8443 } accept",
+                "# replies of forwarded services",
+                "oifname \"wg-harness\" ip saddr { 10.244.1.2 } ct state established,related accept",
+                "oifname \"wg-harness\" ip saddr { 10.244.1.2 } drop",
                 "# a node is not a router",
                 "iifname \"wg-harness\" drop",
             ]
         );
+        // Without source NAT the pod's replies pass the guard (and only replies the forward chain).
+        assert_eq!(
+            chain(&script, "guard")[2],
+            "iifname != { \"wg-harness\", \"lo\" } ip saddr { 10.244.1.2 } ip daddr 10.42.0.0/16 accept"
+        );
+        // With source NAT nothing forwarded needs the exception.
+        let translated = render(&[web_on_a_pod()], Some(&member()), Some(&masquerade()));
+        assert!(!translated.contains("ip saddr { 10.244.1.2 }"), "{translated}");
         // Nothing pod-backed: nothing is forwarded from the tunnel at all.
         let plain = render(&[], Some(&member()), None);
         assert_eq!(chain(&plain, "forward")[2..], ["# a node is not a router", "iifname \"wg-harness\" drop"]);

@@ -134,6 +134,8 @@ pub fn placement(service: &MeshService) -> Placement {
             .filter_map(|m| Some((u16::try_from(m.port).ok()?, u16::try_from(m.target_port).ok()?)))
             .collect(),
         pod_ip: status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()),
+        container: service.spec.container.as_ref().map(|c| c.name.clone()),
+        container_ip: None,
     }
 }
 

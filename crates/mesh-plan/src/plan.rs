@@ -122,6 +122,10 @@ pub struct NodeInput<'a> {
     /// observation): they go through a relay ([`crate::relay`]). Ephemeral members are never
     /// relayed (they have no agent to relay the other way).
     pub without_direct: &'a BTreeSet<String>,
+    /// The running containers of the node's engine with their addresses, by container name, as
+    /// the agent finds them. A service whose container (`spec.container`) is missing here is
+    /// not hosted.
+    pub containers: &'a BTreeMap<String, Ipv4Addr>,
 }
 
 /// What the node's link should carry.
@@ -151,6 +155,9 @@ pub struct Local {
     pub refused: Vec<Refused>,
     /// The link's addresses.
     pub link: LinkAddresses,
+    /// The containers the services placed here ask for: service `namespace/name` → container
+    /// name (what the agent looks for in the node's engine and reports in `status.containers`).
+    pub containers: BTreeMap<String, String>,
     /// The nftables script (`nft -f -`).
     pub ruleset: String,
 }
@@ -405,7 +412,15 @@ impl Directory {
             node_addresses: self.node_addresses.clone(),
             pod_cidrs: settings.pod_cidrs.clone(),
         };
-        let (placements, refused) = desired::check_placements(name, &bounds, self.placements_on(name).to_vec());
+        let mut placements = self.placements_on(name).to_vec();
+        let mut containers = BTreeMap::new();
+        for p in &mut placements {
+            if let Some(container) = &p.container {
+                containers.insert(p.service.clone(), container.clone());
+                p.container_ip = node.containers.get(container).copied();
+            }
+        }
+        let (placements, refused) = desired::check_placements(name, &bounds, placements);
         let hosted = desired::hosted(name, Some(node_ip), &placements);
         let dns: BTreeSet<u16> = [settings.dns_port].into_iter().filter(|p| *p != 0).collect();
         let mut agent_udp = dns.clone();
@@ -433,7 +448,7 @@ impl Directory {
             subnet: settings.subnet,
             forwarding: self.members.get(name).is_some_and(|m| m.relay),
         };
-        Local { node_ip, hosted, refused, link, ruleset }
+        Local { node_ip, hosted, refused, link, containers, ruleset }
     }
 }
 
@@ -481,6 +496,7 @@ pub(crate) mod tests {
                 network: NetworkSpec { type_: NetworkType::Mesh, ports: vec![8000], target_ports: Vec::new() },
                 selector: None,
                 node: Some(node.into()),
+                container: None,
                 mesh_ip: None,
             },
         );
@@ -530,6 +546,7 @@ pub(crate) mod tests {
             underlay: Some(Ipv4Addr::new(192, 168, 77, i)),
             masquerade_underlay: None,
             without_direct,
+            containers: &BTreeMap::new(),
         };
         dir.plan(&input).unwrap()
     }
@@ -696,6 +713,7 @@ pub(crate) mod tests {
             underlay: None,
             masquerade_underlay: Some("eth0"),
             without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
         };
         let ruleset = dir.plan(&input).unwrap().local.unwrap().ruleset;
         assert!(ruleset.contains("snat ip to 10.42.0.1") && ruleset.contains("iifname != \"eth0\""), "{ruleset}");
@@ -754,6 +772,7 @@ pub(crate) mod tests {
             underlay: None,
             masquerade_underlay: None,
             without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
         };
         assert!(dir.plan(&input).unwrap_err().to_string().contains("MeshNode gone does not exist"));
     }
@@ -771,6 +790,7 @@ pub(crate) mod tests {
             underlay: None,
             masquerade_underlay: None,
             without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
         };
         let plan = dir.plan(&input).unwrap();
         assert!(plan.fallback && plan.device.peers.is_empty() && plan.applied.is_none() && plan.local.is_err());

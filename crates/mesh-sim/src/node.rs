@@ -115,6 +115,7 @@ impl SimNode {
             underlay: Some(self.address),
             masquerade_underlay: None,
             without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
         };
         let plan = snapshot.plan(&input)?;
         let published = Published {
@@ -126,6 +127,8 @@ impl SimNode {
             backend: Backend::Userspace,
             connected: None,
             paths: None,
+            containers: Vec::new(),
+            engine: None,
         };
         let executed =
             executor::execute(&plan, &snapshot.zone, &mut self.dataplane, &mut self.status, &published, resync).await;

@@ -134,6 +134,7 @@ pub fn plan(
         underlay: None,
         masquerade_underlay: None,
         without_direct: &std::collections::BTreeSet::new(),
+        containers: &std::collections::BTreeMap::new(),
     })
 }
 
