@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backend::{Choice, Device, userspace};
+use crate::containers::{self, Engine};
 use crate::directory::Directory;
 use crate::dns::DnsServer;
 use crate::link::Links;
@@ -203,6 +204,14 @@ pub struct Config {
     /// --zone (the chart's mesh.zone sets both).
     #[arg(long, env = "MESH_ZONE", default_value = mesh_dataplane::dns::ZONE, value_parser = mesh_dataplane::dns::check_zone)]
     pub zone: String,
+
+    /// The Docker-compatible API socket of the node's container engine, for MeshServices backed
+    /// by a container (spec.container). Default: /run/podman/podman.sock (Podman's API service,
+    /// podman.socket), else /var/run/docker.sock, whichever exists. The agent connects only once
+    /// a service placed on this node asks for a container; without an engine it says so in the
+    /// MeshNode's ContainerEngine condition and each such service's Ready condition.
+    #[arg(long, env = "MESH_CONTAINER_SOCKET")]
+    pub container_socket: Option<PathBuf>,
 }
 
 /// `--subnet`: the grammar of `mesh_core::Subnet` (the controller's), host bits refused.
@@ -430,6 +439,12 @@ pub struct Agent {
     adopted_paths: bool,
     /// The node's resolver (--resolver).
     names: Names,
+    /// The node's container engine (--container-socket), watched once a service asks.
+    engine: Engine,
+    /// The running containers' addresses the last plan was made with.
+    containers: BTreeMap<String, Ipv4Addr>,
+    /// `status.containers` and the `ContainerEngine` condition, as of the last plan.
+    container_report: (Vec<mesh_api::ContainerBackend>, Option<mesh_api::conditions::Want>),
 }
 
 /// How long a peer may go without a live WireGuard session (a handshake in the last 180 s)
@@ -493,6 +508,7 @@ impl Agent {
             dns: None,
             zone: config.zone.clone(),
         };
+        let engine = Engine::new(config.container_socket.clone());
         let status =
             NodeStatus { node: config.node.clone(), writer: Writer::new(client.clone()), directory: directory.clone() };
         Ok(Self {
@@ -521,6 +537,9 @@ impl Agent {
             underlay: None,
             adopted_paths: false,
             names,
+            engine,
+            containers: BTreeMap::new(),
+            container_report: (Vec::new(), None),
         })
     }
 
@@ -538,6 +557,7 @@ impl Agent {
         probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel::<Vec<(String, Option<Duration>)>>(4);
         let changed = self.directory.changed.clone();
+        let mut engine = self.engine.subscribe();
         let mut probing = false;
         loop {
             tokio::select! {
@@ -552,6 +572,11 @@ impl Agent {
                     self.sync_logged(false).await;
                 }
                 _ = resync.tick() => self.sync_logged(true).await,
+                Ok(()) = engine.changed() => {
+                    // A container started, stopped or moved: forward to where it is now.
+                    engine.mark_unchanged();
+                    self.sync_logged(false).await;
+                }
                 _ = retry_direct.tick(), if self.paths.as_ref().is_some_and(|p| !p.relayed.is_empty()) => {
                     if let Err(err) = self.retry_direct().await {
                         tracing::warn!("retrying the direct paths of relayed peers: {err:#}");
@@ -713,6 +738,8 @@ impl Agent {
             backend: self.machine.device.backend(),
             connected: self.summary.clone(),
             paths: self.paths.clone(),
+            containers: self.container_report.0.clone(),
+            engine: self.container_report.1.clone(),
         }
     }
 
@@ -751,6 +778,8 @@ impl Agent {
 
         let planning = Instant::now();
         let directory = self.directory.snapshot(Some(self.config.subnet), &self.short_names);
+        let view = self.engine.view();
+        self.containers = view.addresses();
         let mut input = NodeInput {
             name: &self.config.node,
             key: &self.key,
@@ -759,6 +788,7 @@ impl Agent {
             underlay,
             masquerade_underlay: masquerade.as_deref(),
             without_direct: &self.without_direct,
+            containers: &self.containers,
         };
         let mut plan = directory.plan(&input)?;
         let mut adopted = BTreeSet::new();
@@ -778,6 +808,20 @@ impl Agent {
         }
         if !adopted.is_empty() {
             self.without_direct = adopted;
+        }
+        match &plan.local {
+            Ok(local) if !local.containers.is_empty() => {
+                // Watched from the first service that asks; its first view wakes a new sync.
+                self.engine.start();
+                if !view.pending {
+                    let refused = local.refused.iter().map(|r| (r.service.clone(), r.why.clone())).collect();
+                    self.container_report = (
+                        containers::report(&local.containers, &view, &refused),
+                        containers::engine_condition(&local.containers, &view),
+                    );
+                }
+            }
+            _ => self.container_report = (Vec::new(), None),
         }
         self.paths = (!plan.fallback).then(|| plan.paths.clone());
         self.metrics.plan_seconds.observe(planning.elapsed().as_secs_f64());

@@ -199,6 +199,7 @@ mod tests {
             underlay: None,
             masquerade_underlay: None,
             without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
         };
         (dir.plan(&input).unwrap(), dir.zone.clone())
     }
@@ -211,6 +212,8 @@ mod tests {
             backend: Backend::Kernel,
             connected: None,
             paths: None,
+            containers: Vec::new(),
+            engine: None,
         }
     }
 

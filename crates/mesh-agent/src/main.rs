@@ -15,6 +15,7 @@
 mod agent;
 mod backend;
 mod cleanup;
+mod containers;
 mod device;
 mod keystore;
 mod link;

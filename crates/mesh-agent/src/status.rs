@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use mesh_api::conditions::{CONNECTED, RELAYED, Want, merge, same};
-use mesh_api::{AppliedPeers, Backend, MeshNode, MeshNodeStatus, RelayedPeer};
+use mesh_api::conditions::{CONNECTED, CONTAINER_ENGINE, RELAYED, Want, merge, same};
+use mesh_api::{AppliedPeers, Backend, ContainerBackend, MeshNode, MeshNodeStatus, RelayedPeer};
 use mesh_dataplane::health::Summary;
 use mesh_plan::relay::Paths;
 use serde_json::json;
@@ -41,6 +41,10 @@ pub struct Published {
     pub connected: Option<Summary>,
     /// How the node reaches the peers it has no direct path to (`None` in fallback).
     pub paths: Option<Paths>,
+    /// The containers behind the services placed here (`status.containers`).
+    pub containers: Vec<ContainerBackend>,
+    /// The `ContainerEngine` condition, while some service placed here asks for a container.
+    pub engine: Option<Want>,
 }
 
 /// How many peers a `Relayed` message names before it says "and N more".
@@ -91,8 +95,12 @@ pub fn relayed_peers(paths: Option<&Paths>) -> Vec<RelayedPeer> {
 /// (unchanged ones keep their transition time; one with nothing to say yet is kept as it is),
 /// and whether they say what `current` says.
 fn conditions(current: &MeshNodeStatus, published: &Published, generation: Option<i64>) -> (Vec<Condition>, bool) {
-    let ours: Vec<Condition> =
-        current.conditions.iter().filter(|c| c.type_ == CONNECTED || c.type_ == RELAYED).cloned().collect();
+    let ours: Vec<Condition> = current
+        .conditions
+        .iter()
+        .filter(|c| c.type_ == CONNECTED || c.type_ == RELAYED || c.type_ == CONTAINER_ENGINE)
+        .cloned()
+        .collect();
     let mut wants = Vec::new();
     let mut kept = Vec::new();
     match &published.connected {
@@ -108,6 +116,8 @@ fn conditions(current: &MeshNodeStatus, published: &Published, generation: Optio
         Some(paths) => wants.push(relayed_condition(paths)),
         None => kept.extend(ours.iter().filter(|c| c.type_ == RELAYED).cloned()),
     }
+    // Said only while some service here asks for a container; otherwise it goes.
+    wants.extend(published.engine.clone());
     kept.extend(merge(&ours, &wants, generation));
     let same = same(&ours, &kept);
     (kept, same)
@@ -122,6 +132,7 @@ pub fn shows(node: &MeshNode, published: &Published) -> bool {
         && current.listen_port == Some(i32::from(published.listen_port))
         && current.backend == Some(published.backend)
         && current.relayed_peers == relayed_peers(published.paths.as_ref())
+        && current.containers == published.containers
         && same_conditions
 }
 
@@ -136,6 +147,7 @@ pub async fn write(client: &Client, node: &MeshNode, published: &Published) -> a
         listen_port: Some(i32::from(published.listen_port)),
         backend: Some(published.backend),
         relayed_peers: relayed_peers(published.paths.as_ref()),
+        containers: published.containers.clone(),
         conditions,
         ..MeshNodeStatus::default()
     };
@@ -258,6 +270,8 @@ mod tests {
             backend: Backend::Userspace,
             connected: None,
             paths: None,
+            containers: Vec::new(),
+            engine: None,
         }
     }
 
