@@ -55,6 +55,7 @@ struct PlacementFacts {
     service_namespaces: Option<Vec<String>>,
     backend: Option<Backend>,
     connect_owner: Option<String>,
+    containers: Vec<mesh_api::ContainerBackend>,
 }
 
 /// The index (see the module docs).
@@ -118,6 +119,7 @@ impl Index {
             service_namespaces: n.spec.service_namespaces.clone(),
             backend: n.status.as_ref().and_then(|s| s.backend),
             connect_owner: n.annotations().get(mesh_api::CONNECT_OWNER_ANNOTATION).cloned(),
+            containers: n.status.as_ref().map(|s| s.containers.clone()).unwrap_or_default(),
         };
         let previous = self.remove_mesh_node(&name);
         let changed = previous.as_deref().map(facts) != Some(facts(&node));

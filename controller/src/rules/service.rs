@@ -149,6 +149,7 @@ pub fn plan(service: &MeshService, allocation: &Allocation, policy: &Policy, ind
         {
             Want::no(READY, NO_TUNNEL, no_tunnel_message(node))
         }
+        (Ok(Host { node, .. }), None) if service.spec.container.is_some() => container_ready(service, node, ip, index),
         (Ok(Host { node, pod_ip }), None) => match (ip, pod_ip) {
             (Some(ip), Some(pod_ip)) => Want::yes(
                 READY,
@@ -388,6 +389,44 @@ pub fn is_ready(pod: &Pod) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     ready && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// The Ready condition of a service backed by a container on `node`: what that node's agent
+/// reports of it in `status.containers`.
+fn container_ready(service: &MeshService, node: &str, ip: Option<Ipv4Addr>, index: &Index) -> Want {
+    let key = format!("{}/{}", service.namespace().unwrap_or_default(), service.name_any());
+    let name = service.spec.container.as_ref().map(|c| c.name.as_str()).unwrap_or_default();
+    let reported = index
+        .mesh_node(node)
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.containers.iter().find(|c| c.service == key && c.container == name));
+    match reported {
+        None => Want::no(
+            READY,
+            "ContainerPending",
+            format!("waiting for the agent of MeshNode {node} to look for container {name} in its container engine"),
+        ),
+        Some(c) if !c.ready => {
+            let reason = match c.reason.as_str() {
+                "NotRunning" => "ContainerNotRunning",
+                "NotFound" => "ContainerNotFound",
+                "NoAddress" => "ContainerNoAddress",
+                "NoEngine" => "NoContainerEngine",
+                "Refused" => "ContainerRefused",
+                _ => "ContainerNotReady",
+            };
+            Want::no(READY, reason, format!("MeshNode {node}: {}", c.message))
+        }
+        Some(c) => Want::yes(
+            READY,
+            "Hosted",
+            format!(
+                "reachable at {} on MeshNode {node}, forwarded to container {name} at {}",
+                ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                c.ip.as_deref().unwrap_or_default()
+            ),
+        ),
+    }
 }
 
 /// Whether the MeshNode runs without WireGuard (backend none): a `mesh` service there is never
@@ -638,6 +677,60 @@ mod tests {
             super::plan(&dual, &granted("10.42.0.5"), &Policy::default(), &index).status.conditions[1].reason,
             "Hosted"
         );
+    }
+
+    #[test]
+    fn a_container_service_is_ready_only_while_its_node_reports_the_container_running() {
+        let web = service("default", "web", json!({"node": "n1", "container": {"name": "web-1"}}));
+        let node_reporting = |containers: serde_json::Value| {
+            let mut index = Index::new();
+            let status = json!({"publicKey": null, "backend": "kernel", "containers": containers});
+            index.apply_mesh_node(mesh_node("n1", 1, json!({}), json!({}), status));
+            index
+        };
+        let ready = |index: &Index| cond(&plan(&web, &granted("10.42.0.5"), &Policy::default(), index), READY);
+
+        let (status, reason, message) = ready(&node_reporting(json!([])));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "ContainerPending"));
+        assert!(message.contains("container web-1"), "{message}");
+
+        let stopped = json!([{"service": "default/web", "container": "web-1", "ready": false, "reason": "NotRunning",
+            "message": "container web-1 is exited in podman 4.3.1 at /run/podman/podman.sock"}]);
+        let (status, reason, message) = ready(&node_reporting(stopped));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "ContainerNotRunning"));
+        assert_eq!(message, "MeshNode n1: container web-1 is exited in podman 4.3.1 at /run/podman/podman.sock");
+
+        let no_engine = json!([{"service": "default/web", "container": "web-1", "ready": false, "reason": "NoEngine",
+            "message": "no container engine socket"}]);
+        assert_eq!(ready(&node_reporting(no_engine)).1, "NoContainerEngine");
+
+        // Another service's container, or another container of the same name, is not this one.
+        let others = json!([{"service": "other/web", "container": "web-1", "ready": true, "ip": "10.88.0.2",
+            "reason": "Running", "message": ""}]);
+        assert_eq!(ready(&node_reporting(others)).1, "ContainerPending");
+
+        let running = json!([{"service": "default/web", "container": "web-1", "ready": true, "ip": "10.88.0.7",
+            "reason": "Running", "message": "container web-1 runs at 10.88.0.7"}]);
+        let index = node_reporting(running);
+        let plan = plan(&web, &granted("10.42.0.5"), &Policy::default(), &index);
+        let (status, reason, message) = cond(&plan, READY);
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "Hosted"));
+        assert_eq!(message, "reachable at 10.42.0.5 on MeshNode n1, forwarded to container web-1 at 10.88.0.7");
+        assert_eq!(plan.hosted.as_ref().map(|h| h.node.as_str()), Some("n1"));
+        assert_eq!(plan.status.pod_ip, None, "a container's address stays on its node");
+    }
+
+    #[test]
+    fn a_node_reporting_its_containers_wakes_its_services() {
+        let mut index = Index::new();
+        let with = |containers: serde_json::Value| {
+            mesh_node("n1", 1, json!({}), json!({}), json!({"backend": "kernel", "containers": containers}))
+        };
+        assert!(index.apply_mesh_node(with(json!([]))));
+        assert!(!index.apply_mesh_node(with(json!([]))));
+        let running = json!([{"service": "default/web", "container": "web-1", "ready": true, "ip": "10.88.0.7",
+            "reason": "Running", "message": ""}]);
+        assert!(index.apply_mesh_node(with(running)));
     }
 
     #[test]
