@@ -293,6 +293,7 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
         ensure!(host_path("dev-net-tun").is_none(), "the agent needs no tun device: the device DaemonSet holds it");
         ensure!(a["readinessProbe"]["httpGet"]["path"] == "/healthz" && a["livenessProbe"]["tcpSocket"].is_object());
         check_resolver_mounts(&helm)?;
+        check_container_socket_mount(&helm)?;
 
         // The device DaemonSet: wireguard-go on the tun device, updated only on delete (a chart
         // upgrade never restarts it), no API token, NET_ADMIN only.
@@ -360,6 +361,35 @@ async fn workloads_are_least_privilege() -> anyhow::Result<()> {
         Ok(())
     })
     .await
+}
+
+/// `agent.containerSocket` mounts the socket's directory (read-only) and points the agent at
+/// the socket inside it; unset, nothing of the node's engine is mounted.
+fn check_container_socket_mount(helm: &chart::Helm) -> anyhow::Result<()> {
+    for (set, want) in [(None, None), (Some("agent.containerSocket=/run/podman/podman.sock"), Some("/run/podman"))] {
+        let sets: Vec<&str> = set.into_iter().collect();
+        let docs = documents(&helm.template("chart-test-c", "chart-test-c", &sets, false)?)?;
+        let agent = &find_named(&docs, "DaemonSet", "-agent")?["spec"]["template"]["spec"];
+        let a = &agent["containers"][0];
+        let env = a["env"].as_array().and_then(|e| e.iter().find(|e| e["name"] == "MESH_CONTAINER_SOCKET"));
+        let volume = agent["volumes"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "container-engine"));
+        let mount = a["volumeMounts"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "container-engine"));
+        match want {
+            None => {
+                ensure!(env.is_none() && volume.is_none() && mount.is_none(), "no socket set, yet {env:?} {volume:?}")
+            }
+            Some(dir) => {
+                ensure!(volume.map(|v| &v["hostPath"]["path"]) == Some(&json!(dir)), "{volume:?}");
+                ensure!(mount.is_some_and(|m| m["readOnly"] == json!(true)), "{mount:?}");
+                let path = mount.map(|m| m["mountPath"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
+                ensure!(
+                    env.map(|e| &e["value"]) == Some(&json!(format!("{path}/podman.sock"))),
+                    "MESH_CONTAINER_SOCKET {env:?} is not the socket in {path}"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `agent.resolver` (default auto) mounts only what its mode needs: the node's hosts file for

@@ -118,13 +118,17 @@ fn socket_path(configured: Option<&Path>) -> Result<PathBuf, String> {
         return if path.exists() {
             Ok(path.to_owned())
         } else {
-            Err(format!("no container engine socket at {} (--container-socket)", path.display()))
+            Err(format!(
+                "no container engine socket at {} (--container-socket; the chart's agent.containerSocket): is the \
+                 engine's API service running?",
+                path.display()
+            ))
         };
     }
     DEFAULT_SOCKETS.iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| {
         format!(
             "no container engine socket at {} (start Docker, or Podman's API service: systemctl enable --now \
-             podman.socket; or point --container-socket at it)",
+             podman.socket; or point --container-socket, the chart's agent.containerSocket, at it)",
             DEFAULT_SOCKETS.join(" or ")
         )
     })
