@@ -13,6 +13,8 @@
 #   e2e/lab/lab.sh controller start|stop|restart|kill      control the lab's mesh-controller
 #   e2e/lab/lab.sh apiserver stop|start                    stop/start kube-apiserver (etcd stays)
 #   e2e/lab/lab.sh ssh-node K                             node K runs sshd instead of an agent
+#   e2e/lab/lab.sh podman start|stop NODE                  a container engine (Podman) on a node
+#   e2e/lab/lab.sh podman NODE -- ARGS...                  the podman CLI against that engine
 #
 # All state lives in <repo>/.lab/ (bin/, pki/, etcd/, logs/, pids/, run/, nodes/, config,
 # kubeconfig).
@@ -125,6 +127,15 @@ Commands:
                  copy-on-write /etc, /usr/local and /var (changes stay in .lab/ssh/hm-node-K/).
                  Logins: root and $ssh_user with the key .lab/ssh/client_ed25519; the host keys
                  are in .lab/ssh/known_hosts. Idempotent; \`up\` leaves SSH nodes alone.
+  podman start|stop NODE
+                 A container engine on NODE: Debian's Podman with its Docker-compatible API on
+                 .lab/nodes/NODE/podman/podman.sock (start returns once GET /_ping answers),
+                 containers on the bridge podman0 (10.88.N.0/24) in the node's namespace, and
+                 the image $podman_image. stop stops every container, the service and the
+                 engine's mount namespace; images and containers stay until \`down\`.
+                 Idempotent; see "Container engine on a node" in e2e/lab/README.md.
+  podman NODE [--] ARGS...
+                 Run \`podman ARGS...\` against NODE's engine (same storage, same state).
   nat-move K J   Move NAT node hm-nat-K behind router hm-natr-J, as a machine that moves to
                  another network (its underlay address changes; J=K moves it back home). With
                  2 or more NAT nodes, \`up\` makes hm-node-1 the mesh relay (spec.relay: true).
@@ -575,6 +586,8 @@ socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
 . "$here/vm.sh"
 # shellcheck source=e2e/lab/nat.sh
 . "$here/nat.sh"
+# shellcheck source=e2e/lab/podman.sh
+. "$here/podman.sh"
 
 # The holder's script: $0 becomes its argv[0] ("$lab/holder/hm-node-i"), which names the lab, so
 # `down` finds a holder even without its pid file. The holder's mount namespace is a slave of the
@@ -1409,6 +1422,8 @@ cmd_down() {
     if pid="$(pid_of "$name" "$bin_dir/mesh-agent")"; then agents+=("$pid"); fi
   done
   [ ${#agents[@]} -eq 0 ] || stop_pids "mesh-agents" "${agents[@]}"
+  # Container engines (lab.sh podman): services, containers, their mount namespaces.
+  podman_down
   # VM nodes: their agents, then poweroff.
   stop_vms
   # Kubelet mode: the kubelets, then every container (in pod namespaces, not in hm-* ones).
@@ -1551,6 +1566,7 @@ cmd_status() {
     printf '%-16s %-15s holder %s, relay %s, agent %s\n' "$node:" "$node_net.${node#hm-node-}" \
       "$holder" "$relay" "$agent"
   done
+  podman_status
   nat_status || up=3
   local vm k
   # The relay on the lab bridge: the VMs' way to the apiserver, and in kubelet mode the
@@ -1613,6 +1629,7 @@ main() {
     controller) cmd_controller "$@" ;;
     apiserver) cmd_apiserver "$@" ;;
     ssh-node) cmd_ssh_node "$@" ;;
+    podman) cmd_podman "$@" ;;
     nat-move) cmd_nat_move "$@" ;;
     help | -h | --help) usage ;;
     "") usage >&2; exit 2 ;;
