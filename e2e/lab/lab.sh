@@ -865,6 +865,22 @@ write_agent_kubeconfig() {
   write_token_kubeconfig "$nodes_dir/$node/kubeconfig" "$token"
 }
 
+# Sets container_args to the agent flags that name node $1's container engine socket (lab.sh
+# podman; the agent reports no engine while it is absent), or to none for an agent binary that
+# does not know --container-socket yet (asked once per lab.sh call, so once per `up`).
+agent_knows_container_socket=""
+container_args=()
+agent_container_args() {
+  if [ -z "$agent_knows_container_socket" ]; then
+    agent_knows_container_socket=no
+    if timeout 10 "$bin_dir/mesh-agent" --help 2>/dev/null | grep -q -e '--container-socket'; then
+      agent_knows_container_socket=yes
+    fi
+  fi
+  container_args=()
+  if [ "$agent_knows_container_socket" = yes ]; then container_args=(--container-socket "$(podman_sock "$1")"); fi
+}
+
 # Starts node $1's mesh-agent on the node (its holder must be running). The pid file holds the
 # agent's own pid.
 start_agent() {
@@ -873,13 +889,14 @@ start_agent() {
   mkdir -p "$nodes_dir/$node"
   chmod 700 "$nodes_dir" "$nodes_dir/$node"
   write_agent_kubeconfig "$node"
+  agent_container_args "$node"
   log "starting mesh-agent on $node (state in $nodes_dir/$node)"
   # LOG_LEVEL is dropped: wireguard-go inherits it, and it makes the userspace apply() hang.
   spawn "mesh-agent-$node" "$bin_dir/mesh-agent" nsenter -t "$holder" -n -m -- \
     env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$nodes_dir/$node/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
     --lease-namespace "$chart_namespace" --short-name-namespaces "$lab_short_name_namespaces" \
-    --resolver "$(agent_resolver "$node" "$holder")" --zone "$(lab_zone)"
+    --resolver "$(agent_resolver "$node" "$holder")" --zone "$(lab_zone)" "${container_args[@]}"
 }
 
 # A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.
