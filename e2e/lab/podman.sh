@@ -278,7 +278,17 @@ podman_kill_all() {
   [ ${#procs[@]} -gt 0 ] || return 0
   log "killing ${#procs[@]} container process(es) on $node"
   kill -KILL "${procs[@]}" 2>/dev/null || true
-  await_reaped "${procs[@]}"
+  stopped_pids+=("${procs[@]}")
+  local pid _ left
+  for _ in $(seq 1 50); do
+    left=0
+    for pid in "${procs[@]}"; do
+      if alive "$pid"; then left=1; fi
+    done
+    [ $left = 1 ] || return 0
+    sleep 0.1
+  done
+  log "warning: container processes on $node still alive after SIGKILL"
 }
 
 # `lab.sh podman stop NODE` (and `down`, with $2 = now): stop every container (SIGTERM, SIGKILL
@@ -296,7 +306,8 @@ podman_stop() {
   podman_kill_all "$node"
   if pid="$(podman_holder_pid "$node")"; then stop_pids "the engine namespace of $node" "$pid"; fi
   rm -f "$(podman_sock "$node")"
-  [ ${#stopped_pids[@]} -eq 0 ] || await_reaped "${stopped_pids[@]}"
+  # `down` waits for the reaping of everything it stopped once, at its end.
+  if [ "$how" != now ] && [ ${#stopped_pids[@]} -gt 0 ]; then await_reaped "${stopped_pids[@]}"; fi
 }
 
 # `down`, before the nodes' processes go: every node's engine, at once.
