@@ -112,6 +112,9 @@ write_podman_config() {
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 log_driver = "k8s-file"
+# Not the host's resolvers (addresses outside the lab): the node's bridge address, where nothing
+# answers unless a test puts something there (podman run --dns overrides it).
+dns_servers = ["10.88.$k.1"]
 
 [network]
 network_backend = "cni"
