@@ -12,8 +12,8 @@
 #                         tmpfs /run (runroot, libpod's tmp_dir, runc's state and the containers'
 #                         /run/netns/netns-* files, none of them on the host's /run), a private
 #                         /dev/shm (libpod's lock segment /dev/shm/libpod_lock: one per engine), a
-#                         copy-on-write /var (/var/lib/cni, /var/tmp; upper layer in $pdir/var,
-#                         emptied when the holder starts), and the cgroup v1 hierarchies, each
+#                         copy-on-write /var (CNI's cache in /var/lib/cni; upper layer on that
+#                         tmpfs /run), and the cgroup v1 hierarchies, each
 #                         being the subtree /<lab cgroup>/hm-node-N/podman of the real one
 #                         (bind-mounted as the root), so podman's /libpod_parent and runc's
 #                         cgroups of this node land under the lab's cgroup, where `down` finds
@@ -31,11 +31,12 @@
 # backend CNI with Debian's containernetworking-plugins (netavark is not needed), the default
 # network `podman` = the bridge podman0 in the node's namespace, 10.88.N.0/24 (gateway 10.88.N.1),
 # no masquerade and no firewall plugin (there is nowhere to go: the node has no route out),
-# default ulimits nofile and nproc 1024 (the engine's default, the hard limit 1048576, is more than
-# this machine lets a container have), k8s-file logs, events to a file, no registries.
-# Storage driver vfs: it works on whatever filesystem the repository lives on (overlay cannot
-# have its upper layer on an overlay or tmpfs-less CI filesystem), it mounts nothing, and the
-# lab's only image is 2 MB (busybox-static), so copying it per container costs milliseconds.
+# default ulimits nofile and nproc 1024 (containers did not start in these VMs with podman's own
+# defaults), k8s-file logs, events to a file, no registries.
+# Storage driver vfs: it works on whatever filesystem the repository lives on (overlay needs one
+# that can be an overlay's upper layer, which an overlay root, as in a CI container, cannot), it
+# mounts nothing, and the lab's only image is 2 MB (busybox-static), so copying it per container
+# costs milliseconds. Image copies go through $pdir/tmp (not /var/tmp on the tmpfs).
 
 podman_bin="$(command -v podman 2>/dev/null || echo /usr/bin/podman)"
 # The image every node has after `podman start` (podman_image).
@@ -56,9 +57,10 @@ dir="$1" cg="$2"
 mount -t tmpfs -o mode=0755,size=256m hm-podman-run /run
 mkdir -p /run/lock /run/hm-cgroup
 mount -t tmpfs -o mode=1777,size=64m hm-podman-shm /dev/shm
-rm -rf "$dir/var"
-mkdir -p "$dir/var/upper" "$dir/var/work"
-mount -t overlay hm-podman-var -o "lowerdir=/var,upperdir=$dir/var/upper,workdir=$dir/var/work" /var
+mkdir -p /run/hm-var/upper /run/hm-var/work
+mount -t overlay hm-podman-var -o lowerdir=/var,upperdir=/run/hm-var/upper,workdir=/run/hm-var/work /var
+rm -rf "$dir/tmp"
+mkdir -p "$dir/tmp"
 mount -t tmpfs -o mode=0755 hm-podman-cgroup /sys/fs/cgroup
 for c in cpu cpuacct cpuset memory devices freezer blkio pids systemd; do
   if [ "$c" = systemd ]; then opts=none,name=systemd; else opts="$c"; fi
@@ -133,7 +135,7 @@ runtime = "runc"
 tmp_dir = "/run/libpod"
 static_dir = "$dir/storage/libpod"
 volume_path = "$dir/storage/volumes"
-image_copy_tmp_dir = "/var/tmp"
+image_copy_tmp_dir = "$dir/tmp"
 
 [engine.runtimes]
 runc = ["/usr/sbin/runc"]
