@@ -18,6 +18,12 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 # router's state (lab.sh up --nat-nodes K). The last: systemd-analyze, which rates the hardening of
 # the systemd unit meshctl enroll installs (meshctl's unit tests), and dbus-daemon, the private
 # session bus on which the agent's unit tests of --resolver resolved meet a stub systemd-resolved.
+# And the container engine on lab nodes (lab.sh podman): Debian's podman (it brings conmon and
+# containers-common), run as root with runc, vfs storage and the CNI bridge of
+# containernetworking-plugins (so neither netavark/aardvark-dns nor the rootless helpers uidmap,
+# slirp4netns and fuse-overlayfs, which --no-install-recommends leaves out, are needed), buildah
+# and busybox-static for its image (above), and iptables, which the portmap CNI plugin drives
+# for `podman run -p` inside a node.
 wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
   iperf3:iperf3 iputils-ping:ping
@@ -26,7 +32,8 @@ wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl
   buildah:buildah gcc:gcc libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a binutils:objcopy
   busybox-static:/bin/busybox python3:/usr/bin/python3
   qemu-system-x86:qemu-system-x86_64 kmod:/usr/sbin/depmod cpio:cpio e2fsprogs:/usr/sbin/mke2fs conntrack:conntrack
-  systemd:systemd-analyze dbus-daemon:dbus-daemon)
+  systemd:systemd-analyze dbus-daemon:dbus-daemon
+  podman:podman conmon:conmon iptables:/usr/sbin/iptables)
 missing=()
 for pair in "${wanted[@]}"; do
   what="${pair#*:}"

@@ -13,6 +13,8 @@
 #   e2e/lab/lab.sh controller start|stop|restart|kill      control the lab's mesh-controller
 #   e2e/lab/lab.sh apiserver stop|start                    stop/start kube-apiserver (etcd stays)
 #   e2e/lab/lab.sh ssh-node K                             node K runs sshd instead of an agent
+#   e2e/lab/lab.sh podman start|stop NODE                  a container engine (Podman) on a node
+#   e2e/lab/lab.sh podman NODE -- ARGS...                  the podman CLI against that engine
 #
 # All state lives in <repo>/.lab/ (bin/, pki/, etcd/, logs/, pids/, run/, nodes/, config,
 # kubeconfig).
@@ -125,6 +127,15 @@ Commands:
                  copy-on-write /etc, /usr/local and /var (changes stay in .lab/ssh/hm-node-K/).
                  Logins: root and $ssh_user with the key .lab/ssh/client_ed25519; the host keys
                  are in .lab/ssh/known_hosts. Idempotent; \`up\` leaves SSH nodes alone.
+  podman start|stop NODE
+                 A container engine on NODE: Debian's Podman with its Docker-compatible API on
+                 .lab/nodes/NODE/podman/podman.sock (start returns once GET /_ping answers),
+                 containers on the bridge podman0 (10.88.N.0/24) in the node's namespace, and
+                 the image $podman_image. stop stops every container, the service and the
+                 engine's mount namespace; images and containers stay until \`down\`.
+                 Idempotent; see "Container engine on a node" in e2e/lab/README.md.
+  podman NODE [--] ARGS...
+                 Run \`podman ARGS...\` against NODE's engine (same storage, same state).
   nat-move K J   Move NAT node hm-nat-K behind router hm-natr-J, as a machine that moves to
                  another network (its underlay address changes; J=K moves it back home). With
                  2 or more NAT nodes, \`up\` makes hm-node-1 the mesh relay (spec.relay: true).
@@ -575,6 +586,8 @@ socat_bin="$(command -v socat 2>/dev/null || echo /usr/bin/socat)"
 . "$here/vm.sh"
 # shellcheck source=e2e/lab/nat.sh
 . "$here/nat.sh"
+# shellcheck source=e2e/lab/podman.sh
+. "$here/podman.sh"
 
 # The holder's script: $0 becomes its argv[0] ("$lab/holder/hm-node-i"), which names the lab, so
 # `down` finds a holder even without its pid file. The holder's mount namespace is a slave of the
@@ -852,6 +865,22 @@ write_agent_kubeconfig() {
   write_token_kubeconfig "$nodes_dir/$node/kubeconfig" "$token"
 }
 
+# Sets container_args to the agent flags that name node $1's container engine socket (lab.sh
+# podman; the agent reports no engine while it is absent), or to none for an agent binary that
+# does not know --container-socket yet (asked once per lab.sh call, so once per `up`).
+agent_knows_container_socket=""
+container_args=()
+agent_container_args() {
+  if [ -z "$agent_knows_container_socket" ]; then
+    agent_knows_container_socket=no
+    if timeout 10 "$bin_dir/mesh-agent" --help 2>/dev/null | grep -q -e '--container-socket'; then
+      agent_knows_container_socket=yes
+    fi
+  fi
+  container_args=()
+  if [ "$agent_knows_container_socket" = yes ]; then container_args=(--container-socket "$(podman_sock "$1")"); fi
+}
+
 # Starts node $1's mesh-agent on the node (its holder must be running). The pid file holds the
 # agent's own pid.
 start_agent() {
@@ -860,13 +889,14 @@ start_agent() {
   mkdir -p "$nodes_dir/$node"
   chmod 700 "$nodes_dir" "$nodes_dir/$node"
   write_agent_kubeconfig "$node"
+  agent_container_args "$node"
   log "starting mesh-agent on $node (state in $nodes_dir/$node)"
   # LOG_LEVEL is dropped: wireguard-go inherits it, and it makes the userspace apply() hang.
   spawn "mesh-agent-$node" "$bin_dir/mesh-agent" nsenter -t "$holder" -n -m -- \
     env -u LOG_LEVEL NODE_NAME="$node" KUBECONFIG="$nodes_dir/$node/kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
     "$bin_dir/mesh-agent" --state-dir "$nodes_dir/$node" --metrics-addr 127.0.0.1:9464 \
     --lease-namespace "$chart_namespace" --short-name-namespaces "$lab_short_name_namespaces" \
-    --resolver "$(agent_resolver "$node" "$holder")" --zone "$(lab_zone)"
+    --resolver "$(agent_resolver "$node" "$holder")" --zone "$(lab_zone)" "${container_args[@]}"
 }
 
 # A mesh-agent on each of the nodes 1..$1 that has none running, if the agent is built.
@@ -1409,6 +1439,8 @@ cmd_down() {
     if pid="$(pid_of "$name" "$bin_dir/mesh-agent")"; then agents+=("$pid"); fi
   done
   [ ${#agents[@]} -eq 0 ] || stop_pids "mesh-agents" "${agents[@]}"
+  # Container engines (lab.sh podman): services, containers, their mount namespaces.
+  podman_down
   # VM nodes: their agents, then poweroff.
   stop_vms
   # Kubelet mode: the kubelets, then every container (in pod namespaces, not in hm-* ones).
@@ -1551,6 +1583,7 @@ cmd_status() {
     printf '%-16s %-15s holder %s, relay %s, agent %s\n' "$node:" "$node_net.${node#hm-node-}" \
       "$holder" "$relay" "$agent"
   done
+  podman_status
   nat_status || up=3
   local vm k
   # The relay on the lab bridge: the VMs' way to the apiserver, and in kubelet mode the
@@ -1613,6 +1646,7 @@ main() {
     controller) cmd_controller "$@" ;;
     apiserver) cmd_apiserver "$@" ;;
     ssh-node) cmd_ssh_node "$@" ;;
+    podman) cmd_podman "$@" ;;
     nat-move) cmd_nat_move "$@" ;;
     help | -h | --help) usage ;;
     "") usage >&2; exit 2 ;;
