@@ -10,7 +10,7 @@ CARGO ?= cargo
 LAB := e2e/lab/lab.sh
 KUBECTL := .lab/bin/kubectl --kubeconfig .lab/kubeconfig
 
-.PHONY: help deps bench bench-scale bench-sync build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-resolver e2e-resolver-zone e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
+.PHONY: help deps bench bench-scale bench-sync build crds check-crds check-macos bench-laptop bench-peers fmt lint unit fuzz test e2e-controller e2e-resolver e2e-resolver-zone e2e-containers e2e-laptop e2e-vm e2e-nat kubelet-e2e meshctl status graph chart images kind-e2e lab-up lab-down lab-status demo
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -92,6 +92,11 @@ e2e-resolver: deps ## names for native processes (e2e/tests/resolver.rs): getent
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
 	$(LAB) up --nodes 3 --mode plain
 	$(CARGO) test -p harness-mesh-e2e --no-fail-fast --test resolver -- --nocapture
+
+e2e-containers: deps ## containers as backends (e2e/tests/containers.rs): Podman on a lab node, services by container, on the running lab or a new 3-node one (kept up); make test runs it in its plain tier
+	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
+	$(LAB) up --nodes 3 --mode plain
+	$(CARGO) test -p harness-mesh-e2e --no-fail-fast --test containers -- --nocapture
 
 e2e-resolver-zone: deps ## the resolver suite under another zone: a lab of its own whose controller, agents and enroll use mesh.internal (HM_LAB_ZONE); takes the lab down
 	$(CARGO) build -q -p mesh-controller -p mesh-agent -p meshctl
