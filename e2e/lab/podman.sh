@@ -346,7 +346,6 @@ cmd_podman() {
       if is_nat_name "$node"; then die "lab.sh podman runs on hm-node-N nodes only"; fi
       lock
       require_node "$node"
-      if is_ssh_node "$node"; then die "$node is an SSH node"; fi
       if [ "$action" = start ]; then podman_start "$node"; else podman_stop "$node"; fi
       ;;
     *)

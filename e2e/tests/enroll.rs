@@ -61,6 +61,67 @@ const SERVICE_PORT: u16 = 18400;
 const MACHINE_SERVICE: &str = "e2e-enroll-machine-web";
 const MACHINE_SERVICE_PORT: u16 = 18401;
 const CLIENT_POD: &str = "e2e-enroll-client";
+/// A service backed by a container on the enrolled machine.
+const CONTAINER_SERVICE: &str = "e2e-enroll-container";
+
+/// A MeshService backed by a Podman container on the enrolled machine (its engine started by
+/// the lab, its socket given to enroll with --container-socket): `RUNNER` reaches the container
+/// through the service's mesh IP, on the mapped port. Returns the time from `podman run` to the
+/// first answer; removes the service and the container again.
+async fn a_container_on_the_machine_is_reached(mesh: &Mesh) -> anyhow::Result<Duration> {
+    let container = "e2e-enroll-ct";
+    harness_mesh_e2e::lab_sh(&["podman", "start", SSH_NODE])?;
+    let podman = |args: &[&str]| {
+        let mut all = vec!["podman", SSH_NODE, "--"];
+        all.extend_from_slice(args);
+        harness_mesh_e2e::lab_sh(&all)
+    };
+    podman(&["rm", "-f", "--ignore", container])?;
+    let services: Api<MeshService> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    let _ = services.delete(CONTAINER_SERVICE, &DeleteParams::default()).await;
+    let result = async {
+        services
+            .create(
+                &PostParams::default(),
+                &service(
+                    CONTAINER_SERVICE,
+                    json!({"node": NAME, "container": {"name": container}, "network": {"type": "mesh",
+                        "ports": [MACHINE_SERVICE_PORT], "targetPorts": [{"port": MACHINE_SERVICE_PORT, "targetPort": 80}]}}),
+                ),
+            )
+            .await?;
+        let ip = wait_mesh_ip(&services, CONTAINER_SERVICE).await?;
+        let started = Instant::now();
+        podman(&[
+            "run",
+            "-d",
+            "--name",
+            container,
+            "localhost/hm-busybox:lab",
+            "sh",
+            "-c",
+            "echo enrolled-container > /www/index.html; exec httpd -f -p 80 -h /www",
+        ])?;
+        let url = format!("http://{ip}:{MACHINE_SERVICE_PORT}/");
+        eventually(Duration::from_secs(60), || {
+            let body = mesh.nodes.exec_ok(RUNNER, &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &url])?;
+            ensure!(body.trim() == "enrolled-container", "{url} answered {body:?}");
+            Ok(())
+        })
+        .await?;
+        let took = started.elapsed();
+        let ready = services.get(CONTAINER_SERVICE).await?.status.map(|s| s.conditions).unwrap_or_default();
+        ensure!(
+            ready.iter().any(|c| c.type_ == "Ready" && c.status == "True" && c.message.contains(container)),
+            "{ready:?}"
+        );
+        anyhow::Ok(took)
+    }
+    .await;
+    let _ = services.delete(CONTAINER_SERVICE, &DeleteParams::default()).await;
+    let _ = podman(&["rm", "-f", "--ignore", container]);
+    result
+}
 
 /// A MeshService on the machine, served there by socat, and a busybox pod on `RUNNER`'s pod
 /// network that must reach it over the mesh (its traffic leaves the node from the node's mesh
@@ -350,6 +411,11 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         let mut args = enroll_args(&target, NAME, &ssh);
         // The shortest token the API server issues, so that the agent's renewal shows here.
         args.extend(["--endpoint", &endpoint, "--token-duration", "10m"]);
+        // The machine's container engine (started below, in plain mode) has its socket where
+        // the lab keeps it, not where the agent looks by default.
+        let engine_socket = repo_root().join(format!(".lab/nodes/{SSH_NODE}/podman/podman.sock"));
+        let engine_socket = path(&engine_socket)?.to_owned();
+        args.extend(["--container-socket", &engine_socket]);
         let first = meshctl(&args, Duration::from_secs(180))?.ok()?;
         eprintln!("first enroll took {:.1} s:\n{}", first.took.as_secs_f64(), first.stdout);
         for step in 1..=9 {
@@ -465,6 +531,12 @@ async fn enroll_joins_the_mesh_and_unenroll_removes_it_everywhere() -> anyhow::R
         })
         .await?;
         eprintln!("{NAME} resolved {fqdn} to {service_ip} and reached it after {took:?}");
+
+        // A container on the machine gets its own mesh IP: the seed's remote-host case.
+        if harness_mesh_e2e::lab_mode().as_deref() != Some("kubelet") {
+            let took = a_container_on_the_machine_is_reached(&mesh).await?;
+            eprintln!("a container on {NAME} was reached from {RUNNER} {took:?} after podman run");
+        }
 
         // With real pods (kubelet mode), a pod on the pod network reaches a service on the machine.
         if harness_mesh_e2e::lab_mode().as_deref() == Some("kubelet") {

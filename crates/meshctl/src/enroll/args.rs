@@ -84,11 +84,31 @@ pub struct EnrollArgs {
     #[arg(long, env = "MESH_ZONE", default_value = "mesh.local", value_parser = parse_zone)]
     pub zone: String,
 
+    /// The Docker-compatible API socket of the machine's container engine, for MeshServices
+    /// backed by a container there (the agent's --container-socket), e.g.
+    /// /run/user/1000/podman/podman.sock [default: the agent looks for
+    /// /run/podman/podman.sock, then /var/run/docker.sock]
+    #[arg(long, value_name = "PATH", value_parser = parse_socket_path)]
+    pub container_socket: Option<String>,
+
     #[command(flatten)]
     pub ssh: SshArgs,
 
     #[command(flatten)]
     pub credentials: CredentialArgs,
+}
+
+/// A socket path as the agent's environment file may carry it: absolute, and only characters
+/// that need no quoting (it lands in a `KEY=value` line).
+fn parse_socket_path(text: &str) -> Result<String, String> {
+    let plain = text.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+@".contains(&b));
+    if text.starts_with('/') && text.len() > 1 && text.len() <= 255 && plain && !text.contains("/../") {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not an absolute socket path of letters, digits and / . _ - + @ (at most 255 characters)"
+        ))
+    }
 }
 
 /// A zone as the agent takes it: two or more DNS labels, lowercase, no trailing dot.

@@ -35,6 +35,8 @@ pub struct Plan {
     pub resolver: Resolver,
     /// The agent's `--zone`.
     pub zone: String,
+    /// The agent's `--container-socket`, when given.
+    pub container_socket: Option<String>,
 }
 
 /// The agent binary enroll installs.
@@ -71,7 +73,15 @@ pub fn prepare(args: &EnrollArgs) -> anyhow::Result<(Plan, AgentBinary)> {
         None => None,
     };
     Ok((
-        Plan { name: args.name.clone(), target, via, ca_override, resolver: args.resolver, zone: args.zone.clone() },
+        Plan {
+            name: args.name.clone(),
+            target,
+            via,
+            ca_override,
+            resolver: args.resolver,
+            zone: args.zone.clone(),
+            container_socket: args.container_socket.clone(),
+        },
         AgentBinary { path, arch, sha },
     ))
 }
@@ -397,7 +407,7 @@ pub async fn write_configuration(
     progress.start("writing the agent's configuration");
     progress
         .run(async {
-            let files = agent_files(&plan.name, plan.resolver, &plan.zone, namespace, machine.init(), credential);
+            let files = agent_files(plan, namespace, machine.init(), credential);
             let mut written = Vec::new();
             for file in files_to_write(files, machine) {
                 let out = session
@@ -422,21 +432,19 @@ pub async fn write_configuration(
 
 /// Every file of step 7, in the order written: the token and kubeconfig when new, the
 /// environment, the unit or the supervisor, and the record last.
-fn agent_files(
-    name: &str,
-    resolver: Resolver,
-    zone: &str,
-    namespace: &str,
-    init: Init,
-    credential: &Credential,
-) -> Vec<RemoteFile> {
+fn agent_files(plan: &Plan, namespace: &str, init: Init, credential: &Credential) -> Vec<RemoteFile> {
+    let (name, resolver, zone) = (&plan.name, plan.resolver, &plan.zone);
     let file = |path, mode, content| RemoteFile { path, mode, content };
     let mut files = Vec::new();
     if let Some((kubeconfig, token)) = &credential.fresh {
         files.push(file(remote::TOKEN_PATH, "600", token.clone()));
         files.push(file(remote::KUBECONFIG_PATH, "600", kubeconfig.clone()));
     }
-    files.push(file(remote::ENV_PATH, "644", remote::agent_env(name, resolver, zone)));
+    files.push(file(
+        remote::ENV_PATH,
+        "644",
+        remote::agent_env(name, resolver, zone, plan.container_socket.as_deref()),
+    ));
     match init {
         Init::Systemd => files.push(file(remote::UNIT_PATH, "644", remote::systemd_unit(namespace, resolver))),
         Init::Supervised => files.push(file(remote::SUPERVISOR_PATH, "755", remote::supervisor_script(namespace))),
@@ -675,7 +683,16 @@ mod tests {
     fn the_configuration_is_written_record_last_and_only_where_it_differs() {
         let record = enrolled(None, false).record.unwrap();
         let fresh = Credential { record: record.clone(), fresh: Some(("KUBECONFIG".into(), "TOKEN".into())) };
-        let files = agent_files("edge-1", Resolver::Auto, "mesh.local", "mesh", Init::Supervised, &fresh);
+        let plan = Plan {
+            name: "edge-1".into(),
+            target: Target::parse("root@h:2222", None).unwrap(),
+            via: "ssh://root@h:2222".into(),
+            ca_override: None,
+            resolver: Resolver::Auto,
+            zone: "mesh.local".into(),
+            container_socket: None,
+        };
+        let files = agent_files(&plan, "mesh", Init::Supervised, &fresh);
         let order: Vec<(&str, &str)> = files.iter().map(|f| (f.path, f.mode)).collect();
         assert_eq!(
             order,
@@ -690,7 +707,7 @@ mod tests {
         assert_eq!(files[0].content, "TOKEN");
         assert_eq!(files[4].content, record.render());
         let kept = Credential { record, fresh: None };
-        let files = agent_files("edge-1", Resolver::Auto, "mesh.local", "mesh", Init::Systemd, &kept);
+        let files = agent_files(&plan, "mesh", Init::Systemd, &kept);
         let paths: Vec<&str> = files.iter().map(|f| f.path).collect();
         assert_eq!(paths, [remote::ENV_PATH, remote::UNIT_PATH, remote::RECORD_PATH]);
         assert!(files[1].content.contains("--lease-namespace mesh "));
@@ -699,13 +716,9 @@ mod tests {
         for file in &files {
             machine.files.insert(file.path.to_owned(), sha256_hex(file.content.as_bytes()));
         }
-        assert!(
-            files_to_write(agent_files("edge-1", Resolver::Auto, "mesh.local", "mesh", Init::Systemd, &kept), &machine)
-                .is_empty()
-        );
+        assert!(files_to_write(agent_files(&plan, "mesh", Init::Systemd, &kept), &machine).is_empty());
         machine.files.insert(remote::ENV_PATH.to_owned(), "edited".to_owned());
-        let again =
-            files_to_write(agent_files("edge-1", Resolver::Auto, "mesh.local", "mesh", Init::Systemd, &kept), &machine);
+        let again = files_to_write(agent_files(&plan, "mesh", Init::Systemd, &kept), &machine);
         assert_eq!(again.iter().map(|f| f.path).collect::<Vec<_>>(), [remote::ENV_PATH]);
     }
 
@@ -727,6 +740,7 @@ mod tests {
             ca_override: None,
             resolver: Resolver::Auto,
             zone: "mesh.local".into(),
+            container_socket: None,
         };
         let joined = Joined { mesh_ip: "10.42.0.9".into(), connected: "all 3 peers reachable".into() };
         assert_eq!(

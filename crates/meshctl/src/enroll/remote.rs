@@ -222,10 +222,11 @@ impl Record {
 }
 
 /// The agent's environment file (systemd `EnvironmentFile=`, sourced by the supervisor).
-pub fn agent_env(name: &str, resolver: Resolver, zone: &str) -> String {
+pub fn agent_env(name: &str, resolver: Resolver, zone: &str, container_socket: Option<&str>) -> String {
+    let socket = container_socket.map(|path| format!("MESH_CONTAINER_SOCKET={path}\n")).unwrap_or_default();
     format!(
         "# mesh-agent's environment, written by meshctl enroll.\n\
-         NODE_NAME={name}\nKUBECONFIG={KUBECONFIG_PATH}\nMESH_TOKEN_FILE={TOKEN_PATH}\nMESH_RESOLVER={}\nMESH_ZONE={zone}\nRUST_LOG=info\n",
+         NODE_NAME={name}\nKUBECONFIG={KUBECONFIG_PATH}\nMESH_TOKEN_FILE={TOKEN_PATH}\nMESH_RESOLVER={}\nMESH_ZONE={zone}\n{socket}RUST_LOG=info\n",
         resolver.as_str()
     )
 }
@@ -555,7 +556,11 @@ mod tests {
             "/usr/local/bin/mesh-agent --state-dir /var/lib/harness-mesh --lease-namespace harness-mesh \
              --metrics-addr 127.0.0.1:9464"
         );
-        let env = agent_env("edge-1", Resolver::Hosts, "mesh.internal");
+        let env = agent_env("edge-1", Resolver::Hosts, "mesh.internal", None);
+        assert!(!env.contains("MESH_CONTAINER_SOCKET"), "{env}");
+        let with_socket =
+            agent_env("edge-1", Resolver::Hosts, "mesh.internal", Some("/run/user/1000/podman/podman.sock"));
+        assert!(with_socket.contains("\nMESH_CONTAINER_SOCKET=/run/user/1000/podman/podman.sock\n"), "{with_socket}");
         assert!(env.contains("NODE_NAME=edge-1\n") && env.contains("KUBECONFIG=/etc/harness-mesh/kubeconfig\n"));
         let unit = systemd_unit("harness-mesh", Resolver::Auto);
         assert!(unit.contains("EnvironmentFile=/etc/harness-mesh/agent.env\n"));
