@@ -18,7 +18,8 @@ use anyhow::{Context, bail};
 use harness_mesh_e2e::controller::{delete_service_and_wait, service};
 use harness_mesh_e2e::lab_sh;
 use harness_mesh_e2e::mesh::{Mesh, eventually, eventually_async, wait_mesh_ip};
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
 use mesh_api::{MeshNode, MeshService};
 use serde_json::json;
 
@@ -196,9 +197,27 @@ async fn a_stopped_container_makes_the_service_not_ready_and_a_new_address_is_fo
     let before = container_ip(&host, web)?;
 
     // Stopped: not Ready, says why, and the mesh IP no longer answers.
+    let stopped_at = k8s_openapi::jiff::Timestamp::now();
     podman(&host, &["stop", "-t", "1", web])?;
     let message = wait_ready(&api, web, "False", "ContainerNotRunning").await?;
     assert!(message.contains(&format!("container {web} is")), "{message}");
+    // An event too, not only a condition.
+    let events: Api<Event> = Api::namespaced(mesh.cluster.client.clone(), "default");
+    eventually_async(CONVERGE, || async {
+        let all = events.list(&ListParams::default()).await?;
+        all.items
+            .iter()
+            .find(|e| {
+                // This run's (the lab may keep an earlier run's event, or a series of them).
+                let last = e.series.as_ref().map(|s| &s.last_observed_time).or(e.event_time.as_ref());
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(web)
+                    && e.reason.as_deref() == Some("ContainerNotRunning")
+                    && last.is_some_and(|t| t.0 >= stopped_at)
+            })
+            .map(|_| ())
+            .with_context(|| format!("no ContainerNotRunning event about MeshService {web}"))
+    })
+    .await?;
     let client = mesh.nodes.names[0].clone();
     eventually(CONVERGE, || match curl(&mesh, &client, &ip.to_string(), MESH_PORT)? {
         None => Ok(()),

@@ -194,6 +194,14 @@ pub fn plan(service: &MeshService, allocation: &Allocation, policy: &Policy, ind
         {
             events.push(Emit::warning(On::Object, NO_TUNNEL, "OfferService", no_tunnel_message(node)));
         }
+        // A container service going not Ready for its container: once per reason.
+        if service.spec.container.is_some()
+            && let Some(ready) = status.conditions.iter().find(|c| c.type_ == READY && c.status == "False")
+            && CONTAINER_REASONS.contains(&ready.reason.as_str())
+            && !has_reason(&current.conditions, READY, &ready.reason)
+        {
+            events.push(Emit::warning(On::Object, ready.reason.clone(), "ForwardToContainer", ready.message.clone()));
+        }
         if let Err(why) = &host
             && current.conditions.iter().all(|c| c.type_ != why.type_)
         {
@@ -390,6 +398,17 @@ pub fn is_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     ready && pod.metadata.deletion_timestamp.is_none()
 }
+
+/// The Ready reasons of a container service whose container cannot be forwarded to (each
+/// becomes a Warning event once).
+const CONTAINER_REASONS: [&str; 6] = [
+    "ContainerNotRunning",
+    "ContainerNotFound",
+    "ContainerNoAddress",
+    "NoContainerEngine",
+    "ContainerRefused",
+    "ContainerNotReady",
+];
 
 /// The Ready condition of a service backed by a container on `node`: what that node's agent
 /// reports of it in `status.containers`.
@@ -696,8 +715,19 @@ mod tests {
 
         let stopped = json!([{"service": "default/web", "container": "web-1", "ready": false, "reason": "NotRunning",
             "message": "container web-1 is exited in podman 4.3.1 at /run/podman/podman.sock"}]);
-        let (status, reason, message) = ready(&node_reporting(stopped));
+        let stopped_index = node_reporting(stopped);
+        let (status, reason, message) = ready(&stopped_index);
         assert_eq!((status.as_str(), reason.as_str()), ("False", "ContainerNotRunning"));
+        let stopping = plan(&web, &granted("10.42.0.5"), &Policy::default(), &stopped_index);
+        assert_eq!(
+            stopping.events.iter().map(|e| (e.reason.as_str(), e.action)).collect::<Vec<_>>(),
+            [("ContainerNotRunning", "ForwardToContainer")],
+            "a warning when the container stops"
+        );
+        let mut still = web.clone();
+        still.status = Some(stopping.status.clone());
+        let again = plan(&still, &granted("10.42.0.5"), &Policy::default(), &stopped_index);
+        assert!(again.events.is_empty() && !again.changed, "no second warning for the same reason: {:?}", again.events);
         assert_eq!(message, "MeshNode n1: container web-1 is exited in podman 4.3.1 at /run/podman/podman.sock");
 
         let no_engine = json!([{"service": "default/web", "container": "web-1", "ready": false, "reason": "NoEngine",
