@@ -164,13 +164,17 @@ bench-laptop: deps ## laptop mode: release meshctl forward (unprivileged, no tun
 # into the cache, then a copy under target/ that the lab's unprivileged laptop user can run).
 ONETUN_VERSION := 0.3.10
 ONETUN_ROOT := $(HOME)/.cache/harness-mesh/peers/onetun-$(ONETUN_VERSION)
-bench-peers: deps ## side by side with a peer, one lab run: meshctl forward against onetun $(ONETUN_VERSION) (start -> first byte, iperf3); target/bench/peers.json
+INNERNET_VERSION := 2.0.0
+INNERNET_ROOT := $(HOME)/.cache/harness-mesh/peers/innernet-$(INNERNET_VERSION)
+bench-peers: deps ## side by side with peers, one lab run: meshctl forward against onetun $(ONETUN_VERSION); the mesh against innernet $(INNERNET_VERSION) at 3 and 20 nodes (PEERS_SIZES): joins, removals, names, idle cost, RTT, iperf3; target/bench/peers.json
 	@test -x $(ONETUN_ROOT)/bin/onetun || $(CARGO) install --locked --version $(ONETUN_VERSION) --root $(ONETUN_ROOT) onetun
+	@test -x $(INNERNET_ROOT)/bin/innernet || $(CARGO) install --locked --version $(INNERNET_VERSION) --root $(INNERNET_ROOT) innernet
+	@test -x $(INNERNET_ROOT)/bin/innernet-server || $(CARGO) install --locked --version $(INNERNET_VERSION) --root $(INNERNET_ROOT) innernet-server
 	mkdir -p target/peers && cp $(ONETUN_ROOT)/bin/onetun target/peers/onetun
-	$(CARGO) build -q --release -p meshctl
+	$(CARGO) build -q --release -p meshctl -p mesh-agent
 	$(CARGO) build -q -p mesh-controller -p mesh-agent
 	$(LAB) up --nodes 3
-	ONETUN=$(CURDIR)/target/peers/onetun $(CARGO) bench -p harness-mesh-e2e --bench peers
+	HM_AGENT_BIN=$(CURDIR)/target/release/mesh-agent ONETUN=$(CURDIR)/target/peers/onetun INNERNET_BIN=$(INNERNET_ROOT)/bin $(CARGO) bench -p harness-mesh-e2e --bench peers
 
 SCALE_SIZES ?= 500 2000 5000
 bench-sync: ## one agent's sync in CPU at 5,000 MeshNodes / 50,000 MeshServices, no lab (directory, plan, DNS update): target/bench/sync.json

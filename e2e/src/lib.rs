@@ -11,6 +11,7 @@
 
 pub mod chart;
 pub mod controller;
+pub mod innernet;
 pub mod laptop;
 pub mod measure;
 pub mod mesh;

@@ -40,13 +40,18 @@ impl Mesh {
     /// The cluster with its nodes, once every node is connected to every other (at most
     /// `within`).
     pub async fn get(within: Duration) -> anyhow::Result<Self> {
+        Self::get_nodes(NODES, within).await
+    }
+
+    /// As [`Mesh::get`], with the first `count` nodes of the lab (made if missing).
+    pub async fn get_nodes(count: usize, within: Duration) -> anyhow::Result<Self> {
         if std::env::var_os("HARNESS_MESH_NODES").is_none() {
             // Idempotent: also restarts what earlier suites stopped (the lab controller) and
             // re-creates the lab's MeshNodes if an earlier suite deleted them.
-            tokio::task::spawn_blocking(|| start_lab_with_nodes(NODES)).await??;
+            tokio::task::spawn_blocking(move || start_lab_with_nodes(count)).await??;
         }
         let cluster = Cluster::get().await?;
-        let nodes = Nodes::discover(NODES)?;
+        let nodes = Nodes::discover(count)?;
         let mesh = Self { cluster, nodes };
         mesh.wait_connected(within).await?;
         Ok(mesh)
