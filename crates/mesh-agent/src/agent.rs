@@ -441,8 +441,6 @@ pub struct Agent {
     names: Names,
     /// The node's container engine (--container-socket), watched once a service asks.
     engine: Engine,
-    /// The running containers' addresses the last plan was made with.
-    containers: BTreeMap<String, Ipv4Addr>,
     /// `status.containers` and the `ContainerEngine` condition, as of the last plan.
     container_report: (Vec<mesh_api::ContainerBackend>, Option<mesh_api::conditions::Want>),
 }
@@ -538,7 +536,6 @@ impl Agent {
             adopted_paths: false,
             names,
             engine,
-            containers: BTreeMap::new(),
             container_report: (Vec::new(), None),
         })
     }
@@ -779,7 +776,7 @@ impl Agent {
         let planning = Instant::now();
         let directory = self.directory.snapshot(Some(self.config.subnet), &self.short_names);
         let view = self.engine.view();
-        self.containers = view.addresses();
+        let containers = view.addresses();
         let mut input = NodeInput {
             name: &self.config.node,
             key: &self.key,
@@ -788,7 +785,7 @@ impl Agent {
             underlay,
             masquerade_underlay: masquerade.as_deref(),
             without_direct: &self.without_direct,
-            containers: &self.containers,
+            containers: &containers,
         };
         let mut plan = directory.plan(&input)?;
         let mut adopted = BTreeSet::new();
