@@ -575,10 +575,19 @@ async fn innernet_rows(
             // The same two nodes over each mesh: ping RTT and iperf3 throughput, alternating
             // (two members, or with 3 nodes the member and the server's node, 10.99.0.1).
             let (a, b) = if members.len() >= 2 { (&members[0], &members[1]) } else { (&members[0], &server_node) };
-            let info = mesh.info().await?;
-            let ours_ip = info[b].mesh_ip;
+            // Ours: a service on b's own process (a node's own mesh IP opens only the agent's
+            // ports); innernet filters no port, so b's innernet address.
+            let link_service = "bench-peers-link";
+            let _ = services.delete(link_service, &DeleteParams::default()).await;
+            let spec = json!({"node": b, "network": {"type": "mesh", "ports": [5331]}});
+            services.create(&PostParams::default(), &service(link_service, spec)).await?;
+            let ours_ip = wait_mesh_ip(&services, link_service).await?;
             let peer_ip = addresses.get(b).copied().unwrap_or(std::net::Ipv4Addr::new(10, 99, 0, 1));
             let (mut ours_rtt, mut peer_rtt, mut ours_bps, mut peer_bps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let ours_text = ours_ip.to_string();
+            all_hold(&format!("pings {ours_ip}"), std::slice::from_ref(a), Instant::now(), Duration::from_secs(60), &|node| {
+                pings(mesh, node, &ours_text)
+            })?;
             let mut server = mesh.nodes.spawn(b, &["timeout", "600", "iperf3", "-s", "-p", "5331"])?;
             for _ in 0..TRIES {
                 ours_rtt.push(mesh.ping(a, ours_ip, 20, 0.05)?.avg_ms.context("no reply over the mesh")?);
@@ -590,6 +599,7 @@ async fn innernet_rows(
             }
             let _ = server.kill();
             let _ = server.wait();
+            services.delete(link_service, &DeleteParams::default()).await?;
             rows.push(Row {
                 figure: format!("ping RTT {a} -> {b}, median of {TRIES} x 20 pings (both wireguard-go, MTU 1420)"),
                 ours: median(&ours_rtt),
