@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use harness_mesh_e2e::controller::{Controller, LabControllerPaused, remove_own_objects, service};
-use harness_mesh_e2e::measure::{self, ApiCounters};
+use harness_mesh_e2e::measure::{self, ApiCounters, percentile};
 use harness_mesh_e2e::{Cluster, repo_root, start_lab_with_nodes};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -54,16 +54,6 @@ const IN_FLIGHT: usize = 32;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn node_name(i: usize) -> String {

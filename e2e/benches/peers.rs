@@ -20,7 +20,7 @@ use harness_mesh_e2e::controller::service;
 use harness_mesh_e2e::innernet::{self, Innernet};
 use harness_mesh_e2e::lab_sh;
 use harness_mesh_e2e::laptop::{LAPTOP, Meshctl, as_user, fetch_local, laptop_node_up};
-use harness_mesh_e2e::measure::{cpu_time, median, memory};
+use harness_mesh_e2e::measure::{cpu_time, median, memory, percentile};
 use harness_mesh_e2e::mesh::{Mesh, wait_mesh_ip};
 use harness_mesh_e2e::repo_root;
 use harness_mesh_e2e::users::{CONNECT_GROUP, LabUser, server_of};
@@ -303,17 +303,6 @@ struct Row {
     unit: &'static str,
     better: &'static str,
     peer_name: &'static str,
-}
-
-/// The value at percentile `p` (nearest rank) of `values`.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Runs `check` on every node of `nodes` at once, each retrying until it holds; returns the

@@ -293,11 +293,15 @@ containerd_pid() { pid_of "containerd-$1" containerd; }
 kubelet_pid() { pid_of "kubelet-$1" "$bin_dir/kubelet"; }
 kube_proxy_pid() { pid_of "kube-proxy-$1" "$bin_dir/kube-proxy"; }
 
-# Node $1's cgroup root in every v1 hierarchy (cpuset needs its cpus and mems filled in).
+# Node $1's cgroup root in every v1 hierarchy (cpuset needs its cpus and mems filled in), and the
+# cgroups $2... (paths relative to each hierarchy's root, below the node's: its engine's, say).
 ensure_node_cgroups() {
-  local node="$1" c dir
+  local node="$1" c dir rel
+  shift
   for c in "${cgroup_controllers[@]}"; do
-    for dir in "/sys/fs/cgroup/$c/$lab_cgroup" "/sys/fs/cgroup/$c/$lab_cgroup/$node"; do
+    local dirs=("/sys/fs/cgroup/$c/$lab_cgroup" "/sys/fs/cgroup/$c/$lab_cgroup/$node")
+    for rel in "$@"; do dirs+=("/sys/fs/cgroup/$c/$rel"); done
+    for dir in "${dirs[@]}"; do
       mkdir -p "$dir"
       if [ "$c" = cpuset ]; then
         [ -s "$dir/cpuset.cpus" ] || cat "$(dirname "$dir")/cpuset.cpus" >"$dir/cpuset.cpus"

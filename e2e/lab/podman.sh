@@ -89,21 +89,6 @@ podman_preflight() {
   [ ${#sock} -le 107 ] || die "the podman socket path $sock is too long for a unix socket; move the repo"
 }
 
-# Node $1's podman cgroup in every v1 hierarchy (cpuset needs its cpus and mems filled in).
-ensure_podman_cgroups() {
-  local node="$1" c dir
-  for c in "${cgroup_controllers[@]}"; do
-    for dir in "/sys/fs/cgroup/$c/$lab_cgroup" "/sys/fs/cgroup/$c/$lab_cgroup/$node" \
-      "/sys/fs/cgroup/$c/$(podman_cgroup "$node")"; do
-      mkdir -p "$dir"
-      if [ "$c" = cpuset ]; then
-        [ -s "$dir/cpuset.cpus" ] || cat "$(dirname "$dir")/cpuset.cpus" >"$dir/cpuset.cpus"
-        [ -s "$dir/cpuset.mems" ] || cat "$(dirname "$dir")/cpuset.mems" >"$dir/cpuset.mems"
-      fi
-    done
-  done
-}
-
 # Node $1's containers.conf, storage.conf, registries.conf and CNI network, in $pdir.
 write_podman_config() {
   local node="$1" k="${1#hm-node-}" dir
@@ -242,7 +227,7 @@ podman_start() {
   mkdir -p "$dir"
   chmod 700 "$nodes_dir/$node"
   write_podman_config "$node"
-  ensure_podman_cgroups "$node"
+  ensure_node_cgroups "$node" "$(podman_cgroup "$node")"
   # Traffic to the containers from other nodes (a DNAT on the node) is forwarded.
   nsenter -t "$holder" -n sysctl -qw net.ipv4.ip_forward=1
   if ! podman_holder_pid "$node" >/dev/null; then

@@ -166,6 +166,17 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(total * 10))
 }
 
+/// The value at percentile `p` (nearest rank) of `values`; NaN when there are none.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 /// The median of `values` (the upper one of an even count); NaN when there are none.
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();

@@ -679,11 +679,9 @@ mod tests {
         assert!(kept_record(&Machine::default(), "edge-1", "uid-1", "https://k:6443", "ca", 1_000).is_none());
     }
 
-    #[test]
-    fn the_configuration_is_written_record_last_and_only_where_it_differs() {
-        let record = enrolled(None, false).record.unwrap();
-        let fresh = Credential { record: record.clone(), fresh: Some(("KUBECONFIG".into(), "TOKEN".into())) };
-        let plan = Plan {
+    /// A plan for `edge-1` at `root@h:2222`, with the defaults.
+    fn plan() -> Plan {
+        Plan {
             name: "edge-1".into(),
             target: Target::parse("root@h:2222", None).unwrap(),
             via: "ssh://root@h:2222".into(),
@@ -691,7 +689,14 @@ mod tests {
             resolver: Resolver::Auto,
             zone: "mesh.local".into(),
             container_socket: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_configuration_is_written_record_last_and_only_where_it_differs() {
+        let record = enrolled(None, false).record.unwrap();
+        let fresh = Credential { record: record.clone(), fresh: Some(("KUBECONFIG".into(), "TOKEN".into())) };
+        let plan = plan();
         let files = agent_files(&plan, "mesh", Init::Supervised, &fresh);
         let order: Vec<(&str, &str)> = files.iter().map(|f| (f.path, f.mode)).collect();
         assert_eq!(
@@ -733,15 +738,7 @@ mod tests {
 
     #[test]
     fn the_last_line_names_the_mesh_ip_when_it_waited() {
-        let plan = Plan {
-            name: "edge-1".into(),
-            target: Target::parse("root@h:2222", None).unwrap(),
-            via: "ssh://root@h:2222".into(),
-            ca_override: None,
-            resolver: Resolver::Auto,
-            zone: "mesh.local".into(),
-            container_socket: None,
-        };
+        let plan = plan();
         let joined = Joined { mesh_ip: "10.42.0.9".into(), connected: "all 3 peers reachable".into() };
         assert_eq!(
             summary(&plan, Some(&joined), Duration::from_millis(12_340)),
