@@ -23,7 +23,8 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 # containernetworking-plugins (so neither netavark/aardvark-dns nor the rootless helpers uidmap,
 # slirp4netns and fuse-overlayfs, which --no-install-recommends leaves out, are needed), buildah
 # and busybox-static for its image (above), and iptables, which the portmap CNI plugin drives
-# for `podman run -p` inside a node.
+# for `podman run -p` inside a node. And for make bench-peers, which builds innernet-server from
+# crates.io: it links the system's SQLite (libsqlite3-dev, found through pkg-config).
 wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl util-linux:flock procps:pgrep
   wireguard-go:wireguard-go wireguard-tools:wg nftables:nft tcpdump:tcpdump socat:socat
   iperf3:iperf3 iputils-ping:ping
@@ -33,7 +34,8 @@ wanted=(iproute2:ip dnsutils:dig shellcheck:shellcheck openssl:openssl curl:curl
   busybox-static:/bin/busybox python3:/usr/bin/python3
   qemu-system-x86:qemu-system-x86_64 kmod:/usr/sbin/depmod cpio:cpio e2fsprogs:/usr/sbin/mke2fs conntrack:conntrack
   systemd:systemd-analyze dbus-daemon:dbus-daemon
-  podman:podman conmon:conmon iptables:/usr/sbin/iptables)
+  podman:podman conmon:conmon iptables:/usr/sbin/iptables
+  libsqlite3-dev:/usr/include/sqlite3.h pkg-config:pkg-config)
 missing=()
 for pair in "${wanted[@]}"; do
   what="${pair#*:}"
