@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Context, bail};
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressScope};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -201,7 +201,9 @@ impl Links {
     }
 
     /// The node's underlay IPv4 address: the address of the link that carries the default
-    /// route, else the first global address on any other link but `skip` and loopback.
+    /// route, else the first global address on any other link but `skip` and loopback, where a
+    /// link that is not a bridge comes first: a container engine's bridge (`docker0`,
+    /// `podman0`, `cni0`) is the node's gateway for its containers, not its address.
     pub async fn underlay_ipv4(&self, skip: &str) -> anyhow::Result<Option<Ipv4Addr>> {
         let mut default_link = None;
         for route in self.ipv4_routes().await? {
@@ -212,6 +214,16 @@ impl Links {
             }
         }
         let skip_index = self.index(skip).await?;
+        let mut bridges = BTreeSet::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await? {
+            let bridge = link.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))))
+            });
+            if bridge {
+                bridges.insert(link.header.index);
+            }
+        }
         let mut candidates = Vec::new();
         let mut addresses = self.handle.address().get().execute();
         while let Some(message) = addresses.try_next().await? {
@@ -223,11 +235,12 @@ impl Links {
                 _ => None,
             }) && !ip.is_loopback()
             {
-                candidates.push((Some(message.header.index) != default_link, ip));
+                let index = message.header.index;
+                candidates.push((Some(index) != default_link, bridges.contains(&index), ip));
             }
         }
         candidates.sort();
-        Ok(candidates.first().map(|(_, ip)| *ip))
+        Ok(candidates.first().map(|(_, _, ip)| *ip))
     }
 }
 
