@@ -197,7 +197,7 @@ pub fn plan(service: &MeshService, allocation: &Allocation, policy: &Policy, ind
         // A container service going not Ready for its container: once per reason.
         if service.spec.container.is_some()
             && let Some(ready) = status.conditions.iter().find(|c| c.type_ == READY && c.status == "False")
-            && CONTAINER_REASONS.contains(&ready.reason.as_str())
+            && (ready.reason == CONTAINER_NOT_READY || CONTAINER_REASONS.iter().any(|(_, r)| *r == ready.reason))
             && !has_reason(&current.conditions, READY, &ready.reason)
         {
             events.push(Emit::warning(On::Object, ready.reason.clone(), "ForwardToContainer", ready.message.clone()));
@@ -399,16 +399,18 @@ pub fn is_ready(pod: &Pod) -> bool {
     ready && pod.metadata.deletion_timestamp.is_none()
 }
 
-/// The Ready reasons of a container service whose container cannot be forwarded to (each
-/// becomes a Warning event once).
-const CONTAINER_REASONS: [&str; 6] = [
-    "ContainerNotRunning",
-    "ContainerNotFound",
-    "ContainerNoAddress",
-    "NoContainerEngine",
-    "ContainerRefused",
-    "ContainerNotReady",
+/// The agent's reasons for a container that is not ready (`status.containers[].reason`) and the
+/// service's Ready reason for each (each becomes a Warning event once).
+const CONTAINER_REASONS: [(&str, &str); 5] = [
+    ("NotRunning", "ContainerNotRunning"),
+    ("NotFound", "ContainerNotFound"),
+    ("NoAddress", "ContainerNoAddress"),
+    ("NoEngine", "NoContainerEngine"),
+    ("Refused", "ContainerRefused"),
 ];
+
+/// The Ready reason for a container the agent reports not ready with `reason`.
+const CONTAINER_NOT_READY: &str = "ContainerNotReady";
 
 /// The Ready condition of a service backed by a container on `node`: what that node's agent
 /// reports of it in `status.containers`.
@@ -426,14 +428,10 @@ fn container_ready(service: &MeshService, node: &str, ip: Option<Ipv4Addr>, inde
             format!("waiting for the agent of MeshNode {node} to look for container {name} in its container engine"),
         ),
         Some(c) if !c.ready => {
-            let reason = match c.reason.as_str() {
-                "NotRunning" => "ContainerNotRunning",
-                "NotFound" => "ContainerNotFound",
-                "NoAddress" => "ContainerNoAddress",
-                "NoEngine" => "NoContainerEngine",
-                "Refused" => "ContainerRefused",
-                _ => "ContainerNotReady",
-            };
+            let reason = CONTAINER_REASONS
+                .iter()
+                .find(|(agent, _)| *agent == c.reason)
+                .map_or(CONTAINER_NOT_READY, |(_, ready)| ready);
             Want::no(READY, reason, format!("MeshNode {node}: {}", c.message))
         }
         Some(c) => Want::yes(
