@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 use mesh_wireguard::{Key, PeerConfig};
@@ -78,7 +79,7 @@ pub fn digest(entries: &[PeerEntry]) -> String {
 }
 
 /// One entry of [`Prepared`]: parsed once, for every node that plans from it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Ready {
     node: String,
     /// The key, or why it does not parse.
@@ -89,14 +90,20 @@ struct Ready {
     line: String,
 }
 
+/// One entry parsed ([`prepare_entry`]), shared: a directory kept across changes parses an
+/// entry again only when its node changed, and assembles [`Prepared`] from these
+/// ([`prepare_from`]) without copying them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedEntry(Arc<Ready>);
+
 /// Every entry of a directory state parsed once (keys, allowed IPs, digest lines), so that the
 /// many nodes planning from the same state — an agent once per sync, the simulator hundreds of
 /// times per change — each only pick their peers from it ([`peers_of`]) instead of parsing
 /// thousands of keys and CIDRs and cloning every entry again.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Prepared {
     /// In the order given.
-    ready: Vec<Ready>,
+    ready: Vec<PreparedEntry>,
     /// Indices of the entries whose key parses, by key, then in the order given.
     by_key: Vec<usize>,
     /// Indices of every entry, by digest line.
@@ -107,29 +114,31 @@ pub struct Prepared {
 
 /// Parses `entries` once; see [`Prepared`].
 pub fn prepare(entries: &[PeerEntry]) -> Prepared {
-    let ready: Vec<Ready> = entries
-        .iter()
-        .map(|entry| {
-            let key = Key::from_base64(&entry.public_key).map_err(|err| err.to_string());
-            let ips: Result<BTreeSet<IpNet>, _> = entry.allowed_ips.iter().map(|ip| ip.parse::<IpNet>()).collect();
-            let config = ips
-                .map(|allowed_ips| PeerConfig {
-                    endpoint: entry.endpoint,
-                    allowed_ips,
-                    persistent_keepalive: entry
-                        .persistent_keepalive
-                        .and_then(|k| u16::try_from(k).ok())
-                        .filter(|k| *k > 0),
-                })
-                .map_err(|err| format!("malformed allowed IP in {:?}: {err}", entry.allowed_ips));
-            Ready { node: entry.node.clone(), key, config, line: digest_line(entry) }
+    prepare_from(entries.iter().map(prepare_entry).collect())
+}
+
+/// Parses one entry (its key, allowed IPs and digest line) for [`prepare_from`].
+pub fn prepare_entry(entry: &PeerEntry) -> PreparedEntry {
+    let key = Key::from_base64(&entry.public_key).map_err(|err| err.to_string());
+    let ips: Result<BTreeSet<IpNet>, _> = entry.allowed_ips.iter().map(|ip| ip.parse::<IpNet>()).collect();
+    let config = ips
+        .map(|allowed_ips| PeerConfig {
+            endpoint: entry.endpoint,
+            allowed_ips,
+            persistent_keepalive: entry.persistent_keepalive.and_then(|k| u16::try_from(k).ok()).filter(|k| *k > 0),
         })
-        .collect();
-    let mut by_key: Vec<usize> = (0..ready.len()).filter(|i| ready[*i].key.is_ok()).collect();
-    by_key.sort_by_key(|i| (ready[*i].key.as_ref().ok().copied(), *i));
+        .map_err(|err| format!("malformed allowed IP in {:?}: {err}", entry.allowed_ips));
+    PreparedEntry(Arc::new(Ready { node: entry.node.clone(), key, config, line: digest_line(entry) }))
+}
+
+/// [`Prepared`] from entries parsed one by one ([`prepare_entry`]), in the order given: only
+/// the indexes (by key, by digest line) are computed here.
+pub fn prepare_from(ready: Vec<PreparedEntry>) -> Prepared {
+    let mut by_key: Vec<usize> = (0..ready.len()).filter(|i| ready[*i].0.key.is_ok()).collect();
+    by_key.sort_by_key(|i| (ready[*i].0.key.as_ref().ok().copied(), *i));
     let mut shared_keys: BTreeMap<Key, Vec<usize>> = BTreeMap::new();
     for pair in by_key.windows(2) {
-        if let (Ok(a), Ok(b)) = (&ready[pair[0]].key, &ready[pair[1]].key)
+        if let (Ok(a), Ok(b)) = (&ready[pair[0]].0.key, &ready[pair[1]].0.key)
             && a == b
         {
             let group = shared_keys.entry(*a).or_default();
@@ -140,7 +149,7 @@ pub fn prepare(entries: &[PeerEntry]) -> Prepared {
         }
     }
     let mut by_line: Vec<usize> = (0..ready.len()).collect();
-    by_line.sort_by(|a, b| ready[*a].line.cmp(&ready[*b].line));
+    by_line.sort_by(|a, b| ready[*a].0.line.cmp(&ready[*b].0.line));
     Prepared { ready, by_key, by_line, shared_keys }
 }
 
@@ -157,7 +166,7 @@ pub fn peers(me: &str, my_key: &Key, entries: &[PeerEntry]) -> Peers {
 /// [`peers`] from entries parsed once.
 pub fn peers_of(me: &str, my_key: &Key, prepared: &Prepared) -> Peers {
     let mut out = Peers::default();
-    let ready = &prepared.ready;
+    let ready: Vec<&Ready> = prepared.ready.iter().map(|e| &*e.0).collect();
     // Keys that do not parse, and this node's own key, in the order given.
     for entry in ready.iter().filter(|e| e.node != me) {
         match &entry.key {

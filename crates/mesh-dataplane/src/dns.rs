@@ -39,7 +39,7 @@
 //!   owner's service is briefly deleted: the name is simply absent meanwhile. Among the listed
 //!   namespaces the uniqueness rule above applies. The long name always works.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use crate::desired::Exposure;
@@ -349,6 +349,247 @@ pub fn zone_with(nodes: &[Node], services: &[Service], short_names: &ShortNames)
         ips.dedup();
     }
     Zone { records, ambiguous, unpublished: unpublished.into_iter().collect() }
+}
+
+/// The zone kept up to date one node and one service at a time: what [`zone_with`] computes
+/// from every node and service, for a reader that learns of changes one by one (the agent, on
+/// every sync). A change costs work for what it touches only: the node's or service's own
+/// names, the services hosted on a node that changed (their addresses follow its state), and
+/// the short name a service takes part in; the lists of withheld names are sorted again only
+/// when they changed ([`ZoneIndex::finish`]).
+///
+/// No two nodes or services ever publish the same name (see the module's rules), so every
+/// record has one owner and one address.
+#[derive(Clone, Debug, Default)]
+pub struct ZoneIndex {
+    short_names: ShortNames,
+    nodes: HashMap<String, Node>,
+    /// By `namespace/name`.
+    services: HashMap<String, Service>,
+    /// Service keys by the node hosting them.
+    hosted_by: HashMap<String, BTreeSet<String>>,
+    /// The namespaces competing for each short name (services allowed one, named validly).
+    short: HashMap<String, BTreeSet<String>>,
+    /// Withheld names, each with the number of nodes and services that withhold it.
+    unpublished: BTreeMap<Unpublished, usize>,
+    ambiguous: BTreeMap<String, Ambiguity>,
+    /// `unpublished` or `ambiguous` changed since the last [`ZoneIndex::finish`].
+    lists_changed: bool,
+    zone: Zone,
+}
+
+impl ZoneIndex {
+    /// An empty zone whose short names `short_names` allows.
+    pub fn new(short_names: ShortNames) -> Self {
+        Self { short_names, ..Self::default() }
+    }
+
+    /// The zone, as of the last [`ZoneIndex::finish`].
+    pub fn zone(&self) -> &Zone {
+        &self.zone
+    }
+
+    /// Sorts the lists of withheld names again if they changed: call once after a batch of
+    /// changes (records are up to date after each change).
+    pub fn finish(&mut self) {
+        if std::mem::take(&mut self.lists_changed) {
+            self.zone.unpublished = self.unpublished.keys().cloned().collect();
+            self.zone.ambiguous = self.ambiguous.values().cloned().collect();
+        }
+    }
+
+    /// Adds node `node`, or replaces the node of its name.
+    pub fn set_node(&mut self, node: Node) {
+        let name = node.name.clone();
+        match self.nodes.get(&name) {
+            Some(old) if *old == node => return,
+            Some(_) => {}
+            None => {
+                if let Err(why) = check_node_name(&name) {
+                    self.withhold(Unpublished { subject: name.clone(), why });
+                }
+            }
+        }
+        self.nodes.insert(name.clone(), node);
+        self.node_changed(&name);
+    }
+
+    /// Removes the node `name`.
+    pub fn remove_node(&mut self, name: &str) {
+        if self.nodes.remove(name).is_none() {
+            return;
+        }
+        if let Err(why) = check_node_name(name) {
+            self.release(&Unpublished { subject: name.to_owned(), why });
+        }
+        self.node_changed(name);
+    }
+
+    /// The node's record, and the addresses of the services it hosts.
+    fn node_changed(&mut self, name: &str) {
+        let address = self.nodes.get(name).and_then(node_address);
+        if check_node_name(name).is_ok() {
+            self.set_record(node_name(name), address);
+        }
+        let hosted: Vec<String> = self.hosted_by.get(name).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        for key in hosted {
+            if let Some(service) = self.services.get(&key).cloned() {
+                self.service_changed(&service);
+            }
+        }
+    }
+
+    /// Adds service `service`, or replaces the service of its namespace and name.
+    pub fn set_service(&mut self, service: Service) {
+        let key = service.key();
+        let old = self.services.insert(key.clone(), service.clone());
+        match &old {
+            Some(old) if *old == service => return,
+            Some(old) => self.unhost(&key, old.node.as_deref()),
+            None => {
+                for why in self.withheld(&service) {
+                    self.withhold(why);
+                }
+                if self.competes(&service) {
+                    self.short.entry(service.name.clone()).or_default().insert(service.namespace.clone());
+                }
+            }
+        }
+        if let Some(node) = &service.node {
+            self.hosted_by.entry(node.clone()).or_default().insert(key);
+        }
+        self.service_changed(&service);
+    }
+
+    /// Removes the service `namespace/name`.
+    pub fn remove_service(&mut self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        let Some(service) = self.services.remove(&key) else { return };
+        self.unhost(&key, service.node.as_deref());
+        for why in self.withheld(&service) {
+            self.release(&why);
+        }
+        if self.competes(&service)
+            && let Some(namespaces) = self.short.get_mut(&service.name)
+        {
+            namespaces.remove(&service.namespace);
+            if namespaces.is_empty() {
+                self.short.remove(&service.name);
+            }
+        }
+        self.service_changed(&service);
+    }
+
+    fn unhost(&mut self, key: &str, node: Option<&str>) {
+        if let Some(node) = node
+            && let Some(keys) = self.hosted_by.get_mut(node)
+        {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.hosted_by.remove(node);
+            }
+        }
+    }
+
+    /// The names [`zone_with`] withholds for `service` whatever its state.
+    fn withheld(&self, service: &Service) -> Vec<Unpublished> {
+        if let Err(why) = check_service_name(service) {
+            return vec![Unpublished { subject: service.key(), why }];
+        }
+        let mut withheld = Vec::new();
+        if service.namespace == NODE_LABEL {
+            withheld.push(Unpublished {
+                subject: service.key(),
+                why: format!(
+                    "no name {}: the namespace {NODE_LABEL} collides with the node subdomain {NODE_LABEL}.{ZONE}; \
+                     use a service in another namespace",
+                    service_name(&service.namespace, &service.name)
+                ),
+            });
+        }
+        if self.short_names.allows(&service.namespace) && service.name == NODE_LABEL {
+            withheld.push(Unpublished {
+                subject: service.key(),
+                why: format!(
+                    "no short name {}: it is the node subdomain; use {}",
+                    short_name(&service.name),
+                    service_name(&service.namespace, &service.name)
+                ),
+            });
+        }
+        withheld
+    }
+
+    /// Whether `service` competes for its short name.
+    fn competes(&self, service: &Service) -> bool {
+        check_service_name(service).is_ok() && self.short_names.allows(&service.namespace) && service.name != NODE_LABEL
+    }
+
+    /// The records of service `service` (present or just removed): its long name, and its
+    /// short name.
+    fn service_changed(&mut self, service: &Service) {
+        if check_service_name(service).is_err() {
+            return;
+        }
+        let key = service.key();
+        let address = |this: &Self, key: &str| {
+            let service = this.services.get(key)?;
+            service_address(service, service.node.as_deref().and_then(|n| this.nodes.get(n)))
+        };
+        if service.namespace != NODE_LABEL {
+            let ip = address(self, &key);
+            self.set_record(service_name(&service.namespace, &service.name), ip);
+        }
+        if !self.competes(service) {
+            return;
+        }
+        let name = &service.name;
+        let namespaces: Vec<&String> = self.short.get(name).map(|n| n.iter().collect()).unwrap_or_default();
+        let (ip, ambiguity) = match namespaces.as_slice() {
+            [] => (None, None),
+            [namespace] => (address(self, &format!("{namespace}/{name}")), None),
+            several => (
+                None,
+                Some(Ambiguity {
+                    service: name.clone(),
+                    short_name: short_name(name),
+                    services: several.iter().map(|ns| format!("{ns}/{name}")).collect(),
+                }),
+            ),
+        };
+        self.set_record(short_name(name), ip);
+        let changed = match ambiguity {
+            Some(ambiguity) => self.ambiguous.insert(name.clone(), ambiguity.clone()).as_ref() != Some(&ambiguity),
+            None => self.ambiguous.remove(name).is_some(),
+        };
+        self.lists_changed |= changed;
+    }
+
+    fn set_record(&mut self, name: String, ip: Option<Ipv4Addr>) {
+        match ip {
+            Some(ip) => {
+                self.zone.records.insert(name, vec![ip]);
+            }
+            None => {
+                self.zone.records.remove(&name);
+            }
+        }
+    }
+
+    fn withhold(&mut self, why: Unpublished) {
+        *self.unpublished.entry(why).or_default() += 1;
+        self.lists_changed = true;
+    }
+
+    fn release(&mut self, why: &Unpublished) {
+        if let Some(count) = self.unpublished.get_mut(why) {
+            *count -= 1;
+            if *count == 0 {
+                self.unpublished.remove(why);
+            }
+            self.lists_changed = true;
+        }
+    }
 }
 
 /// Why `label` is not a DNS label (RFC 1123: 1 to 63 lowercase letters, digits and `-`, not
@@ -707,6 +948,87 @@ mod tests {
             for (name, ips) in &zone.records {
                 prop_assert!(name.ends_with(".mesh.local") && name.len() <= MAX_NAME);
                 prop_assert!(!ips.is_empty() && ips.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+    }
+
+    /// One change to the directory, as a [`ZoneIndex`] learns of it.
+    #[derive(Clone, Debug)]
+    enum Change {
+        SetNode(Node),
+        RemoveNode(&'static str),
+        SetService(Service),
+        RemoveService(&'static str, &'static str),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        let node_names = prop::sample::select(vec!["a", "b", "node", "x.y", "Bad"]);
+        let namespaces = prop::sample::select(vec!["default", "prod", "node", "a", "Bad"]);
+        let service_names = prop::sample::select(vec!["db", "web", "node", "a"]);
+        let exposure = prop::sample::select(vec![Exposure::Mesh, Exposure::Host, Exposure::Dual]);
+        let node =
+            (node_names.clone(), opt_ip(), opt_ip(), any::<bool>()).prop_map(|(name, mesh_ip, u, in_tunnel)| Node {
+                name: name.into(),
+                mesh_ip,
+                underlay: u.map(|ip| Ipv4Addr::new(192, 0, 2, ip.octets()[3])),
+                in_tunnel,
+            });
+        let service =
+            (namespaces.clone(), service_names.clone(), exposure, opt_ip(), prop::option::of(node_names.clone()))
+                .prop_map(|(ns, name, exposure, mesh_ip, node)| Service {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    exposure,
+                    mesh_ip,
+                    node: node.map(Into::into),
+                });
+        prop_oneof![
+            3 => node.prop_map(Change::SetNode),
+            1 => node_names.prop_map(Change::RemoveNode),
+            4 => service.prop_map(Change::SetService),
+            2 => (namespaces, service_names).prop_map(|(ns, n)| Change::RemoveService(ns, n)),
+        ]
+    }
+
+    proptest! {
+        /// A zone kept up to date change by change equals, after every change, the zone
+        /// computed afresh from the nodes and services there are then.
+        #[test]
+        fn a_zone_kept_up_to_date_equals_the_zone_afresh(
+            changes in prop::collection::vec(change(), 1..40),
+            every in any::<bool>(),
+        ) {
+            let short_names = if every {
+                ShortNames::Every
+            } else {
+                ShortNames::Namespaces(["default".to_owned(), "node".to_owned()].into())
+            };
+            let mut index = ZoneIndex::new(short_names.clone());
+            let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+            let mut services: BTreeMap<String, Service> = BTreeMap::new();
+            for change in changes {
+                match change {
+                    Change::SetNode(node) => {
+                        nodes.insert(node.name.clone(), node.clone());
+                        index.set_node(node);
+                    }
+                    Change::RemoveNode(name) => {
+                        nodes.remove(name);
+                        index.remove_node(name);
+                    }
+                    Change::SetService(service) => {
+                        services.insert(service.key(), service.clone());
+                        index.set_service(service);
+                    }
+                    Change::RemoveService(ns, name) => {
+                        services.remove(&format!("{ns}/{name}"));
+                        index.remove_service(ns, name);
+                    }
+                }
+                index.finish();
+                let nodes: Vec<Node> = nodes.values().cloned().collect();
+                let services: Vec<Service> = services.values().cloned().collect();
+                prop_assert_eq!(index.zone(), &zone_with(&nodes, &services, &short_names));
             }
         }
     }
