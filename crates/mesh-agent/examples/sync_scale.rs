@@ -2,12 +2,17 @@
 //! `cargo run --release -p mesh-agent --example sync_scale -- [nodes] [services]` (default 5,000
 //! MeshNodes and 50,000 MeshServices; `make bench-sync`, part of `make bench`). Prints, best of
 //! 5, and writes to target/bench/sync.json:
-//! - *directory*: deriving the shared [`Directory`] from the objects (what every sync does);
+//! - *directory afresh*: deriving the shared [`Directory`] from the objects (an agent's first
+//!   sync; what every sync did before the directory was kept across syncs);
+//! - *directory after one change*: bringing the kept directory to the objects after one
+//!   service's IP and one node's endpoint changed (what a sync does in the steady state);
 //! - *plan*: one node's plan from it;
 //! - *DNS, every name*: the agent's DNS server given the whole zone the first time (a new
 //!   server, or what every sync cost before the server applied only what differs);
 //! - *DNS, one change*: the same server given the zone again after one service's IP changed
-//!   (the steady state: a sync after one change).
+//!   (the steady state: a sync after one change);
+//! - *sync after one change*: the three of a steady-state sync together (directory after one
+//!   change, plan, DNS update).
 //!
 //! Not included: reading the device back and writing the peers that changed (wireguard-go's
 //! UAPI or netlink), nft, and the status writes, which the scale bench (`make bench-scale`)
@@ -21,7 +26,7 @@ use mesh_api::{
     NetworkType, PeerEntry,
 };
 use mesh_dataplane::dns::ShortNames;
-use mesh_plan::{Directory, NodeInput, NodeSettings, convert};
+use mesh_plan::{Directory, NodeInput, NodeSettings, Updated, convert};
 use mesh_wireguard::PrivateKey;
 
 fn ip(i: usize, base: u8) -> String {
@@ -38,7 +43,7 @@ fn main() {
             PrivateKey::from_bytes(bytes)
         })
         .collect();
-    let mesh_nodes: Vec<MeshNode> = (0..nodes)
+    let mut mesh_nodes: Vec<MeshNode> = (0..nodes)
         .map(|i| {
             let mut node = MeshNode::new(&format!("node-{i}"), MeshNodeSpec::default());
             let public = keys[i].public_key().to_base64();
@@ -58,10 +63,11 @@ fn main() {
                 }),
                 ..MeshNodeStatus::default()
             });
+            node.metadata.resource_version = Some("1".to_owned());
             node
         })
         .collect();
-    let mesh_services: Vec<MeshService> = (0..services)
+    let mut mesh_services: Vec<MeshService> = (0..services)
         .map(|i| {
             let node = format!("node-{}", i % nodes.max(1));
             let mut s = MeshService::new(
@@ -77,6 +83,7 @@ fn main() {
             s.metadata.namespace = Some(format!("ns-{}", i % 50));
             s.status =
                 Some(MeshServiceStatus { mesh_ip: Some(ip(i, 1)), node: Some(node), ..MeshServiceStatus::default() });
+            s.metadata.resource_version = Some("1".to_owned());
             s
         })
         .collect();
@@ -111,11 +118,11 @@ fn main() {
 
         let server = runtime.block_on(DnsServer::start(&loopback, "mesh.local")).expect("a DNS server on loopback");
         let started = Instant::now();
-        let updated = runtime.block_on(server.update(&directory.zone.records));
+        let updated = runtime.block_on(server.update(&directory.zone().records));
         dns_all = dns_all.min(started.elapsed());
-        assert_eq!(updated.changed, directory.zone.records.len(), "{:?}", updated.rejected);
+        assert_eq!(updated.changed, directory.zone().records.len(), "{:?}", updated.rejected);
         // One service moves to another IP: one name differs.
-        let mut records = directory.zone.records.clone();
+        let mut records = directory.zone().records.clone();
         let (_, ips) = records.iter_mut().find(|(name, _)| name.starts_with("svc-")).expect("a service's name");
         *ips = vec![std::net::Ipv4Addr::new(10, 44, 255, round)];
         let started = Instant::now();
@@ -124,11 +131,60 @@ fn main() {
         assert_eq!(updated.changed, 1);
         runtime.block_on(server.shutdown()).expect("the DNS server stops");
     }
+
+    // The steady state: the directory kept across syncs, one service's IP and one node's
+    // endpoint changed before each sync, as the reflector stores would hold them.
+    let mut kept = Directory::build(
+        &mesh_nodes,
+        &mesh_services,
+        Some(settings.subnet),
+        &ShortNames::default(),
+        convert::literal_endpoint,
+    );
+    let server = runtime.block_on(DnsServer::start(&loopback, "mesh.local")).expect("a DNS server on loopback");
+    runtime.block_on(server.update(&kept.zone().records));
+    let (mut kept_one, mut sync_one) = (Duration::MAX, Duration::MAX);
+    for round in 0..5u8 {
+        let version = Some(format!("{}", u32::from(round) + 2));
+        let service = &mut mesh_services[(usize::from(round) * 7_919) % services.max(1)];
+        service.status.as_mut().expect("a status").mesh_ip = Some(format!("10.45.255.{round}"));
+        service.metadata.resource_version.clone_from(&version);
+        let node = &mut mesh_nodes[(usize::from(round) * 101 + 2) % nodes];
+        let endpoint = format!("192.168.255.{round}:51820");
+        let status = node.status.as_mut().expect("a status");
+        status.endpoint = Some(endpoint.clone());
+        status.peer.as_mut().expect("a peer entry").endpoint = Some(endpoint);
+        node.metadata.resource_version = version;
+
+        let started = Instant::now();
+        let updated = kept.update(&mesh_nodes, &mesh_services, convert::literal_endpoint);
+        kept_one = kept_one.min(started.elapsed());
+        assert_eq!(updated, Updated { nodes: 1, services: 1 });
+        let input = NodeInput {
+            name: "node-1",
+            key: &keys[1],
+            settings: &settings,
+            fallback: false,
+            underlay: None,
+            masquerade_underlay: None,
+            without_direct: &std::collections::BTreeSet::new(),
+            containers: &std::collections::BTreeMap::new(),
+        };
+        let node_plan = kept.plan(&input).expect("node-1 is in the directory");
+        assert_eq!(node_plan.device.peers.len(), nodes - 1);
+        let dns = runtime.block_on(server.update(&kept.zone().records));
+        sync_one = sync_one.min(started.elapsed());
+        assert_eq!(dns.changed, 1, "the service's name");
+    }
+    runtime.block_on(server.shutdown()).expect("the DNS server stops");
+
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let report = serde_json::json!({
         "nodes": nodes,
         "services": services,
         "directory_ms": ms(build),
+        "directory_one_change_ms": ms(kept_one),
+        "sync_one_change_ms": ms(sync_one),
         "plan_ms": ms(plan),
         "dns_every_name_ms": ms(dns_all),
         "dns_one_change_ms": ms(dns_one),
@@ -143,11 +199,13 @@ fn main() {
         );
     }
     println!(
-        "{nodes} MeshNodes, {services} MeshServices, best of 5: directory {:.1} ms, plan {:.1} ms, \
-         DNS every name {:.1} ms, DNS one change {:.1} ms",
+        "{nodes} MeshNodes, {services} MeshServices, best of 5: directory {:.1} ms, directory after one change \
+         {:.1} ms, plan {:.1} ms, DNS every name {:.1} ms, DNS one change {:.1} ms, sync after one change {:.1} ms",
         ms(build),
+        ms(kept_one),
         ms(plan),
         ms(dns_all),
-        ms(dns_one)
+        ms(dns_one),
+        ms(sync_one)
     );
 }

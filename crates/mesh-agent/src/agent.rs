@@ -407,6 +407,9 @@ pub struct Agent {
     machine: Machine,
     status: NodeStatus,
     directory: Directory,
+    /// The directory as of the last sync, brought to the stores' state by each sync (only what
+    /// changed is converted again); `None` until the first sync, or after one was cut short.
+    view: Option<mesh_plan::Directory>,
     metrics: Arc<Metrics>,
     health: watch::Sender<Result<(), String>>,
     /// Probe results by peer name.
@@ -518,6 +521,7 @@ impl Agent {
             machine,
             status,
             directory,
+            view: None,
             metrics,
             health,
             windows: BTreeMap::new(),
@@ -774,7 +778,26 @@ impl Agent {
             if self.config.masquerade && !fallback { self.masquerade_underlay(underlay).await? } else { None };
 
         let planning = Instant::now();
-        let directory = self.directory.snapshot(Some(self.config.subnet), &self.short_names);
+        // Taken for the sync and put back after it: a sync cut short starts the next one afresh.
+        let mut directory =
+            self.view.take().unwrap_or_else(|| mesh_plan::Directory::new(Some(self.config.subnet), &self.short_names));
+        let updated = self.directory.update(&mut directory);
+        tracing::debug!(nodes = updated.nodes, services = updated.services, "objects converted for this sync");
+        let result = self.sync_with(&directory, fallback, underlay, masquerade, resync, planning).await;
+        self.view = Some(directory);
+        result
+    }
+
+    /// The rest of a sync, from the directory as of now: the plan, then the executor.
+    async fn sync_with(
+        &mut self,
+        directory: &mesh_plan::Directory,
+        fallback: bool,
+        underlay: Option<Ipv4Addr>,
+        masquerade: Option<String>,
+        resync: bool,
+        planning: Instant,
+    ) -> anyhow::Result<()> {
         let view = self.engine.view();
         let containers = view.addresses();
         let mut input = NodeInput {
@@ -822,16 +845,16 @@ impl Agent {
         }
         self.paths = (!plan.fallback).then(|| plan.paths.clone());
         self.metrics.plan_seconds.observe(planning.elapsed().as_secs_f64());
-        self.report(&directory, &plan);
+        self.report(directory, &plan);
         self.endpoint = (plan.endpoint.clone(), plan.listen_port);
         let published = self.published();
 
         // The plan's zone is under mesh.local; --zone moves it.
         let rezoned;
         let zone = if self.config.zone == mesh_dataplane::dns::ZONE {
-            &directory.zone
+            directory.zone()
         } else {
-            rezoned = mesh_dataplane::dns::rezone(&directory.zone, &self.config.zone);
+            rezoned = mesh_dataplane::dns::rezone(directory.zone(), &self.config.zone);
             &rezoned
         };
         let executed = executor::execute(&plan, zone, &mut self.machine, &mut self.status, &published, resync).await;

@@ -1,7 +1,8 @@
 //! The mesh directory as this agent sees it: watches of every MeshNode and every MeshService,
-//! kept in reflector stores, with a notification on each change; [`Directory::snapshot`] reads
-//! them once into a `mesh_plan::Directory` (the one conversion from API objects to the data
-//! plane's inputs lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which
+//! kept in reflector stores, with a notification on each change; [`Directory::update`] reads
+//! them once into the agent's `mesh_plan::Directory`, kept across syncs, converting only the
+//! objects that changed ([`Directory::snapshot`] derives a new one; the one conversion from API
+//! objects to the data plane's inputs lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which
 //! never makes the agent's loop wait for DNS.
 //!
 //! The stores keep only what the agent reads: managedFields and annotations are dropped before
@@ -90,6 +91,17 @@ impl Directory {
     /// The MeshNode `name`.
     pub fn node(&self, name: &str) -> Option<Arc<MeshNode>> {
         self.nodes.get(&ObjectRef::new(name))
+    }
+
+    /// Brings `directory`, kept across syncs, to the state of the stores, read once (see
+    /// [`mesh_plan::Directory::update`]: only the objects that changed since are converted);
+    /// endpoint names are resolved as for [`Directory::snapshot`].
+    pub fn update(&self, directory: &mut mesh_plan::Directory) -> mesh_plan::Updated {
+        let nodes = self.nodes.state();
+        let services = self.services.state();
+        directory.update(nodes.iter().map(AsRef::as_ref), services.iter().map(AsRef::as_ref), |node, endpoint| {
+            self.resolver.lookup(node, endpoint)
+        })
     }
 
     /// One snapshot of the directory, derived once (see [`mesh_plan::Directory`]): the stores

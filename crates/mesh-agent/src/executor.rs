@@ -201,7 +201,7 @@ mod tests {
             without_direct: &std::collections::BTreeSet::new(),
             containers: &std::collections::BTreeMap::new(),
         };
-        (dir.plan(&input).unwrap(), dir.zone.clone())
+        (dir.plan(&input).unwrap(), dir.zone().clone())
     }
 
     fn published() -> Published {

@@ -96,6 +96,11 @@ pub fn dns_node(node: &MeshNode) -> dns::Node {
     }
 }
 
+/// A service's name (empty if it has none, which the API never serves).
+pub fn service_name(service: &MeshService) -> &str {
+    service.metadata.name.as_deref().unwrap_or_default()
+}
+
 /// `namespace/name` of a service.
 pub fn service_key(service: &MeshService) -> String {
     format!(

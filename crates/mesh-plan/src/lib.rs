@@ -7,7 +7,8 @@
 //!   addresses, placements, DNS inputs), with endpoint names resolved by a callback the caller
 //!   supplies (resolution is impure);
 //! - [`plan`]: [`Directory`], what every node reading one directory state derives alike (entries,
-//!   placements indexed by node, DNS zone), computed once per change; and [`NodePlan`], the
+//!   placements indexed by node, DNS zone), computed once per change (and kept up to date
+//!   across changes by converting only the objects that changed); and [`NodePlan`], the
 //!   per-node part (WireGuard device config, hosted IPs, link addresses, nftables ruleset, DNS
 //!   listen addresses, the applied-peers digest, probe targets);
 //! - [`relay`]: the peers a node reaches through a relay when it has no direct path to them.
@@ -16,4 +17,4 @@ pub mod convert;
 pub mod plan;
 pub mod relay;
 
-pub use plan::{Directory, LinkAddresses, Local, NodeInput, NodePlan, NodeSettings, PlanError};
+pub use plan::{Directory, LinkAddresses, Local, NodeInput, NodePlan, NodeSettings, PlanError, Updated};

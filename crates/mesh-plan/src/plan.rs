@@ -2,18 +2,20 @@
 //! (peer entries confined to the mesh subnet, placements indexed by node, node addresses, the
 //! DNS zone); [`Directory::plan`] adds one node's identity and settings and gives its
 //! [`NodePlan`]. The simulator builds one `Directory` per change for hundreds of nodes; the
-//! agent builds one per sync from one snapshot of its reflector stores.
+//! agent keeps one across syncs and brings it to each snapshot of its reflector stores
+//! ([`Directory::update`]).
 //!
-//! Cost: building is linear in the objects; a node's plan is `O(p log p)` in the peers plus its
-//! own placements (they are indexed by node, never scanned per node).
+//! Cost: building is linear in the objects; an update converts only the objects that changed
+//! (a lookup for each of the others); a node's plan is `O(p log p)` in the peers plus its own
+//! placements (they are indexed by node, never scanned per node).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 use mesh_api::{AppliedPeers, MeshNode, MeshService};
-use mesh_dataplane::desired::{self, Bounds, Dropped, Hosted, PeerEntry, Peers, Placement, Refused, Skipped};
-use mesh_dataplane::dns::{self, ShortNames, Zone};
+use mesh_dataplane::desired::{self, Bounds, Dropped, Hosted, Peers, Placement, Refused, Skipped};
+use mesh_dataplane::dns::{ShortNames, Zone, ZoneIndex};
 use mesh_dataplane::firewall;
 use mesh_wireguard::{DeviceConfig, Key, PrivateKey};
 
@@ -43,24 +45,117 @@ pub struct Member {
 }
 
 /// What every node derives alike from one state of the directory.
+///
+/// Kept across changes: [`Directory::update`] brings it to the state of every object of a
+/// new snapshot, converting again only the objects whose `resourceVersion` changed (and the
+/// nodes whose endpoint name resolves to another address), so that an agent's sync after one
+/// change costs a lookup per unchanged object rather than a conversion. [`Directory::build`]
+/// is one update from empty. The fields are read-only views, kept by `update`.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     /// Every node, by name.
     pub members: HashMap<String, Member>,
-    /// Every node's peer entry, endpoints resolved, allowed IPs confined to the mesh subnet.
-    pub entries: Vec<PeerEntry>,
-    /// Allowed IPs dropped from the entries (not a /32 inside the subnet).
+    /// Allowed IPs dropped from the entries (not a /32 inside the subnet), by node name.
     pub dropped: Vec<Dropped>,
-    /// The entries parsed once for every node's [`Directory::peers`].
+    /// Every node's peer entry (endpoint resolved, allowed IPs confined to the mesh subnet),
+    /// parsed once for every node's [`Directory::peers`], by node name.
     pub prepared: desired::Prepared,
-    /// Every service's placement, by the node it is placed on (unplaced ones under "").
+    /// Every service's placement, by the node it is placed on (unplaced ones under ""), each
+    /// node's by `namespace/name`.
     pub placements: HashMap<String, Vec<Placement>>,
     /// Every node's mesh IP and underlay address.
     pub node_addresses: BTreeSet<Ipv4Addr>,
     /// Every node's mesh IP, by name.
     pub node_ips: HashMap<String, Ipv4Addr>,
     /// The DNS zone every agent serves.
-    pub zone: Zone,
+    zone: ZoneIndex,
+    /// Allowed IPs outside it are dropped (`None`: kept).
+    subnet: Option<Ipv4Net>,
+    /// What each node contributed, by name.
+    nodes: HashMap<String, NodeState>,
+    /// What each service contributed, by namespace, then name (looked up without making the
+    /// `namespace/name` key of each of 50,000 services on every update).
+    services: HashMap<String, HashMap<String, ServiceState>>,
+    /// How many services `services` holds.
+    service_count: usize,
+    /// How many nodes have each address of `node_addresses`.
+    address_counts: HashMap<Ipv4Addr, usize>,
+    /// Counts updates: marks the objects each one saw.
+    generation: u64,
+}
+
+/// An object's `metadata.resourceVersion` as last converted: the same version is the same
+/// object. The API server's versions are decimal numbers, kept inline (comparing 50,000 of them
+/// per update then reads no further memory); others are kept as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Version {
+    /// None: the object is converted on every update.
+    Unknown,
+    Number(u64),
+    Text(String),
+}
+
+impl Version {
+    fn of(version: Option<&str>) -> Self {
+        match version {
+            None => Self::Unknown,
+            Some(text) => Self::number(text).map_or_else(|| Self::Text(text.to_owned()), Self::Number),
+        }
+    }
+
+    /// The number `text` writes in canonical decimal (no sign, no leading zero), if it does:
+    /// one number, one text.
+    fn number(text: &str) -> Option<u64> {
+        let canonical = text.bytes().all(|b| b.is_ascii_digit()) && (text.len() == 1 || !text.starts_with('0'));
+        canonical.then(|| text.parse().ok()).flatten()
+    }
+
+    /// Whether `version` is this one (never when unknown).
+    fn is(&self, version: Option<&str>) -> bool {
+        match (self, version) {
+            (Self::Unknown, _) | (_, None) => false,
+            (Self::Number(n), Some(text)) => Self::number(text) == Some(*n),
+            (Self::Text(t), Some(text)) => t == text,
+        }
+    }
+}
+
+/// One node as the directory last converted it.
+#[derive(Clone, Debug)]
+struct NodeState {
+    /// `metadata.resourceVersion`: the same version is the same object (none: always converted).
+    version: Version,
+    /// The last update that saw it.
+    seen: u64,
+    /// What its endpoint text resolved to (resolution may change with the object unchanged).
+    resolved: Option<SocketAddr>,
+    /// Its peer entry, parsed.
+    prepared: Option<desired::PreparedEntry>,
+    dropped: Vec<Dropped>,
+    addresses: [Option<Ipv4Addr>; 2],
+}
+
+/// A service's namespace (empty if none, as in [`convert::service_key`]).
+fn namespace_of(service: &MeshService) -> &str {
+    service.metadata.namespace.as_deref().unwrap_or_default()
+}
+
+/// One service as the directory last converted it.
+#[derive(Clone, Debug)]
+struct ServiceState {
+    version: Version,
+    seen: u64,
+    /// The key of `placements` its placement is under.
+    placed_on: String,
+}
+
+/// What one [`Directory::update`] converted again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Updated {
+    /// Nodes added, changed or removed.
+    pub nodes: usize,
+    /// Services added, changed or removed.
+    pub services: usize,
 }
 
 /// A node's own settings (the agent's flags).
@@ -234,63 +329,238 @@ fn with_own_keepalive(
 const NO_KEY: Key = Key::from_bytes([0; 32]);
 
 impl Directory {
-    /// Derives everything from one state of the directory. `subnet`: allowed IPs outside it
-    /// are dropped (`None`: kept, for a reader that does not know the subnet); `resolve` gives
-    /// the address of a peer's endpoint text (see [`convert::literal_endpoint`]).
+    /// An empty directory: allowed IPs outside `subnet` are dropped (`None`: kept, for a reader
+    /// that does not know the subnet); services in the namespaces `short_names` allows get
+    /// short names.
+    pub fn new(subnet: Option<Ipv4Net>, short_names: &ShortNames) -> Self {
+        Self { subnet, zone: ZoneIndex::new(short_names.clone()), ..Self::default() }
+    }
+
+    /// Derives everything from one state of the directory (see [`Directory::new`] and
+    /// [`Directory::update`]).
     pub fn build<'a>(
         nodes: impl IntoIterator<Item = &'a MeshNode>,
         services: impl IntoIterator<Item = &'a MeshService>,
         subnet: Option<Ipv4Net>,
         short_names: &ShortNames,
-        mut resolve: impl FnMut(&str, &str) -> Option<SocketAddr>,
+        resolve: impl FnMut(&str, &str) -> Option<SocketAddr>,
     ) -> Self {
-        let mut out = Self::default();
-        let mut entries = Vec::new();
-        let mut dns_nodes = Vec::new();
+        let mut out = Self::new(subnet, short_names);
+        out.update(nodes, services, resolve);
+        out
+    }
+
+    /// Brings the directory to one new state: `nodes` and `services` are every object of it
+    /// (those missing are removed); `resolve` gives the address of a peer's endpoint text (see
+    /// [`convert::literal_endpoint`]) and is asked again for every node, since a name may
+    /// resolve to another address while the object stays the same.
+    ///
+    /// Cost: a lookup per object, a conversion per object that changed (by
+    /// `metadata.resourceVersion`; objects without one are always converted), and, when a
+    /// node changed, the peer entries' indexes sorted again (`O(n log n)` in the nodes, no
+    /// parsing). The result equals a directory built afresh from the same objects.
+    pub fn update<'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = &'a MeshNode>,
+        services: impl IntoIterator<Item = &'a MeshService>,
+        mut resolve: impl FnMut(&str, &str) -> Option<SocketAddr>,
+    ) -> Updated {
+        self.generation += 1;
+        let generation = self.generation;
+        let mut updated = Updated::default();
+
+        let mut seen = 0;
         for node in nodes {
             let name = convert::name(node);
-            let [mesh_ip, underlay] = convert::node_addresses_of(node);
-            out.node_addresses.extend(mesh_ip);
-            out.node_addresses.extend(underlay);
-            if let Some(ip) = mesh_ip {
-                out.node_ips.insert(name.to_owned(), ip);
+            let text = node.status.as_ref().and_then(|s| s.peer.as_ref()).and_then(|p| p.endpoint.as_deref());
+            let resolved = text.and_then(|text| resolve(name, text));
+            let version = node.metadata.resource_version.as_deref();
+            if let Some(state) = self.nodes.get_mut(name) {
+                if state.seen != generation {
+                    seen += 1;
+                    state.seen = generation;
+                }
+                if state.version.is(version) && state.resolved == resolved {
+                    continue;
+                }
+            } else {
+                seen += 1;
             }
-            out.members.insert(
-                name.to_owned(),
-                Member {
-                    listen_port: u16::try_from(node.spec.listen_port).unwrap_or(mesh_api::DEFAULT_LISTEN_PORT as u16),
-                    spec_endpoint: node.spec.endpoint.clone(),
-                    persistent_keepalive: node
-                        .spec
-                        .persistent_keepalive
-                        .and_then(|k| u16::try_from(k).ok())
-                        .filter(|k| *k > 0),
-                    mesh_ip,
-                    underlay,
-                    ephemeral: node
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .is_some_and(|a| a.contains_key(mesh_api::CONNECT_OWNER_ANNOTATION)),
-                    relay: node.spec.relay.unwrap_or(false),
-                },
-            );
-            entries.extend(convert::peer_entry(node, &mut resolve));
-            dns_nodes.push(convert::dns_node(node));
+            self.set_node(node, resolved, generation);
+            updated.nodes += 1;
         }
-        (out.entries, out.dropped) = match subnet {
-            Some(subnet) => desired::confine_allowed_ips(subnet, entries),
-            None => (entries, Vec::new()),
-        };
-        out.prepared = desired::prepare(&out.entries);
-        let mut dns_services = Vec::new();
+        if seen < self.nodes.len() {
+            let gone: Vec<String> =
+                self.nodes.iter().filter(|(_, s)| s.seen != generation).map(|(n, _)| n.clone()).collect();
+            for name in gone {
+                self.remove_node(&name);
+                updated.nodes += 1;
+            }
+        }
+
+        let mut seen = 0;
         for service in services {
-            let placement = convert::placement(service);
-            out.placements.entry(placement.node.clone().unwrap_or_default()).or_default().push(placement);
-            dns_services.push(convert::dns_service(service));
+            let version = service.metadata.resource_version.as_deref();
+            let (namespace, name) = (namespace_of(service), convert::service_name(service));
+            if let Some(state) = self.services.get_mut(namespace).and_then(|names| names.get_mut(name)) {
+                if state.seen != generation {
+                    seen += 1;
+                    state.seen = generation;
+                }
+                if state.version.is(version) {
+                    continue;
+                }
+            } else {
+                seen += 1;
+            }
+            self.set_service(service, generation);
+            updated.services += 1;
         }
-        out.zone = dns::zone_with(&dns_nodes, &dns_services, short_names);
-        out
+        if seen < self.service_count {
+            let gone: Vec<(String, String)> = self
+                .services
+                .iter()
+                .flat_map(|(ns, names)| names.iter().map(move |(name, s)| (ns, name, s)))
+                .filter(|(_, _, s)| s.seen != generation)
+                .map(|(ns, name, _)| (ns.clone(), name.clone()))
+                .collect();
+            for (namespace, name) in gone {
+                self.remove_service(&namespace, &name);
+                updated.services += 1;
+            }
+        }
+
+        if updated.nodes > 0 {
+            let mut names: Vec<&String> = self.nodes.keys().collect();
+            names.sort_unstable();
+            let states: Vec<&NodeState> = names.iter().map(|n| &self.nodes[*n]).collect();
+            self.prepared = desired::prepare_from(states.iter().filter_map(|s| s.prepared.clone()).collect());
+            self.dropped = states.iter().flat_map(|s| s.dropped.iter().cloned()).collect();
+        }
+        self.zone.finish();
+        updated
+    }
+
+    /// The DNS zone every agent serves.
+    pub fn zone(&self) -> &Zone {
+        self.zone.zone()
+    }
+
+    /// Converts node `node` (its endpoint resolved to `resolved`), replacing what it was.
+    fn set_node(&mut self, node: &MeshNode, resolved: Option<SocketAddr>, generation: u64) {
+        let name = convert::name(node);
+        let addresses = convert::node_addresses_of(node);
+        let [mesh_ip, underlay] = addresses;
+        let member = Member {
+            listen_port: u16::try_from(node.spec.listen_port).unwrap_or(mesh_api::DEFAULT_LISTEN_PORT as u16),
+            spec_endpoint: node.spec.endpoint.clone(),
+            persistent_keepalive: node.spec.persistent_keepalive.and_then(|k| u16::try_from(k).ok()).filter(|k| *k > 0),
+            mesh_ip,
+            underlay,
+            ephemeral: node
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(mesh_api::CONNECT_OWNER_ANNOTATION)),
+            relay: node.spec.relay.unwrap_or(false),
+        };
+        let entry = convert::peer_entry(node, &mut |_, _| resolved);
+        let (entry, dropped) = match (entry, self.subnet) {
+            (Some(entry), Some(subnet)) => {
+                let (mut entries, dropped) = desired::confine_allowed_ips(subnet, vec![entry]);
+                (entries.pop(), dropped)
+            }
+            (entry, _) => (entry, Vec::new()),
+        };
+        let state = NodeState {
+            version: Version::of(node.metadata.resource_version.as_deref()),
+            seen: generation,
+            resolved,
+            prepared: entry.as_ref().map(desired::prepare_entry),
+            dropped,
+            addresses,
+        };
+        if let Some(old) = self.nodes.insert(name.to_owned(), state) {
+            self.forget_addresses(old.addresses);
+        }
+        for ip in addresses.into_iter().flatten() {
+            *self.address_counts.entry(ip).or_default() += 1;
+            self.node_addresses.insert(ip);
+        }
+        match mesh_ip {
+            Some(ip) => self.node_ips.insert(name.to_owned(), ip),
+            None => self.node_ips.remove(name),
+        };
+        self.members.insert(name.to_owned(), member);
+        self.zone.set_node(convert::dns_node(node));
+    }
+
+    fn remove_node(&mut self, name: &str) {
+        if let Some(old) = self.nodes.remove(name) {
+            self.forget_addresses(old.addresses);
+        }
+        self.node_ips.remove(name);
+        self.members.remove(name);
+        self.zone.remove_node(name);
+    }
+
+    fn forget_addresses(&mut self, addresses: [Option<Ipv4Addr>; 2]) {
+        for ip in addresses.into_iter().flatten() {
+            if let Some(count) = self.address_counts.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    self.address_counts.remove(&ip);
+                    self.node_addresses.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Converts service `service`, replacing what it was.
+    fn set_service(&mut self, service: &MeshService, generation: u64) {
+        let (namespace, name) = (namespace_of(service), convert::service_name(service));
+        let placement = convert::placement(service);
+        let key = placement.service.clone();
+        let placed_on = placement.node.clone().unwrap_or_default();
+        if let Some(old) = self.services.get(namespace).and_then(|names| names.get(name)) {
+            let old_node = old.placed_on.clone();
+            self.unplace(&old_node, &key);
+        }
+        let list = self.placements.entry(placed_on.clone()).or_default();
+        let at = list.partition_point(|p| p.service < key);
+        list.insert(at, placement);
+        self.zone.set_service(convert::dns_service(service));
+        let state = ServiceState {
+            version: Version::of(service.metadata.resource_version.as_deref()),
+            seen: generation,
+            placed_on,
+        };
+        if self.services.entry(namespace.to_owned()).or_default().insert(name.to_owned(), state).is_none() {
+            self.service_count += 1;
+        }
+    }
+
+    fn remove_service(&mut self, namespace: &str, name: &str) {
+        let Some(names) = self.services.get_mut(namespace) else { return };
+        let Some(old) = names.remove(name) else { return };
+        if names.is_empty() {
+            self.services.remove(namespace);
+        }
+        self.service_count -= 1;
+        self.unplace(&old.placed_on, &format!("{namespace}/{name}"));
+        self.zone.remove_service(namespace, name);
+    }
+
+    /// Removes the placement of service `key` from those on `node`.
+    fn unplace(&mut self, node: &str, key: &str) {
+        if let Some(list) = self.placements.get_mut(node) {
+            if let Ok(at) = list.binary_search_by(|p| p.service.as_str().cmp(key)) {
+                list.remove(at);
+            }
+            if list.is_empty() {
+                self.placements.remove(node);
+            }
+        }
     }
 
     /// The placements on node `name`.
@@ -687,7 +957,7 @@ pub(crate) mod tests {
         let hosted: Vec<String> = local.hosted.iter().map(|h| h.ip.to_string()).collect();
         assert_eq!(hosted, ["10.42.1.1"]);
         let refused: Vec<&str> = local.refused.iter().map(|r| r.service.as_str()).collect();
-        assert_eq!(refused, ["web/pod", "web/outside"]);
+        assert_eq!(refused, ["web/outside", "web/pod"], "by namespace/name");
         assert_eq!(local.link.node_ip, Ipv4Addr::new(10, 42, 0, 1));
         assert_eq!(local.link.service_ips, BTreeSet::from([Ipv4Addr::new(10, 42, 1, 1)]));
         assert_eq!(plan.dns_listen, [Ipv4Addr::new(10, 42, 0, 1)]);
@@ -724,9 +994,9 @@ pub(crate) mod tests {
     fn the_zone_is_the_directorys() {
         let services = [service("web", "api", "a", "10.42.1.1"), service("default", "db", "b", "10.42.1.2")];
         let dir = directory(&[node("a", 1), node("b", 2)], &services);
-        assert_eq!(dir.zone.records["api.web.mesh.local"], [Ipv4Addr::new(10, 42, 1, 1)]);
-        assert_eq!(dir.zone.records["db.mesh.local"], [Ipv4Addr::new(10, 42, 1, 2)]);
-        assert_eq!(dir.zone.records["a.node.mesh.local"], [Ipv4Addr::new(10, 42, 0, 1)]);
+        assert_eq!(dir.zone().records["api.web.mesh.local"], [Ipv4Addr::new(10, 42, 1, 1)]);
+        assert_eq!(dir.zone().records["db.mesh.local"], [Ipv4Addr::new(10, 42, 1, 2)]);
+        assert_eq!(dir.zone().records["a.node.mesh.local"], [Ipv4Addr::new(10, 42, 0, 1)]);
         let only_default = Directory::build(
             &[node("a", 1), node("b", 2)],
             &services,
@@ -734,8 +1004,8 @@ pub(crate) mod tests {
             &ShortNames::default(),
             convert::literal_endpoint,
         );
-        assert!(!only_default.zone.records.contains_key("api.mesh.local"));
-        assert!(only_default.zone.records.contains_key("db.mesh.local"));
+        assert!(!only_default.zone().records.contains_key("api.mesh.local"));
+        assert!(only_default.zone().records.contains_key("db.mesh.local"));
     }
 
     #[test]
@@ -807,5 +1077,260 @@ pub(crate) mod tests {
         assert_eq!(dir.placements_on("a").len(), 25);
         assert_eq!(dir.placements_on("nobody").len(), 0);
         assert!(dir.placements_on("a").iter().all(|p| p.node.as_deref() == Some("a") && p.exposure == Exposure::Mesh));
+    }
+
+    /// A directory built afresh from `nodes` and `services` by the conversions themselves, one
+    /// pass, in name order: what [`Directory::update`] must keep.
+    fn afresh(
+        nodes: &[MeshNode],
+        services: &[MeshService],
+        subnet: Option<Ipv4Net>,
+        short: &ShortNames,
+        resolve: impl Fn(&str, &str) -> Option<SocketAddr>,
+    ) -> Fresh {
+        let mut nodes: Vec<&MeshNode> = nodes.iter().collect();
+        nodes.sort_by_key(|n| convert::name(n));
+        let mut services: Vec<&MeshService> = services.iter().collect();
+        services.sort_by_key(|s| convert::service_key(s));
+        let entries = convert::peer_entries(nodes.iter().copied(), resolve);
+        let (entries, dropped) = match subnet {
+            Some(subnet) => desired::confine_allowed_ips(subnet, entries),
+            None => (entries, Vec::new()),
+        };
+        let mut placements: HashMap<String, Vec<Placement>> = HashMap::new();
+        for s in &services {
+            let p = convert::placement(s);
+            placements.entry(p.node.clone().unwrap_or_default()).or_default().push(p);
+        }
+        let (dns_nodes, dns_services) = convert::dns_inputs(nodes.iter().copied(), services.iter().copied());
+        Fresh {
+            members: nodes.iter().map(|n| (convert::name(n).to_owned(), member_of(n))).collect(),
+            dropped,
+            prepared: desired::prepare(&entries),
+            placements,
+            node_addresses: convert::node_addresses(nodes.iter().copied()),
+            node_ips: convert::node_ips(nodes.iter().copied()).into_iter().collect(),
+            zone: mesh_dataplane::dns::zone_with(&dns_nodes, &dns_services, short),
+        }
+    }
+
+    /// What a directory derives, to compare.
+    #[derive(Debug, PartialEq)]
+    struct Fresh {
+        members: HashMap<String, Member>,
+        dropped: Vec<Dropped>,
+        prepared: desired::Prepared,
+        placements: HashMap<String, Vec<Placement>>,
+        node_addresses: BTreeSet<Ipv4Addr>,
+        node_ips: HashMap<String, Ipv4Addr>,
+        zone: Zone,
+    }
+
+    fn derived(dir: &Directory) -> Fresh {
+        Fresh {
+            members: dir.members.clone(),
+            dropped: dir.dropped.clone(),
+            prepared: dir.prepared.clone(),
+            placements: dir.placements.clone(),
+            node_addresses: dir.node_addresses.clone(),
+            node_ips: dir.node_ips.clone(),
+            zone: dir.zone().clone(),
+        }
+    }
+
+    fn member_of(node: &MeshNode) -> Member {
+        Directory::build([node], [], None, &ShortNames::Every, convert::literal_endpoint).members[convert::name(node)]
+            .clone()
+    }
+
+    /// Literal endpoints, and the names `*.odd:51820`: to nothing at `epoch` 0 (still being
+    /// resolved), else to 192.0.2.`epoch` (a resolver's answer changes with the objects unchanged).
+    fn resolver(epoch: u8) -> impl Fn(&str, &str) -> Option<SocketAddr> {
+        move |node, endpoint| match endpoint.strip_suffix(".odd:51820") {
+            Some(_) => (epoch > 0).then(|| SocketAddr::from(([192, 0, 2, epoch], 51820))),
+            None => convert::literal_endpoint(node, endpoint),
+        }
+    }
+
+    /// One change to the objects: a node or service added or replaced (a new version), or
+    /// removed, by index into a small set of names so that changes meet.
+    #[derive(Clone, Debug)]
+    enum Change {
+        Node {
+            at: u8,
+            key: u8,
+            ip: u8,
+            endpoint: u8,
+            wide: bool,
+            fallback: bool,
+            relay: bool,
+        },
+        RemoveNode(u8),
+        Service {
+            at: u8,
+            ns: u8,
+            node: Option<u8>,
+            ip: u8,
+            host: bool,
+        },
+        RemoveService(u8, u8),
+        /// The same objects again, with new versions and nothing changed.
+        Touch,
+        /// The endpoint names resolve to another address (or none).
+        Resolve(u8),
+    }
+
+    fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u8..6, 1u8..5, 0u8..4, 0u8..3, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+                |(at, key, ip, endpoint, wide, fallback, relay)| Change::Node { at, key, ip, endpoint, wide, fallback, relay }
+            ),
+            1 => (0u8..6).prop_map(Change::RemoveNode),
+            5 => (0u8..8, 0u8..3, proptest::option::of(0u8..7), 0u8..4, any::<bool>())
+                .prop_map(|(at, ns, node, ip, host)| Change::Service { at, ns, node, ip, host }),
+            2 => (0u8..8, 0u8..3).prop_map(|(at, ns)| Change::RemoveService(at, ns)),
+            1 => Just(Change::Touch),
+            1 => (0u8..3).prop_map(Change::Resolve),
+        ]
+    }
+
+    /// The objects after `change`; `version` numbers every object written.
+    fn apply(
+        change: &Change,
+        nodes: &mut BTreeMap<String, MeshNode>,
+        services: &mut BTreeMap<String, MeshService>,
+        version: &mut u64,
+    ) {
+        let mut next = || {
+            *version += 1;
+            Some(version.to_string())
+        };
+        match *change {
+            Change::Node { at, key, ip, endpoint, wide, fallback, relay } => {
+                let name = format!("n{at}");
+                let mut n = node(&name, key);
+                let status = n.status.as_mut().unwrap();
+                status.mesh_ip = Some(format!("10.42.0.{ip}"));
+                let peer = status.peer.as_mut().unwrap();
+                peer.endpoint = match endpoint {
+                    0 => None,
+                    1 => Some(format!("192.168.77.{ip}:51820")),
+                    _ => Some(format!("{name}.odd:51820")),
+                };
+                if wide {
+                    peer.allowed_ips.push("10.0.0.0/8".into());
+                }
+                if fallback {
+                    status.backend = Some(Backend::None);
+                }
+                n.spec.relay = Some(relay);
+                n.metadata.resource_version = next();
+                nodes.insert(name, n);
+            }
+            Change::RemoveNode(at) => {
+                nodes.remove(&format!("n{at}"));
+            }
+            Change::Service { at, ns, node, ip, host } => {
+                let on = node.map(|i| format!("n{i}")).unwrap_or_default();
+                let mut s = service(&format!("ns{ns}"), &format!("s{at}"), &on, &format!("10.42.1.{ip}"));
+                if node.is_none() {
+                    s.status.as_mut().unwrap().node = None;
+                }
+                if host {
+                    s.spec.network.type_ = NetworkType::Host;
+                }
+                s.metadata.resource_version = next();
+                services.insert(convert::service_key(&s), s);
+            }
+            Change::RemoveService(at, ns) => {
+                services.remove(&format!("ns{ns}/s{at}"));
+            }
+            Change::Resolve(_) => {}
+            Change::Touch => {
+                for n in nodes.values_mut() {
+                    n.metadata.resource_version = next();
+                }
+                for s in services.values_mut() {
+                    s.metadata.resource_version = next();
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// A directory kept across changes ([`Directory::update`] after each) equals, after
+        /// every change, the one the conversions give afresh from the objects there are then:
+        /// members, dropped allowed IPs, prepared entries, placements, node addresses and IPs,
+        /// and the zone; whatever order the objects come in.
+        #[test]
+        fn a_directory_kept_up_to_date_equals_the_directory_afresh(
+            changes in proptest::collection::vec(change(), 1..30),
+            subnet in proptest::bool::ANY,
+            reverse in proptest::bool::ANY,
+        ) {
+            let subnet = subnet.then(|| "10.42.0.0/16".parse().unwrap());
+            let short = ShortNames::Every;
+            let mut kept = Directory::new(subnet, &short);
+            let (mut nodes, mut services, mut version, mut epoch) = (BTreeMap::new(), BTreeMap::new(), 0, 1);
+            for change in &changes {
+                apply(change, &mut nodes, &mut services, &mut version);
+                if let Change::Resolve(to) = change {
+                    epoch = *to;
+                }
+                let mut ns: Vec<MeshNode> = nodes.values().cloned().collect();
+                let mut ss: Vec<MeshService> = services.values().cloned().collect();
+                if reverse {
+                    ns.reverse();
+                    ss.reverse();
+                }
+                let updated = kept.update(&ns, &ss, resolver(epoch));
+                if matches!(change, Change::Touch) {
+                    proptest::prop_assert_eq!(updated, Updated { nodes: ns.len(), services: ss.len() });
+                }
+                proptest::prop_assert_eq!(derived(&kept), afresh(&ns, &ss, subnet, &short, resolver(epoch)));
+                // Again with nothing changed: nothing converted, the same result.
+                proptest::prop_assert_eq!(kept.update(&ns, &ss, resolver(epoch)), Updated::default());
+            }
+            let ns: Vec<MeshNode> = nodes.values().cloned().collect();
+            let ss: Vec<MeshService> = services.values().cloned().collect();
+            let fresh = Directory::build(&ns, &ss, subnet, &short, resolver(epoch));
+            proptest::prop_assert_eq!(derived(&kept), derived(&fresh));
+        }
+    }
+
+    #[test]
+    fn versions_are_the_same_only_as_the_same_text() {
+        for (a, b, same) in [
+            ("12", "12", true),
+            ("12", "012", false),
+            ("12", "+12", false),
+            ("0", "0", true),
+            ("0", "00", false),
+            ("x7", "x7", true),
+            ("18446744073709551616", "18446744073709551616", true),
+        ] {
+            assert_eq!(Version::of(Some(a)).is(Some(b)), same, "{a} {b}");
+        }
+        assert!(!Version::of(None).is(None) && !Version::of(Some("1")).is(None));
+    }
+
+    #[test]
+    fn a_name_that_resolves_anew_changes_the_entry_without_a_new_version() {
+        let mut a = node("a", 1);
+        a.status.as_mut().unwrap().peer.as_mut().unwrap().endpoint = Some("wg.example.com:51820".into());
+        a.metadata.resource_version = Some("1".into());
+        let mut b = node("b", 2);
+        b.metadata.resource_version = Some("2".into());
+        let nodes = [a, b];
+        let mut dir = Directory::new(None, &ShortNames::Every);
+        dir.update(&nodes, &[], |_, _| None);
+        let before = dir.peers("b", Some(&key(2).public_key()));
+        assert_eq!(before.peers[&key(1).public_key()].endpoint, None);
+        let at = SocketAddr::from(([192, 0, 2, 7], 51820));
+        assert_eq!(dir.update(&nodes, &[], |_, e| (e == "wg.example.com:51820").then_some(at)).nodes, 1, "a: resolved");
+        let after = dir.peers("b", Some(&key(2).public_key()));
+        assert_eq!(after.peers[&key(1).public_key()].endpoint, Some(at));
+        assert_ne!(before.digest, after.digest);
     }
 }

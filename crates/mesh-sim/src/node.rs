@@ -131,7 +131,7 @@ impl SimNode {
             engine: None,
         };
         let executed =
-            executor::execute(&plan, &snapshot.zone, &mut self.dataplane, &mut self.status, &published, resync).await;
+            executor::execute(&plan, snapshot.zone(), &mut self.dataplane, &mut self.status, &published, resync).await;
         let mut synced = Synced {
             writes: u32::from(matches!(executed.status, Ok(true))),
             status_failed: executed.status.is_err(),
@@ -148,13 +148,13 @@ impl SimNode {
         let device = self.dataplane.device.get();
         if let Some(target) = target
             && target.host != self.name
-            && routes(&target.fqdn, &snapshot.zone, device)
+            && routes(&target.fqdn, snapshot.zone(), device)
         {
             let changed = executed.device.is_some().then_some(self.dataplane.device_changed).flatten();
             synced.target_routed = Some(changed.map_or_else(Instant::now, Instant::from_std));
         }
         synced.target_applied =
-            target.is_some_and(|t| applies(t, &self.name, &snapshot.zone, hosted, self.dataplane.device.get()));
+            target.is_some_and(|t| applies(t, &self.name, snapshot.zone(), hosted, self.dataplane.device.get()));
         executed.dataplane.with_context(|| format!("simulated node {}", self.name))?;
         Ok(synced)
     }

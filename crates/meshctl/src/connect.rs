@@ -191,7 +191,7 @@ async fn serve(
         stack.set_peers(desired.peers.clone());
         stack.set_addresses(desired.addresses.clone());
         *zone.lock().map_err(|_| anyhow::anyhow!("the zone lock is poisoned"))? =
-            mesh_dataplane::dns::rezone(&snapshot.zone, &opts.zone);
+            mesh_dataplane::dns::rezone(snapshot.zone(), &opts.zone);
         let wanted: BTreeSet<SocketAddrV4> =
             desired.hosted.iter().flat_map(|(ip, ports, _)| ports.iter().map(|p| SocketAddrV4::new(*ip, *p))).collect();
         listening.retain(|at, task| {
