@@ -484,7 +484,7 @@ impl Agent {
         let names =
             Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port, &config.zone)
                 .await?;
-        let directory = Directory::watch(client.clone());
+        let directory = Directory::watch(client.clone(), Some(config.node.clone()));
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
         // In fallback there is nothing to probe: Connected says why there is no tunnel.
         let summary = device.fallback_reason().map(|why| Summary {

@@ -1,14 +1,16 @@
 //! The mesh directory as this agent sees it: watches of every MeshNode and every MeshService,
-//! kept in reflector stores, with a notification on each change; [`Directory::update`] reads
-//! them once into the agent's `mesh_plan::Directory`, kept across syncs, converting only the
-//! objects that changed ([`Directory::snapshot`] derives a new one; the one conversion from API
-//! objects to the data plane's inputs lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which
+//! kept in reflector stores, with a notification on each change and a record of which objects
+//! each change wrote. [`Directory::update`] brings the agent's `mesh_plan::Directory`, kept
+//! across syncs, to the stores' state by converting only those objects (all of them after a
+//! relist), so a sync after one change costs what the change touches, not the size of the mesh
+//! ([`Directory::snapshot`] derives a new one; the one conversion from API objects to the data
+//! plane's inputs lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which
 //! never makes the agent's loop wait for DNS.
 //!
 //! The stores keep only what the agent reads: managedFields and annotations are dropped before
 //! an object is stored, so a tenant's large annotations cost the agents nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,16 +29,60 @@ use tokio::sync::Notify;
 pub struct Directory {
     nodes: Store<MeshNode>,
     services: Store<MeshService>,
+    /// What the watches reported since the last [`Directory::update`].
+    written: Arc<Mutex<Written>>,
     /// Notified on every watch event, and when a peer endpoint name has been resolved.
     pub changed: Arc<Notify>,
     resolver: Resolver,
 }
 
-/// Drops what the agent never reads from a watched object before it is stored.
-/// Of the annotations, only the one that marks an ephemeral member is kept (it is not probed).
+/// The objects the watches reported written or deleted since the last [`Directory::update`], by
+/// key, and whether a watch listed everything anew since (a restart of the watch: objects may
+/// have changed or gone unreported meanwhile).
+#[derive(Debug, Default)]
+struct Written {
+    nodes: HashSet<String>,
+    /// By namespace and name.
+    services: HashSet<(String, String)>,
+    relisted: bool,
+}
+
+impl Written {
+    /// Records one watch event (already applied to its store); `mark` records one object.
+    fn record<K>(&mut self, event: &watcher::Event<K>, mark: impl Fn(&mut Self, &K)) {
+        match event {
+            watcher::Event::Apply(object) | watcher::Event::Delete(object) => mark(self, object),
+            // The store swaps in the new list at its end.
+            watcher::Event::InitDone => self.relisted = true,
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
+    fn mark_node(&mut self, node: &MeshNode) {
+        self.nodes.extend(node.metadata.name.clone());
+    }
+
+    fn mark_service(&mut self, service: &MeshService) {
+        if let (Some(namespace), Some(name)) = (&service.metadata.namespace, &service.metadata.name) {
+            self.services.insert((namespace.clone(), name.clone()));
+        }
+    }
+}
+
+/// The lock of `written`: a panic while holding it leaves at worst a key recorded twice.
+fn lock(written: &Mutex<Written>) -> std::sync::MutexGuard<'_, Written> {
+    written.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Drops what the agent never reads from a watched object before it is stored: managedFields,
+/// labels, finalizers and owner references, and of the annotations all but the one that marks an
+/// ephemeral member (it is not probed).
 fn slim<K: kube::Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
+    meta.labels = None;
+    meta.finalizers = None;
+    meta.owner_references = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|key, _| key == mesh_api::CONNECT_OWNER_ANNOTATION);
     }
@@ -45,32 +91,61 @@ fn slim<K: kube::Resource>(object: &mut K) {
     }
 }
 
+/// [`slim`], and of a MeshNode other than `own` (`None`: keep every node's status whole) also
+/// what only its own agent reads: its conditions, relayed peers and containers. The agent's own
+/// MeshNode stays whole: its status writes compare against it.
+fn slim_node(node: &mut MeshNode, own: Option<&str>) {
+    slim(node);
+    if own.is_some_and(|own| node.metadata.name.as_deref() != Some(own))
+        && let Some(status) = node.status.as_mut()
+    {
+        status.conditions = Vec::new();
+        status.relayed_peers = Vec::new();
+        status.containers = Vec::new();
+    }
+}
+
+/// [`slim`], and of a MeshService also what the controller writes for users (conditions, the DNS
+/// name): the plan reads its spec, mesh IP, node and pod IP.
+fn slim_service(service: &mut MeshService) {
+    slim(service);
+    if let Some(status) = service.status.as_mut() {
+        status.conditions = Vec::new();
+        status.dns_name = None;
+    }
+}
+
 impl Directory {
-    /// Starts watching; the watches run until the process ends and retry with backoff.
-    pub fn watch(client: Client) -> Self {
+    /// Starts watching; the watches run until the process ends and retry with backoff. `own`:
+    /// the agent's MeshNode, the only one whose status is stored whole (`None`: every node's,
+    /// for the simulator, whose nodes share one directory).
+    pub fn watch(client: Client, own: Option<String>) -> Self {
         let changed = Arc::new(Notify::new());
+        let written = Arc::new(Mutex::new(Written::default()));
         let (nodes, node_writer) = reflector::store();
         let (services, service_writer) = reflector::store();
-        let notify = changed.clone();
+        let (notify, record) = (changed.clone(), written.clone());
         let node_events = watcher(Api::<MeshNode>::all(client.clone()), watcher::Config::default())
             .default_backoff()
-            .map_ok(|event| event.modify(slim::<MeshNode>))
+            .map_ok(move |event| event.modify(|node| slim_node(node, own.as_deref())))
             .reflect(node_writer)
             .for_each(move |event| {
-                if let Err(err) = event {
-                    tracing::warn!("watching MeshNodes: {err}");
+                match event {
+                    Ok(event) => lock(&record).record(&event, Written::mark_node),
+                    Err(err) => tracing::warn!("watching MeshNodes: {err}"),
                 }
                 notify.notify_one();
                 futures::future::ready(())
             });
-        let notify = changed.clone();
+        let (notify, record) = (changed.clone(), written.clone());
         let service_events = watcher(Api::<MeshService>::all(client), watcher::Config::default())
             .default_backoff()
-            .map_ok(|event| event.modify(slim::<MeshService>))
+            .map_ok(|event| event.modify(slim_service))
             .reflect(service_writer)
             .for_each(move |event| {
-                if let Err(err) = event {
-                    tracing::warn!("watching MeshServices: {err}");
+                match event {
+                    Ok(event) => lock(&record).record(&event, Written::mark_service),
+                    Err(err) => tracing::warn!("watching MeshServices: {err}"),
                 }
                 notify.notify_one();
                 futures::future::ready(())
@@ -78,7 +153,7 @@ impl Directory {
         tokio::spawn(node_events);
         tokio::spawn(service_events);
         let resolver = Resolver::new(changed.clone(), RESOLVE_TIMEOUT);
-        Self { nodes, services, changed, resolver }
+        Self { nodes, services, written, changed, resolver }
     }
 
     /// Waits until both watches have listed everything once.
@@ -93,15 +168,38 @@ impl Directory {
         self.nodes.get(&ObjectRef::new(name))
     }
 
-    /// Brings `directory`, kept across syncs, to the state of the stores, read once (see
-    /// [`mesh_plan::Directory::update`]: only the objects that changed since are converted);
-    /// endpoint names are resolved as for [`Directory::snapshot`].
+    /// Brings `directory`, kept across syncs, to the state of the stores: only the objects the
+    /// watches reported written or deleted since the last update are read and converted (see
+    /// [`mesh_plan::Directory::update_changed`]), and the nodes whose endpoint is a name are
+    /// resolved anew. A new directory, or one after a watch relisted, is brought to every object
+    /// of the stores instead ([`mesh_plan::Directory::update`]). Endpoint names are resolved as
+    /// for [`Directory::snapshot`].
     pub fn update(&self, directory: &mut mesh_plan::Directory) -> mesh_plan::Updated {
-        let nodes = self.nodes.state();
-        let services = self.services.state();
-        directory.update(nodes.iter().map(AsRef::as_ref), services.iter().map(AsRef::as_ref), |node, endpoint| {
-            self.resolver.lookup(node, endpoint)
-        })
+        // Taken before the stores are read: an event after this is applied again next time.
+        let written = std::mem::take(&mut *lock(&self.written));
+        let resolve = |node: &str, endpoint: &str| self.resolver.lookup(node, endpoint);
+        if directory.is_new() || written.relisted {
+            let nodes = self.nodes.state();
+            let services = self.services.state();
+            return directory.update(nodes.iter().map(AsRef::as_ref), services.iter().map(AsRef::as_ref), resolve);
+        }
+        let mut node_names = written.nodes;
+        node_names.extend(directory.named_endpoints().map(str::to_owned));
+        let nodes: Vec<(String, Option<Arc<MeshNode>>)> =
+            node_names.into_iter().map(|name| (name.clone(), self.nodes.get(&ObjectRef::new(&name)))).collect();
+        let services: Vec<(String, String, Option<Arc<MeshService>>)> = written
+            .services
+            .into_iter()
+            .map(|(namespace, name)| {
+                let service = self.services.get(&ObjectRef::new(&name).within(&namespace));
+                (namespace, name, service)
+            })
+            .collect();
+        directory.update_changed(
+            nodes.iter().map(|(name, node)| (name.as_str(), node.as_deref())),
+            services.iter().map(|(namespace, name, service)| (namespace.as_str(), name.as_str(), service.as_deref())),
+            resolve,
+        )
     }
 
     /// One snapshot of the directory, derived once (see [`mesh_plan::Directory`]): the stores
@@ -213,6 +311,83 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_objects_keep_what_the_plan_reads_and_the_own_node_keeps_its_status() {
+        let node = |name: &str| -> MeshNode {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshNode",
+                "metadata": {"name": name, "labels": {"team": "a"}, "managedFields": [{"manager": "x"}],
+                             "annotations": {"big": "x", (mesh_api::CONNECT_OWNER_ANNOTATION): "laptop"}},
+                "spec": {"listenPort": 51820},
+                "status": {"meshIP": "10.42.0.1", "conditions": [{"type": "Connected", "status": "True",
+                    "reason": "AllPeersReachable", "message": "m", "lastTransitionTime": "2026-12-03T00:00:00Z"}],
+                    "containers": [{"service": "web/api", "container": "api", "ready": true, "reason": "Running", "message": "m"}]}
+            }))
+            .unwrap()
+        };
+        let (mut own, mut other) = (node("me"), node("them"));
+        slim_node(&mut own, Some("me"));
+        slim_node(&mut other, Some("me"));
+        for n in [&own, &other] {
+            assert_eq!((n.metadata.labels.as_ref(), n.metadata.managed_fields.as_ref()), (None, None));
+            let annotations = n.metadata.annotations.as_ref().unwrap();
+            assert_eq!(annotations.keys().collect::<Vec<_>>(), [mesh_api::CONNECT_OWNER_ANNOTATION]);
+            assert_eq!(n.status.as_ref().unwrap().mesh_ip.as_deref(), Some("10.42.0.1"));
+        }
+        let (own, other) = (own.status.unwrap(), other.status.unwrap());
+        assert_eq!((own.conditions.len(), own.containers.len()), (1, 1), "the agent's own status is whole");
+        assert!(other.conditions.is_empty() && other.containers.is_empty());
+        let mut shared = node("them");
+        slim_node(&mut shared, None);
+        assert_eq!(shared.status.unwrap().conditions.len(), 1, "the simulator's nodes keep every status whole");
+
+        let mut service: MeshService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mesh.harness.dev/v1alpha1", "kind": "MeshService",
+            "metadata": {"name": "api", "namespace": "web", "labels": {"app": "api"}},
+            "spec": {"network": {"type": "mesh", "ports": [80]}, "node": "me"},
+            "status": {"meshIP": "10.42.1.1", "node": "me", "dnsName": "api.web.mesh.local",
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Hosted", "message": "m",
+                    "lastTransitionTime": "2026-12-03T00:00:00Z"}]}
+        }))
+        .unwrap();
+        slim_service(&mut service);
+        let status = service.status.as_ref().unwrap();
+        assert_eq!((status.mesh_ip.as_deref(), status.node.as_deref()), (Some("10.42.1.1"), Some("me")));
+        assert!(status.conditions.is_empty() && status.dns_name.is_none() && service.metadata.labels.is_none());
+        assert_eq!(service.spec.node.as_deref(), Some("me"));
+    }
+
+    #[test]
+    fn the_written_record_holds_the_objects_of_writes_and_deletes_and_marks_a_relist() {
+        let mut written = Written::default();
+        let node = |name: &str| MeshNode::new(name, mesh_api::MeshNodeSpec::default());
+        let service = |ns: &str, name: &str| {
+            let mut s = MeshService::new(
+                name,
+                serde_json::from_value(serde_json::json!({"network": {"type": "mesh", "ports": [80]}})).unwrap(),
+            );
+            s.metadata.namespace = Some(ns.to_owned());
+            s
+        };
+        written.record(&watcher::Event::Apply(node("a")), Written::mark_node);
+        written.record(&watcher::Event::Delete(node("b")), Written::mark_node);
+        written.record(&watcher::Event::Apply(node("a")), Written::mark_node);
+        written.record(&watcher::Event::Apply(service("web", "api")), Written::mark_service);
+        written.record(&watcher::Event::Delete(service("db", "pg")), Written::mark_service);
+        assert_eq!(written.nodes, HashSet::from(["a".to_owned(), "b".to_owned()]));
+        assert_eq!(
+            written.services,
+            HashSet::from([("web".to_owned(), "api".to_owned()), ("db".to_owned(), "pg".to_owned())])
+        );
+        assert!(!written.relisted);
+        // A relist's objects come as one new list: the whole directory is read again.
+        written.record(&watcher::Event::Init, Written::mark_node);
+        written.record(&watcher::Event::InitApply(node("c")), Written::mark_node);
+        assert!(!written.relisted && !written.nodes.contains("c"));
+        written.record(&watcher::Event::InitDone, Written::mark_node);
+        assert!(written.relisted);
+    }
 
     #[tokio::test]
     async fn literals_resolve_at_once_and_invalid_endpoints_not_at_all() {

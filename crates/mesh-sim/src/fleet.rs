@@ -164,7 +164,8 @@ impl Fleet {
     pub async fn start(client: Client, config: Config) -> anyhow::Result<Self> {
         anyhow::ensure!(config.directories > 0, "the fleet needs at least one directory");
         anyhow::ensure!(config.nodes.len() < 65_000, "at most 65,000 simulated nodes");
-        let directories: Vec<Directory> = (0..config.directories).map(|_| Directory::watch(client.clone())).collect();
+        let directories: Vec<Directory> =
+            (0..config.directories).map(|_| Directory::watch(client.clone(), None)).collect();
         for directory in &directories {
             tokio::time::timeout(Duration::from_secs(120), directory.ready())
                 .await
