@@ -15,6 +15,11 @@
 //! - *sync after one change*: the three of a steady-state sync together (directory after one
 //!   change, plan, DNS update).
 //!
+//!
+//! And the heap each part holds (live bytes, counted by this example's allocator), written as
+//! `heap_mib`: the objects (as the agent's stores hold them, slimmed), the kept directory, and the
+//! DNS server with every name.
+//!
 //! Not included: reading the device back and writing the peers that changed (wireguard-go's
 //! UAPI or netlink), nft, and the status writes, which the scale bench (`make bench-scale`)
 //! measures on a real agent.
@@ -30,6 +35,16 @@ use mesh_dataplane::dns::ShortNames;
 use mesh_plan::{Directory, NodeInput, NodeSettings, Updated, convert};
 use mesh_wireguard::PrivateKey;
 
+/// The system allocator, counting the bytes live: what each part of the agent holds.
+#[global_allocator]
+static ALLOCATOR: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+/// The heap live now, in MiB.
+fn live_mib() -> f64 {
+    let stats = ALLOCATOR.stats();
+    (stats.bytes_allocated as f64 - stats.bytes_deallocated as f64 + stats.bytes_reallocated as f64) / (1024.0 * 1024.0)
+}
+
 fn ip(i: usize, base: u8) -> String {
     format!("10.{}.{}.{}", 42 + base, (i >> 8) & 0xff, i & 0xff)
 }
@@ -44,6 +59,7 @@ fn main() {
             PrivateKey::from_bytes(bytes)
         })
         .collect();
+    let heap_start = live_mib();
     let mut mesh_nodes: Vec<MeshNode> = (0..nodes)
         .map(|i| {
             let mut node = MeshNode::new(&format!("node-{i}"), MeshNodeSpec::default());
@@ -88,6 +104,7 @@ fn main() {
             s
         })
         .collect();
+    let heap_objects = live_mib() - heap_start;
     let settings = NodeSettings::defaults("10.0.0.0/8".parse().expect("a subnet"));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
     let loopback = ["127.0.0.1:0".parse().expect("an address")];
@@ -135,6 +152,7 @@ fn main() {
 
     // The steady state: the directory kept across syncs, one service's IP and one node's
     // endpoint changed before each sync, as the reflector stores would hold them.
+    let heap_before_kept = live_mib();
     let mut kept = Directory::build(
         &mesh_nodes,
         &mesh_services,
@@ -143,7 +161,10 @@ fn main() {
         convert::literal_endpoint,
     );
     let server = runtime.block_on(DnsServer::start(&loopback, "mesh.local")).expect("a DNS server on loopback");
+    let heap_directory = live_mib() - heap_before_kept;
+    let heap_before_dns = live_mib();
     runtime.block_on(server.update(&kept.zone().records));
+    let heap_dns = live_mib() - heap_before_dns;
     let (mut kept_one, mut sync_one) = (Duration::MAX, Duration::MAX);
     for round in 0..5u8 {
         let version = Some(format!("{}", u32::from(round) + 2));
@@ -199,6 +220,7 @@ fn main() {
         "plan_ms": ms(plan),
         "dns_every_name_ms": ms(dns_all),
         "dns_one_change_ms": ms(dns_one),
+        "heap_mib": {"objects": heap_objects, "directory": heap_directory, "dns_server": heap_dns},
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     if let Err(err) =
@@ -218,5 +240,9 @@ fn main() {
         ms(dns_all),
         ms(dns_one),
         ms(sync_one)
+    );
+    println!(
+        "heap held: the objects {heap_objects:.1} MiB, the kept directory {heap_directory:.1} MiB, the DNS server \
+         {heap_dns:.1} MiB"
     );
 }

@@ -102,40 +102,46 @@ pub struct Totals {
     pub hosted: u64,
     /// The fewest zone records any node has.
     pub min_zone_records: u64,
-    /// Directory snapshots derived (shared by a group).
+    /// Updates of the groups' shared directories (one per change a group's nodes sync).
     pub snapshots: u64,
-    /// Time spent deriving them, microseconds.
+    /// Time spent on them, microseconds.
     pub snapshot_micros: u64,
 }
 
-/// One shared directory, its change counter, and the snapshot of its latest derived state.
+/// One shared directory, its change counter, and the directory its nodes plan from: kept across
+/// changes and brought up to date as the agent brings its own (`Directory::update`: only the
+/// objects the watches reported written are converted).
 struct Group {
     directory: Directory,
     changes: watch::Receiver<u64>,
-    snapshot: tokio::sync::Mutex<Option<(u64, Arc<mesh_plan::Directory>)>>,
-    /// Snapshots derived, and the time spent, in microseconds.
+    /// The change the directory reflects (`None`: not read yet), and the directory. The nodes
+    /// read it through their syncs; an update waits for the syncs of the state before to end.
+    kept: tokio::sync::RwLock<(Option<u64>, mesh_plan::Directory)>,
+    /// Updates made, and the time spent, in microseconds.
     snapshots: AtomicU64,
     snapshot_micros: AtomicU64,
 }
 
 impl Group {
-    /// A snapshot that reflects at least change `version` (derived now if the last one is older).
-    async fn snapshot(&self, version: u64) -> Arc<mesh_plan::Directory> {
-        let mut current = self.snapshot.lock().await;
-        if let Some((at, snapshot)) = current.as_ref()
-            && *at >= version
-        {
-            return snapshot.clone();
+    /// The directory as of at least change `version` (brought up to date now if it is older).
+    async fn snapshot(&self, version: u64) -> tokio::sync::RwLockReadGuard<'_, mesh_plan::Directory> {
+        let current = self.kept.read().await;
+        if current.0.is_some_and(|at| at >= version) {
+            return tokio::sync::RwLockReadGuard::map(current, |(_, directory)| directory);
         }
-        // Read the counter first: the state read after it includes at least those changes.
-        let at = *self.changes.borrow();
-        let started = Instant::now();
-        let snapshot = Arc::new(node::snapshot(&self.directory));
-        self.snapshots.fetch_add(1, Ordering::Relaxed);
-        self.snapshot_micros
-            .fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        *current = Some((at, snapshot.clone()));
-        snapshot
+        drop(current);
+        let mut current = self.kept.write().await;
+        if current.0.is_none_or(|at| at < version) {
+            // Read the counter first: the state read after it includes at least those changes.
+            let at = *self.changes.borrow();
+            let started = Instant::now();
+            self.directory.update(&mut current.1);
+            current.0 = Some(at);
+            self.snapshots.fetch_add(1, Ordering::Relaxed);
+            self.snapshot_micros
+                .fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        tokio::sync::RwLockReadGuard::map(current.downgrade(), |(_, directory)| directory)
     }
 }
 
@@ -192,7 +198,7 @@ impl Fleet {
             groups.push(Arc::new(Group {
                 directory,
                 changes: rx,
-                snapshot: tokio::sync::Mutex::new(None),
+                kept: tokio::sync::RwLock::new((None, node::directory())),
                 snapshots: AtomicU64::new(0),
                 snapshot_micros: AtomicU64::new(0),
             }));

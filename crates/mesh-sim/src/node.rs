@@ -6,8 +6,9 @@
 //! no tunnel to probe).
 //!
 //! What is the same for every node reading the same directory state — peer entries,
-//! placements, the DNS zone — is one `mesh_plan::Directory` per change, which the nodes of a
-//! group share; each node still computes its own plan (peers, digest, hosting, ruleset).
+//! placements, the DNS zone — is one `mesh_plan::Directory`, which the nodes of a group share
+//! and which is kept across changes as the agent keeps its own; each node still computes its own
+//! plan (peers, digest, hosting, ruleset).
 
 use std::net::Ipv4Addr;
 
@@ -40,10 +41,11 @@ pub struct Target {
     pub host: String,
 }
 
-/// The shared part of a snapshot, as the simulated nodes derive it: every short name published
-/// (as the controller's default), peer entries confined to [`SUBNET`], endpoints only literal.
-pub fn snapshot(directory: &Directory) -> mesh_plan::Directory {
-    directory.snapshot(SUBNET.parse().ok(), &dns::ShortNames::Every)
+/// A new directory as the simulated nodes keep it (the shared part of every node's plan): every
+/// short name published (as the controller's default), peer entries confined to [`SUBNET`],
+/// endpoints only literal. Its first update reads every object.
+pub fn directory() -> mesh_plan::Directory {
+    mesh_plan::Directory::new(SUBNET.parse().ok(), &dns::ShortNames::Every)
 }
 
 /// What one sync did.
