@@ -34,6 +34,7 @@
 //! Sizes can be changed with HM_BENCH_NODES, HM_BENCH_SERVICES, HM_BENCH_AGENTS, HM_BENCH_TRIES
 //! and HM_BENCH_DIRECTORIES; `make bench-scale` runs three sizes up to 5,000 nodes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -141,6 +142,25 @@ impl RealAgent {
                 .unwrap_or(f64::NAN)
         };
         Ok((value("sum"), value("count")))
+    }
+
+    /// (sum, count) of each step of `mesh_agent_sync_step_seconds`, by step.
+    fn steps(&self) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+        let text = self.metrics()?;
+        let mut steps: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("mesh_agent_sync_step_seconds_") else { continue };
+            let Some((suffix, rest)) = rest.split_once("{step=\"") else { continue };
+            let Some((step, value)) = rest.split_once("\"} ") else { continue };
+            let Ok(value) = value.trim().parse::<f64>() else { continue };
+            let entry = steps.entry(step.to_owned()).or_insert((0.0, 0.0));
+            match suffix {
+                "sum" => entry.0 = value,
+                "count" => entry.1 = value,
+                _ => {}
+            }
+        }
+        Ok(steps)
     }
 }
 
@@ -363,6 +383,7 @@ async fn main() -> anyhow::Result<()> {
     let sync_before = fleet.totals();
     let cpu_before = measure::cpu_time(std::process::id())?;
     let (real_sync_before, real_plan_before) = (real.histogram("sync_seconds")?, real.histogram("plan_seconds")?);
+    let real_steps_before = real.steps()?;
     let real_cpu_before = measure::cpu_time(real.pid()?)?;
     for k in 0..tries {
         let (name, host) = (format!("converge-{k}"), node_name((k * 37) % agents));
@@ -391,6 +412,18 @@ async fn main() -> anyhow::Result<()> {
     let real_syncs = real_sync_after.1 - real_sync_before.1;
     let real_sync_ms = mean_ms(real_sync_before, real_sync_after);
     let real_plan_ms = mean_ms(real_plan_before, real_plan_after);
+    // Where a sync's time goes: the mean of each step over the syncs of the tries.
+    let mut real_steps_ms: BTreeMap<String, f64> = real
+        .steps()?
+        .into_iter()
+        .map(|(step, after)| {
+            let before = real_steps_before.get(&step).copied().unwrap_or((0.0, 0.0));
+            (step, mean_ms(before, after))
+        })
+        .collect();
+    let rest: f64 = ["link", "firewall", "status"].iter().filter_map(|step| real_steps_ms.get(*step)).sum();
+    real_steps_ms.insert("rest".to_owned(), rest);
+    let steps_text = real_steps_ms.iter().map(|(step, ms)| format!("{step} {ms:.1}")).collect::<Vec<_>>().join(", ");
     let real_memory = measure::memory(real.pid()?)?;
     println!(
         "release agent on hm-node-1 at scale: {:.1} MiB RSS, {real_syncs} syncs of {real_sync_ms:.1} ms (plan {real_plan_ms:.1} ms), {:.1} ms CPU per sync",
@@ -522,6 +555,7 @@ async fn main() -> anyhow::Result<()> {
                 real_cpu_ms / real_syncs.max(1.0)
             ),
         ),
+        ("one real agent (release) at this size: sync steps, mean ms".into(), steps_text),
         (
             "one real agent (release) idle on the 3-node lab: CPU / RSS".into(),
             format!("{idle_cpu_percent:.2} % / {:.1} MiB", mib(idle_memory.rss_kib)),
@@ -563,6 +597,7 @@ async fn main() -> anyhow::Result<()> {
             "rss_mib": mib(real_memory.rss_kib), "peak_rss_mib": mib(real_memory.peak_kib),
             "sync_mean_ms": real_sync_ms, "plan_mean_ms": real_plan_ms, "syncs": real_syncs,
             "cpu_per_sync_ms": real_cpu_ms / real_syncs.max(1.0),
+            "sync_steps_mean_ms": real_steps_ms,
         },
         "controller_rss_mib": {"steady": mib(steady.rss_kib), "steady_peak": mib(steady.peak_kib), "after_resync": mib(after_resync.rss_kib), "after_resync_peak": mib(after_resync.peak_kib)},
         "controller_resync_seconds": {"ready": ready_seconds, "all_reconciled": resync_seconds, "last_reconcile": resync_quiet_seconds, "reconciles": resync_reconciles, "objects": {"meshnodes": objects_nodes, "meshservices": objects_services}},

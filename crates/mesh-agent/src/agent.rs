@@ -33,7 +33,7 @@ use crate::containers::{self, Engine};
 use crate::directory::Directory;
 use crate::dns::DnsServer;
 use crate::link::Links;
-use crate::metrics::{ChangeLabel, Metrics, PeerLabel};
+use crate::metrics::{ChangeLabel, Metrics, PeerLabel, StepLabel};
 use crate::resolver::Names;
 use crate::{probe, status::renew_lease};
 
@@ -845,6 +845,7 @@ impl Agent {
         }
         self.paths = (!plan.fallback).then(|| plan.paths.clone());
         self.metrics.plan_seconds.observe(planning.elapsed().as_secs_f64());
+        self.observe_step("plan", planning.elapsed());
         self.report(directory, &plan);
         self.endpoint = (plan.endpoint.clone(), plan.listen_port);
         let published = self.published();
@@ -858,6 +859,9 @@ impl Agent {
             &rezoned
         };
         let executed = executor::execute(&plan, zone, &mut self.machine, &mut self.status, &published, resync).await;
+        for (step, took) in &executed.steps {
+            self.observe_step(step, *took);
+        }
         match &executed.status {
             Ok(true) => {
                 self.metrics.api_writes.inc();
@@ -908,10 +912,16 @@ impl Agent {
             self.metrics.applied_services.set(local.hosted.len() as i64);
         }
         let server = plan.dns_listen.first().copied();
+        let started = Instant::now();
         if let Err(err) = self.names.update(zone, server, resync, &self.machine.links).await {
             tracing::warn!("--resolver {:?}: {err:#}", self.config.resolver);
         }
+        self.observe_step("names", started.elapsed());
         executed.dataplane
+    }
+
+    fn observe_step(&self, step: &'static str, took: Duration) {
+        self.metrics.sync_step_seconds.get_or_create(&StepLabel { step }).observe(took.as_secs_f64());
     }
 
     /// Logs each skipped entry, dropped allowed IP and refused placement once, and sets their

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_dataplane::dns::Zone;
@@ -57,6 +58,9 @@ pub struct Executed {
     pub dataplane: anyhow::Result<()>,
     /// The status write: whether it wrote, or why it failed.
     pub status: anyhow::Result<bool>,
+    /// How long each step took, in order: `device` (read back, diff, apply), `link`,
+    /// `firewall`, `dns`, `status` (the steps run).
+    pub steps: Vec<(&'static str, Duration)>,
 }
 
 /// Programs `plan` into `dataplane` (serving `zone`), then publishes `published` to `status`.
@@ -75,9 +79,12 @@ pub async fn execute<D: DataPlane, S: StatusSink>(
         firewall_changed: false,
         dataplane: Ok(()),
         status: Ok(false),
+        steps: Vec::new(),
     };
     out.dataplane = program(plan, zone, dataplane, &mut out).await;
+    let started = Instant::now();
     out.status = status.publish(published, resync).await;
+    out.steps.push(("status", started.elapsed()));
     out
 }
 
@@ -88,6 +95,7 @@ async fn program<D: DataPlane>(
     out: &mut Executed,
 ) -> anyhow::Result<()> {
     if !plan.fallback {
+        let started = Instant::now();
         let actual = dataplane.device().await.context("reading the WireGuard device")?;
         let diff = mesh_wireguard::plan(&actual, &plan.device);
         if !diff.is_empty() {
@@ -95,13 +103,20 @@ async fn program<D: DataPlane>(
             out.device = Some(diff);
         }
         out.device_applied = true;
+        out.steps.push(("device", started.elapsed()));
         let local = plan.local.as_ref().map_err(|why| anyhow::anyhow!("{why}"))?;
+        let started = Instant::now();
         out.link_changes = dataplane.configure_link(&local.link).await?;
+        out.steps.push(("link", started.elapsed()));
+        let started = Instant::now();
         out.firewall_changed = dataplane.apply_firewall(&local.ruleset).await?;
         dataplane.ensure_echo(local.node_ip);
+        out.steps.push(("firewall", started.elapsed()));
     }
     if !plan.dns_listen.is_empty() {
+        let started = Instant::now();
         dataplane.serve_dns(&plan.dns_listen, zone).await?;
+        out.steps.push(("dns", started.elapsed()));
     }
     Ok(())
 }
@@ -229,6 +244,8 @@ mod tests {
         assert_eq!(executed.device.as_ref().map(|d| d.add.len()), Some(1));
         assert!(executed.status.unwrap_err().to_string().contains("not reachable"));
         assert_eq!(dataplane.state.peers.len(), 1, "the peer is on the device although the status write failed");
+        let steps: Vec<&str> = executed.steps.iter().map(|(step, _)| *step).collect();
+        assert_eq!(steps, ["device", "link", "firewall", "dns", "status"], "each step timed, in order");
 
         // Again: nothing to change on the device or the firewall.
         let executed = execute(&plan, &zone, &mut dataplane, &mut Down(&mut status_calls), &published(), false).await;
@@ -244,6 +261,8 @@ mod tests {
         assert_eq!(dataplane.calls, ["device", "apply_device"]);
         assert_eq!(status_calls, ["status"]);
         assert!(!executed.device_applied);
+        let steps: Vec<&str> = executed.steps.iter().map(|(step, _)| *step).collect();
+        assert_eq!(steps, ["status"], "the steps not run are not timed");
         assert!(format!("{:#}", executed.dataplane.unwrap_err()).contains("applying the peer changes"));
     }
 }

@@ -23,6 +23,14 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+/// Labels naming a step of a sync.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    /// `plan` (the directory brought up to date and the pure plan), `device`, `link`,
+    /// `firewall`, `dns`, `names` (the node's resolver) or `status`.
+    pub step: &'static str,
+}
+
 /// Labels naming what kind of change an apply made.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChangeLabel {
@@ -64,6 +72,8 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     /// Seconds per plan: the snapshot of the directory and the pure plan alone.
     pub plan_seconds: Histogram,
+    /// Seconds per step of a sync: where a slow sync spends its time.
+    pub sync_step_seconds: Family<StepLabel, Histogram>,
     /// Generation of the directory (MeshNode and MeshService resource versions) last applied;
     /// lets tests and benchmarks see when a change reached the device.
     pub applied_services: Gauge,
@@ -97,6 +107,7 @@ impl Default for Metrics {
             status_write_errors: Counter::default(),
             sync_seconds: seconds(),
             plan_seconds: seconds(),
+            sync_step_seconds: Family::new_with_constructor(seconds),
             applied_services: Gauge::default(),
             dropped_allowed_ips: Gauge::default(),
             refused_services: Gauge::default(),
@@ -146,6 +157,11 @@ impl Metrics {
         );
         r.register("sync_seconds", "Seconds per sync: snapshot, plan and execution", self.sync_seconds.clone());
         r.register("plan_seconds", "Seconds per plan: directory snapshot and the pure plan", self.plan_seconds.clone());
+        r.register(
+            "sync_step_seconds",
+            "Seconds per step of a sync: plan, device (read back, diff, apply), link, firewall, dns, names (the node's resolver), status",
+            self.sync_step_seconds.clone(),
+        );
         r.register("hosted_services", "Service IPs hosted on this node", self.applied_services.clone());
         r.register(
             "dropped_allowed_ips",

@@ -68,6 +68,11 @@ const GROWTH: &[(&str, &str, f64, &str)] = &[
     ("one real agent (release): RSS", "real_agent.rss_mib", 1.0, " MiB"),
     ("one real agent (release): sync, mean", "real_agent.sync_mean_ms", 1.0, " ms"),
     ("one real agent (release): CPU per sync", "real_agent.cpu_per_sync_ms", 1.0, " ms"),
+    ("  of a sync: directory and plan, mean", "real_agent.sync_steps_mean_ms.plan", 1.0, " ms"),
+    ("  of a sync: device read back and diff, mean", "real_agent.sync_steps_mean_ms.device", 1.0, " ms"),
+    ("  of a sync: DNS server, mean", "real_agent.sync_steps_mean_ms.dns", 1.0, " ms"),
+    ("  of a sync: node resolver (hosts file), mean", "real_agent.sync_steps_mean_ms.names", 1.0, " ms"),
+    ("  of a sync: link, firewall and status, mean", "real_agent.sync_steps_mean_ms.rest", 1.0, " ms"),
     ("setup: create and allocate everything", "setup_seconds", 1.0, " s"),
 ];
 
