@@ -913,7 +913,8 @@ impl Agent {
         }
         let server = plan.dns_listen.first().copied();
         let started = Instant::now();
-        if let Err(err) = self.names.update(zone, server, resync, &self.machine.links).await {
+        let revision = directory.zone_revision();
+        if let Err(err) = self.names.update(zone, revision, server, resync, &self.machine.links).await {
             tracing::warn!("--resolver {:?}: {err:#}", self.config.resolver);
         }
         self.observe_step("names", started.elapsed());

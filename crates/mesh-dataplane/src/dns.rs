@@ -376,12 +376,29 @@ pub struct ZoneIndex {
     /// `unpublished` or `ambiguous` changed since the last [`ZoneIndex::finish`].
     lists_changed: bool,
     zone: Zone,
+    /// Changes with every change of the records ([`ZoneIndex::revision`]).
+    revision: u64,
+}
+
+/// The source of [`ZoneIndex::revision`]s: one counter for the process, so that no two indexes
+/// ever share a revision with different records.
+static REVISIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_revision() -> u64 {
+    REVISIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl ZoneIndex {
     /// An empty zone whose short names `short_names` allows.
     pub fn new(short_names: ShortNames) -> Self {
-        Self { short_names, ..Self::default() }
+        Self { short_names, revision: next_revision(), ..Self::default() }
+    }
+
+    /// The records' revision: the same revision (of any index in this process) is the same
+    /// records, so a reader that rewrites something from them (the hosts file) can skip an
+    /// update that changed none. 0: the records of an empty default index.
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The zone, as of the last [`ZoneIndex::finish`].
@@ -566,13 +583,12 @@ impl ZoneIndex {
     }
 
     fn set_record(&mut self, name: String, ip: Option<Ipv4Addr>) {
-        match ip {
-            Some(ip) => {
-                self.zone.records.insert(name, vec![ip]);
-            }
-            None => {
-                self.zone.records.remove(&name);
-            }
+        let changed = match ip {
+            Some(ip) => self.zone.records.insert(name, vec![ip]).is_none_or(|old| old != [ip]),
+            None => self.zone.records.remove(&name).is_some(),
+        };
+        if changed {
+            self.revision = next_revision();
         }
     }
 
@@ -952,6 +968,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_revision_moves_with_the_records_only() {
+        let node = |ip: u8| Node {
+            name: "a".into(),
+            mesh_ip: Some(Ipv4Addr::new(10, 42, 0, ip)),
+            underlay: None,
+            in_tunnel: true,
+        };
+        let mut index = ZoneIndex::new(ShortNames::Every);
+        let empty = index.revision();
+        index.set_node(node(1));
+        let one = index.revision();
+        assert_ne!(one, empty, "a new record");
+        index.set_node(node(1));
+        assert_eq!(index.revision(), one, "the same node again: the same records");
+        index.set_node(node(2));
+        assert_ne!(index.revision(), one, "another address");
+        assert_ne!(ZoneIndex::new(ShortNames::Every).revision(), empty, "no two indexes share a revision");
+    }
+
     /// One change to the directory, as a [`ZoneIndex`] learns of it.
     #[derive(Clone, Debug)]
     enum Change {
@@ -1007,6 +1043,7 @@ mod tests {
             let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
             let mut services: BTreeMap<String, Service> = BTreeMap::new();
             for change in changes {
+                let (records_before, revision_before) = (index.zone().records.clone(), index.revision());
                 match change {
                     Change::SetNode(node) => {
                         nodes.insert(node.name.clone(), node.clone());
@@ -1026,6 +1063,11 @@ mod tests {
                     }
                 }
                 index.finish();
+                // A reader that skips an unchanged revision never misses a change of the records.
+                prop_assert!(
+                    index.zone().records == records_before || index.revision() != revision_before,
+                    "the records changed under the same revision"
+                );
                 let nodes: Vec<Node> = nodes.values().cloned().collect();
                 let services: Vec<Service> = services.values().cloned().collect();
                 prop_assert_eq!(index.zone(), &zone_with(&nodes, &services, &short_names));

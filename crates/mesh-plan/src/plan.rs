@@ -525,6 +525,12 @@ impl Directory {
         self.zone.zone()
     }
 
+    /// The revision of the zone's records (see `ZoneIndex::revision`): unchanged, the records
+    /// are the same.
+    pub fn zone_revision(&self) -> u64 {
+        self.zone.revision()
+    }
+
     /// Converts node `node` (its endpoint resolved to `resolved`), replacing what it was.
     fn set_node(&mut self, node: &MeshNode, resolved: Option<SocketAddr>, generation: u64) {
         let name = convert::name(node);

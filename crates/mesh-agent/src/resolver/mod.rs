@@ -38,8 +38,13 @@ pub enum Mode {
 /// What the agent keeps up to date.
 pub enum Names {
     Off,
-    Hosts(hosts::HostsFile),
-    Resolved { client: resolved::Resolved, interface: String },
+    /// The hosts file, and the revision of the zone's records last written to it (see
+    /// `mesh_plan::Directory::zone_revision`).
+    Hosts(hosts::HostsFile, Option<u64>),
+    Resolved {
+        client: resolved::Resolved,
+        interface: String,
+    },
 }
 
 impl Names {
@@ -52,7 +57,7 @@ impl Names {
         dns_port: u16,
         zone: &str,
     ) -> anyhow::Result<Self> {
-        let hosts = || Names::Hosts(hosts::HostsFile { path: hosts_file.clone() });
+        let hosts = || Names::Hosts(hosts::HostsFile { path: hosts_file.clone() }, None);
         let names = match mode {
             Mode::Off => Names::Off,
             Mode::Hosts => hosts(),
@@ -86,7 +91,9 @@ impl Names {
         };
         match &names {
             Names::Off => {}
-            Names::Hosts(file) => tracing::info!("names of {zone} go into a managed block of {}", file.path.display()),
+            Names::Hosts(file, _) => {
+                tracing::info!("names of {zone} go into a managed block of {}", file.path.display())
+            }
             Names::Resolved { interface, .. } => {
                 tracing::info!("names of {zone} resolve through systemd-resolved: split DNS on {interface}")
             }
@@ -94,18 +101,24 @@ impl Names {
         Ok(names)
     }
 
-    /// Brings the node's resolver up to date with `zone` (served by the agent at `server`).
-    /// `resync`: apply again even if nothing seems to have changed.
+    /// Brings the node's resolver up to date with `zone` (served by the agent at `server`), whose
+    /// records' revision is `revision`. `resync`: apply again even if nothing seems to have
+    /// changed (the hosts file is otherwise rewritten only when the revision moved: rendering
+    /// every name of 50,000 services on every sync cost more than the rest of the sync).
     pub async fn update(
         &mut self,
         zone: &Zone,
+        revision: u64,
         server: Option<Ipv4Addr>,
         resync: bool,
         links: &Links,
     ) -> anyhow::Result<()> {
         match self {
             Names::Off => Ok(()),
-            Names::Hosts(file) => {
+            Names::Hosts(file, written) => {
+                if !resync && *written == Some(revision) {
+                    return Ok(());
+                }
                 let block = mesh_dataplane::hosts::render(&zone.records);
                 let path = file.path.clone();
                 let changed = tokio::task::spawn_blocking({
@@ -116,6 +129,7 @@ impl Names {
                 if changed {
                     tracing::info!(names = zone.records.len(), "updated the harness-mesh block of {}", path.display());
                 }
+                *written = Some(revision);
                 Ok(())
             }
             Names::Resolved { client, interface } => {
@@ -132,7 +146,7 @@ impl Names {
     pub async fn remove(&mut self) {
         match self {
             Names::Off => {}
-            Names::Hosts(file) => match file.remove() {
+            Names::Hosts(file, _) => match file.remove() {
                 Ok(true) => tracing::info!("removed the harness-mesh block from {}", file.path.display()),
                 Ok(false) => {}
                 Err(err) => tracing::warn!("{err:#}; remove the harness-mesh block by hand (mesh-agent cleanup does)"),
