@@ -284,8 +284,23 @@ fn main() -> anyhow::Result<()> {
             String::new(),
         );
         row(
-            "shared directory / one node's plan",
-            format!("{:.1} / {:.1} ms", num(&y, "directory_ms"), num(&y, "plan_ms")),
+            "shared directory afresh (first sync) / after one change (the watches' objects only) / one node's plan",
+            format!(
+                "{:.1} / {:.1} / {:.1} ms",
+                num(&y, "directory_ms"),
+                num(&y, "directory_one_change_ms"),
+                num(&y, "plan_ms")
+            ),
+        );
+        row("a whole sync after one change (directory, plan, DNS)", format!("{:.1} ms", num(&y, "sync_one_change_ms")));
+        row(
+            "heap held: stored objects / kept directory / DNS server",
+            format!(
+                "{:.1} / {:.1} / {:.1} MiB",
+                num(&y, "heap_mib.objects"),
+                num(&y, "heap_mib.directory"),
+                num(&y, "heap_mib.dns_server")
+            ),
         );
         row(
             "DNS server: one name changed / every name (a new server)",
