@@ -15,7 +15,6 @@
 //! - *sync after one change*: the three of a steady-state sync together (directory after one
 //!   change, plan, DNS update).
 //!
-//!
 //! And the heap each part holds (live bytes, counted by this example's allocator), written as
 //! `heap_mib`: the objects (as the agent's stores hold them, slimmed), the kept directory, and the
 //! DNS server with every name.

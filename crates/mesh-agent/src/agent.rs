@@ -408,7 +408,8 @@ pub struct Agent {
     status: NodeStatus,
     directory: Directory,
     /// The directory as of the last sync, brought to the stores' state by each sync (only what
-    /// changed is converted again); `None` until the first sync, or after one was cut short.
+    /// the watches reported is converted again; everything is compared on a resync); `None`
+    /// until the first sync, or should a sync ever be dropped midway (the next reads everything).
     view: Option<mesh_plan::Directory>,
     metrics: Arc<Metrics>,
     health: watch::Sender<Result<(), String>>,
@@ -778,10 +779,12 @@ impl Agent {
             if self.config.masquerade && !fallback { self.masquerade_underlay(underlay).await? } else { None };
 
         let planning = Instant::now();
-        // Taken for the sync and put back after it: a sync cut short starts the next one afresh.
+        // Taken for the sync and put back after it (a sync dropped midway leaves a new one).
         let mut directory =
             self.view.take().unwrap_or_else(|| mesh_plan::Directory::new(Some(self.config.subnet), &self.short_names));
-        let updated = self.directory.update(&mut directory);
+        // A resync also compares every object with the stores: were an event ever missed, the
+        // directory is right again within one resync interval.
+        let updated = self.directory.update(&mut directory, resync);
         tracing::debug!(nodes = updated.nodes, services = updated.services, "objects converted for this sync");
         let result = self.sync_with(&directory, fallback, underlay, masquerade, resync, planning).await;
         self.view = Some(directory);

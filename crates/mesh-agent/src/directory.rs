@@ -2,13 +2,14 @@
 //! kept in reflector stores, with a notification on each change and a record of which objects
 //! each change wrote. [`Directory::update`] brings the agent's `mesh_plan::Directory`, kept
 //! across syncs, to the stores' state by converting only those objects (all of them after a
-//! relist), so a sync after one change costs what the change touches, not the size of the mesh
-//! ([`Directory::snapshot`] derives a new one; the one conversion from API objects to the data
-//! plane's inputs lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which
-//! never makes the agent's loop wait for DNS.
+//! relist, and compared on a resync), so a sync after one change costs what the change touches,
+//! not the size of the mesh (the one conversion from API objects to the data plane's inputs
+//! lives in `mesh-plan`). Also the [`Resolver`] of peers' endpoint names, which never makes the
+//! agent's loop wait for DNS.
 //!
-//! The stores keep only what the agent reads: managedFields and annotations are dropped before
-//! an object is stored, so a tenant's large annotations cost the agents nothing.
+//! The stores keep only what the agent reads ([`slim_node`], [`slim_service`]): managedFields,
+//! labels and annotations are dropped before an object is stored, so a tenant's large
+//! annotations cost the agents nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,12 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use ipnet::Ipv4Net;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use mesh_api::{MeshNode, MeshService};
-use mesh_dataplane::dns::ShortNames;
 use tokio::sync::Notify;
 
 /// The watched MeshNodes and MeshServices.
@@ -171,14 +170,19 @@ impl Directory {
     /// Brings `directory`, kept across syncs, to the state of the stores: only the objects the
     /// watches reported written or deleted since the last update are read and converted (see
     /// [`mesh_plan::Directory::update_changed`]), and the nodes whose endpoint is a name are
-    /// resolved anew. A new directory, or one after a watch relisted, is brought to every object
-    /// of the stores instead ([`mesh_plan::Directory::update`]). Endpoint names are resolved as
-    /// for [`Directory::snapshot`].
-    pub fn update(&self, directory: &mut mesh_plan::Directory) -> mesh_plan::Updated {
+    /// resolved anew. A new directory, one after a watch relisted, or `everything` (the agent's
+    /// resync) is brought to every object of the stores instead ([`mesh_plan::Directory::update`]:
+    /// unchanged objects cost a version compare). Endpoint names are resolved by the
+    /// [`Resolver`]: at once from its cache, or without an endpoint while a name is being
+    /// resolved (the entry is applied again when the name resolves).
+    ///
+    /// One caller only (the agent's sync, or a simulator group): the record of written objects is
+    /// shared by this directory's clones and taken by each update.
+    pub fn update(&self, directory: &mut mesh_plan::Directory, everything: bool) -> mesh_plan::Updated {
         // Taken before the stores are read: an event after this is applied again next time.
         let written = std::mem::take(&mut *lock(&self.written));
         let resolve = |node: &str, endpoint: &str| self.resolver.lookup(node, endpoint);
-        if directory.is_new() || written.relisted {
+        if everything || directory.is_new() || written.relisted {
             let nodes = self.nodes.state();
             let services = self.services.state();
             return directory.update(nodes.iter().map(AsRef::as_ref), services.iter().map(AsRef::as_ref), resolve);
@@ -199,22 +203,6 @@ impl Directory {
             nodes.iter().map(|(name, node)| (name.as_str(), node.as_deref())),
             services.iter().map(|(namespace, name, service)| (namespace.as_str(), name.as_str(), service.as_deref())),
             resolve,
-        )
-    }
-
-    /// One snapshot of the directory, derived once (see [`mesh_plan::Directory`]): the stores
-    /// are read once, endpoint names resolved by the [`Resolver`] (at once from its cache, or
-    /// without an endpoint while a name is being resolved: the entry is applied again when the
-    /// name resolves).
-    pub fn snapshot(&self, subnet: Option<Ipv4Net>, short_names: &ShortNames) -> mesh_plan::Directory {
-        let nodes = self.nodes.state();
-        let services = self.services.state();
-        mesh_plan::Directory::build(
-            nodes.iter().map(AsRef::as_ref),
-            services.iter().map(AsRef::as_ref),
-            subnet,
-            short_names,
-            |node, endpoint| self.resolver.lookup(node, endpoint),
         )
     }
 }

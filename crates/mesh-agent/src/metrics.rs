@@ -70,7 +70,7 @@ pub struct Metrics {
     pub status_write_errors: Counter,
     /// Seconds per sync: snapshot, plan and execution (data plane and status).
     pub sync_seconds: Histogram,
-    /// Seconds per plan: the snapshot of the directory and the pure plan alone.
+    /// Seconds per plan: the directory brought up to date and the pure plan alone.
     pub plan_seconds: Histogram,
     /// Seconds per step of a sync: where a slow sync spends its time.
     pub sync_step_seconds: Family<StepLabel, Histogram>,
@@ -156,7 +156,11 @@ impl Metrics {
             self.status_write_errors.clone(),
         );
         r.register("sync_seconds", "Seconds per sync: snapshot, plan and execution", self.sync_seconds.clone());
-        r.register("plan_seconds", "Seconds per plan: directory snapshot and the pure plan", self.plan_seconds.clone());
+        r.register(
+            "plan_seconds",
+            "Seconds per plan: the directory brought up to date and the pure plan",
+            self.plan_seconds.clone(),
+        );
         r.register(
             "sync_step_seconds",
             "Seconds per step of a sync: plan, device (read back, diff, apply), link, firewall, dns, names (the node's resolver), status",

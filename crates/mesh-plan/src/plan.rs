@@ -1,9 +1,9 @@
 //! The plan: [`Directory`] is what every node reading one state of the directory derives alike
 //! (peer entries confined to the mesh subnet, placements indexed by node, node addresses, the
 //! DNS zone); [`Directory::plan`] adds one node's identity and settings and gives its
-//! [`NodePlan`]. The simulator builds one `Directory` per change for hundreds of nodes; the
-//! agent keeps one across syncs and brings it to each snapshot of its reflector stores
-//! ([`Directory::update`]).
+//! [`NodePlan`]. The agent keeps one across syncs and brings it up to date with the objects its
+//! watches reported ([`Directory::update_changed`]), or with every object after a relist
+//! ([`Directory::update`]); each simulator group keeps one for its hundred-odd nodes.
 //!
 //! Cost: building is linear in the objects; an update converts only the objects that changed
 //! (a lookup for each of the others); a node's plan is `O(p log p)` in the peers plus its own

@@ -135,7 +135,7 @@ impl Group {
             // Read the counter first: the state read after it includes at least those changes.
             let at = *self.changes.borrow();
             let started = Instant::now();
-            self.directory.update(&mut current.1);
+            self.directory.update(&mut current.1, false);
             current.0 = Some(at);
             self.snapshots.fetch_add(1, Ordering::Relaxed);
             self.snapshot_micros
