@@ -131,6 +131,13 @@ struct Args {
     #[arg(long, env = "MESH_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
 
+    /// Reconciles of each kind (MeshService, MeshNode, Node mirror) that run at once. Bounded, so
+    /// that a restart, which schedules every object at once, holds a few reconciles in flight
+    /// rather than one per object (tens of thousands of them waiting for the caches), and so
+    /// that a burst of changes writes to the API server at a steady pace. 0: unbounded.
+    #[arg(long, env = "MESH_RECONCILE_CONCURRENCY", default_value_t = 16)]
+    reconcile_concurrency: u16,
+
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -254,6 +261,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         .count();
     tracing::info!(restored, configmap = %args.ip_hold_configmap, "IP hold-back restored");
 
+    let reconciles = kube::runtime::controller::Config::default().concurrency(args.reconcile_concurrency);
     // Every watch event updates the rules' index (rules/index.rs) right after its cache has
     // taken it in, and before any reconcile it triggers runs.
     let pod_events = {
@@ -290,8 +298,9 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             .applied_objects()
     };
     // Short watch backoffs, so the controller catches up within seconds after an API outage.
-    let mirror_controller =
-        Controller::for_stream(k8s_node_events, k8s_nodes.clone()).trigger_backoff(WatchBackoff::default());
+    let mirror_controller = Controller::for_stream(k8s_node_events, k8s_nodes.clone())
+        .with_config(reconciles.clone())
+        .trigger_backoff(WatchBackoff::default());
 
     // The MeshNode and MeshService controllers run on watch streams of their own making, so that
     // the same streams also tell the controller which objects are gone (no finalizer does: see
@@ -348,9 +357,12 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         .applied_objects()
     };
     // The trigger backoff covers these streams and every other watch of the controller.
-    let node_controller = Controller::for_stream(node_events, mesh_nodes).trigger_backoff(WatchBackoff::default());
-    let service_controller =
-        Controller::for_stream(service_events, mesh_services.clone()).trigger_backoff(WatchBackoff::default());
+    let node_controller = Controller::for_stream(node_events, mesh_nodes)
+        .with_config(reconciles.clone())
+        .trigger_backoff(WatchBackoff::default());
+    let service_controller = Controller::for_stream(service_events, mesh_services.clone())
+        .with_config(reconciles)
+        .trigger_backoff(WatchBackoff::default());
 
     let services_for_pods = ctx.clone();
     let services = service_controller
