@@ -216,7 +216,15 @@ where
 {
     let started = Instant::now();
     loop {
-        let n = count().await?;
+        // A list that fails under the load of the setup (a dropped connection) is asked again.
+        let n = match count().await {
+            Ok(n) => n,
+            Err(err) if started.elapsed() < within => {
+                println!("  counting {what}: {err:#}; asking again");
+                0
+            }
+            Err(err) => return Err(err),
+        };
         if n >= expected {
             return Ok(started.elapsed().as_secs_f64());
         }
@@ -225,24 +233,37 @@ where
     }
 }
 
+/// The objects of `api` that `keep` counts, listed in pages of 1,000: one list of 50,000
+/// MeshServices is tens of megabytes the API server must send in one response under the bench's
+/// load.
+async fn count_paged<K>(api: &Api<K>, keep: impl Fn(&K) -> bool) -> anyhow::Result<usize>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = ListParams::default().limit(1_000);
+    let mut count = 0;
+    loop {
+        let page = api.list(&params).await?;
+        count += page.items.iter().filter(|o| keep(o)).count();
+        match page.metadata.continue_.filter(|token| !token.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(count),
+        }
+    }
+}
+
 /// The bench's MeshNodes with a mesh IP (others in the cluster are not counted).
 async fn allocated_nodes(api: &Api<MeshNode>) -> anyhow::Result<usize> {
-    let list = api.list(&ListParams::default()).await?;
-    Ok(list
-        .iter()
-        .filter(|n| n.metadata.name.as_deref().is_some_and(is_sim_node))
-        .filter(|n| n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some()))
-        .count())
+    count_paged(api, |n: &MeshNode| {
+        n.metadata.name.as_deref().is_some_and(is_sim_node) && n.status.as_ref().is_some_and(|s| s.mesh_ip.is_some())
+    })
+    .await
 }
 
 /// The bench's MeshServices with a mesh IP (others in the cluster are not counted).
 async fn allocated_services(api: &Api<MeshService>) -> anyhow::Result<usize> {
-    let list = api.list(&ListParams::default()).await?;
-    Ok(list
-        .iter()
-        .filter(|s| is_bench_service(s))
-        .filter(|s| s.status.as_ref().is_some_and(|s| s.mesh_ip.is_some()))
-        .count())
+    count_paged(api, |s: &MeshService| is_bench_service(s) && s.status.as_ref().is_some_and(|s| s.mesh_ip.is_some()))
+        .await
 }
 
 /// Removes the bench's MeshServices (its namespaces) and MeshNodes (`sim-*`), thousands of them,
@@ -453,8 +474,8 @@ async fn main() -> anyhow::Result<()> {
 
     // 5. Full resync of a fresh controller: it reconciles every object in the cluster, the
     // bench's and any others.
-    let objects_nodes = node_api.list(&ListParams::default()).await?.items.len() as f64;
-    let objects_services = all_services.list(&ListParams::default()).await?.items.len() as f64;
+    let objects_nodes = count_paged(&node_api, |_| true).await? as f64;
+    let objects_services = count_paged(&all_services, |_| true).await? as f64;
     // SIGKILL, then a fresh process: it lists everything and reconciles every object again.
     drop(ctl);
     let resync_started = Instant::now();
