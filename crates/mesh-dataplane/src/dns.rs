@@ -289,39 +289,19 @@ pub fn zone_with(nodes: &[Node], services: &[Service], short_names: &ShortNames)
     // Service name → namespace → addresses; the short name is published when one namespace has it.
     let mut short: BTreeMap<&str, BTreeMap<&str, BTreeSet<Ipv4Addr>>> = BTreeMap::new();
     for service in services {
-        if let Err(why) = check_service_name(service) {
-            unpublished.insert(Unpublished { subject: service.key(), why });
+        unpublished.extend(withheld(service, short_names));
+        if check_service_name(service).is_err() {
             continue;
         }
         let hosting = service.node.as_deref().and_then(|n| by_name.get(n).copied());
         let ip = service_address(service, hosting);
-        if service.namespace == NODE_LABEL {
-            unpublished.insert(Unpublished {
-                subject: service.key(),
-                why: format!(
-                    "no name {}: the namespace {NODE_LABEL} collides with the node subdomain {NODE_LABEL}.{ZONE}; \
-                     use a service in another namespace",
-                    service_name(&service.namespace, &service.name)
-                ),
-            });
-        } else {
+        if service.namespace != NODE_LABEL {
             publish(service_name(&service.namespace, &service.name), ip);
         }
         // Outside the namespaces the administrator lists, no short name is the rule, not a
         // problem to report (and reporting it cost a sync at 50,000 services more than the
         // rest of the zone).
-        if !short_names.allows(&service.namespace) {
-            continue;
-        }
-        if service.name == NODE_LABEL {
-            unpublished.insert(Unpublished {
-                subject: service.key(),
-                why: format!(
-                    "no short name {}: it is the node subdomain; use {}",
-                    short_name(&service.name),
-                    service_name(&service.namespace, &service.name)
-                ),
-            });
+        if !short_names.allows(&service.namespace) || service.name == NODE_LABEL {
             continue;
         }
         short.entry(&service.name).or_default().entry(&service.namespace).or_default().extend(ip);
@@ -349,6 +329,37 @@ pub fn zone_with(nodes: &[Node], services: &[Service], short_names: &ShortNames)
         ips.dedup();
     }
     Zone { records, ambiguous, unpublished: unpublished.into_iter().collect() }
+}
+
+/// The names withheld for `service` whatever its state (by [`zone_with`] and [`ZoneIndex`]
+/// alike): an invalid name, the node subdomain's namespace, and the node subdomain as a short
+/// name where `short_names` gives it one.
+fn withheld(service: &Service, short_names: &ShortNames) -> Vec<Unpublished> {
+    if let Err(why) = check_service_name(service) {
+        return vec![Unpublished { subject: service.key(), why }];
+    }
+    let mut withheld = Vec::new();
+    if service.namespace == NODE_LABEL {
+        withheld.push(Unpublished {
+            subject: service.key(),
+            why: format!(
+                "no name {}: the namespace {NODE_LABEL} collides with the node subdomain {NODE_LABEL}.{ZONE}; \
+                 use a service in another namespace",
+                service_name(&service.namespace, &service.name)
+            ),
+        });
+    }
+    if short_names.allows(&service.namespace) && service.name == NODE_LABEL {
+        withheld.push(Unpublished {
+            subject: service.key(),
+            why: format!(
+                "no short name {}: it is the node subdomain; use {}",
+                short_name(&service.name),
+                service_name(&service.namespace, &service.name)
+            ),
+        });
+    }
+    withheld
 }
 
 /// The zone kept up to date one node and one service at a time: what [`zone_with`] computes
@@ -464,7 +475,7 @@ impl ZoneIndex {
             Some(old) if *old == service => return,
             Some(old) => self.unhost(&key, old.node.as_deref()),
             None => {
-                for why in self.withheld(&service) {
+                for why in withheld(&service, &self.short_names) {
                     self.withhold(why);
                 }
                 if self.competes(&service) {
@@ -483,7 +494,7 @@ impl ZoneIndex {
         let key = format!("{namespace}/{name}");
         let Some(service) = self.services.remove(&key) else { return };
         self.unhost(&key, service.node.as_deref());
-        for why in self.withheld(&service) {
+        for why in withheld(&service, &self.short_names) {
             self.release(&why);
         }
         if self.competes(&service)
@@ -506,35 +517,6 @@ impl ZoneIndex {
                 self.hosted_by.remove(node);
             }
         }
-    }
-
-    /// The names [`zone_with`] withholds for `service` whatever its state.
-    fn withheld(&self, service: &Service) -> Vec<Unpublished> {
-        if let Err(why) = check_service_name(service) {
-            return vec![Unpublished { subject: service.key(), why }];
-        }
-        let mut withheld = Vec::new();
-        if service.namespace == NODE_LABEL {
-            withheld.push(Unpublished {
-                subject: service.key(),
-                why: format!(
-                    "no name {}: the namespace {NODE_LABEL} collides with the node subdomain {NODE_LABEL}.{ZONE}; \
-                     use a service in another namespace",
-                    service_name(&service.namespace, &service.name)
-                ),
-            });
-        }
-        if self.short_names.allows(&service.namespace) && service.name == NODE_LABEL {
-            withheld.push(Unpublished {
-                subject: service.key(),
-                why: format!(
-                    "no short name {}: it is the node subdomain; use {}",
-                    short_name(&service.name),
-                    service_name(&service.namespace, &service.name)
-                ),
-            });
-        }
-        withheld
     }
 
     /// Whether `service` competes for its short name.
