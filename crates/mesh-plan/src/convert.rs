@@ -46,6 +46,12 @@ pub fn exposure(type_: NetworkType) -> Exposure {
     }
 }
 
+/// The endpoint text of the peer entry the controller published for `node` (`ip:port` or a
+/// name with a port), if any.
+pub fn endpoint_text(node: &MeshNode) -> Option<&str> {
+    node.status.as_ref()?.peer.as_ref()?.endpoint.as_deref()
+}
+
 /// The peer entry the controller published for `node`, its endpoint resolved with
 /// `resolve(node name, endpoint text)`; `None` while it has none.
 pub fn peer_entry(node: &MeshNode, resolve: &mut impl FnMut(&str, &str) -> Option<SocketAddr>) -> Option<PeerEntry> {

@@ -374,23 +374,15 @@ impl Directory {
 
         let mut seen = 0;
         for node in nodes {
-            let name = convert::name(node);
-            let text = node.status.as_ref().and_then(|s| s.peer.as_ref()).and_then(|p| p.endpoint.as_deref());
-            let resolved = text.and_then(|text| resolve(name, text));
-            let version = node.metadata.resource_version.as_deref();
-            if let Some(state) = self.nodes.get_mut(name) {
-                if state.seen != generation {
+            match self.nodes.get_mut(convert::name(node)) {
+                Some(state) if state.seen == generation => {}
+                Some(state) => {
                     seen += 1;
                     state.seen = generation;
                 }
-                if state.version.is(version) && state.resolved == resolved {
-                    continue;
-                }
-            } else {
-                seen += 1;
+                None => seen += 1,
             }
-            self.set_node(node, resolved, generation);
-            updated.nodes += 1;
+            updated.nodes += usize::from(self.refresh_node(node, &mut resolve, generation));
         }
         if seen < self.nodes.len() {
             let gone: Vec<String> =
@@ -403,21 +395,16 @@ impl Directory {
 
         let mut seen = 0;
         for service in services {
-            let version = service.metadata.resource_version.as_deref();
             let (namespace, name) = (namespace_of(service), convert::service_name(service));
-            if let Some(state) = self.services.get_mut(namespace).and_then(|names| names.get_mut(name)) {
-                if state.seen != generation {
+            match self.services.get_mut(namespace).and_then(|names| names.get_mut(name)) {
+                Some(state) if state.seen == generation => {}
+                Some(state) => {
                     seen += 1;
                     state.seen = generation;
                 }
-                if state.version.is(version) {
-                    continue;
-                }
-            } else {
-                seen += 1;
+                None => seen += 1,
             }
-            self.set_service(service, generation);
-            updated.services += 1;
+            updated.services += usize::from(self.refresh_service(service, generation));
         }
         if seen < self.service_count {
             let gone: Vec<(String, String)> = self
@@ -462,26 +449,11 @@ impl Directory {
                 }
                 continue;
             };
-            let text = node.status.as_ref().and_then(|s| s.peer.as_ref()).and_then(|p| p.endpoint.as_deref());
-            let resolved = text.and_then(|text| resolve(name, text));
-            let version = node.metadata.resource_version.as_deref();
-            if self.nodes.get(name).is_some_and(|state| state.version.is(version) && state.resolved == resolved) {
-                continue;
-            }
-            self.set_node(node, resolved, generation);
-            updated.nodes += 1;
+            updated.nodes += usize::from(self.refresh_node(node, &mut resolve, generation));
         }
         for (namespace, name, service) in services {
             match service {
-                Some(service) => {
-                    let version = service.metadata.resource_version.as_deref();
-                    let state = self.services.get(namespace).and_then(|names| names.get(name));
-                    if state.is_some_and(|state| state.version.is(version)) {
-                        continue;
-                    }
-                    self.set_service(service, generation);
-                    updated.services += 1;
-                }
+                Some(service) => updated.services += usize::from(self.refresh_service(service, generation)),
                 None => {
                     if self.services.get(namespace).is_some_and(|names| names.contains_key(name)) {
                         self.remove_service(namespace, name);
@@ -531,6 +503,36 @@ impl Directory {
         self.zone.revision()
     }
 
+    /// Converts `node` again unless it is the version last converted and its endpoint resolves
+    /// as it did then; returns whether it converted.
+    fn refresh_node(
+        &mut self,
+        node: &MeshNode,
+        resolve: &mut impl FnMut(&str, &str) -> Option<SocketAddr>,
+        generation: u64,
+    ) -> bool {
+        let name = convert::name(node);
+        let resolved = convert::endpoint_text(node).and_then(|text| resolve(name, text));
+        let version = node.metadata.resource_version.as_deref();
+        if self.nodes.get(name).is_some_and(|state| state.version.is(version) && state.resolved == resolved) {
+            return false;
+        }
+        self.set_node(node, resolved, generation);
+        true
+    }
+
+    /// Converts `service` again unless it is the version last converted; returns whether it
+    /// converted.
+    fn refresh_service(&mut self, service: &MeshService, generation: u64) -> bool {
+        let version = service.metadata.resource_version.as_deref();
+        let (namespace, name) = (namespace_of(service), convert::service_name(service));
+        if self.services.get(namespace).and_then(|names| names.get(name)).is_some_and(|s| s.version.is(version)) {
+            return false;
+        }
+        self.set_service(service, generation);
+        true
+    }
+
     /// Converts node `node` (its endpoint resolved to `resolved`), replacing what it was.
     fn set_node(&mut self, node: &MeshNode, resolved: Option<SocketAddr>, generation: u64) {
         let name = convert::name(node);
@@ -557,12 +559,11 @@ impl Directory {
             }
             (entry, _) => (entry, Vec::new()),
         };
-        let text = node.status.as_ref().and_then(|s| s.peer.as_ref()).and_then(|p| p.endpoint.as_deref());
         let state = NodeState {
             version: Version::of(node.metadata.resource_version.as_deref()),
             seen: generation,
             resolved,
-            named: text.is_some_and(|text| text.parse::<SocketAddr>().is_err()),
+            named: convert::endpoint_text(node).is_some_and(|text| convert::literal_endpoint(name, text).is_none()),
             prepared: entry.as_ref().map(desired::prepare_entry),
             dropped,
             addresses,
