@@ -137,7 +137,7 @@ fn main() {
 
         let server = runtime.block_on(DnsServer::start(&loopback, "mesh.local")).expect("a DNS server on loopback");
         let started = Instant::now();
-        let updated = runtime.block_on(server.update(&directory.zone().records));
+        let updated = server.update(&directory.zone().records);
         dns_all = dns_all.min(started.elapsed());
         assert_eq!(updated.changed, directory.zone().records.len(), "{:?}", updated.rejected);
         // One service moves to another IP: one name differs.
@@ -145,7 +145,7 @@ fn main() {
         let (_, ips) = records.iter_mut().find(|(name, _)| name.starts_with("svc-")).expect("a service's name");
         *ips = vec![std::net::Ipv4Addr::new(10, 44, 255, round)];
         let started = Instant::now();
-        let updated = runtime.block_on(server.update(&records));
+        let updated = server.update(&records);
         dns_one = dns_one.min(started.elapsed());
         assert_eq!(updated.changed, 1);
         runtime.block_on(server.shutdown()).expect("the DNS server stops");
@@ -164,7 +164,7 @@ fn main() {
     let server = runtime.block_on(DnsServer::start(&loopback, "mesh.local")).expect("a DNS server on loopback");
     let heap_directory = live_mib() - heap_before_kept;
     let heap_before_dns = live_mib();
-    runtime.block_on(server.update(&kept.zone().records));
+    server.update(&kept.zone().records);
     let heap_dns = live_mib() - heap_before_dns;
     let (mut kept_one, mut sync_one) = (Duration::MAX, Duration::MAX);
     for round in 0..5u8 {
@@ -195,7 +195,7 @@ fn main() {
         assert_eq!(updated, Updated { nodes: 1, services: 1 });
         let node_plan = kept.plan(&input).expect("node-1 is in the directory");
         assert_eq!(node_plan.device.peers.len(), nodes - 1);
-        let dns = runtime.block_on(server.update(&kept.zone().records));
+        let dns = server.update(&kept.zone().records);
         sync_one = sync_one.min(started.elapsed());
         assert_eq!(dns.changed, 1, "the service's name");
     }

@@ -385,7 +385,7 @@ impl DataPlane for Machine {
             tracing::info!(?addrs, "serving DNS for {}", self.zone);
         }
         if let Some(server) = &self.dns {
-            let updated = server.update(&zone.records).await;
+            let updated = server.update(&zone.records);
             if updated.changed > 0 {
                 tracing::debug!(changed = updated.changed, "DNS records updated");
             }

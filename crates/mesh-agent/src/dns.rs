@@ -1,26 +1,36 @@
 //! The agent's authoritative DNS server for the mesh zone (`mesh.local`), over UDP and TCP.
 //!
-//! It serves A records only, from an in-memory zone that [`DnsServer::update`] replaces while
-//! queries are being answered: the new records are visible to the very next query. Answers carry
-//! the AA bit and a short TTL ([`TTL`]); a name in the zone without records is NXDOMAIN with the
-//! zone's SOA in the authority section (negative answers are cached for [`TTL`] as well); a name
-//! outside the zone is REFUSED, since this server is no resolver. Dynamic updates (RFC 2136) and
-//! zone transfers are refused.
+//! It serves A records only, from a zone that [`DnsServer::update`] changes while queries are
+//! being answered: the new records are visible to the very next query. Answers carry the AA bit
+//! and a short TTL ([`TTL`]); a name in the zone without records is NXDOMAIN with the zone's SOA
+//! in the authority section (negative answers are cached for [`TTL`] as well), a name that only
+//! has names under it (`default.mesh.local` when `db.default.mesh.local` exists) or only other
+//! types is NODATA; a name outside the zone is REFUSED, since this server is no resolver.
+//! Dynamic updates (RFC 2136) and zone transfers are refused.
+//!
+//! The zone is the agent's own [`ZoneHandler`]: it answers from the names and addresses the last
+//! update gave, held once, and builds the record set a query asks for when it asks. (hickory's
+//! in-memory zone held every record set built in advance, about 1.5 KiB a name: 83 MiB of an
+//! agent's heap at 55,000 names, and scanned the whole zone for every NXDOMAIN.)
 //!
 //! What the records are is computed by `mesh_dataplane::dns::zone`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use hickory_server::Server;
 use hickory_server::net::NetError;
+use hickory_server::proto::op::ResponseCode;
 use hickory_server::proto::rr::rdata::{A, NS, SOA};
-use hickory_server::proto::rr::{LowerName, Name, RData, RecordSet, RecordType, RrKey};
-use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use hickory_server::proto::rr::{LowerName, Name, RData, RecordSet, RecordType, TSigResponseContext};
+use hickory_server::server::{Request, RequestInfo};
+use hickory_server::zone_handler::{
+    AuthLookup, AxfrPolicy, Catalog, LookupControlFlow, LookupError, LookupOptions, LookupRecords, ZoneHandler,
+    ZoneTransfer, ZoneType,
+};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,35 +50,64 @@ const EPHEMERAL_TRIES: usize = 20;
 
 /// An authoritative DNS server for one zone, serving until it is shut down or dropped.
 pub struct DnsServer {
-    zone: Arc<InMemoryZoneHandler>,
-    origin: Name,
+    zone: Arc<MeshZone>,
     local_addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), NetError>>>,
-    /// What the last [`update`](Self::update) was given, to apply only what differs next time.
-    applied: tokio::sync::Mutex<Applied>,
 }
 
-/// The records as the last update gave them, and how they map onto the zone.
-#[derive(Default)]
-struct Applied {
-    /// The input, name for name.
-    records: BTreeMap<String, Vec<Ipv4Addr>>,
-    /// Input names spelled other than canonically ([`canonical`]: upper case, a trailing dot,
-    /// escapes), by the A record they make up. A canonically spelled name is its record's own
-    /// spelling and needs no entry, so the usual zone costs no index at all.
-    aliases: HashMap<RrKey, Vec<String>>,
+/// The zone served: its origin and the records of the last update, shared by the queries
+/// (readers) and [`DnsServer::update`] (the writer).
+struct MeshZone {
+    origin: LowerName,
+    state: RwLock<Records>,
+}
+
+/// The records as the last update gave them, and how they map onto the names served.
+///
+/// A name is served under its *key*: the name in lower case, ASCII (`xn--` labels), fully
+/// qualified (`db.default.mesh.local.`). The addresses of a key are those of its canonical input
+/// name ([`canonical`]: the key less its final dot), if given, and of its aliases.
+struct Records {
+    /// The input, name for name: what the next update is compared with, and what is served.
+    input: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// Input names spelled other than canonically (upper case, a trailing dot, escapes), by the
+    /// key they make up. A canonically spelled name is its key's own spelling and needs no
+    /// entry, so the usual zone costs no index at all.
+    aliases: HashMap<String, Vec<String>>,
     /// Input names not applied, and why.
     rejected: BTreeMap<String, String>,
+    /// Keys with no address of their own but served names under them (`default.mesh.local.`
+    /// under `db.default.mesh.local.`), each with how many: they answer NODATA, not NXDOMAIN.
+    interior: HashMap<String, usize>,
+    /// The SOA serial: moves whenever an answer would.
+    serial: u32,
 }
 
-/// Whether `name` is spelled as its record's name prints, less the final dot: lower-case
-/// letters, digits and `-` in non-empty labels (`db.default.mesh.local`), as the zone's own
-/// names are.
+/// Whether `name` is spelled as its key prints, less the final dot: lower-case letters, digits
+/// and `-` in non-empty labels (`db.default.mesh.local`), as the zone's own names are.
 fn canonical(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|label| !label.is_empty())
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// The key a parsed name is served under (see [`Records`]).
+fn key_of(name: &Name) -> String {
+    let mut key = name.to_lowercase().to_ascii();
+    if !key.ends_with('.') {
+        key.push('.');
+    }
+    key
+}
+
+impl Records {
+    /// The addresses served for `key`: its canonical input name's and its aliases'.
+    fn addresses(&self, key: &str) -> BTreeSet<Ipv4Addr> {
+        let own = key.strip_suffix('.').filter(|n| canonical(n) && !self.rejected.contains_key(*n));
+        let names = own.into_iter().chain(self.aliases.get(key).into_iter().flatten().map(String::as_str));
+        names.filter_map(|n| self.input.get(n)).flatten().copied().collect()
+    }
 }
 
 /// How one name of an update differs from the previous update.
@@ -76,6 +115,15 @@ enum Change<'a> {
     Added(&'a str, &'a Vec<Ipv4Addr>),
     Changed(&'a str, &'a Vec<Ipv4Addr>),
     Removed(String),
+}
+
+impl Change<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Change::Added(name, _) | Change::Changed(name, _) => name,
+            Change::Removed(name) => name,
+        }
+    }
 }
 
 /// The names of `new` that differ from `old`: both are sorted, so one walk of each. Removed
@@ -141,11 +189,20 @@ impl DnsServer {
             bail!("the DNS zone must not be the root: give a zone such as mesh.local");
         }
 
-        let handler = InMemoryZoneHandler::new(origin.clone(), apex(&origin), ZoneType::Primary, AxfrPolicy::Deny)
-            .map_err(|e| anyhow::anyhow!("cannot create the DNS zone {origin}: {e}"))?;
-        let handler = Arc::new(handler);
+        // The serial follows the clock so that it grows across restarts too.
+        let serial = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+        let handler = Arc::new(MeshZone {
+            origin: LowerName::new(&origin),
+            state: RwLock::new(Records {
+                input: BTreeMap::new(),
+                aliases: HashMap::new(),
+                rejected: BTreeMap::new(),
+                interior: HashMap::new(),
+                serial,
+            }),
+        });
         let mut catalog = Catalog::new();
-        catalog.upsert(LowerName::new(&origin), vec![handler.clone() as Arc<dyn ZoneHandler>]);
+        catalog.upsert(handler.origin.clone(), vec![handler.clone() as Arc<dyn ZoneHandler>]);
 
         let mut server = Server::new(catalog);
         let mut local_addrs = Vec::with_capacity(listen.len());
@@ -158,7 +215,7 @@ impl DnsServer {
         let shutdown = server.shutdown_token().clone();
         let task = tokio::spawn(async move { server.block_until_done().await });
         tracing::info!(zone = %origin, addrs = ?local_addrs, "DNS server listening on UDP and TCP");
-        Ok(Self { zone: handler, origin, local_addrs, shutdown, task: Some(task), applied: Default::default() })
+        Ok(Self { zone: handler, local_addrs, shutdown, task: Some(task) })
     }
 
     /// The addresses served (UDP and TCP share each one), with the actual ports.
@@ -180,86 +237,77 @@ impl DnsServer {
     ///
     /// Cost: one comparison of `records` with the previous update's, then work only for the
     /// names that differ (a sync that changes one service of 50,000 parses one name, not 50,000).
-    pub async fn update(&self, records: &BTreeMap<String, Vec<Ipv4Addr>>) -> Updated {
-        let mut applied = self.applied.lock().await;
-        let Applied { records: last, aliases, rejected } = &mut *applied;
+    pub fn update(&self, records: &BTreeMap<String, Vec<Ipv4Addr>>) -> Updated {
+        let mut state = self.zone.state.write().unwrap_or_else(PoisonError::into_inner);
+        let changes = diff(&state.input, records);
 
-        // The input names that differ from the previous update, and the record keys they touch.
-        let mut touched: HashSet<RrKey> = HashSet::new();
-        for change in diff(last, records) {
+        // The keys the differing names make up, and what each served before.
+        let mut touched: HashMap<String, (Name, BTreeSet<Ipv4Addr>)> = HashMap::new();
+        for change in &changes {
+            if let Ok(parsed) = self.zone.record_name(change.name()) {
+                let key = key_of(&parsed);
+                if let std::collections::hash_map::Entry::Vacant(entry) = touched.entry(key) {
+                    let before = state.addresses(entry.key());
+                    entry.insert((parsed, before));
+                }
+            }
+        }
+
+        let Records { input, aliases, rejected, .. } = &mut *state;
+        for change in changes {
             match change {
                 Change::Removed(name) => {
                     if rejected.remove(&name).is_none()
-                        && let Ok(parsed) = self.record_name(&name)
+                        && !canonical(&name)
+                        && let Ok(parsed) = self.zone.record_name(&name)
                     {
-                        let key = RrKey::new(LowerName::new(&parsed), RecordType::A);
-                        if !canonical(&name)
-                            && let Some(names) = aliases.get_mut(&key)
-                        {
+                        let key = key_of(&parsed);
+                        if let Some(names) = aliases.get_mut(&key) {
                             names.retain(|n| *n != name);
                             if names.is_empty() {
                                 aliases.remove(&key);
                             }
                         }
-                        touched.insert(key);
                     }
-                    last.remove(&name);
+                    input.remove(&name);
                 }
+                // Same name, so the same key (or the same rejection): only its addresses moved.
                 Change::Changed(name, ips) => {
-                    // Same name, so the same key (or the same rejection): only its addresses moved.
-                    if let Ok(parsed) = self.record_name(name) {
-                        touched.insert(RrKey::new(LowerName::new(&parsed), RecordType::A));
-                    }
-                    last.insert(name.to_owned(), ips.clone());
+                    input.insert(name.to_owned(), ips.clone());
                 }
                 Change::Added(name, ips) => {
-                    match self.record_name(name) {
-                        Ok(parsed) => {
-                            let key = RrKey::new(LowerName::new(&parsed), RecordType::A);
-                            if !canonical(name) {
-                                aliases.entry(key.clone()).or_default().push(name.to_owned());
-                            }
-                            touched.insert(key);
+                    match self.zone.record_name(name) {
+                        Ok(parsed) if !canonical(name) => {
+                            aliases.entry(key_of(&parsed)).or_default().push(name.to_owned())
                         }
+                        Ok(_) => {}
                         Err(why) => {
                             rejected.insert(name.to_owned(), why);
                         }
                     }
-                    last.insert(name.to_owned(), ips.clone());
+                    input.insert(name.to_owned(), ips.clone());
                 }
             }
         }
 
-        let mut out =
-            Updated { changed: 0, rejected: rejected.iter().map(|(name, why)| format!("{name}: {why}")).collect() };
-        if !touched.is_empty() {
-            let mut zone = self.zone.records_mut().await;
-            for key in touched {
-                // Several input names may share a key (`db.mesh.local` and `DB.mesh.local.`): the
-                // canonical spelling, if given, and the aliases.
-                let spelled = key.name.to_string();
-                let own = spelled.strip_suffix('.').filter(|n| canonical(n) && !rejected.contains_key(*n));
-                let names = own.into_iter().chain(aliases.get(&key).into_iter().flatten().map(String::as_str));
-                let ips: BTreeSet<Ipv4Addr> = names.filter_map(|n| last.get(n)).flatten().copied().collect();
-                let current = zone.get(&key).map(|set| addresses(set)).unwrap_or_default();
-                if current == ips {
-                    continue;
-                }
-                out.changed += 1;
-                if ips.is_empty() {
-                    zone.remove(&key);
-                    continue;
-                }
-                let mut set = RecordSet::with_ttl(Name::from(key.name.clone()), RecordType::A, TTL);
-                for ip in ips {
-                    set.add_rdata(RData::A(A(ip)));
-                }
-                zone.insert(key, Arc::new(set));
+        let mut out = Updated {
+            changed: 0,
+            rejected: state.rejected.iter().map(|(name, why)| format!("{name}: {why}")).collect(),
+        };
+        for (key, (parsed, before)) in touched {
+            let after = state.addresses(&key);
+            if after == before {
+                continue;
             }
-            if out.changed > 0 {
-                bump_serial(&mut zone, &self.origin);
+            out.changed += 1;
+            if before.is_empty() != after.is_empty() {
+                state.count_interior(&parsed, &self.zone.origin, !after.is_empty());
             }
         }
+        if out.changed > 0 {
+            state.serial = state.serial.wrapping_add(1);
+        }
+        drop(state);
         if !out.rejected.is_empty() {
             tracing::warn!(rejected = ?out.rejected, "DNS records not applied");
         }
@@ -274,23 +322,140 @@ impl DnsServer {
         }
         Ok(())
     }
+}
 
-    fn record_name(&self, name: &str) -> Result<Name, String> {
-        let mut parsed = Name::from_ascii(name).map_err(|e| format!("not a domain name: {e}"))?;
-        parsed.set_fqdn(true);
-        if parsed.is_wildcard() {
-            return Err("wildcards are not served".into());
+impl Records {
+    /// Counts `name` (`served`) or uncounts it in each name between it and the zone's origin.
+    fn count_interior(&mut self, name: &Name, origin: &LowerName, served: bool) {
+        let mut above = name.base_name();
+        while above.num_labels() > origin.num_labels() {
+            let key = key_of(&above);
+            if served {
+                *self.interior.entry(key).or_default() += 1;
+            } else if let Some(count) = self.interior.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.interior.remove(&key);
+                }
+            }
+            above = above.base_name();
         }
-        if parsed.num_labels() <= self.origin.num_labels() || !self.origin.zone_of(&parsed) {
-            return Err(format!("not a name under the zone {}", self.origin));
-        }
-        Ok(parsed)
     }
 }
 
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+impl MeshZone {
+    /// `name` as a record's name under the zone, or why it cannot be one.
+    fn record_name(&self, name: &str) -> Result<Name, String> {
+        let mut parsed = Name::from_ascii(name).map_err(|e| format!("not a domain name: {e}"))?;
+        parsed.set_fqdn(true);
+        if parsed.is_wildcard() {
+            return Err("wildcards are not served".into());
+        }
+        let lower = LowerName::new(&parsed);
+        if lower.num_labels() <= self.origin.num_labels() || !self.origin.zone_of(&lower) {
+            return Err(format!("not a name under the zone {}", self.origin));
+        }
+        Ok(parsed)
+    }
+
+    /// The answer to `name` and `rtype`: a record set, or the error that makes the response
+    /// NODATA (`NameExists`), NXDOMAIN or REFUSED.
+    fn answer(&self, name: &LowerName, rtype: RecordType) -> Result<Arc<RecordSet>, LookupError> {
+        if !self.origin.zone_of(name) {
+            return Err(LookupError::from(ResponseCode::Refused));
+        }
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let origin = Name::from(self.origin.clone());
+        if *name == self.origin {
+            return match rtype {
+                RecordType::SOA => Ok(Arc::new(soa_set(&origin, state.serial))),
+                RecordType::NS | RecordType::ANY => {
+                    let mut ns = RecordSet::with_ttl(origin.clone(), RecordType::NS, TTL);
+                    ns.add_rdata(RData::NS(NS(origin)));
+                    Ok(Arc::new(ns))
+                }
+                _ => Err(LookupError::NameExists),
+            };
+        }
+        let name = Name::from(name.clone());
+        let key = key_of(&name);
+        let addresses = state.addresses(&key);
+        if addresses.is_empty() {
+            return Err(if state.interior.contains_key(&key) {
+                LookupError::NameExists
+            } else {
+                LookupError::from(ResponseCode::NXDomain)
+            });
+        }
+        if !matches!(rtype, RecordType::A | RecordType::ANY) {
+            return Err(LookupError::NameExists);
+        }
+        let mut set = RecordSet::with_ttl(name, RecordType::A, TTL);
+        for ip in addresses {
+            set.add_rdata(RData::A(A(ip)));
+        }
+        Ok(Arc::new(set))
+    }
+}
+
+#[async_trait::async_trait]
+impl ZoneHandler for MeshZone {
+    fn zone_type(&self) -> ZoneType {
+        ZoneType::Primary
+    }
+
+    fn axfr_policy(&self) -> AxfrPolicy {
+        AxfrPolicy::Deny
+    }
+
+    fn origin(&self) -> &LowerName {
+        &self.origin
+    }
+
+    async fn lookup(
+        &self,
+        name: &LowerName,
+        rtype: RecordType,
+        _request_info: Option<&RequestInfo<'_>>,
+        lookup_options: LookupOptions,
+    ) -> LookupControlFlow<AuthLookup> {
+        if rtype == RecordType::AXFR {
+            return LookupControlFlow::Break(Err(LookupError::from(ResponseCode::Refused)));
+        }
+        LookupControlFlow::Continue(
+            self.answer(name, rtype).map(|set| AuthLookup::answers(LookupRecords::new(lookup_options, set), None)),
+        )
+    }
+
+    async fn search(
+        &self,
+        request: &Request,
+        lookup_options: LookupOptions,
+    ) -> (LookupControlFlow<AuthLookup>, Option<TSigResponseContext>) {
+        let info = match request.request_info() {
+            Ok(info) => info,
+            Err(e) => return (LookupControlFlow::Break(Err(e)), None),
+        };
+        (self.lookup(info.query.name(), info.query.query_type(), Some(&info), lookup_options).await, None)
+    }
+
+    async fn nsec_records(&self, _name: &LowerName, _lookup_options: LookupOptions) -> LookupControlFlow<AuthLookup> {
+        LookupControlFlow::Continue(Ok(AuthLookup::default()))
+    }
+
+    async fn zone_transfer(
+        &self,
+        _request: &Request,
+        _lookup_options: LookupOptions,
+        _now: u64,
+    ) -> Option<(Result<ZoneTransfer, LookupError>, Option<TSigResponseContext>)> {
+        Some((Err(LookupError::from(ResponseCode::Refused)), None))
     }
 }
 
@@ -315,48 +480,14 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
     bail!("found no port free for both UDP and TCP on {} after {EPHEMERAL_TRIES} tries", addr.ip())
 }
 
-/// The zone's fixed records: SOA and NS at the apex. The nameserver named is the apex itself:
-/// any other name under the zone could be a service's or a node's.
-fn apex(origin: &Name) -> BTreeMap<RrKey, RecordSet> {
-    let key = |t| RrKey::new(LowerName::new(origin), t);
-    // The serial follows the clock so that it grows across restarts too.
-    let serial = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
-    let mut soa = RecordSet::with_ttl(origin.clone(), RecordType::SOA, TTL);
-    soa.add_rdata(RData::SOA(soa_data(origin, serial)));
-    let mut ns = RecordSet::with_ttl(origin.clone(), RecordType::NS, TTL);
-    ns.add_rdata(RData::NS(NS(origin.clone())));
-    BTreeMap::from([(key(RecordType::SOA), soa), (key(RecordType::NS), ns)])
-}
-
-fn soa_data(origin: &Name, serial: u32) -> SOA {
+/// The zone's SOA record set with `serial`. The nameserver named is the apex itself: any other
+/// name under the zone could be a service's or a node's.
+fn soa_set(origin: &Name, serial: u32) -> RecordSet {
     let hostmaster =
         Name::from_ascii("hostmaster").and_then(|h| h.append_domain(origin)).unwrap_or_else(|_| origin.clone());
-    SOA::new(origin.clone(), hostmaster, serial, 60, 10, 3600, TTL)
-}
-
-/// The addresses in an A record set.
-fn addresses(set: &RecordSet) -> BTreeSet<Ipv4Addr> {
-    set.records_without_rrsigs()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .collect()
-}
-
-fn bump_serial(zone: &mut BTreeMap<RrKey, Arc<RecordSet>>, origin: &Name) {
-    let key = RrKey::new(LowerName::new(origin), RecordType::SOA);
-    let serial = zone
-        .get(&key)
-        .and_then(|set| set.records_without_rrsigs().next())
-        .and_then(|r| match &r.data {
-            RData::SOA(soa) => Some(soa.serial),
-            _ => None,
-        })
-        .unwrap_or(0);
     let mut soa = RecordSet::with_ttl(origin.clone(), RecordType::SOA, TTL);
-    soa.add_rdata(RData::SOA(soa_data(origin, serial.wrapping_add(1))));
-    zone.insert(key, Arc::new(soa));
+    soa.add_rdata(RData::SOA(SOA::new(origin.clone(), hostmaster, serial, 60, 10, 3600, TTL)));
+    soa
 }
 
 #[cfg(test)]
@@ -420,13 +551,11 @@ mod tests {
             .await
             .expect("start in time")
             .unwrap();
-        let updated = server
-            .update(&records(&[
-                ("db.default.mesh.local", &["10.42.1.5"]),
-                ("db.mesh.local.", &["10.42.1.5"]),
-                ("w1.node.mesh.local", &["10.42.0.1"]),
-            ]))
-            .await;
+        let updated = server.update(&records(&[
+            ("db.default.mesh.local", &["10.42.1.5"]),
+            ("db.mesh.local.", &["10.42.1.5"]),
+            ("w1.node.mesh.local", &["10.42.0.1"]),
+        ]));
         assert_eq!(updated, Updated { changed: 3, rejected: vec![] });
         server
     }
@@ -495,16 +624,14 @@ mod tests {
         };
         let serial_before = serial(&udp(addr, "mesh.local.", RecordType::SOA).await);
 
-        let updated = server
-            .update(&records(&[
-                ("db.default.mesh.local", &["10.42.1.6", "10.42.1.7"]),
-                ("db.mesh.local.", &["10.42.1.5"]),
-                ("web.default.mesh.local", &["192.0.2.1"]),
-                ("gone.default.mesh.local", &[]),
-                ("example.com", &["192.0.2.2"]),
-                ("mesh.local", &["192.0.2.3"]),
-            ]))
-            .await;
+        let updated = server.update(&records(&[
+            ("db.default.mesh.local", &["10.42.1.6", "10.42.1.7"]),
+            ("db.mesh.local.", &["10.42.1.5"]),
+            ("web.default.mesh.local", &["192.0.2.1"]),
+            ("gone.default.mesh.local", &[]),
+            ("example.com", &["192.0.2.2"]),
+            ("mesh.local", &["192.0.2.3"]),
+        ]));
         // db changed, web added, w1.node removed; db.mesh.local untouched.
         assert_eq!(updated.changed, 3, "{updated:?}");
         assert_eq!(updated.rejected.len(), 2, "{updated:?}");
@@ -522,13 +649,11 @@ mod tests {
         assert_eq!(serial(&udp(addr, "mesh.local.", RecordType::SOA).await), serial_before.wrapping_add(1));
 
         // The same records again change nothing.
-        let again = server
-            .update(&records(&[
-                ("db.default.mesh.local", &["10.42.1.7", "10.42.1.6"]),
-                ("db.mesh.local.", &["10.42.1.5"]),
-                ("web.default.mesh.local", &["192.0.2.1"]),
-            ]))
-            .await;
+        let again = server.update(&records(&[
+            ("db.default.mesh.local", &["10.42.1.7", "10.42.1.6"]),
+            ("db.mesh.local.", &["10.42.1.5"]),
+            ("web.default.mesh.local", &["192.0.2.1"]),
+        ]));
         assert_eq!(again, Updated::default());
         assert_eq!(serial(&udp(addr, "mesh.local.", RecordType::SOA).await), serial_before.wrapping_add(1));
         server.shutdown().await.unwrap();
@@ -550,7 +675,7 @@ mod tests {
     async fn several_addresses_and_a_clean_shutdown() {
         let listen: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap()];
         let server = timeout(WAIT, DnsServer::start(&listen, "mesh.local.")).await.unwrap().unwrap();
-        server.update(&records(&[("a.b.mesh.local", &["10.42.1.1"])])).await;
+        server.update(&records(&[("a.b.mesh.local", &["10.42.1.1"])]));
         let addrs = server.local_addrs().to_vec();
         assert_eq!(addrs.len(), 2);
         for addr in &addrs {
@@ -632,28 +757,59 @@ mod tests {
         rt.block_on(server.shutdown()).unwrap();
     }
 
-    /// Every A record the zone holds, as a query would see it.
-    async fn served(server: &DnsServer) -> BTreeMap<String, BTreeSet<Ipv4Addr>> {
-        let zone = server.zone.records().await;
-        zone.iter()
-            .filter(|(key, _)| key.record_type == RecordType::A)
-            .map(|(key, set)| (key.name.to_string(), addresses(set)))
+    /// Every A record the zone serves, as a query would see it: each name given that the zone
+    /// took, asked for through the zone's own answer.
+    fn served(server: &DnsServer) -> BTreeMap<String, BTreeSet<Ipv4Addr>> {
+        let keys: BTreeSet<(String, LowerName)> = {
+            let state = server.zone.state.read().unwrap();
+            state
+                .input
+                .keys()
+                .filter_map(|name| server.zone.record_name(name).ok())
+                .map(|parsed| (key_of(&parsed), LowerName::new(&parsed)))
+                .collect()
+        };
+        keys.into_iter()
+            .filter_map(|(key, name)| {
+                let set = server.zone.answer(&name, RecordType::A).ok()?;
+                let ips = set
+                    .records_without_rrsigs()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(a.0),
+                        _ => None,
+                    })
+                    .collect();
+                Some((key, ips))
+            })
             .collect()
+    }
+
+    /// An internationalised name is served under its ASCII (`xn--`) spelling, the one queries
+    /// carry; hickory prints names in Unicode, so a key made by printing would never match.
+    #[tokio::test]
+    async fn punycode_names_are_served() {
+        let server = server().await;
+        let addr = server.local_addrs()[0];
+        let updated = server.update(&records(&[("xn--bcher-kva.default.mesh.local", &["10.42.1.9"])]));
+        assert_eq!(updated, Updated { changed: 4, rejected: vec![] }, "one added, the server()'s three removed");
+        let answer = udp(addr, "xn--bcher-kva.default.mesh.local.", RecordType::A).await;
+        assert_eq!(a_records(&answer), [Ipv4Addr::new(10, 42, 1, 9)]);
+        server.shutdown().await.unwrap();
     }
 
     #[tokio::test]
     async fn names_that_share_a_record_keep_it_until_the_last_one_goes() {
         let server = server().await;
         let both = records(&[("db.mesh.local", &["10.42.1.5"]), ("DB.mesh.local.", &["10.42.1.6"])]);
-        assert_eq!(server.update(&both).await.changed, 3, "db.mesh.local merged, two others removed");
+        assert_eq!(server.update(&both).changed, 3, "db.mesh.local merged, two others removed");
         let db = "db.mesh.local.".to_owned();
         let two = BTreeSet::from([Ipv4Addr::new(10, 42, 1, 5), Ipv4Addr::new(10, 42, 1, 6)]);
-        assert_eq!(served(&server).await, BTreeMap::from([(db.clone(), two)]));
+        assert_eq!(served(&server), BTreeMap::from([(db.clone(), two)]));
         let one = records(&[("DB.mesh.local.", &["10.42.1.6"])]);
-        assert_eq!(server.update(&one).await.changed, 1);
-        assert_eq!(served(&server).await, BTreeMap::from([(db, BTreeSet::from([Ipv4Addr::new(10, 42, 1, 6)]))]));
-        assert_eq!(server.update(&BTreeMap::new()).await.changed, 1);
-        assert!(served(&server).await.is_empty());
+        assert_eq!(server.update(&one).changed, 1);
+        assert_eq!(served(&server), BTreeMap::from([(db, BTreeSet::from([Ipv4Addr::new(10, 42, 1, 6)]))]));
+        assert_eq!(server.update(&BTreeMap::new()).changed, 1);
+        assert!(served(&server).is_empty());
         server.shutdown().await.unwrap();
     }
 
@@ -686,10 +842,10 @@ mod tests {
                     rt.block_on(DnsServer::start(&["127.0.0.1:0".parse().unwrap()], "mesh.local")).unwrap();
                 let mut last = Updated::default();
                 for update in &updates {
-                    last = rt.block_on(incremental.update(&as_records(update)));
+                    last = incremental.update(&as_records(update));
                 }
                 let fresh = rt.block_on(DnsServer::start(&["127.0.0.1:0".parse().unwrap()], "mesh.local")).unwrap();
-                let once = rt.block_on(fresh.update(&as_records(updates.last().unwrap())));
+                let once = fresh.update(&as_records(updates.last().unwrap()));
                 // What the last records mean, worked out by hand for these names: case and a
                 // final dot do not matter, example.com and the wildcard are refused.
                 let mut expected: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
@@ -700,8 +856,28 @@ mod tests {
                     }
                 }
                 expected.retain(|_, ips| !ips.is_empty());
-                prop_assert_eq!(rt.block_on(served(&fresh)), expected.clone());
-                prop_assert_eq!(rt.block_on(served(&incremental)), expected);
+                // And which names only have names under them (NODATA rather than NXDOMAIN).
+                let kind = |server: &DnsServer, name: &str| {
+                    let name = LowerName::new(&Name::from_ascii(name).unwrap());
+                    match server.zone.answer(&name, RecordType::A) {
+                        Ok(_) => "records",
+                        Err(LookupError::NameExists) => "nodata",
+                        Err(_) => "nxdomain",
+                    }
+                };
+                for name in ["a.mesh.local.", "b.mesh.local.", "c.mesh.local.", "a.a.mesh.local.", "x.mesh.local."] {
+                    let want = if expected.contains_key(name) {
+                        "records"
+                    } else if expected.keys().any(|k| k.ends_with(&format!(".{name}"))) {
+                        "nodata"
+                    } else {
+                        "nxdomain"
+                    };
+                    prop_assert_eq!(kind(&fresh, name), want, "{} afresh", name);
+                    prop_assert_eq!(kind(&incremental, name), want, "{} after each update", name);
+                }
+                prop_assert_eq!(served(&fresh), expected.clone());
+                prop_assert_eq!(served(&incremental), expected);
                 prop_assert_eq!(last.rejected, once.rejected);
                 rt.block_on(incremental.shutdown()).unwrap();
                 rt.block_on(fresh.shutdown()).unwrap();
@@ -731,7 +907,7 @@ mod tests {
             .run(&records, |records| {
                 let records: BTreeMap<String, Vec<Ipv4Addr>> =
                     records.into_iter().map(|(n, ips)| (n, ips.into_iter().map(Ipv4Addr::from).collect())).collect();
-                let updated = rt.block_on(server.update(&records));
+                let updated = server.update(&records);
                 prop_assert!(updated.rejected.len() <= records.len());
                 for rejected in &updated.rejected {
                     prop_assert!(records.keys().any(|n| rejected.starts_with(&format!("{n}: "))), "{}", rejected);
