@@ -401,16 +401,11 @@ impl DataPlane for Machine {
 pub struct Agent {
     config: Config,
     settings: NodeSettings,
-    short_names: ShortNames,
     client: Client,
     key: PrivateKey,
     machine: Machine,
     status: NodeStatus,
     directory: Directory,
-    /// The directory as of the last sync, brought to the stores' state by each sync (only what
-    /// the watches reported is converted again; everything is compared on a resync); `None`
-    /// until the first sync, or should a sync ever be dropped midway (the next reads everything).
-    view: Option<mesh_plan::Directory>,
     metrics: Arc<Metrics>,
     health: watch::Sender<Result<(), String>>,
     /// Probe results by peer name.
@@ -485,7 +480,11 @@ impl Agent {
         let names =
             Names::start(config.resolver, config.hosts_file.clone(), &config.interface, config.dns_port, &config.zone)
                 .await?;
-        let directory = Directory::watch(client.clone(), Some(config.node.clone()));
+        let directory = Directory::watch(
+            client.clone(),
+            Some(config.node.clone()),
+            mesh_plan::Directory::new(Some(config.subnet), &config.short_names()),
+        );
         let nonce = u64::from_be_bytes(key.public_key().as_bytes()[..8].try_into().unwrap_or_default());
         // In fallback there is nothing to probe: Connected says why there is no tunnel.
         let summary = device.fallback_reason().map(|why| Summary {
@@ -515,14 +514,12 @@ impl Agent {
             NodeStatus { node: config.node.clone(), writer: Writer::new(client.clone()), directory: directory.clone() };
         Ok(Self {
             settings: config.settings(),
-            short_names: config.short_names(),
             config,
             client,
             key,
             machine,
             status,
             directory,
-            view: None,
             metrics,
             health,
             windows: BTreeMap::new(),
@@ -779,16 +776,12 @@ impl Agent {
             if self.config.masquerade && !fallback { self.masquerade_underlay(underlay).await? } else { None };
 
         let planning = Instant::now();
-        // Taken for the sync and put back after it (a sync dropped midway leaves a new one).
-        let mut directory =
-            self.view.take().unwrap_or_else(|| mesh_plan::Directory::new(Some(self.config.subnet), &self.short_names));
-        // A resync also compares every object with the stores: were an event ever missed, the
-        // directory is right again within one resync interval.
-        let updated = self.directory.update(&mut directory, resync);
-        tracing::debug!(nodes = updated.nodes, services = updated.services, "objects converted for this sync");
-        let result = self.sync_with(&directory, fallback, underlay, masquerade, resync, planning).await;
-        self.view = Some(directory);
-        result
+        // A resync also compares every node with the store: were an event ever missed, the
+        // directory is right again within one resync interval. (Services have no store: their
+        // watch applies each event to the directory, and a re-list compares them all.)
+        let (directory, updated) = self.directory.update(resync).await;
+        tracing::debug!(nodes = updated.nodes, "nodes converted for this sync");
+        self.sync_with(&directory, fallback, underlay, masquerade, resync, planning).await
     }
 
     /// The rest of a sync, from the directory as of now: the plan, then the executor.

@@ -369,9 +369,38 @@ impl Directory {
         mut resolve: impl FnMut(&str, &str) -> Option<SocketAddr>,
     ) -> Updated {
         self.generation += 1;
-        let generation = self.generation;
-        let mut updated = Updated::default();
+        let nodes = self.every_node(nodes, &mut resolve);
+        let services = self.every_service(services);
+        self.finish(Updated { nodes, services })
+    }
 
+    /// [`Directory::update`] of the nodes alone: `nodes` are every node (those missing are
+    /// removed); the services stay as they are. For a reader that is given every service's
+    /// change as it happens ([`Directory::update_changed`]) and keeps only the nodes in a cache.
+    pub fn update_nodes<'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = &'a MeshNode>,
+        mut resolve: impl FnMut(&str, &str) -> Option<SocketAddr>,
+    ) -> Updated {
+        self.generation += 1;
+        let nodes = self.every_node(nodes, &mut resolve);
+        self.finish(Updated { nodes, services: 0 })
+    }
+
+    /// Every service, by namespace and name (after a re-list, those it lacks are gone).
+    pub fn service_keys(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.services.iter().flat_map(|(ns, names)| names.keys().map(move |name| (ns.as_str(), name.as_str())))
+    }
+
+    /// The node half of an update (generation `self.generation`): `nodes` are every node.
+    /// Returns how many were added, changed or removed.
+    fn every_node<'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = &'a MeshNode>,
+        resolve: &mut impl FnMut(&str, &str) -> Option<SocketAddr>,
+    ) -> usize {
+        let generation = self.generation;
+        let mut changed = 0;
         let mut seen = 0;
         for node in nodes {
             match self.nodes.get_mut(convert::name(node)) {
@@ -382,17 +411,24 @@ impl Directory {
                 }
                 None => seen += 1,
             }
-            updated.nodes += usize::from(self.refresh_node(node, &mut resolve, generation));
+            changed += usize::from(self.refresh_node(node, resolve, generation));
         }
         if seen < self.nodes.len() {
             let gone: Vec<String> =
                 self.nodes.iter().filter(|(_, s)| s.seen != generation).map(|(n, _)| n.clone()).collect();
             for name in gone {
                 self.remove_node(&name);
-                updated.nodes += 1;
+                changed += 1;
             }
         }
+        changed
+    }
 
+    /// The service half of an update (generation `self.generation`): `services` are every
+    /// service. Returns how many were added, changed or removed.
+    fn every_service<'a>(&mut self, services: impl IntoIterator<Item = &'a MeshService>) -> usize {
+        let generation = self.generation;
+        let mut changed = 0;
         let mut seen = 0;
         for service in services {
             let (namespace, name) = (namespace_of(service), convert::service_name(service));
@@ -404,7 +440,7 @@ impl Directory {
                 }
                 None => seen += 1,
             }
-            updated.services += usize::from(self.refresh_service(service, generation));
+            changed += usize::from(self.refresh_service(service, generation));
         }
         if seen < self.service_count {
             let gone: Vec<(String, String)> = self
@@ -416,11 +452,10 @@ impl Directory {
                 .collect();
             for (namespace, name) in gone {
                 self.remove_service(&namespace, &name);
-                updated.services += 1;
+                changed += 1;
             }
         }
-
-        self.finish(updated)
+        changed
     }
 
     /// Brings the directory to a new state from the objects a watch reported changed since the
@@ -1436,6 +1471,49 @@ pub(crate) mod tests {
                 let named: Vec<String> = evented.named_endpoints().map(str::to_owned).collect();
                 let again = evented.update_changed(named.iter().map(|n| (n.as_str(), nodes.get(n))), [], resolver(epoch));
                 proptest::prop_assert_eq!(again, Updated::default());
+            }
+        }
+
+        /// The agent's way: each service applied as its watch event arrives (or, after a
+        /// re-list, every listed one, and those missing from the list removed), the nodes
+        /// compared in full with their cache on each sync.
+        #[test]
+        fn a_directory_fed_service_events_and_every_node_equals_the_directory_afresh(
+            changes in proptest::collection::vec(change(), 1..30),
+            subnet in proptest::bool::ANY,
+            relist in proptest::bool::ANY,
+        ) {
+            let (short, subnet) = (ShortNames::Every, subnet.then(|| "10.42.0.0/16".parse().unwrap()));
+            let mut mixed = Directory::new(subnet, &short);
+            let (mut nodes, mut services, mut version, mut epoch) = (BTreeMap::new(), BTreeMap::new(), 0, 1);
+            for change in &changes {
+                let services_before = services.clone();
+                apply(change, &mut nodes, &mut services, &mut version);
+                if let Change::Resolve(to) = change {
+                    epoch = *to;
+                }
+                if relist {
+                    for service in services.values() {
+                        mixed.update_changed([], [(namespace_of(service), convert::service_name(service), Some(service))], resolver(epoch));
+                    }
+                    let gone: Vec<(String, String)> = mixed
+                        .service_keys()
+                        .filter(|(ns, n)| !services.contains_key(&format!("{ns}/{n}")))
+                        .map(|(ns, n)| (ns.to_owned(), n.to_owned()))
+                        .collect();
+                    mixed.update_changed([], gone.iter().map(|(ns, n)| (ns.as_str(), n.as_str(), None)), resolver(epoch));
+                } else {
+                    let keys = written(&services_before, &services, |s: &MeshService| s.metadata.resource_version.clone());
+                    for key in &keys {
+                        let (ns, n) = key.split_once('/').unwrap();
+                        mixed.update_changed([], [(ns, n, services.get(key))], resolver(epoch));
+                    }
+                }
+                mixed.update_nodes(nodes.values(), resolver(epoch));
+                let ns: Vec<MeshNode> = nodes.values().cloned().collect();
+                let ss: Vec<MeshService> = services.values().cloned().collect();
+                proptest::prop_assert_eq!(derived(&mixed), afresh(&ns, &ss, subnet, &short, resolver(epoch)));
+                proptest::prop_assert!(!mixed.is_new());
             }
         }
     }

@@ -108,15 +108,16 @@ pub struct Totals {
     pub snapshot_micros: u64,
 }
 
-/// One shared directory, its change counter, and the directory its nodes plan from: kept across
-/// changes and brought up to date as the agent brings its own (`Directory::update`: only the
-/// objects the watches reported written are converted).
+/// One shared directory (the watches and the directory its nodes plan from, kept across changes
+/// as the agent keeps its own: services applied as their events arrive, nodes brought up to date
+/// by `Directory::update`), and its change counter.
 struct Group {
     directory: Directory,
     changes: watch::Receiver<u64>,
-    /// The change the directory reflects (`None`: not read yet), and the directory. The nodes
-    /// read it through their syncs; an update waits for the syncs of the state before to end.
-    kept: tokio::sync::RwLock<(Option<u64>, mesh_plan::Directory)>,
+    /// The change the directory's nodes reflect (`None`: not read yet); held while an update
+    /// runs. The nodes read the directory through their syncs; an update waits for the syncs of
+    /// the state before to end.
+    at: tokio::sync::Mutex<Option<u64>>,
     /// Updates made, and the time spent, in microseconds.
     snapshots: AtomicU64,
     snapshot_micros: AtomicU64,
@@ -124,24 +125,21 @@ struct Group {
 
 impl Group {
     /// The directory as of at least change `version` (brought up to date now if it is older).
-    async fn snapshot(&self, version: u64) -> tokio::sync::RwLockReadGuard<'_, mesh_plan::Directory> {
-        let current = self.kept.read().await;
-        if current.0.is_some_and(|at| at >= version) {
-            return tokio::sync::RwLockReadGuard::map(current, |(_, directory)| directory);
+    async fn snapshot(&self, version: u64) -> tokio::sync::OwnedRwLockReadGuard<mesh_plan::Directory> {
+        let mut at = self.at.lock().await;
+        if at.is_some_and(|at| at >= version) {
+            drop(at);
+            return self.directory.read().await;
         }
-        drop(current);
-        let mut current = self.kept.write().await;
-        if current.0.is_none_or(|at| at < version) {
-            // Read the counter first: the state read after it includes at least those changes.
-            let at = *self.changes.borrow();
-            let started = Instant::now();
-            self.directory.update(&mut current.1, false);
-            current.0 = Some(at);
-            self.snapshots.fetch_add(1, Ordering::Relaxed);
-            self.snapshot_micros
-                .fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        }
-        tokio::sync::RwLockReadGuard::map(current.downgrade(), |(_, directory)| directory)
+        // Read the counter first: the state read after it includes at least those changes.
+        let changes = *self.changes.borrow();
+        let started = Instant::now();
+        let (directory, _) = self.directory.update(false).await;
+        *at = Some(changes);
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.snapshot_micros
+            .fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        directory
     }
 }
 
@@ -171,7 +169,7 @@ impl Fleet {
         anyhow::ensure!(config.directories > 0, "the fleet needs at least one directory");
         anyhow::ensure!(config.nodes.len() < 65_000, "at most 65,000 simulated nodes");
         let directories: Vec<Directory> =
-            (0..config.directories).map(|_| Directory::watch(client.clone(), None)).collect();
+            (0..config.directories).map(|_| Directory::watch(client.clone(), None, node::directory())).collect();
         for directory in &directories {
             tokio::time::timeout(Duration::from_secs(120), directory.ready())
                 .await
@@ -198,7 +196,7 @@ impl Fleet {
             groups.push(Arc::new(Group {
                 directory,
                 changes: rx,
-                kept: tokio::sync::RwLock::new((None, node::directory())),
+                at: tokio::sync::Mutex::new(None),
                 snapshots: AtomicU64::new(0),
                 snapshot_micros: AtomicU64::new(0),
             }));
