@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt, future};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
@@ -211,8 +211,13 @@ async fn main() -> anyhow::Result<()> {
 
 /// Rebuilds the allocator from the API, then runs the controllers until one stops.
 async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let (pool, hosting) = restore_pool(&client, args).await?;
+    let pool = new_pool(args)?;
     let watch = watcher::Config::default().any_semantic();
+    // MeshNodes and MeshServices are listed consistently (a read of the latest state, in pages,
+    // not whatever the API server's watch cache holds): the allocator is rebuilt from these
+    // caches' first list, and a stale one could lack an address the controller before this one
+    // gave out just before it stopped.
+    let mesh_watch = watcher::Config::default();
     let mesh_nodes_api: Api<MeshNode> = Api::all(client.clone());
     let mesh_services_api: Api<MeshService> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
@@ -247,19 +252,8 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             zone: args.zone.clone(),
         }),
     );
-    {
-        let mut index = ctx.index();
-        for (owner, hosted) in hosting {
-            index.set_hosting(&owner, Some(hosted));
-        }
-    }
-    // The hold-back of the controller before this one, before anything is allocated.
+    // The hold-back of the controller before this one, restored with the pool (see `readiness`).
     let stored_holds = hold_store.load().await?;
-    let restored = holds::from_stored(&stored_holds, ctx.started_unix, holds::unix_now())
-        .into_iter()
-        .filter(|(ip, previous, until)| ctx.pool().restore_hold(*ip, previous.clone(), *until))
-        .count();
-    tracing::info!(restored, configmap = %args.ip_hold_configmap, "IP hold-back restored");
 
     let reconciles = kube::runtime::controller::Config::default().concurrency(args.reconcile_concurrency);
     // Every watch event updates the rules' index (rules/index.rs) right after its cache has
@@ -309,7 +303,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         let ctx = ctx.clone();
         reflector::reflector(
             mesh_nodes_writer,
-            watcher(mesh_nodes_api.clone(), watch.clone()).modify(caches::trim_mesh_node),
+            watcher(mesh_nodes_api.clone(), mesh_watch.clone()).modify(caches::trim_mesh_node),
         )
         .inspect_ok(move |event| {
             match event {
@@ -336,7 +330,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
         let ctx = ctx.clone();
         reflector::reflector(
             mesh_services_writer,
-            watcher(mesh_services_api, watch.clone()).modify(caches::trim_mesh_service),
+            watcher(mesh_services_api, mesh_watch).modify(caches::trim_mesh_service),
         )
         .inspect_ok(move |event| {
             match event {
@@ -401,6 +395,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
 
     let readiness = {
         let ctx = ctx.clone();
+        let (restore_holds, hold_configmap) = (stored_holds.clone(), args.ip_hold_configmap.clone());
         async move {
             let synced = future::join4(
                 ctx.mesh_nodes.wait_until_ready(),
@@ -410,6 +405,30 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             )
             .await;
             if matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()))) {
+                // Before any reconcile runs (each waits for `synced`): the allocator and the
+                // hosting index from the caches' first list (no list of its own: at 50,000
+                // services that was half the time to ready), then the hold-back.
+                let started = std::time::Instant::now();
+                let (nodes, services) = (ctx.mesh_nodes.state(), ctx.mesh_services.state());
+                let hosting =
+                    restore_pool(&mut ctx.pool(), nodes.iter().map(Arc::as_ref), services.iter().map(Arc::as_ref));
+                drop((nodes, services));
+                {
+                    let mut index = ctx.index();
+                    for (owner, hosted) in hosting {
+                        index.set_hosting(&owner, Some(hosted));
+                    }
+                }
+                let (used, capacity) = {
+                    let pool = ctx.pool();
+                    (pool.used(), pool.capacity())
+                };
+                tracing::info!(used, capacity, took = ?started.elapsed(), "allocator rebuilt from the watch caches");
+                let restored = holds::from_stored(&restore_holds, ctx.started_unix, holds::unix_now())
+                    .into_iter()
+                    .filter(|(ip, previous, until)| ctx.pool().restore_hold(*ip, previous.clone(), *until))
+                    .count();
+                tracing::info!(restored, configmap = %hold_configmap, "IP hold-back restored");
                 ctx.synced.send_replace(true);
                 metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("first full sync done: ready");
@@ -462,53 +481,50 @@ fn wake_services_on(ctx: &Ctx, node: &str) {
     }
 }
 
-/// Rebuilds the pool from the mesh IPs recorded in status, oldest object first, before
-/// anything is allocated. A duplicate (which only a bug or a hand edit can cause) keeps the
-/// older owner; the newer one is re-allocated by its reconcile.
-async fn restore_pool(client: &Client, args: &Args) -> anyhow::Result<(Pool, HashMap<Owner, Hosted>)> {
+/// The allocator as configured (`--subnet`, `--node-reserved-ips`, the hold-back), still empty:
+/// [`restore_pool`] fills it from the watch caches' first full list.
+fn new_pool(args: &Args) -> anyhow::Result<Pool> {
     let pool = Pool::new(args.subnet, args.ip_hold_seconds).context("the mesh subnet (--subnet)")?;
     let reserve = args.node_reserved_ips.unwrap_or_else(|| pool.default_node_reserve());
-    let mut pool = pool.reserve_for_nodes(reserve).context("--node-reserved-ips")?;
+    let pool = pool.reserve_for_nodes(reserve).context("--node-reserved-ips")?;
     if let Some((first, last)) = pool.node_reserve() {
         tracing::info!(%first, %last, "mesh IPs reserved for MeshNodes");
     }
-    // MeshNodes first, then services, each oldest first: a recorded service IP (which anyone
-    // with a cluster-wide grant on meshservices/status could have written) never takes a
-    // node's address from it; of two claims of one address the older one keeps it. Listed in
-    // pages, keeping only what the allocator needs: at 50,000 services one list of every
-    // object is hundreds of MiB held at once for a moment.
-    let mut recorded: Vec<(bool, Option<k8s_openapi::jiff::Timestamp>, Owner, String)> = Vec::new();
-    let mut claims: Vec<(Owner, Hosted)> = Vec::new();
-    for_each_page(&Api::<MeshNode>::all(client.clone()), "MeshNodes", |nodes| {
-        for node in &nodes {
-            if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
-                recorded.push((false, node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
-            }
+    Ok(pool)
+}
+
+/// Gives every MeshNode and MeshService its recorded mesh IP back in `pool`, and returns which
+/// node hosts which service IP as their status recorded it. MeshNodes first, then services, each
+/// oldest first: a recorded service IP (which anyone with a cluster-wide grant on
+/// meshservices/status could have written) never takes a node's address from it; of two claims
+/// of one address the older one keeps it.
+fn restore_pool<'a>(
+    pool: &mut Pool,
+    nodes: impl IntoIterator<Item = &'a MeshNode>,
+    services: impl IntoIterator<Item = &'a MeshService> + Clone,
+) -> HashMap<Owner, Hosted> {
+    let mut recorded: Vec<(bool, Option<k8s_openapi::jiff::Timestamp>, Owner, &str)> = Vec::new();
+    for node in nodes {
+        if let Some(ip) = node.status.as_ref().and_then(|s| s.mesh_ip.as_deref()) {
+            recorded.push((false, node.creation_timestamp().map(|t| t.0), Owner::node(node.name_any()), ip));
         }
-    })
-    .await?;
-    for_each_page(&Api::<MeshService>::all(client.clone()), "MeshServices", |services| {
-        for service in &services {
-            if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.clone()) {
-                let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
-                recorded.push((true, service.creation_timestamp().map(|t| t.0), owner, ip));
-            }
+    }
+    for service in services.clone() {
+        if let Some(ip) = service.status.as_ref().and_then(|s| s.mesh_ip.as_deref()) {
+            let owner = Owner::service(service.namespace().unwrap_or_default(), service.name_any());
+            recorded.push((true, service.creation_timestamp().map(|t| t.0), owner, ip));
         }
-        claims.extend(hosting_claims(&services));
-    })
-    .await?;
+    }
     recorded.sort();
     for (_, _, owner, ip) in recorded {
-        let restored = mesh_core::parse_mesh_ip(&ip)
+        let restored = mesh_core::parse_mesh_ip(ip)
             .map_err(|e| e.to_string())
             .and_then(|ip| pool.restore(owner.clone(), ip).map_err(|e| e.to_string()));
         if let Err(why) = restored {
             tracing::warn!(%owner, %ip, "not restoring a recorded mesh IP: {why}; it will be re-allocated");
         }
     }
-    tracing::info!(subnet = %args.subnet, used = pool.used(), capacity = pool.capacity(), "allocator rebuilt from the API");
-    let hosting = recorded_hosting(claims, &pool);
-    Ok((pool, hosting))
+    recorded_hosting(hosting_claims(services), pool)
 }
 
 /// Which node hosts which service IP, as the services' status recorded it (only addresses the
@@ -522,9 +538,9 @@ fn recorded_hosting(claims: Vec<(Owner, Hosted)>, pool: &Pool) -> HashMap<Owner,
 
 /// Which node each service's status says hosts it at which IP (before the pool is asked
 /// whether the IP is really the service's).
-fn hosting_claims(services: &[MeshService]) -> Vec<(Owner, Hosted)> {
+fn hosting_claims<'a>(services: impl IntoIterator<Item = &'a MeshService>) -> Vec<(Owner, Hosted)> {
     services
-        .iter()
+        .into_iter()
         .filter(|s| s.metadata.deletion_timestamp.is_none() && s.spec.network.type_ != mesh_api::NetworkType::Host)
         .filter_map(|s| {
             let status = s.status.as_ref()?;
@@ -534,26 +550,6 @@ fn hosting_claims(services: &[MeshService]) -> Vec<(Owner, Hosted)> {
             Some((owner, Hosted { node, ip }))
         })
         .collect()
-}
-
-/// Objects per page when the allocator is rebuilt at start.
-const LIST_PAGE: u32 = 500;
-
-/// Lists every `what` through `api` in pages of [`LIST_PAGE`], handing each page to `each`.
-async fn for_each_page<K>(api: &Api<K>, what: &str, mut each: impl FnMut(Vec<K>)) -> anyhow::Result<()>
-where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    let mut page = ListParams::default().limit(LIST_PAGE);
-    loop {
-        let list = api.list(&page).await.with_context(|| format!("listing {what}"))?;
-        let next = list.metadata.continue_.filter(|c| !c.is_empty());
-        each(list.items);
-        match next {
-            Some(token) => page = page.continue_token(&token),
-            None => return Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]
