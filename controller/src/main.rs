@@ -209,7 +209,8 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Rebuilds the allocator from the API, then runs the controllers until one stops.
+/// Runs the controllers until one stops; the allocator is rebuilt from the watch caches once
+/// they have listed everything, before any reconcile ([`restore_from_caches`]).
 async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let pool = new_pool(args)?;
     let watch = watcher::Config::default().any_semantic();
@@ -405,30 +406,7 @@ async fn run(client: Client, args: &Args, identity: String, metrics: Arc<Metrics
             )
             .await;
             if matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()))) {
-                // Before any reconcile runs (each waits for `synced`): the allocator and the
-                // hosting index from the caches' first list (no list of its own: at 50,000
-                // services that was half the time to ready), then the hold-back.
-                let started = std::time::Instant::now();
-                let (nodes, services) = (ctx.mesh_nodes.state(), ctx.mesh_services.state());
-                let hosting =
-                    restore_pool(&mut ctx.pool(), nodes.iter().map(Arc::as_ref), services.iter().map(Arc::as_ref));
-                drop((nodes, services));
-                {
-                    let mut index = ctx.index();
-                    for (owner, hosted) in hosting {
-                        index.set_hosting(&owner, Some(hosted));
-                    }
-                }
-                let (used, capacity) = {
-                    let pool = ctx.pool();
-                    (pool.used(), pool.capacity())
-                };
-                tracing::info!(used, capacity, took = ?started.elapsed(), "allocator rebuilt from the watch caches");
-                let restored = holds::from_stored(&restore_holds, ctx.started_unix, holds::unix_now())
-                    .into_iter()
-                    .filter(|(ip, previous, until)| ctx.pool().restore_hold(*ip, previous.clone(), *until))
-                    .count();
-                tracing::info!(restored, configmap = %hold_configmap, "IP hold-back restored");
+                restore_from_caches(&ctx, &restore_holds, &hold_configmap);
                 ctx.synced.send_replace(true);
                 metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("first full sync done: ready");
@@ -479,6 +457,32 @@ fn wake_services_on(ctx: &Ctx, node: &str) {
     for (namespace, name) in services {
         ctx.trigger_service(&namespace, &name);
     }
+}
+
+/// Before any reconcile runs (each waits for `ctx.synced`, which the caller sends next): the
+/// allocator and the hosting index from the caches' first list (no list of its own: at 2,000
+/// nodes that was half the time to ready), then the hold-back of the controller before this
+/// one (`stored_holds`, from the ConfigMap `configmap`).
+fn restore_from_caches(ctx: &Ctx, stored_holds: &[holds::StoredHold], configmap: &str) {
+    let started = std::time::Instant::now();
+    let (nodes, services) = (ctx.mesh_nodes.state(), ctx.mesh_services.state());
+    let hosting = restore_pool(&mut ctx.pool(), nodes.iter().map(Arc::as_ref), services.iter().map(Arc::as_ref));
+    drop((nodes, services));
+    let mut index = ctx.index();
+    for (owner, hosted) in hosting {
+        index.set_hosting(&owner, Some(hosted));
+    }
+    drop(index);
+    let (used, capacity) = {
+        let pool = ctx.pool();
+        (pool.used(), pool.capacity())
+    };
+    tracing::info!(used, capacity, took = ?started.elapsed(), "allocator rebuilt from the watch caches");
+    let restored = holds::from_stored(stored_holds, ctx.started_unix, holds::unix_now())
+        .into_iter()
+        .filter(|(ip, previous, until)| ctx.pool().restore_hold(*ip, previous.clone(), *until))
+        .count();
+    tracing::info!(restored, configmap, "IP hold-back restored");
 }
 
 /// The allocator as configured (`--subnet`, `--node-reserved-ips`, the hold-back), still empty:
