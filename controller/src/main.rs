@@ -149,6 +149,12 @@ enum LogFormat {
     Json,
 }
 
+/// jemalloc, not the C library's malloc: it gives memory the process freed back to the system,
+/// where the C library's kept it after each burst of objects (a full list, a bulk create); the
+/// measurements are in docs/adr/0005-jemalloc.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
