@@ -715,8 +715,9 @@ impl Agent {
 
     async fn sync_logged(&mut self, resync: bool) {
         let started = Instant::now();
-        let result = self.sync(resync).await;
+        let (result, cpu) = crate::cputime::measured(self.sync(resync)).await;
         self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.sync_cpu_seconds.observe(cpu.as_secs_f64());
         match result {
             Ok(()) => {
                 let _ = self.health.send(Ok(()));

@@ -16,6 +16,7 @@ mod agent;
 mod backend;
 mod cleanup;
 mod containers;
+mod cputime;
 mod device;
 mod keystore;
 mod link;

@@ -121,7 +121,7 @@ impl Names {
                 }
                 let block = mesh_dataplane::hosts::render(&zone.records);
                 let path = file.path.clone();
-                let changed = tokio::task::spawn_blocking({
+                let changed = crate::cputime::spawn_blocking({
                     let file = file.clone();
                     move || file.apply(&block)
                 })
