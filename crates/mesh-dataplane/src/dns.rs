@@ -379,8 +379,11 @@ pub struct ZoneIndex {
     services: HashMap<String, Service>,
     /// Service keys by the node hosting them.
     hosted_by: HashMap<String, BTreeSet<String>>,
-    /// The namespaces competing for each short name (services allowed one, named validly).
-    short: HashMap<String, BTreeSet<String>>,
+    /// The namespaces competing for each short name (services allowed one, named validly),
+    /// sorted. A vector, not a set: nearly every name has one namespace, and a B-tree set's
+    /// smallest node has room for eleven (about 280 bytes for one string, 12 MiB at 50,000
+    /// services in `make bench-sync`).
+    short: HashMap<String, Vec<String>>,
     /// Withheld names, each with the number of nodes and services that withhold it.
     unpublished: BTreeMap<Unpublished, usize>,
     ambiguous: BTreeMap<String, Ambiguity>,
@@ -479,7 +482,10 @@ impl ZoneIndex {
                     self.withhold(why);
                 }
                 if self.competes(&service) {
-                    self.short.entry(service.name.clone()).or_default().insert(service.namespace.clone());
+                    let namespaces = self.short.entry(service.name.clone()).or_default();
+                    if let Err(at) = namespaces.binary_search(&service.namespace) {
+                        namespaces.insert(at, service.namespace.clone());
+                    }
                 }
             }
         }
@@ -500,7 +506,9 @@ impl ZoneIndex {
         if self.competes(&service)
             && let Some(namespaces) = self.short.get_mut(&service.name)
         {
-            namespaces.remove(&service.namespace);
+            if let Ok(at) = namespaces.binary_search(&service.namespace) {
+                namespaces.remove(at);
+            }
             if namespaces.is_empty() {
                 self.short.remove(&service.name);
             }
