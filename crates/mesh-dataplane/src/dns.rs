@@ -381,8 +381,8 @@ pub struct ZoneIndex {
     hosted_by: HashMap<String, BTreeSet<String>>,
     /// The namespaces competing for each short name (services allowed one, named validly),
     /// sorted. A vector, not a set: nearly every name has one namespace, and a B-tree set's
-    /// smallest node has room for eleven (about 280 bytes for one string, 12 MiB at 50,000
-    /// services in `make bench-sync`).
+    /// smallest node has room for eleven (the `sync_scale` example's kept directory at 50,000
+    /// services with short names in every namespace: 85.3 MiB with sets, 76.5 with vectors).
     short: HashMap<String, Vec<String>>,
     /// Withheld names, each with the number of nodes and services that withhold it.
     unpublished: BTreeMap<Unpublished, usize>,
