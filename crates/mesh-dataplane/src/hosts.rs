@@ -21,19 +21,46 @@ pub const END: &str = "# END harness-mesh";
 /// are not plain DNS names (letters, digits, `-`, `.`, `_`) are left out: a hosts line must never
 /// carry anything else.
 pub fn render(records: &BTreeMap<String, Vec<Ipv4Addr>>) -> String {
-    let mut lines = Vec::new();
+    // One buffer for the whole block: 55,000 names at 5,000 nodes, rendered whenever one changes.
+    let mut lines = String::with_capacity(records.iter().map(|(name, addrs)| addrs.len() * (name.len() + 17)).sum());
     for (name, addrs) in records {
         if !plain_name(name) {
             continue;
         }
         for addr in addrs {
-            lines.push(format!("{addr}\t{name}\n"));
+            push_address(&mut lines, *addr);
+            lines.push('\t');
+            lines.push_str(name);
+            lines.push('\n');
         }
     }
     if lines.is_empty() {
         return String::new();
     }
-    format!("{BEGIN}\n{}{END}\n", lines.concat())
+    let mut block = String::with_capacity(BEGIN.len() + lines.len() + END.len() + 2);
+    block.push_str(BEGIN);
+    block.push('\n');
+    block.push_str(&lines);
+    block.push_str(END);
+    block.push('\n');
+    block
+}
+
+/// Appends `addr` in dotted decimal, as its `Display` does, without the formatting machinery
+/// (a third of the block's cost at 55,000 lines).
+fn push_address(out: &mut String, addr: Ipv4Addr) {
+    for (i, octet) in addr.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
 }
 
 fn plain_name(name: &str) -> bool {
@@ -95,6 +122,16 @@ mod tests {
 
     fn records(pairs: &[(&str, &[[u8; 4]])]) -> BTreeMap<String, Vec<Ipv4Addr>> {
         pairs.iter().map(|(n, a)| ((*n).to_owned(), a.iter().map(|o| Ipv4Addr::from(*o)).collect())).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn an_address_is_written_as_its_display_writes_it(octets in any::<[u8; 4]>()) {
+            let addr = Ipv4Addr::from(octets);
+            let mut out = String::from("x");
+            push_address(&mut out, addr);
+            prop_assert_eq!(out, format!("x{addr}"));
+        }
     }
 
     #[test]

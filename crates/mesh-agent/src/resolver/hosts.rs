@@ -14,6 +14,14 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use mesh_dataplane::hosts;
 
+/// What [`HostsFile::stamp`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
 /// One hosts file.
 #[derive(Clone, Debug)]
 pub struct HostsFile {
@@ -39,6 +47,18 @@ impl HostsFile {
         }
         write(&self.path, &wanted)?;
         Ok(true)
+    }
+
+    /// The file's identity and size and when it was last written, read with one `stat`: the
+    /// same stamp as after the agent's last write means nobody has changed the file since (a
+    /// resync then need not read it back).
+    pub fn stamp(&self) -> Option<Stamp> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some(Stamp {
+            inode: std::os::unix::fs::MetadataExt::ino(&meta),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
     }
 
     /// Takes the block out; false when there was none.
@@ -112,6 +132,25 @@ mod tests {
         assert!(!file.remove().unwrap());
         assert!(!dir.join(".hosts.harness-mesh.tmp").exists(), "no temporary file left");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_stamp_moves_when_anyone_writes_the_file() {
+        let dir = std::env::temp_dir().join(format!("hm-hosts-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hosts");
+        std::fs::write(&path, "127.0.0.1\tlocalhost\n").unwrap();
+        let file = HostsFile { path: path.clone() };
+        assert!(file.apply(&block("a.mesh.local")).unwrap());
+        let stamp = file.stamp().unwrap();
+        assert_eq!(file.stamp(), Some(stamp), "nothing written: the same stamp");
+        // Someone takes the block out by hand, in place (same inode): the size differs.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, hosts::remove(&text)).unwrap();
+        assert_ne!(file.stamp(), Some(stamp));
+        assert!(file.apply(&block("a.mesh.local")).unwrap(), "put back");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(file.stamp(), None, "no file, no stamp");
     }
 
     #[test]

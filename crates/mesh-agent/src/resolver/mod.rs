@@ -38,9 +38,9 @@ pub enum Mode {
 /// What the agent keeps up to date.
 pub enum Names {
     Off,
-    /// The hosts file, and the revision of the zone's records last written to it (see
-    /// `mesh_plan::Directory::zone_revision`).
-    Hosts(hosts::HostsFile, Option<u64>),
+    /// The hosts file, the revision of the zone's records last written to it (see
+    /// `mesh_plan::Directory::zone_revision`) and the file's stamp right after.
+    Hosts(hosts::HostsFile, Option<(u64, Option<hosts::Stamp>)>),
     Resolved {
         client: resolved::Resolved,
         interface: String,
@@ -102,9 +102,10 @@ impl Names {
     }
 
     /// Brings the node's resolver up to date with `zone` (served by the agent at `server`), whose
-    /// records' revision is `revision`. `resync`: apply again even if nothing seems to have
-    /// changed (the hosts file is otherwise rewritten only when the revision moved: rendering
-    /// every name of 50,000 services on every sync cost more than the rest of the sync).
+    /// records' revision is `revision`. The hosts file is rewritten only when the revision moved
+    /// (rendering every name of 50,000 services on every sync cost more than the rest of the
+    /// sync), or on a `resync` when the file changed since the agent wrote it (someone edited
+    /// it: the block is put back).
     pub async fn update(
         &mut self,
         zone: &Zone,
@@ -116,20 +117,23 @@ impl Names {
         match self {
             Names::Off => Ok(()),
             Names::Hosts(file, written) => {
-                if !resync && *written == Some(revision) {
+                if let Some((done, stamp)) = *written
+                    && done == revision
+                    && (!resync || (stamp.is_some() && file.stamp() == stamp))
+                {
                     return Ok(());
                 }
                 let block = mesh_dataplane::hosts::render(&zone.records);
                 let path = file.path.clone();
-                let changed = crate::cputime::spawn_blocking({
+                let (changed, stamp) = mesh_agent::cputime::spawn_blocking({
                     let file = file.clone();
-                    move || file.apply(&block)
+                    move || file.apply(&block).map(|changed| (changed, file.stamp()))
                 })
                 .await??;
                 if changed {
                     tracing::info!(names = zone.records.len(), "updated the harness-mesh block of {}", path.display());
                 }
-                *written = Some(revision);
+                *written = Some((revision, stamp));
                 Ok(())
             }
             Names::Resolved { client, interface } => {
