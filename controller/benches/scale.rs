@@ -144,12 +144,14 @@ impl RealAgent {
         Ok((value("sum"), value("count")))
     }
 
-    /// (sum, count) of each step of `mesh_agent_sync_step_seconds`, by step.
-    fn steps(&self) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+    /// (sum, count) of each step of `mesh_agent_<histogram>` (`sync_step_seconds`,
+    /// `sync_step_cpu_seconds`), by step.
+    fn steps(&self, histogram: &str) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
         let text = self.metrics()?;
+        let prefix = format!("mesh_agent_{histogram}_");
         let mut steps: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("mesh_agent_sync_step_seconds_") else { continue };
+            let Some(rest) = line.strip_prefix(&prefix) else { continue };
             let Some((suffix, rest)) = rest.split_once("{step=\"") else { continue };
             let Some((step, value)) = rest.split_once("\"} ") else { continue };
             let Ok(value) = value.trim().parse::<f64>() else { continue };
@@ -405,7 +407,8 @@ async fn main() -> anyhow::Result<()> {
     let cpu_before = measure::cpu_time(std::process::id())?;
     let (real_sync_before, real_plan_before) = (real.histogram("sync_seconds")?, real.histogram("plan_seconds")?);
     let real_sync_cpu_before = real.histogram("sync_cpu_seconds")?;
-    let real_steps_before = real.steps()?;
+    let real_steps_before = real.steps("sync_step_seconds")?;
+    let real_step_cpu_before = real.steps("sync_step_cpu_seconds")?;
     let real_cpu_before = measure::cpu_time(real.pid()?)?;
     let tries_started = Instant::now();
     for k in 0..tries {
@@ -439,18 +442,28 @@ async fn main() -> anyhow::Result<()> {
     let real_sync_ms = mean_ms(real_sync_before, real_sync_after);
     let real_sync_cpu_ms = mean_ms(real_sync_cpu_before, real.histogram("sync_cpu_seconds")?);
     let real_plan_ms = mean_ms(real_plan_before, real_plan_after);
-    // Where a sync's time goes: the mean of each step over the syncs of the tries.
-    let mut real_steps_ms: BTreeMap<String, f64> = real
-        .steps()?
-        .into_iter()
-        .map(|(step, after)| {
-            let before = real_steps_before.get(&step).copied().unwrap_or((0.0, 0.0));
-            (step, mean_ms(before, after))
+    // Where a sync's time and CPU go: the mean of each step over the syncs of the tries.
+    let step_means = |after: BTreeMap<String, (f64, f64)>, before: &BTreeMap<String, (f64, f64)>| {
+        let mut means: BTreeMap<String, f64> = after
+            .into_iter()
+            .map(|(step, after)| {
+                let before = before.get(&step).copied().unwrap_or((0.0, 0.0));
+                (step, mean_ms(before, after))
+            })
+            .collect();
+        let rest: f64 = ["link", "firewall", "status"].iter().filter_map(|step| means.get(*step)).sum();
+        means.insert("rest".to_owned(), rest);
+        means
+    };
+    let real_steps_ms = step_means(real.steps("sync_step_seconds")?, &real_steps_before);
+    let real_step_cpu_ms = step_means(real.steps("sync_step_cpu_seconds")?, &real_step_cpu_before);
+    let steps_text = real_steps_ms
+        .iter()
+        .map(|(step, ms)| {
+            format!("{step} {ms:.1} ({:.1} CPU)", real_step_cpu_ms.get(step).copied().unwrap_or(f64::NAN))
         })
-        .collect();
-    let rest: f64 = ["link", "firewall", "status"].iter().filter_map(|step| real_steps_ms.get(*step)).sum();
-    real_steps_ms.insert("rest".to_owned(), rest);
-    let steps_text = real_steps_ms.iter().map(|(step, ms)| format!("{step} {ms:.1}")).collect::<Vec<_>>().join(", ");
+        .collect::<Vec<_>>()
+        .join(", ");
     let real_memory = measure::memory(real.pid()?)?;
     println!(
         "release agent on hm-node-1 at scale: {:.1} MiB RSS, {real_syncs} syncs of {real_sync_ms:.1} ms (plan {real_plan_ms:.1} ms), \
@@ -631,6 +644,7 @@ async fn main() -> anyhow::Result<()> {
             "sync_cpu_mean_ms": real_sync_cpu_ms,
             "process_cpu_percent": real_cpu_percent,
             "sync_steps_mean_ms": real_steps_ms,
+            "sync_steps_cpu_mean_ms": real_step_cpu_ms,
         },
         "controller_rss_mib": {"steady": mib(steady.rss_kib), "steady_peak": mib(steady.peak_kib), "after_resync": mib(after_resync.rss_kib), "after_resync_peak": mib(after_resync.peak_kib)},
         "controller_resync_seconds": {"ready": ready_seconds, "all_reconciled": resync_seconds, "last_reconcile": resync_quiet_seconds, "reconciles": resync_reconciles, "objects": {"meshnodes": objects_nodes, "meshservices": objects_services}},

@@ -13,7 +13,12 @@
 //! - *DNS, one change*: the same server given the zone again after one service's IP changed
 //!   (the steady state: a sync after one change);
 //! - *sync after one change*: the three of a steady-state sync together (directory after one
-//!   change, plan, DNS update).
+//!   change, plan, DNS update);
+//! - *device*: the diff against the device state the agent keeps between resyncs, and what a
+//!   sync that reads the device back costs the agent instead (wireguard-go's answer with every
+//!   peer parsed, then diffed);
+//! - *hosts block*: every name rendered and spliced into a hosts file's text (`--resolver
+//!   hosts`, whenever a name changes).
 //!
 //! And the heap each part holds (live bytes, counted by this example's allocator), written as
 //! `heap_mib`: the MeshNode objects (`objects`: the agent keeps them in a store), the MeshService
@@ -21,9 +26,9 @@
 //! only what a full list holds while it arrives), the kept directory, and the DNS server with
 //! every name.
 //!
-//! Not included: reading the device back and writing the peers that changed (wireguard-go's
-//! UAPI or netlink), nft, and the status writes, which the scale bench (`make bench-scale`)
-//! measures on a real agent.
+//! Not included: the round trip to the device and writing the peers that changed (wireguard-go's
+//! UAPI or netlink), the hosts file's I/O, nft, and the status writes, which the scale bench
+//! (`make bench-scale`) measures on a real agent.
 
 use std::time::{Duration, Instant};
 
@@ -205,6 +210,32 @@ fn main() {
     }
     runtime.block_on(server.shutdown()).expect("the DNS server stops");
 
+    // The device: wireguard-go's answer with every peer, parsed and diffed against the plan (what
+    // a sync that reads the device back costs the agent), and the diff alone against the state
+    // the agent keeps from its last read and writes. The hosts block: rendered from every name
+    // and spliced into a hosts file that has the previous one.
+    let node_plan = kept.plan(&input).expect("node-1 is in the directory");
+    let answer = uapi_answer(&node_plan.device);
+    let kept_state = mesh_wireguard::uapi::parse_get(&answer).expect("the answer parses");
+    let hosts_text = format!("127.0.0.1\tlocalhost\n{}", mesh_dataplane::hosts::render(&kept.zone().records));
+    let (mut read_diff, mut diff_only, mut hosts_block) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let state = mesh_wireguard::uapi::parse_get(&answer).expect("the answer parses");
+        let diff = mesh_wireguard::plan(&state, &node_plan.device);
+        read_diff = read_diff.min(started.elapsed());
+        assert!(diff.is_empty(), "the device has every peer: {} to change", diff.peers_touched());
+        let started = Instant::now();
+        let diff = mesh_wireguard::plan(&kept_state, &node_plan.device);
+        diff_only = diff_only.min(started.elapsed());
+        assert!(diff.is_empty());
+        let started = Instant::now();
+        let block = mesh_dataplane::hosts::render(&kept.zone().records);
+        let spliced = mesh_dataplane::hosts::splice(&hosts_text, &block);
+        hosts_block = hosts_block.min(started.elapsed());
+        assert_eq!(spliced, hosts_text, "the same names: the same file");
+    }
+
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let report = serde_json::json!({
         "nodes": nodes,
@@ -215,6 +246,9 @@ fn main() {
         "plan_ms": ms(plan),
         "dns_every_name_ms": ms(dns_all),
         "dns_one_change_ms": ms(dns_one),
+        "device_read_and_diff_ms": ms(read_diff),
+        "device_diff_ms": ms(diff_only),
+        "hosts_block_ms": ms(hosts_block),
         "heap_mib": {
             "objects": heap_nodes,
             "service_objects": heap_services,
@@ -242,7 +276,36 @@ fn main() {
         ms(sync_one)
     );
     println!(
+        "device read back and diff {:.1} ms, diff against the kept state {:.1} ms, hosts block rendered and \
+         spliced {:.1} ms",
+        ms(read_diff),
+        ms(diff_only),
+        ms(hosts_block)
+    );
+    println!(
         "heap held: the MeshNodes (stored) {heap_nodes:.1} MiB, the kept directory {heap_directory:.1} MiB, the DNS \
          server {heap_dns:.1} MiB; the MeshServices as objects (not stored: applied and dropped) {heap_services:.1} MiB"
     );
+}
+
+/// What wireguard-go answers to a get with the device `config` on it, every peer with a
+/// handshake and traffic.
+fn uapi_answer(config: &mesh_wireguard::DeviceConfig) -> String {
+    use std::fmt::Write;
+    let mut out = format!("private_key={}\nlisten_port={}\n", config.private_key.to_hex(), config.listen_port);
+    for (key, peer) in &config.peers {
+        let _ = writeln!(out, "public_key={}", key.to_hex());
+        if let Some(endpoint) = peer.endpoint {
+            let _ = writeln!(out, "endpoint={endpoint}");
+        }
+        let _ = writeln!(out, "last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5");
+        let _ = writeln!(out, "tx_bytes=123456\nrx_bytes=654321");
+        let _ = writeln!(out, "persistent_keepalive_interval={}", peer.persistent_keepalive.unwrap_or(0));
+        for ip in &peer.allowed_ips {
+            let _ = writeln!(out, "allowed_ip={ip}");
+        }
+        out.push_str("protocol_version=1\n");
+    }
+    out.push_str("errno=0\n");
+    out
 }

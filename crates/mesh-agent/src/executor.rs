@@ -1,5 +1,6 @@
 //! The thin executor of a [`NodePlan`]: it programs the data plane — the WireGuard device as a
-//! diff (`mesh_wireguard::plan`), the link's addresses and route, the nftables ruleset, the
+//! diff (`mesh_wireguard::plan`, against the device read back on a resync, else against the
+//! state the data plane keeps from its last read and writes), the link's addresses and route, the nftables ruleset, the
 //! probe echo, the DNS zone — and only then writes the node's status. A failed status write is
 //! reported in [`Executed::status`] and never keeps the data plane from being programmed (the
 //! API may be down while peers and services still need their routes).
@@ -10,19 +11,26 @@
 
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_dataplane::dns::Zone;
 use mesh_plan::{LinkAddresses, NodePlan};
-use mesh_wireguard::{DevicePlan, DeviceState};
+use mesh_wireguard::{DeviceConfig, DevicePlan};
 
+use crate::cputime::{Step, Took};
 use crate::status::Published;
 
 /// What a node's data plane can be told to do.
 pub trait DataPlane {
-    /// The device as it is now.
-    fn device(&mut self) -> impl Future<Output = anyhow::Result<DeviceState>> + Send;
+    /// The changes that turn the device into `desired`. With `read_back` (a resync), against the
+    /// device as read now; otherwise the data plane may diff against the state it knows the
+    /// device to be in (its last read, with every change applied since: see
+    /// `mesh_wireguard::Known`), and reads only when it does not know it.
+    fn device_diff(
+        &mut self,
+        desired: &DeviceConfig,
+        read_back: bool,
+    ) -> impl Future<Output = anyhow::Result<DevicePlan>> + Send;
     /// Applies a non-empty device diff.
     fn apply_device(&mut self, plan: &DevicePlan) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Puts the addresses and route on the link; returns what changed, in words.
@@ -58,9 +66,10 @@ pub struct Executed {
     pub dataplane: anyhow::Result<()>,
     /// The status write: whether it wrote, or why it failed.
     pub status: anyhow::Result<bool>,
-    /// How long each step took, in order: `device` (read back, diff, apply), `link`,
-    /// `firewall`, `dns`, `status` (the steps run).
-    pub steps: Vec<(&'static str, Duration)>,
+    /// What each step took, in order: `device` (diff, read back on a resync, apply), `link`,
+    /// `firewall`, `dns`, `status` (the steps run). Its CPU time counts when the execution runs
+    /// inside `cputime::measured`.
+    pub steps: Vec<(&'static str, Took)>,
 }
 
 /// Programs `plan` into `dataplane` (serving `zone`), then publishes `published` to `status`.
@@ -81,10 +90,10 @@ pub async fn execute<D: DataPlane, S: StatusSink>(
         status: Ok(false),
         steps: Vec::new(),
     };
-    out.dataplane = program(plan, zone, dataplane, &mut out).await;
-    let started = Instant::now();
+    out.dataplane = program(plan, zone, dataplane, resync, &mut out).await;
+    let step = Step::start();
     out.status = status.publish(published, resync).await;
-    out.steps.push(("status", started.elapsed()));
+    out.steps.push(("status", step.took()));
     out
 }
 
@@ -92,31 +101,31 @@ async fn program<D: DataPlane>(
     plan: &NodePlan,
     zone: &Zone,
     dataplane: &mut D,
+    resync: bool,
     out: &mut Executed,
 ) -> anyhow::Result<()> {
     if !plan.fallback {
-        let started = Instant::now();
-        let actual = dataplane.device().await.context("reading the WireGuard device")?;
-        let diff = mesh_wireguard::plan(&actual, &plan.device);
+        let step = Step::start();
+        let diff = dataplane.device_diff(&plan.device, resync).await.context("reading the WireGuard device")?;
         if !diff.is_empty() {
             dataplane.apply_device(&diff).await.context("applying the peer changes")?;
             out.device = Some(diff);
         }
         out.device_applied = true;
-        out.steps.push(("device", started.elapsed()));
+        out.steps.push(("device", step.took()));
         let local = plan.local.as_ref().map_err(|why| anyhow::anyhow!("{why}"))?;
-        let started = Instant::now();
+        let step = Step::start();
         out.link_changes = dataplane.configure_link(&local.link).await?;
-        out.steps.push(("link", started.elapsed()));
-        let started = Instant::now();
+        out.steps.push(("link", step.took()));
+        let step = Step::start();
         out.firewall_changed = dataplane.apply_firewall(&local.ruleset).await?;
         dataplane.ensure_echo(local.node_ip);
-        out.steps.push(("firewall", started.elapsed()));
+        out.steps.push(("firewall", step.took()));
     }
     if !plan.dns_listen.is_empty() {
-        let started = Instant::now();
+        let step = Step::start();
         dataplane.serve_dns(&plan.dns_listen, zone).await?;
-        out.steps.push(("dns", started.elapsed()));
+        out.steps.push(("dns", step.took()));
     }
     Ok(())
 }
@@ -126,7 +135,7 @@ mod tests {
     use mesh_api::{Backend, MeshNode, MeshNodeSpec, MeshNodeStatus, PeerEntry};
     use mesh_dataplane::dns::ShortNames;
     use mesh_plan::{Directory, NodeInput, NodeSettings, convert};
-    use mesh_wireguard::PrivateKey;
+    use mesh_wireguard::{DeviceState, PrivateKey};
 
     use super::*;
 
@@ -140,9 +149,9 @@ mod tests {
     }
 
     impl DataPlane for Recorder {
-        async fn device(&mut self) -> anyhow::Result<DeviceState> {
+        async fn device_diff(&mut self, desired: &DeviceConfig, _: bool) -> anyhow::Result<DevicePlan> {
             self.calls.push("device");
-            Ok(self.state.clone())
+            Ok(mesh_wireguard::plan(&self.state, desired))
         }
         async fn apply_device(&mut self, plan: &DevicePlan) -> anyhow::Result<()> {
             self.calls.push("apply_device");

@@ -8,6 +8,7 @@
 //! `make bench`) runs the same code against the real API server with a recording data plane, so
 //! what it measures is the agent's own watch, plan, executor and publish path.
 
+pub mod cputime;
 pub mod directory;
 pub mod dns;
 pub mod executor;

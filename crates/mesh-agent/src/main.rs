@@ -16,7 +16,6 @@ mod agent;
 mod backend;
 mod cleanup;
 mod containers;
-mod cputime;
 mod device;
 mod keystore;
 mod link;

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub plan_seconds: Histogram,
     /// Seconds per step of a sync: where a slow sync spends its time.
     pub sync_step_seconds: Family<StepLabel, Histogram>,
+    /// CPU seconds per step of a sync, its own (as `sync_cpu_seconds`).
+    pub sync_step_cpu_seconds: Family<StepLabel, Histogram>,
     /// Generation of the directory (MeshNode and MeshService resource versions) last applied;
     /// lets tests and benchmarks see when a change reached the device.
     pub applied_services: Gauge,
@@ -112,6 +114,7 @@ impl Default for Metrics {
             sync_cpu_seconds: seconds(),
             plan_seconds: seconds(),
             sync_step_seconds: Family::new_with_constructor(seconds),
+            sync_step_cpu_seconds: Family::new_with_constructor(seconds),
             applied_services: Gauge::default(),
             dropped_allowed_ips: Gauge::default(),
             refused_services: Gauge::default(),
@@ -172,8 +175,13 @@ impl Metrics {
         );
         r.register(
             "sync_step_seconds",
-            "Seconds per step of a sync: plan, device (read back, diff, apply), link, firewall, dns, names (the node's resolver), status",
+            "Seconds per step of a sync: plan, device (diff, read back on a resync, apply), link, firewall, dns, status, record (logs, metrics, probe targets), names (the node's resolver)",
             self.sync_step_seconds.clone(),
+        );
+        r.register(
+            "sync_step_cpu_seconds",
+            "CPU seconds per step of a sync, its own (as sync_cpu_seconds), by the steps of sync_step_seconds",
+            self.sync_step_cpu_seconds.clone(),
         );
         r.register("hosted_services", "Service IPs hosted on this node", self.applied_services.clone());
         r.register(

@@ -10,7 +10,7 @@ use std::time::Instant;
 use mesh_agent::executor::DataPlane;
 use mesh_dataplane::dns::Zone;
 use mesh_plan::LinkAddresses;
-use mesh_wireguard::{DevicePlan, DeviceState};
+use mesh_wireguard::{DeviceConfig, DevicePlan, DeviceState};
 
 /// The recorded device of one simulated node.
 #[derive(Clone, Debug, Default)]
@@ -57,8 +57,9 @@ pub struct RecordingDataPlane {
 }
 
 impl DataPlane for RecordingDataPlane {
-    async fn device(&mut self) -> anyhow::Result<DeviceState> {
-        Ok(self.device.get().clone())
+    /// The recording is the device: there is nothing behind it to read back.
+    async fn device_diff(&mut self, desired: &DeviceConfig, _read_back: bool) -> anyhow::Result<DevicePlan> {
+        Ok(mesh_wireguard::plan(self.device.get(), desired))
     }
 
     async fn apply_device(&mut self, plan: &DevicePlan) -> anyhow::Result<()> {

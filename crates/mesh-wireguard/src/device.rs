@@ -175,22 +175,29 @@ pub fn plan_at(actual: &DeviceState, desired: &DeviceConfig, now: SystemTime) ->
 /// would report it (without the statistics of new peers). Used to check plans.
 pub fn applied(actual: &DeviceState, plan: &DevicePlan) -> DeviceState {
     let mut next = actual.clone();
+    apply_to(&mut next, plan);
+    next
+}
+
+/// Applies `plan` to `state` in place, as [`applied`] does: what an agent that keeps the device's
+/// state between reads knows it to be after a write.
+pub fn apply_to(state: &mut DeviceState, plan: &DevicePlan) {
     if let Some(key) = &plan.private_key {
-        next.private_key = Some(key.clone());
+        state.private_key = Some(key.clone());
     }
     if let Some(port) = plan.listen_port {
-        next.listen_port = Some(port);
+        state.listen_port = Some(port);
     }
     for key in &plan.remove {
-        next.peers.remove(key);
+        state.peers.remove(key);
     }
     for (key, config) in &plan.add {
         let mut config = config.clone();
         config.persistent_keepalive = config.persistent_keepalive.filter(|k| *k > 0);
-        next.peers.insert(*key, PeerState { config, ..PeerState::default() });
+        state.peers.insert(*key, PeerState { config, ..PeerState::default() });
     }
     for update in &plan.update {
-        let Some(peer) = next.peers.get_mut(&update.public_key) else { continue };
+        let Some(peer) = state.peers.get_mut(&update.public_key) else { continue };
         if let Some(endpoint) = update.endpoint {
             peer.config.endpoint = Some(endpoint);
         }
@@ -201,7 +208,54 @@ pub fn applied(actual: &DeviceState, plan: &DevicePlan) -> DeviceState {
             peer.config.persistent_keepalive = (keepalive > 0).then_some(keepalive);
         }
     }
-    next
+}
+
+/// The device as its owner knows it between reads: the state last read, with every change the
+/// owner applied since. A sync diffs against it instead of reading every peer back (at 5,000
+/// peers the read costs the agent more than the diff); a resync reads again, which repairs what
+/// anyone else changed on the device. A failed or partial write leaves the state unknown, and the
+/// next diff reads first.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    state: Option<DeviceState>,
+}
+
+impl Known {
+    /// Whether the device must be read before the next diff: asked to (`read_back`), or its
+    /// state is not known (never read, or a write failed since).
+    pub fn needs_read(&self, read_back: bool) -> bool {
+        read_back || self.state.is_none()
+    }
+
+    /// Keeps `state`, just read from the device.
+    pub fn read(&mut self, state: DeviceState) -> &DeviceState {
+        self.state.insert(state)
+    }
+
+    /// Records a write of `plan`: applied to the kept state when it `succeeded`, else the state
+    /// is forgotten (the device may hold part of the plan).
+    pub fn wrote(&mut self, plan: &DevicePlan, succeeded: bool) {
+        match (&mut self.state, succeeded) {
+            (Some(state), true) => apply_to(state, plan),
+            _ => self.state = None,
+        }
+    }
+
+    /// The state as known now, if it is.
+    pub fn state(&self) -> Option<&DeviceState> {
+        self.state.as_ref()
+    }
+
+    /// Forgets the state: the next diff reads the device.
+    pub fn forget(&mut self) {
+        self.state = None;
+    }
+
+    /// The changes that turn the known device into `desired` at `now`; `None` when the state is
+    /// not known.
+    pub fn diff_at(&self, desired: &DeviceConfig, now: SystemTime) -> Option<DevicePlan> {
+        self.state.as_ref().map(|state| plan_at(state, desired, now))
+    }
 }
 
 #[cfg(test)]
@@ -369,6 +423,41 @@ mod tests {
         assert_eq!(plan.peers_touched(), 0);
     }
 
+    #[test]
+    fn the_known_state_follows_each_write_without_a_read_and_a_resync_reads_what_changed_behind_it() {
+        let now = SystemTime::now();
+        let mut known = Known::default();
+        assert!(known.needs_read(false), "never read: read first");
+        assert_eq!(known.diff_at(&three_peers(), now), None);
+        let mut device = DeviceState::default();
+        known.read(device.clone());
+        assert!(!known.needs_read(false) && known.needs_read(true), "a resync always reads");
+
+        let desired = three_peers();
+        let first = known.diff_at(&desired, now).unwrap();
+        assert_eq!(first.add.len(), 3);
+        apply_to(&mut device, &first);
+        known.wrote(&first, true);
+        assert!(!known.needs_read(false));
+        assert!(known.diff_at(&desired, now).unwrap().is_empty(), "the write is known: nothing to do, no read");
+
+        // Someone removes a peer behind the agent's back: a sync without a read does not see it,
+        // the resync's read does, and the diff puts it back.
+        device.peers.remove(&key(2));
+        assert!(known.diff_at(&desired, now).unwrap().is_empty());
+        known.read(device.clone());
+        let repair = known.diff_at(&desired, now).unwrap();
+        assert_eq!(repair.add.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(2)]);
+
+        // A failed write: the device may hold part of it, so the next diff reads first.
+        known.wrote(&repair, false);
+        assert!(known.needs_read(false));
+        assert_eq!(known.diff_at(&desired, now), None);
+        known.read(device);
+        known.forget();
+        assert!(known.needs_read(false));
+    }
+
     fn arb_peer() -> impl Strategy<Value = PeerConfig> {
         (
             proptest::option::of((1u8..4, 1u16..4).prop_map(|(h, p)| SocketAddr::from(([192, 168, 77, h], p)))),
@@ -392,6 +481,23 @@ mod tests {
     }
 
     proptest! {
+        /// A kept state that follows each write ends where a read of the device would.
+        #[test]
+        fn the_known_state_after_writes_is_what_a_read_would_give(a in arb_device(), b in arb_device(), c in arb_device()) {
+            let now = SystemTime::now();
+            let mut device = DeviceState::default();
+            let mut known = Known::default();
+            known.read(device.clone());
+            for desired in [&a, &b, &c] {
+                let diff = known.diff_at(desired, now).unwrap();
+                prop_assert_eq!(&diff, &plan_at(&device, desired, now));
+                device = applied(&device, &diff);
+                known.wrote(&diff, true);
+            }
+            prop_assert!(known.diff_at(&c, now).unwrap().is_empty());
+            prop_assert_eq!(known.state.as_ref(), Some(&device));
+        }
+
         /// Applying the plan gives the desired device, a second plan is empty, and only peers that
         /// differ are touched.
         #[test]

@@ -15,6 +15,6 @@ pub mod key;
 pub mod uapi;
 
 pub use device::{
-    DeviceConfig, DevicePlan, DeviceState, LIVE_SESSION, PeerConfig, PeerState, PeerUpdate, plan, plan_at,
+    DeviceConfig, DevicePlan, DeviceState, Known, LIVE_SESSION, PeerConfig, PeerState, PeerUpdate, plan, plan_at,
 };
 pub use key::{Key, KeyError, PrivateKey};

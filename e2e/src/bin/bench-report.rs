@@ -71,10 +71,27 @@ const GROWTH: &[(&str, &str, f64, &str)] = &[
     ("one real agent (release): process CPU per sync (probes, watches too)", "real_agent.cpu_per_sync_ms", 1.0, " ms"),
     ("one real agent (release): process CPU during the tries", "real_agent.process_cpu_percent", 1.0, " %"),
     ("  of a sync: directory and plan, mean", "real_agent.sync_steps_mean_ms.plan", 1.0, " ms"),
-    ("  of a sync: device read back and diff, mean", "real_agent.sync_steps_mean_ms.device", 1.0, " ms"),
+    (
+        "  of a sync: device diff (read back on a resync) and write, mean",
+        "real_agent.sync_steps_mean_ms.device",
+        1.0,
+        " ms",
+    ),
     ("  of a sync: DNS server, mean", "real_agent.sync_steps_mean_ms.dns", 1.0, " ms"),
     ("  of a sync: node resolver (hosts file), mean", "real_agent.sync_steps_mean_ms.names", 1.0, " ms"),
     ("  of a sync: link, firewall and status, mean", "real_agent.sync_steps_mean_ms.rest", 1.0, " ms"),
+    (
+        "  of a sync: recording it (logs, metrics, probe targets), mean",
+        "real_agent.sync_steps_mean_ms.record",
+        1.0,
+        " ms",
+    ),
+    ("  of a sync's own CPU: directory and plan, mean", "real_agent.sync_steps_cpu_mean_ms.plan", 1.0, " ms"),
+    ("  of a sync's own CPU: device, mean", "real_agent.sync_steps_cpu_mean_ms.device", 1.0, " ms"),
+    ("  of a sync's own CPU: DNS server, mean", "real_agent.sync_steps_cpu_mean_ms.dns", 1.0, " ms"),
+    ("  of a sync's own CPU: node resolver (hosts file), mean", "real_agent.sync_steps_cpu_mean_ms.names", 1.0, " ms"),
+    ("  of a sync's own CPU: link, firewall and status, mean", "real_agent.sync_steps_cpu_mean_ms.rest", 1.0, " ms"),
+    ("  of a sync's own CPU: recording it, mean", "real_agent.sync_steps_cpu_mean_ms.record", 1.0, " ms"),
     ("setup: create and allocate everything", "setup_seconds", 1.0, " s"),
 ];
 
@@ -308,6 +325,14 @@ fn main() -> anyhow::Result<()> {
         row(
             "DNS server: one name changed / every name (a new server)",
             format!("{:.1} / {:.1} ms", num(&y, "dns_one_change_ms"), num(&y, "dns_every_name_ms")),
+        );
+        row(
+            "device: diff against the kept state / every peer read back (UAPI text parsed) and diffed",
+            format!("{:.1} / {:.1} ms", num(&y, "device_diff_ms"), num(&y, "device_read_and_diff_ms")),
+        );
+        row(
+            "hosts block: every name rendered and spliced into the file's text",
+            format!("{:.1} ms", num(&y, "hosts_block_ms")),
         );
     }
 
