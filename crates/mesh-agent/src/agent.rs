@@ -321,12 +321,19 @@ impl Machine {
 }
 
 impl DataPlane for Machine {
-    /// Reads the device when asked or when its state is not known; if it is gone (wireguard-go
-    /// killed), opens a new one.
+    /// Reads the device when asked, when its state is not known, or when the diff would set an
+    /// existing peer's endpoint (`Known::trusts`); a read that fails (wireguard-go killed) opens
+    /// the device again. A device that died or was emptied since the last read is found by the
+    /// next probe round's read, a failed write, or the resync.
     async fn device_diff(&mut self, desired: &DeviceConfig, read_back: bool) -> anyhow::Result<DevicePlan> {
-        if self.known.needs_read(read_back)
-            && let Err(err) = self.read_device().await
-        {
+        let kept = (!self.known.needs_read(read_back))
+            .then(|| self.known.diff_at(desired, SystemTime::now()))
+            .flatten()
+            .filter(mesh_wireguard::Known::trusts);
+        if let Some(diff) = kept {
+            return Ok(diff);
+        }
+        if let Err(err) = self.read_device().await {
             tracing::warn!("reading the WireGuard device failed ({err:#}); opening it again");
             self.device = Device::open(self.wireguard, &self.interface, &self.userspace).await?;
             self.firewall = None;
@@ -635,7 +642,9 @@ impl Agent {
                             self.sync_logged(false).await;
                         }
                         Ok(false) => {
-                            if self.machine.known.state().is_some_and(|device| device.private_key.is_none()) {
+                            let emptied = self.machine.device.fallback_reason().is_none()
+                                && self.machine.known.state().is_some_and(|device| device.private_key.is_none());
+                            if emptied {
                                 // Its wireguard-go restarted (the device pod): set it up now rather
                                 // than at the next resync.
                                 tracing::info!("the WireGuard device came back empty: setting it up again");

@@ -346,6 +346,49 @@ mod tests {
             prop_assert_eq!(parse_get(&render_get(&via_text)).unwrap(), via_text);
         }
 
+        /// A kept state ([`crate::Known`]) that follows each write ends where a read of the
+        /// device would: the requests go through this module's UAPI device, the reads through
+        /// the get answer and the parser, and the kept state is only ever given the plans.
+        /// (Each peer's allowed IPs are its own here, as the plan makes them: a device gives an
+        /// allowed IP to one peer only, which a kept state does not model.)
+        #[test]
+        fn the_known_state_after_writes_is_what_a_read_gives(a in arb_config(), b in arb_config(), c in arb_config()) {
+            let own = |config: DeviceConfig| DeviceConfig {
+                peers: config
+                    .peers
+                    .into_iter()
+                    .map(|(key, mut peer)| {
+                        let n = key.as_bytes()[0];
+                        peer.allowed_ips = peer
+                            .allowed_ips
+                            .iter()
+                            .map(|ip| match ip {
+                                ipnet::IpNet::V4(net) => {
+                                    let host = net.addr().octets()[3];
+                                    ipnet::IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, n, 0, host)))
+                                }
+                                other => *other,
+                            })
+                            .collect();
+                        (key, peer)
+                    })
+                    .collect(),
+                ..config
+            };
+            let now = std::time::SystemTime::now();
+            let mut device = DeviceState::default();
+            let mut known = crate::Known::default();
+            known.read(parse_get(&render_get(&device)).unwrap());
+            for desired in [own(a), own(b), own(c)] {
+                let diff = known.diff_at(&desired, now).unwrap();
+                device = device_applies(&device, &render_set(&diff));
+                known.wrote(&diff, true);
+                let read = parse_get(&render_get(&device)).unwrap();
+                prop_assert_eq!(known.state(), Some(&read));
+                prop_assert!(known.diff_at(&desired, now).unwrap().is_empty());
+            }
+        }
+
         #[test]
         fn parsing_arbitrary_answers_never_panics(text in "([a-z_]{1,12}=[0-9a-f./:\\[\\]]{0,70}\n){0,12}") {
             let _ = parse_get(&text);

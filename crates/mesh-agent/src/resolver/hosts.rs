@@ -17,9 +17,12 @@ use mesh_dataplane::hosts;
 /// What [`HostsFile::stamp`] reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stamp {
+    device: u64,
     inode: u64,
     len: u64,
-    modified: Option<std::time::SystemTime>,
+    /// The inode's change time: moved by every write, and not settable by users (unlike the
+    /// modification time, which `touch -r`, `cp -p` or `rsync -t` set).
+    changed: (i64, i64),
 }
 
 /// One hosts file.
@@ -49,15 +52,17 @@ impl HostsFile {
         Ok(true)
     }
 
-    /// The file's identity and size and when it was last written, read with one `stat`: the
-    /// same stamp as after the agent's last write means nobody has changed the file since (a
-    /// resync then need not read it back).
+    /// The file's identity, size and change time, read with one `stat`: the same stamp as
+    /// right after the agent's last write means nobody has written the file since (a resync then
+    /// need not read it back).
     pub fn stamp(&self) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&self.path).ok()?;
         Some(Stamp {
-            inode: std::os::unix::fs::MetadataExt::ino(&meta),
+            device: meta.dev(),
+            inode: meta.ino(),
             len: meta.len(),
-            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
         })
     }
 
@@ -144,9 +149,14 @@ mod tests {
         assert!(file.apply(&block("a.mesh.local")).unwrap());
         let stamp = file.stamp().unwrap();
         assert_eq!(file.stamp(), Some(stamp), "nothing written: the same stamp");
-        // Someone takes the block out by hand, in place (same inode): the size differs.
+        // Someone edits the block by hand, in place (same inode, same size), and sets the
+        // modification time back: the change time still moves.
         let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, hosts::remove(&text)).unwrap();
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, text.replace("a.mesh.local", "b.mesh.local")).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), text.len() as u64);
         assert_ne!(file.stamp(), Some(stamp));
         assert!(file.apply(&block("a.mesh.local")).unwrap(), "put back");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -117,10 +117,7 @@ impl Names {
         match self {
             Names::Off => Ok(()),
             Names::Hosts(file, written) => {
-                if let Some((done, stamp)) = *written
-                    && done == revision
-                    && (!resync || (stamp.is_some() && file.stamp() == stamp))
-                {
+                if up_to_date(*written, revision, resync, || file.stamp()) {
                     return Ok(());
                 }
                 let block = mesh_dataplane::hosts::render(&zone.records);
@@ -164,6 +161,20 @@ impl Names {
     }
 }
 
+/// Whether the hosts file needs no write: the zone's `revision` is the one last `written`, and on
+/// a `resync` the file's stamp (`now`, read only then) is still the one taken after that write.
+fn up_to_date(
+    written: Option<(u64, Option<hosts::Stamp>)>,
+    revision: u64,
+    resync: bool,
+    now: impl FnOnce() -> Option<hosts::Stamp>,
+) -> bool {
+    match written {
+        Some((done, stamp)) if done == revision => !resync || (stamp.is_some() && now() == stamp),
+        _ => false,
+    }
+}
+
 /// The system bus, if `auto` should use resolved there; else why not.
 async fn auto_resolved(dns_port: u16) -> Result<zbus::Connection, String> {
     if dns_port != 53 {
@@ -174,5 +185,31 @@ async fn auto_resolved(dns_port: u16) -> Result<zbus::Connection, String> {
         Ok(bus)
     } else {
         Err(format!("nothing owns {} on the system bus", resolved::SERVICE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hosts_file_is_written_when_the_names_moved_or_on_a_resync_when_someone_wrote_it() {
+        let dir = std::env::temp_dir().join(format!("hm-hosts-up-to-date-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = hosts::HostsFile { path: dir.join("hosts") };
+        let block =
+            mesh_dataplane::hosts::render(&[("a.mesh.local".to_owned(), vec![Ipv4Addr::new(10, 42, 0, 1)])].into());
+        assert!(file.apply(&block).unwrap());
+        let written = Some((7, file.stamp()));
+        let never = || -> Option<hosts::Stamp> { panic!("the file is not looked at between resyncs") };
+        assert!(!up_to_date(None, 7, false, never), "never written");
+        assert!(!up_to_date(written, 8, false, never), "the names moved");
+        assert!(up_to_date(written, 7, false, never), "the same names, no resync: not even a stat");
+        assert!(up_to_date(written, 7, true, || file.stamp()), "a resync, the file as the agent left it");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file.path, "127.0.0.1\tlocalhost\n").unwrap();
+        assert!(!up_to_date(written, 7, true, || file.stamp()), "someone wrote it: the resync repairs it");
+        assert!(!up_to_date(Some((7, None)), 7, true, || file.stamp()), "no stamp after the write: rewrite");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
