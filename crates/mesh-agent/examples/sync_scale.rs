@@ -18,7 +18,10 @@
 //!   sync that reads the device back costs the agent instead (wireguard-go's answer with every
 //!   peer parsed, then diffed);
 //! - *hosts block*: every name rendered and spliced into a hosts file's text (`--resolver
-//!   hosts`, whenever a name changes).
+//!   hosts`, whenever a name changes);
+//! - *plan with no peer reached directly*: one node's plan when none of its peers answers a
+//!   handshake (every one relayed or, without a relay, stranded), as for the scale bench's real
+//!   agent, whose peers are simulated.
 //!
 //! And the heap each part holds (live bytes, counted by this example's allocator), written as
 //! `heap_mib`: the MeshNode objects (`objects`: the agent keeps them in a store), the MeshService
@@ -218,8 +221,17 @@ fn main() {
     let answer = uapi_answer(&node_plan.device);
     let kept_state = mesh_wireguard::uapi::parse_get(&answer).expect("the answer parses");
     let hosts_text = format!("127.0.0.1\tlocalhost\n{}", mesh_dataplane::hosts::render(&kept.zone().records));
-    let (mut read_diff, mut diff_only, mut hosts_block) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    // A node that reaches no peer directly (nothing answers its handshakes: every peer is
+    // relayed or, with no relay, stranded), as the scale bench's real agent among simulated ones.
+    let everyone: std::collections::BTreeSet<String> = node_plan.names.values().cloned().collect();
+    let stranded_input = NodeInput { without_direct: &everyone, ..input };
+    let (mut read_diff, mut diff_only, mut hosts_block, mut plan_stranded) =
+        (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
     for _ in 0..5 {
+        let started = Instant::now();
+        let stranded = kept.plan(&stranded_input).expect("node-1 is in the directory");
+        plan_stranded = plan_stranded.min(started.elapsed());
+        assert_eq!(stranded.paths.stranded.len(), nodes - 1, "no relay: every peer stranded");
         let started = Instant::now();
         let state = mesh_wireguard::uapi::parse_get(&answer).expect("the answer parses");
         let diff = mesh_wireguard::plan(&state, &node_plan.device);
@@ -249,6 +261,7 @@ fn main() {
         "device_read_and_diff_ms": ms(read_diff),
         "device_diff_ms": ms(diff_only),
         "hosts_block_ms": ms(hosts_block),
+        "plan_without_direct_ms": ms(plan_stranded),
         "heap_mib": {
             "objects": heap_nodes,
             "service_objects": heap_services,
@@ -277,10 +290,11 @@ fn main() {
     );
     println!(
         "device read back and diff {:.1} ms, diff against the kept state {:.1} ms, hosts block rendered and \
-         spliced {:.1} ms",
+         spliced {:.1} ms, plan with no peer reached directly {:.1} ms",
         ms(read_diff),
         ms(diff_only),
-        ms(hosts_block)
+        ms(hosts_block),
+        ms(plan_stranded)
     );
     println!(
         "heap held: the MeshNodes (stored) {heap_nodes:.1} MiB, the kept directory {heap_directory:.1} MiB, the DNS \

@@ -51,9 +51,10 @@ pub struct Published {
 const NAMED_IN_MESSAGE: usize = 20;
 
 /// `items` joined by ", ", at most [`NAMED_IN_MESSAGE`] of them, then how many more.
-fn bounded_list(items: Vec<String>) -> String {
+fn bounded_list(items: impl ExactSizeIterator<Item = String>) -> String {
+    // Only the named ones are formatted: a node can have 5,000 peers without a direct path.
     let more = items.len().saturating_sub(NAMED_IN_MESSAGE);
-    let mut text = items.into_iter().take(NAMED_IN_MESSAGE).collect::<Vec<_>>().join(", ");
+    let mut text = items.take(NAMED_IN_MESSAGE).collect::<Vec<_>>().join(", ");
     if more > 0 {
         text.push_str(&format!(" and {more} more"));
     }
@@ -64,9 +65,9 @@ fn bounded_list(items: Vec<String>) -> String {
 /// reason `NoRelay` when some peer has neither a direct path nor a relay, else `AllDirect`. The
 /// message names peers and relays only, so it changes only when a path does.
 pub fn relayed_condition(paths: &Paths) -> Want {
-    let stranded = bounded_list(paths.stranded.iter().map(|(peer, why)| format!("{peer} ({why})")).collect());
+    let stranded = bounded_list(paths.stranded.iter().map(|(peer, why)| format!("{peer} ({why})")));
     if !paths.relayed.is_empty() {
-        let relayed = bounded_list(paths.relayed.iter().map(|(peer, via)| format!("{peer} via {via}")).collect());
+        let relayed = bounded_list(paths.relayed.iter().map(|(peer, via)| format!("{peer} via {via}")));
         let mut message = format!(
             "reaches {} peer(s) through a relay, since no direct WireGuard handshake with them succeeds (both ends \
              behind NAT?): {relayed}; the direct path is retried every {} s and wins back once a handshake succeeds",

@@ -9,7 +9,7 @@
 //! (a lookup for each of the others); a node's plan is `O(p log p)` in the peers plus its own
 //! placements (they are indexed by node, never scanned per node).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
@@ -779,9 +779,12 @@ impl Directory {
         if self.members.get(me).is_some_and(|m| m.ephemeral) {
             return Paths::default();
         }
+        // A set of the peers' names, not a scan of them per candidate: a node that reaches none
+        // of 5,000 peers directly made that 12.5 million string compares per plan.
+        let applied: HashSet<&str> = peers.names.values().map(String::as_str).collect();
         let candidates: BTreeSet<String> = without_direct
             .iter()
-            .filter(|n| peers.names.values().any(|p| p == *n))
+            .filter(|n| applied.contains(n.as_str()))
             .filter(|n| !self.members.get(n.as_str()).is_some_and(|m| m.ephemeral))
             .cloned()
             .collect();

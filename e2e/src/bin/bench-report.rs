@@ -334,6 +334,10 @@ fn main() -> anyhow::Result<()> {
             "hosts block: every name rendered and spliced into the file's text",
             format!("{:.1} ms", num(&y, "hosts_block_ms")),
         );
+        row(
+            "one node's plan when no peer is reached directly (all stranded)",
+            format!("{:.1} ms", num(&y, "plan_without_direct_ms")),
+        );
     }
 
     let width = rows.iter().map(|(n, _)| n.chars().count()).max().unwrap_or(9).max(9);
