@@ -305,21 +305,11 @@ fn main() {
 /// What wireguard-go answers to a get with the device `config` on it, every peer with a
 /// handshake and traffic.
 fn uapi_answer(config: &mesh_wireguard::DeviceConfig) -> String {
-    use std::fmt::Write;
-    let mut out = format!("private_key={}\nlisten_port={}\n", config.private_key.to_hex(), config.listen_port);
-    for (key, peer) in &config.peers {
-        let _ = writeln!(out, "public_key={}", key.to_hex());
-        if let Some(endpoint) = peer.endpoint {
-            let _ = writeln!(out, "endpoint={endpoint}");
-        }
-        let _ = writeln!(out, "last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5");
-        let _ = writeln!(out, "tx_bytes=123456\nrx_bytes=654321");
-        let _ = writeln!(out, "persistent_keepalive_interval={}", peer.persistent_keepalive.unwrap_or(0));
-        for ip in &peer.allowed_ips {
-            let _ = writeln!(out, "allowed_ip={ip}");
-        }
-        out.push_str("protocol_version=1\n");
+    let empty = mesh_wireguard::DeviceState::default();
+    let mut device = mesh_wireguard::device::applied(&empty, &mesh_wireguard::plan(&empty, config));
+    for peer in device.peers.values_mut() {
+        peer.last_handshake = Some(std::time::UNIX_EPOCH + Duration::new(1_700_000_000, 5));
+        (peer.rx_bytes, peer.tx_bytes) = (654_321, 123_456);
     }
-    out.push_str("errno=0\n");
-    out
+    mesh_wireguard::uapi::render_get(&device)
 }

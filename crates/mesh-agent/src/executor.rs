@@ -1,7 +1,7 @@
 //! The thin executor of a [`NodePlan`]: it programs the data plane — the WireGuard device as a
 //! diff (`mesh_wireguard::plan`, against the device read back on a resync, else against the
-//! state the data plane keeps from its last read and writes), the link's addresses and route, the nftables ruleset, the
-//! probe echo, the DNS zone — and only then writes the node's status. A failed status write is
+//! state the data plane keeps from its last read and writes), the link's addresses and route,
+//! the nftables ruleset, the probe echo, the DNS zone — and only then writes the node's status. A failed status write is
 //! reported in [`Executed::status`] and never keeps the data plane from being programmed (the
 //! API may be down while peers and services still need their routes).
 //!

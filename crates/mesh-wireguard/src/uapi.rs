@@ -3,7 +3,8 @@
 //!
 //! A request is `get=1\n\n` or `set=1\n` followed by `key=value` lines and an empty line; the
 //! answer ends with `errno=N\n\n`. Keys are lowercase hex. [`render_set`] turns a
-//! [`DevicePlan`] into a set request; [`parse_get`] reads a get answer into a [`DeviceState`].
+//! [`DevicePlan`] into a set request; [`parse_get`] reads a get answer into a [`DeviceState`],
+//! and [`render_get`] writes one (for fakes and benchmarks).
 //!
 //! Handshake times are read as the protocol defines them, seconds and nanoseconds since the
 //! Unix epoch (what wireguard-go sends). boringtun 0.7 sends "seconds since" instead, which is
@@ -159,6 +160,35 @@ pub fn parse_get(answer: &str) -> Result<DeviceState, UapiError> {
     Err(UapiError::Truncated)
 }
 
+/// The answer a device gives to [`GET_REQUEST`] when it is `device`: what a fake device or a
+/// benchmark answers. [`parse_get`] reads it back exactly.
+pub fn render_get(device: &DeviceState) -> String {
+    let mut out = String::new();
+    if let Some(key) = &device.private_key {
+        let _ = writeln!(out, "private_key={}", key.to_hex());
+    }
+    if let Some(port) = device.listen_port {
+        let _ = writeln!(out, "listen_port={port}");
+    }
+    for (key, peer) in &device.peers {
+        let _ = writeln!(out, "public_key={}", key.to_hex());
+        if let Some(endpoint) = peer.config.endpoint {
+            let _ = writeln!(out, "endpoint={endpoint}");
+        }
+        if let Some(at) = peer.last_handshake {
+            let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let _ = writeln!(out, "last_handshake_time_sec={}", since.as_secs());
+            let _ = writeln!(out, "last_handshake_time_nsec={}", since.subsec_nanos());
+        }
+        let _ = writeln!(out, "tx_bytes={}\nrx_bytes={}", peer.tx_bytes, peer.rx_bytes);
+        let _ = writeln!(out, "persistent_keepalive_interval={}", peer.config.persistent_keepalive.unwrap_or(0));
+        for ip in &peer.config.allowed_ips {
+            let _ = writeln!(out, "allowed_ip={ip}");
+        }
+    }
+    out + "errno=0\n\n"
+}
+
 /// The age of a handshake at `now`, for reports; `None` if there never was one.
 pub fn age(handshake: Option<SystemTime>, now: SystemTime) -> Option<Duration> {
     handshake.map(|at| now.duration_since(at).unwrap_or_default())
@@ -292,26 +322,6 @@ mod tests {
         }
         let _ = update_only;
         next
-    }
-
-    fn render_get(device: &DeviceState) -> String {
-        let mut out = String::new();
-        if let Some(k) = &device.private_key {
-            out += &format!("private_key={}\n", k.to_hex());
-        }
-        out += &format!("listen_port={}\n", device.listen_port.unwrap_or(0));
-        for (key, peer) in &device.peers {
-            out += &format!("public_key={}\n", key.to_hex());
-            if let Some(e) = peer.config.endpoint {
-                out += &format!("endpoint={e}\n");
-            }
-            out += &format!("persistent_keepalive_interval={}\n", peer.config.persistent_keepalive.unwrap_or(0));
-            for ip in &peer.config.allowed_ips {
-                out += &format!("allowed_ip={ip}\n");
-            }
-            out += &format!("rx_bytes={}\ntx_bytes={}\n", peer.rx_bytes, peer.tx_bytes);
-        }
-        out + "errno=0\n\n"
     }
 
     fn arb_config() -> impl Strategy<Value = DeviceConfig> {

@@ -8,11 +8,8 @@
 //! `make test` runs them with proptest's default 256 cases each; `PROPTEST_CASES=100000 make
 //! fuzz` runs them for longer.
 
-use std::fmt::Write as _;
-use std::time::UNIX_EPOCH;
-
-use mesh_wireguard::uapi::{parse_get, parse_set_answer};
-use mesh_wireguard::{DeviceState, Key, PrivateKey};
+use mesh_wireguard::uapi::{parse_get, parse_set_answer, render_get};
+use mesh_wireguard::{Key, PrivateKey};
 use proptest::prelude::*;
 
 const PEER_HEX: &str = "58402e695ba1772b1cc9309755f043251ea77fdcf10fbe63989ceb7e19321376";
@@ -29,34 +26,6 @@ fn real_answer() -> String {
         zero = "0".repeat(64),
         other = "ab".repeat(32),
     )
-}
-
-/// The device as wireguard-go would answer `get=1` for it.
-fn render_get(device: &DeviceState) -> String {
-    let mut out = String::new();
-    if let Some(key) = &device.private_key {
-        let _ = writeln!(out, "private_key={}", key.to_hex());
-    }
-    if let Some(port) = device.listen_port {
-        let _ = writeln!(out, "listen_port={port}");
-    }
-    for (key, peer) in &device.peers {
-        let _ = writeln!(out, "public_key={}", key.to_hex());
-        if let Some(endpoint) = peer.config.endpoint {
-            let _ = writeln!(out, "endpoint={endpoint}");
-        }
-        if let Some(at) = peer.last_handshake {
-            let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-            let _ = writeln!(out, "last_handshake_time_sec={}", since.as_secs());
-            let _ = writeln!(out, "last_handshake_time_nsec={}", since.subsec_nanos());
-        }
-        let _ = writeln!(out, "tx_bytes={}\nrx_bytes={}", peer.tx_bytes, peer.rx_bytes);
-        let _ = writeln!(out, "persistent_keepalive_interval={}", peer.config.persistent_keepalive.unwrap_or(0));
-        for ip in &peer.config.allowed_ips {
-            let _ = writeln!(out, "allowed_ip={ip}");
-        }
-    }
-    out + "errno=0\n\n"
 }
 
 /// Parses `text`; if it is a device, checks that it round-trips.
